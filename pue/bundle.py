@@ -1,0 +1,297 @@
+"""The bundle: a directory of graphs and a typed `manifest.json` that names every file with its sha256.
+
+Bundles are written atomically (built in a sibling temporary directory, then renamed into place) and
+verified at load: every named file must lie inside the bundle directory and match its hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pue.errors import BundleError, OutputExistsError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "pue-bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass
+class FileEntry:
+    """A file of the bundle: relative path, sha256 and size in bytes."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass
+class GraphSpec:
+    file: FileEntry
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    external_data: list[FileEntry] = field(default_factory=list)
+
+
+@dataclass
+class ImagePreprocessing:
+    """What the runtime needs to reproduce the checkpoint's (slow, PIL) image processor at `tile_size`.
+
+    `kind` is "anyres" (LLaVA-NeXT: base crop plus a grid of crops) or "single" (LLaVA: one image).
+    """
+
+    kind: str
+    tile_size: int
+    crop_size: int
+    num_crops: int
+    image_mean: list[float]
+    image_std: list[float]
+    rescale_factor: float
+    resample: int
+    processor_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prompts:
+    """Fully rendered prompt templates: `{text}` and the image placeholder are left in."""
+
+    image: str
+    text: str
+    composed: str
+    image_placeholder: str
+
+
+@dataclass
+class TokenizerInfo:
+    file: FileEntry
+    pad_token_id: int
+    padding_side: str = "right"
+
+
+@dataclass
+class SourceCheckpoint:
+    name: str
+    sha256: str
+    model_type: str
+
+
+@dataclass
+class Lineage:
+    parent_sha256: str | None = None
+    parent_precision: str | None = None
+    calibration: str | None = None
+
+
+@dataclass
+class Manifest:
+    architecture: str
+    precision: str
+    target: str
+    backend: str
+    graphs: dict[str, GraphSpec]
+    tile_size: int
+    preprocessing: ImagePreprocessing
+    recipe: dict[str, Any]
+    prompts: Prompts
+    pooling: Any
+    tokenizer: TokenizerInfo
+    image_token_id: int
+    tokens_per_image: int
+    embedding_dim: int
+    hidden_size: int
+    max_seq_len: int
+    default_batch_size: int
+    source_checkpoint: SourceCheckpoint
+    lineage: Lineage = field(default_factory=Lineage)
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        try:
+            graphs = {
+                name: GraphSpec(
+                    file=FileEntry(**g["file"]),
+                    inputs=[TensorSpec(**t) for t in g["inputs"]],
+                    outputs=[TensorSpec(**t) for t in g["outputs"]],
+                    external_data=[FileEntry(**e) for e in g.get("external_data", [])],
+                )
+                for name, g in data["graphs"].items()
+            }
+            tokenizer = dict(data["tokenizer"])
+            tokenizer["file"] = FileEntry(**tokenizer["file"])
+            plain = {k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}}
+            plain.update(
+                graphs=graphs,
+                preprocessing=ImagePreprocessing(**data["preprocessing"]),
+                prompts=Prompts(**data["prompts"]),
+                tokenizer=TokenizerInfo(**tokenizer),
+                source_checkpoint=SourceCheckpoint(**data["source_checkpoint"]),
+                lineage=Lineage(**data.get("lineage", {})),
+                files={k: FileEntry(**v) for k, v in data.get("files", {}).items()},
+            )
+            return cls(**plain)
+        except (KeyError, TypeError) as exc:
+            raise BundleError(f"manifest is malformed: {exc}", "rebuild the bundle with pue-export") from exc
+
+    def all_files(self) -> list[FileEntry]:
+        """Every file the manifest names (graphs, their external data, tokenizer, extras)."""
+        entries: list[FileEntry] = []
+        for graph in self.graphs.values():
+            entries.append(graph.file)
+            entries.extend(graph.external_data)
+        entries.append(self.tokenizer.file)
+        entries.extend(self.files.values())
+        return entries
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entry(bundle_dir: str | os.PathLike[str], relative: str) -> FileEntry:
+    """Describe a file already written inside `bundle_dir`."""
+    path = Path(bundle_dir) / relative
+    return FileEntry(path=relative, sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def resolve_inside(bundle_dir: str | os.PathLike[str], relative: str) -> Path:
+    """The path of `relative` inside the bundle; refuses absolute names, `..` and links leading out."""
+    root = Path(bundle_dir).resolve()
+    if os.path.isabs(relative) or Path(relative).is_absolute():
+        raise BundleError(f"manifest names the absolute path '{relative}'", "bundle files must lie inside the bundle")
+    if ".." in Path(relative).parts:
+        raise BundleError(f"manifest names '{relative}', which leaves the bundle directory", "refusing to read it")
+    resolved = (root / relative).resolve()
+    if root != resolved and root not in resolved.parents:
+        raise BundleError(
+            f"'{relative}' resolves to {resolved}, outside the bundle directory {root}",
+            "a symlink points out of the bundle; refusing to read it",
+        )
+    return resolved
+
+
+def read_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
+    root = Path(bundle_dir)
+    if not root.exists():
+        raise BundleError(f"bundle '{root}' does not exist")
+    if not root.is_dir():
+        raise BundleError(f"bundle '{root}' is not a directory", "a bundle is the directory pue-export writes")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"'{root}' has no {MANIFEST_NAME}; it is not a pue bundle", "build one with pue-export onnx")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise BundleError(f"{path} is not a pue bundle manifest (format is {data.get('format')!r}, expected {FORMAT!r})")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"bundle format_version is {version}, this pue reads version {FORMAT_VERSION}",
+            "rebuild the bundle with this version of pue-export, or install the pue that wrote it",
+        )
+    return Manifest.from_dict(data)
+
+
+def verify_files(bundle_dir: str | os.PathLike[str], manifest: Manifest, check_hashes: bool = True) -> None:
+    """Check every named file lies inside the bundle, exists, and (unless opted out) matches its sha256."""
+    for entry in manifest.all_files():
+        path = resolve_inside(bundle_dir, entry.path)
+        if not path.is_file():
+            raise BundleError(f"bundle file '{entry.path}' is missing", "the bundle is incomplete; rebuild it")
+        if path.stat().st_size != entry.size:
+            raise BundleError(
+                f"bundle file '{entry.path}' has {path.stat().st_size} bytes, the manifest records {entry.size}",
+                "the file was truncated or replaced; rebuild the bundle",
+            )
+        if check_hashes:
+            actual = sha256_file(path)
+            if actual != entry.sha256:
+                raise BundleError(
+                    f"bundle file '{entry.path}' does not match its sha256 (expected {entry.sha256[:16]}…, "
+                    f"found {actual[:16]}…)",
+                    "the file was modified or corrupted; rebuild the bundle",
+                )
+    if not check_hashes:
+        log.warning("sha256 verification of %s skipped at the caller's request", bundle_dir)
+
+
+def manifest_sha256(bundle_dir: str | os.PathLike[str]) -> str:
+    """Identity of a bundle: the sha256 of its manifest (which holds every file's sha256)."""
+    return sha256_file(Path(bundle_dir) / MANIFEST_NAME)
+
+
+def write_manifest(bundle_dir: str | os.PathLike[str], manifest: Manifest) -> None:
+    path = Path(bundle_dir) / MANIFEST_NAME
+    path.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n")
+
+
+def check_output_path(output: str | os.PathLike[str], overwrite: bool) -> Path:
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(str(out))
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"output '{out}' exists and is not a directory", "choose another path")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_directory(output: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `output`, on any error it is removed.
+
+    An existing `output` is only replaced at the very end, after everything was written, so an
+    interrupted or failed run leaves the user's earlier results untouched.
+    """
+    out = check_output_path(output, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,86 @@
+"""What an architecture module declares: how to load the HF model and wrap it into the two graphs.
+
+One small class per architecture (optimum's registry is the model, not its size): the graph wrappers,
+their dummy inputs and dynamic axes, the token count per tile, and the HF model's own image features
+that the parity gate compares `vision.onnx` against.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pue.export.architectures.decoder import EmbeddingDecoder
+
+
+@dataclass
+class VisionGeometry:
+    """The image layout of a fixed tile size: what `vision.onnx` takes and returns."""
+
+    kind: str  # "anyres" (pixel_values [batch, crops, 3, H, W]) or "single" ([batch, 3, H, W])
+    tile_size: int
+    crop_size: int
+    num_crops: int
+    tokens_per_image: int
+
+    def pixel_shape(self, batch: int) -> tuple[int, ...]:
+        if self.kind == "anyres":
+            return (batch, self.num_crops, 3, self.crop_size, self.crop_size)
+        return (batch, 3, self.crop_size, self.crop_size)
+
+
+class Architecture(abc.ABC):
+    """One supported `model_type`."""
+
+    model_type: str
+    description: str
+
+    @abc.abstractmethod
+    def model_class(self) -> type:
+        """The transformers class that loads the checkpoint."""
+
+    @abc.abstractmethod
+    def geometry(self, model: Any, tile_size: int) -> VisionGeometry: ...
+
+    @abc.abstractmethod
+    def vision_module(self, model: Any, geometry: VisionGeometry) -> nn.Module:
+        """pixel_values -> image_features [batch, tokens_per_image, hidden], packed as the model places them."""
+
+    @abc.abstractmethod
+    def reference_image_features(self, model: Any, pixel_values: torch.Tensor, geometry: VisionGeometry) -> torch.Tensor:
+        """The HF model's own packed image features for `pixel_values` (what the gate compares vision.onnx with)."""
+
+    def decoder_module(self, model: Any, image_token_id: int, pool_token_id: int | None) -> nn.Module:
+        """input_ids, attention_mask, image_features -> unit sentence_embedding [batch, hidden]."""
+        base = model.model
+        return EmbeddingDecoder(
+            language_model=base.language_model,
+            embed_tokens=base.get_input_embeddings(),
+            image_token_id=image_token_id,
+            pool_token_id=pool_token_id,
+        )
+
+    def hidden_size(self, model: Any) -> int:
+        return int(model.config.text_config.hidden_size)
+
+    def image_kind(self) -> str:
+        return "anyres"
+
+
+def select_vision_features(
+    tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int | list[int], strategy: str
+) -> torch.Tensor:
+    """The vision tower's hidden state(s) that LLaVA-style models project, as `get_image_features` selects them."""
+    outputs = tower(pixel_values, output_hidden_states=True, return_dict=True)
+    layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+    selected = []
+    for layer in layers:
+        state = outputs.hidden_states[layer]
+        if strategy == "default":
+            state = state[:, 1:]
+        selected.append(state)
+    return selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)

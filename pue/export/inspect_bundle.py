@@ -1,0 +1,83 @@
+"""`pue-export inspect`: a readable summary of a bundle, after verifying every file against its sha256."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pue.bundle import manifest_sha256, read_manifest, verify_files
+
+
+def describe_bundle(bundle: str | Path) -> dict[str, Any]:
+    root = Path(bundle)
+    manifest = read_manifest(root)
+    verify_files(root, manifest, check_hashes=True)  # raises BundleError naming the first bad file
+    graphs = {}
+    for name, graph in manifest.graphs.items():
+        size = graph.file.size + sum(entry.size for entry in graph.external_data)
+        graphs[name] = {
+            "file": graph.file.path,
+            "external_data": [entry.path for entry in graph.external_data],
+            "size_bytes": size,
+            "inputs": [f"{t.name} {t.dtype} {t.shape}" for t in graph.inputs],
+            "outputs": [f"{t.name} {t.dtype} {t.shape}" for t in graph.outputs],
+        }
+    gate = manifest.fidelity.get("parity_gate") or manifest.fidelity.get("gate") or {}
+    return {
+        "bundle": str(root),
+        "bundle_sha256": manifest_sha256(root),
+        "hashes_verified": True,
+        "architecture": manifest.architecture,
+        "precision": manifest.precision,
+        "target": manifest.target,
+        "backend": manifest.backend,
+        "tile_size": manifest.tile_size,
+        "num_crops": manifest.preprocessing.num_crops,
+        "tokens_per_image": manifest.tokens_per_image,
+        "embedding_dim": manifest.embedding_dim,
+        "max_seq_len": manifest.max_seq_len,
+        "graphs": graphs,
+        "prompts": {"image": manifest.prompts.image, "text": manifest.prompts.text,
+                    "composed": manifest.prompts.composed},
+        "pooling": manifest.pooling,
+        "source_checkpoint": vars(manifest.source_checkpoint),
+        "lineage": vars(manifest.lineage),
+        "fidelity": {"passed": gate.get("passed"), "checks": gate.get("checks", [])},
+        "versions": manifest.versions,
+    }
+
+
+def print_summary(console: Any, summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]{summary['bundle']}[/bold]  sha256 {summary['bundle_sha256'][:16]}…  "
+                  "[green]all file hashes verified[/green]")
+    console.print(
+        f"architecture {summary['architecture']}  precision {summary['precision']}  target {summary['target']}  "
+        f"backend {summary['backend']}"
+    )
+    console.print(
+        f"tile {summary['tile_size']} px → {summary['num_crops']} crop(s), {summary['tokens_per_image']} image tokens; "
+        f"embedding dim {summary['embedding_dim']}; max sequence {summary['max_seq_len']}"
+    )
+    source = summary["source_checkpoint"]
+    console.print(f"source checkpoint {source['name']} ({source['model_type']}, weights sha256 {source['sha256'][:16]}…)")
+    graphs = Table(title="graphs")
+    for column in ("graph", "size", "inputs", "outputs"):
+        graphs.add_column(column)
+    for name, graph in summary["graphs"].items():
+        graphs.add_row(f"{graph['file']}" + (" (+ external data)" if graph["external_data"] else ""),
+                       f"{graph['size_bytes'] / 1e6:.1f} MB", "\n".join(graph["inputs"]), "\n".join(graph["outputs"]))
+    console.print(graphs)
+    for kind, text in summary["prompts"].items():
+        console.print(f"prompt[{kind}]: {text!r}")
+    checks = summary["fidelity"]["checks"]
+    if checks:
+        table = Table(title="recorded fidelity")
+        for column in ("check", "metric", "value", "result"):
+            table.add_column(column)
+        for check in checks:
+            table.add_row(check["name"], check["metric"], f"{check['value']:.3g}", "pass" if check["passed"] else "FAIL")
+        console.print(table)
+    passed = summary["fidelity"]["passed"]
+    console.print("fidelity: " + ("PASSED" if passed else "FAILED" if passed is False else "not recorded"))

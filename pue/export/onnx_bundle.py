@@ -1,0 +1,277 @@
+"""`pue-export onnx`: checkpoint → FP32 (or FP16) bundle of two ONNX graphs, verified against the reference.
+
+Order matters for 8 B checkpoints: the reference's outputs are computed first, the graphs exported, torch's
+model freed, and only then does onnxruntime load the graphs for the parity gate.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pue import __version__
+from pue.bundle import (
+    GraphSpec,
+    Lineage,
+    Manifest,
+    Prompts,
+    SourceCheckpoint,
+    TensorSpec,
+    TokenizerInfo,
+    atomic_directory,
+    check_output_path,
+    file_entry,
+    write_manifest,
+)
+from pue.errors import GateFailedError, PueError
+from pue.export.architectures import get_architecture
+from pue.export.checkpoint import checkpoint_sha256, inspect_checkpoint, load_model, load_processor
+from pue.export.onnx_graphs import DEFAULT_EXPORTER, EXTERNAL_DATA_THRESHOLD, GraphExport, export_graph
+from pue.export.parity import COMPOSED_TEXTS, GATE_TEXTS, GateReport, run_parity_gate
+from pue.export.recipe import Recipe, image_placeholder, load_recipe, render_prompts
+from pue.export.reference import ReferenceEmbedder
+from pue.export.resources import ResourcePlan, plan_export
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 8
+VISION_GATE_IMAGES = 4
+TOLERANCES = {
+    "float32": {"min_cosine": 0.9999, "max_abs": 1e-4, "vision_max_abs": 1e-5, "batch_max_abs": 1e-5},
+    # an FP16 root is gated against the reference in float16: rounding of 2^-11 per op
+    "float16": {"min_cosine": 0.999, "max_abs": 5e-3, "vision_max_abs": 5e-2, "batch_max_abs": 5e-3},
+}
+
+
+@dataclass
+class ExportResult:
+    bundle: Path
+    plan: ResourcePlan
+    gate: GateReport
+    timings: dict[str, float]
+    manifest: Manifest
+
+
+def gate_inputs(heldout: list[Path] | None = None) -> dict[str, Any]:
+    """The shipped held-out patches (tissue of both stains), texts of very different lengths, composed queries."""
+    if heldout is not None:
+        images = list(heldout)
+    else:
+        from pue.data import patch_set
+
+        images = patch_set("heldout")
+    if len(images) < 2:
+        raise PueError(f"the parity gate needs at least 2 held-out images, found {len(images)}")
+    composed_images = images[: len(COMPOSED_TEXTS)]
+    return {
+        "images": images,
+        "texts": list(GATE_TEXTS),
+        "composed": (composed_images, list(COMPOSED_TEXTS[: len(composed_images)])),
+        "vision_images": images[:VISION_GATE_IMAGES],
+    }
+
+
+def export_onnx_bundle(
+    checkpoint: str | Path,
+    output: str | Path,
+    exporter: str = DEFAULT_EXPORTER,
+    opset: int | None = None,
+    tile_size: int = 224,
+    recipe: str | Path | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    overwrite: bool = False,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    heldout: list[Path] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    say = progress or (lambda message: log.info(message))
+    if dtype not in TOLERANCES:
+        raise PueError(f"unknown dtype '{dtype}'", "choose float32 or float16")
+    if tile_size < 32:
+        raise PueError(f"tile size {tile_size} is too small", "use the patch size of your pipeline, e.g. 224 or 512")
+    check_output_path(output, overwrite)
+    info = inspect_checkpoint(checkpoint)
+    resolved_recipe = load_recipe(recipe)
+    architecture = get_architecture(info.model_type)
+    timings: dict[str, float] = {}
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(info.path, local_files_only=True)
+    plan = plan_export(config, architecture.model_class(), dtype=dtype, device=device)
+    for line in plan.lines():
+        say(f"plan: {line}")
+    if not plan.fits:
+        raise PueError("the resource plan does not fit this machine", "; ".join(plan.notes))
+
+    started = time.perf_counter()
+    say("loading the checkpoint")
+    processor = load_processor(info)
+    model = load_model(info, dtype=dtype, device=device)
+    reference = ReferenceEmbedder(info, model, processor, resolved_recipe, tile_size)
+    timings["load_s"] = time.perf_counter() - started
+
+    inputs = gate_inputs(heldout)
+    started = time.perf_counter()
+    say(f"reference embeddings ({len(inputs['images'])} patches, {len(inputs['texts'])} texts, "
+        f"{len(inputs['composed'][0])} composed)")
+    expected = {
+        "images": reference.embed_images(inputs["images"]),
+        "texts": reference.embed_texts(inputs["texts"]),
+        "composed": reference.embed_composed(*inputs["composed"]),
+        "image_features": reference.image_features(inputs["vision_images"]),
+    }
+    timings["reference_s"] = time.perf_counter() - started
+
+    with atomic_directory(output, overwrite=overwrite) as staging:
+        started = time.perf_counter()
+        say(f"exporting vision.onnx and decoder.onnx ({exporter})")
+        manifest = _export_graphs(
+            reference, resolved_recipe, staging, exporter, opset, dtype, external_data_threshold, info
+        )
+        timings["export_s"] = time.perf_counter() - started
+        write_manifest(staging, manifest)
+
+        # free torch before onnxruntime loads the graphs: an 8 B model cannot be held twice
+        reference.close()
+        del model, reference
+        gc.collect()
+
+        from pue.runtime import Embedder
+
+        started = time.perf_counter()
+        say("parity gate: running the bundle through the runtime")
+        embedder = Embedder.load(staging, device="cpu" if device == "cpu" else device)
+        gate = run_parity_gate(
+            embedder, expected, inputs["images"], inputs["texts"], inputs["composed"], inputs["vision_images"],
+            TOLERANCES[dtype],
+        )
+        del embedder
+        timings["gate_s"] = time.perf_counter() - started
+        manifest.fidelity = {"parity_gate": gate.to_dict(), "reference_dtype": dtype, "reference_device": device}
+        manifest.export["timings"] = timings
+        write_manifest(staging, manifest)
+        if not gate.passed:
+            report_path = Path(str(output).rstrip("/") + ".gate-failed.json")
+            report = {"bundle": str(output), "gate": gate.to_dict(), "timings": timings}
+            report_path.write_text(json.dumps(report, indent=2) + "\n")
+            failed = ", ".join(f"{c.name} {c.metric} {c.value:.3g}" for c in gate.failures())
+            raise GateFailedError(f"parity gate FAILED: {failed}", report, str(report_path))
+    return ExportResult(Path(output), plan, gate, timings, manifest)
+
+
+def _export_graphs(
+    reference: ReferenceEmbedder,
+    recipe: Recipe,
+    staging: Path,
+    exporter: str,
+    opset: int | None,
+    dtype: str,
+    external_data_threshold: int,
+    info: Any,
+) -> Manifest:
+    import torch
+
+    from pue.runtime.preprocess import preprocessing_from_config
+
+    model, processor, architecture = reference.model, reference.processor, reference.architecture
+    geometry = reference.geometry
+    device = next(model.parameters()).device
+    hidden = architecture.hidden_size(model)
+    image_token_id = int(model.config.image_token_id)
+    tokenizer = processor.tokenizer
+
+    dummy_batch = 2
+    pixels = torch.zeros(geometry.pixel_shape(dummy_batch), dtype=torch.float32, device=device)
+    pixel_axes = {0: "batch"}
+    vision = GraphExport(
+        "vision", architecture.vision_module(model, geometry).eval(), (pixels,), ["pixel_values"], ["image_features"],
+        {"pixel_values": pixel_axes, "image_features": {0: "batch"}},
+    )
+    seq = 8
+    ids = torch.full((dummy_batch, geometry.tokens_per_image + seq), int(tokenizer.pad_token_id or 0), device=device)
+    ids[0, 2 : 2 + geometry.tokens_per_image] = image_token_id
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    features = torch.zeros((dummy_batch, geometry.tokens_per_image, hidden), dtype=torch.float32, device=device)
+    decoder = GraphExport(
+        "decoder",
+        architecture.decoder_module(model, image_token_id, reference.pool_token_id).eval(),
+        (ids, mask, features),
+        ["input_ids", "attention_mask", "image_features"],
+        ["sentence_embedding"],
+        {
+            "input_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "sequence"},
+            "image_features": {0: "batch", 1: "image_tokens"},
+            "sentence_embedding": {0: "batch"},
+        },
+    )
+    graphs = {}
+    for spec, inputs, outputs in (
+        (vision, [TensorSpec("pixel_values", "float32", ["batch", *geometry.pixel_shape(1)[1:]])],
+         [TensorSpec("image_features", "float32", ["batch", geometry.tokens_per_image, hidden])]),
+        (decoder, [TensorSpec("input_ids", "int64", ["batch", "sequence"]),
+                   TensorSpec("attention_mask", "int64", ["batch", "sequence"]),
+                   TensorSpec("image_features", "float32", ["batch", "image_tokens", hidden])],
+         [TensorSpec("sentence_embedding", "float32", ["batch", hidden])]),
+    ):
+        filename, data_files = export_graph(spec, staging, exporter, opset, external_data_threshold)
+        graphs[spec.name] = GraphSpec(
+            file=file_entry(staging, filename), inputs=inputs, outputs=outputs,
+            external_data=[file_entry(staging, name) for name in data_files],
+        )
+
+    tokenizer.backend_tokenizer.save(str(staging / "tokenizer.json"))
+    rendered = render_prompts(processor, recipe)
+    processor_config = processor.image_processor.to_dict()
+    preprocessing = preprocessing_from_config(
+        processor_config, geometry.tile_size, architecture.image_kind(),
+        int(model.config.vision_config.image_size), getattr(model.config, "image_grid_pinpoints", None),
+    )
+    text_config = model.config.text_config
+    max_positions = int(getattr(text_config, "max_position_embeddings", 4096))
+    return Manifest(
+        architecture=info.model_type,
+        precision="fp16" if dtype == "float16" else "fp32",
+        target="any",
+        backend="onnxruntime",
+        graphs=graphs,
+        tile_size=geometry.tile_size,
+        preprocessing=preprocessing,
+        recipe=recipe.to_dict(),
+        prompts=Prompts(image_placeholder=image_placeholder(processor), **rendered),
+        pooling=recipe.pooling,
+        tokenizer=TokenizerInfo(file=file_entry(staging, "tokenizer.json"),
+                                pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)),
+        image_token_id=image_token_id,
+        tokens_per_image=geometry.tokens_per_image,
+        embedding_dim=hidden,
+        hidden_size=hidden,
+        max_seq_len=max_positions,
+        default_batch_size=DEFAULT_BATCH_SIZE,
+        source_checkpoint=SourceCheckpoint(name=info.name, sha256=checkpoint_sha256(info), model_type=info.model_type),
+        lineage=Lineage(),
+        versions=_versions(),
+        export={"exporter": exporter, "opset": opset, "dtype": dtype, "num_crops": geometry.num_crops,
+                "crop_size": geometry.crop_size},
+    )
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {"pue": __version__}
+    for package in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "tokenizers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions

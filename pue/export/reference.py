@@ -1,0 +1,156 @@
+"""`ReferenceEmbedder`: the ground truth. transformers + torch on the checkpoint as published.
+
+Every backend is judged against this: same recipe, same chat template, the slow (PIL) image processor,
+and images brought to the tile size by the runtime's own `fit_to_tile`, so both sides see identical inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pue.errors import InputError
+from pue.export.checkpoint import CheckpointInfo, inspect_checkpoint, load_model, load_processor
+from pue.export.recipe import TEXT_FIELD, Recipe, image_placeholder, load_recipe, render_prompts
+from pue.runtime.images import fit_to_tile, load_image
+
+log = logging.getLogger(__name__)
+
+
+class ReferenceEmbedder:
+    """Embeds images, texts and composed queries with the PyTorch model (one forward pass, no generation)."""
+
+    def __init__(
+        self, info: CheckpointInfo, model: Any, processor: Any, recipe: Recipe, tile_size: int, batch_size: int = 8
+    ) -> None:
+        from pue.export.architectures import get_architecture
+
+        self.info = info
+        self.model = model
+        self.processor = processor
+        self.recipe = recipe
+        self.tile_size = tile_size
+        self.batch_size = batch_size
+        self.architecture = get_architecture(info.model_type)
+        self.geometry = self.architecture.geometry(model, tile_size)
+        self.image_token = image_placeholder(processor)
+        self.rendered_prompts = render_prompts(processor, recipe)
+        self.pool_token_id = None
+        if recipe.pool_token is not None:
+            self.pool_token_id = processor.tokenizer.convert_tokens_to_ids(recipe.pool_token)
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str | Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        tile_size: int = 224,
+        recipe: str | Path | Recipe | None = None,
+        batch_size: int = 8,
+    ) -> ReferenceEmbedder:
+        info = inspect_checkpoint(checkpoint)
+        resolved = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        processor = load_processor(info)
+        processor.tokenizer.padding_side = "right"  # HF positions are arange: right padding keeps them exact
+        model = load_model(info, dtype=dtype, device=device)
+        return cls(info, model, processor, resolved, tile_size, batch_size)
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    # --- public API: the same contract as pue.runtime.Embedder -------------------------------------------
+    def embed_images(self, images: Sequence[Any]) -> np.ndarray:
+        return self._embed("image", images=list(images), texts=None)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self._embed("text", images=None, texts=list(texts))
+
+    def embed_composed(self, images: Sequence[Any], texts: Sequence[str]) -> np.ndarray:
+        if len(images) != len(texts):
+            raise InputError(f"embed_composed needs as many texts as images (got {len(images)} and {len(texts)})")
+        return self._embed("composed", images=list(images), texts=list(texts))
+
+    def image_features(self, images: Sequence[Any]) -> np.ndarray:
+        """The HF model's packed image features [N, tokens_per_image, hidden] (vision.onnx's ground truth)."""
+        import torch
+
+        tiles = self.tiles(images)
+        out = []
+        for start in range(0, len(tiles), self.batch_size):
+            pixels = self.pixel_values(tiles[start : start + self.batch_size])
+            with torch.inference_mode():
+                out.append(self.architecture.reference_image_features(self.model, pixels, self.geometry).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.geometry.tokens_per_image, 0), np.float32)
+
+    # --- helpers --------------------------------------------------------------------------------------
+    def tiles(self, images: Sequence[Any]) -> list[Any]:
+        tiles, resized = [], 0
+        for index, item in enumerate(images):
+            tile, changed = fit_to_tile(load_image(item, index), self.tile_size)
+            tiles.append(tile)
+            resized += int(changed)
+        if resized:
+            log.info("brought %d of %d images to the %d px tile size", resized, len(tiles), self.tile_size)
+        return tiles
+
+    def pixel_values(self, tiles: list[Any]) -> Any:
+        encoded = self.processor.image_processor(images=tiles, return_tensors="pt")
+        return encoded["pixel_values"].to(self.device)
+
+    def prompt(self, kind: str, text: str | None = None, index: int = 0) -> str:
+        """The recipe's rendered template (chat template applied once, as stored in bundles) with the text in."""
+        template = self.rendered_prompts[kind]
+        if text is None:
+            return template
+        if self.image_token in text:
+            raise InputError(f"text contains the image token {self.image_token!r}", index=index)
+        return template.replace(TEXT_FIELD, text, 1)
+
+    def _embed(self, kind: str, images: list[Any] | None, texts: list[str] | None) -> np.ndarray:
+        import torch
+
+        count = len(images) if images is not None else len(texts or [])
+        hidden = self.architecture.hidden_size(self.model)
+        tiles = self.tiles(images) if images is not None else None
+        prompts = [self.prompt(kind, None if texts is None else texts[i], i) for i in range(count)]
+        results = []
+        for start in range(0, count, self.batch_size):
+            stop = min(start + self.batch_size, count)
+            kwargs: dict[str, Any] = {"text": prompts[start:stop], "padding": True, "return_tensors": "pt"}
+            if tiles is not None:
+                kwargs["images"] = tiles[start:stop]
+            encoded = self.processor(**kwargs, add_special_tokens=False)
+            inputs = {k: v.to(self.device) for k, v in encoded.items()}
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            with torch.inference_mode():
+                hidden_states = self.model.model(**inputs, use_cache=False).last_hidden_state
+            results.append(self._pool(hidden_states, inputs["input_ids"], inputs["attention_mask"]))
+        if not results:
+            return np.zeros((0, hidden), np.float32)
+        return np.concatenate(results)
+
+    def _pool(self, hidden: Any, input_ids: Any, attention_mask: Any) -> np.ndarray:
+        import torch
+
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        if self.pool_token_id is None:
+            index = (positions * attention_mask).amax(dim=1)
+        else:
+            index = (positions * (input_ids == self.pool_token_id)).amax(dim=1) - 1
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index].float()
+        pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled.cpu().numpy().astype(np.float32)
+
+    def close(self) -> None:
+        """Free the model (the export frees torch before onnxruntime loads the graphs)."""
+        import gc
+
+        self.model = None
+        gc.collect()

@@ -1,0 +1,449 @@
+"""Tiny, real Hugging Face checkpoints with deterministic random weights, for tests, demos and benchmarks.
+
+`build_tiny_model` writes a checkpoint directory exactly like a published one (`save_pretrained` of the model as
+safetensors, and of the processor with its image processor, tokenizer and chat template) that
+`LlavaNextForConditionalGeneration` / `LlavaForConditionalGeneration` and `AutoProcessor` reload offline. Nothing
+is downloaded: the tokenizer is a byte-level BPE trained on `pue/data/corpus.txt` at build time.
+
+Presets (`ARCHITECTURES` x `PRESETS`):
+
+- ``ci``: about 1 M parameters, CLIP-224 (llava_next, pinpoints [[224, 224]]: 2 crops, 528 image tokens per
+  224 tile) or SigLIP-224 (llava: 256 image tokens).
+- ``e5v``: llava_next only, about 1 M parameters in the E5-V geometry (CLIP-336, LLaVA-1.6 pinpoints: a 224
+  tile becomes 3 crops and 1,176 image tokens).
+- ``outliers``: ``ci`` with planted activation outliers in every decoder block (see `_plant_outliers`).
+- ``bench``: 50-60 M parameters; llava_next in the E5-V geometry, llava with SigLIP-384 (729 image tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from pue.errors import OutputExistsError, PueError
+
+ARCHITECTURES = ("llava_next", "llava")
+PRESETS = ("ci", "e5v", "outliers", "bench")
+
+#: (arch, preset) pairs that are refused, with the reason.
+UNSUPPORTED = {
+    ("llava", "e5v"): "e5v is the LLaVA-NeXT geometry (CLIP-336 anyres); use --arch llava_next or another preset",
+}
+
+SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<unk>", "<image>", "<emb>")
+IMAGE_TOKEN = "<image>"
+TOKENIZER_VOCAB_SIZE = 2048
+
+#: Vicuna-style template (LLaVA-1.5/1.6 "USER: ... ASSISTANT:"). String content is rendered as is; list content
+#: (processor-style ``[{"type": "image"}, {"type": "text", "text": ...}]``) renders images as ``<image>``.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set content = message['content'] %}"
+    "{% else %}{% set content = namespace(text='') %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{% set content.text = content.text + '<image>' %}"
+    "{% elif item['type'] == 'text' %}{% set content.text = content.text + item['text'] %}{% endif %}"
+    "{% endfor %}{% set content = content.text %}{% endif %}"
+    "{% if message['role'] == 'system' %}{{ content }} "
+    "{% elif message['role'] == 'user' %}USER: {{ content }} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ content }}</s>"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+LLAVA_16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+SIGLIP_MEAN = [0.5, 0.5, 0.5]
+SIGLIP_STD = [0.5, 0.5, 0.5]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Sizes of one (arch, preset): the vision tower, the language model and the anyres layout."""
+
+    image_size: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+    text_hidden: int
+    text_intermediate: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    pinpoints: list = field(default_factory=list)  # llava_next only
+    patch_size: int = 14
+    max_position_embeddings: int = 4096
+    outliers: bool = False
+
+
+_TINY = {
+    "vision_hidden": 64,
+    "vision_intermediate": 256,
+    "vision_layers": 4,
+    "vision_heads": 4,
+    "text_hidden": 64,
+    "text_intermediate": 192,
+    "text_layers": 6,
+    "text_heads": 4,
+    "text_kv_heads": 2,
+}
+_BENCH = {
+    "vision_hidden": 384,
+    "vision_intermediate": 1536,
+    "vision_layers": 12,
+    "vision_heads": 6,
+    "text_hidden": 512,
+    "text_intermediate": 1408,
+    "text_layers": 10,
+    "text_heads": 8,
+    "text_kv_heads": 4,
+}
+
+_SPECS: dict[tuple[str, str], _Spec] = {
+    ("llava_next", "ci"): _Spec(image_size=224, pinpoints=[[224, 224]], **_TINY),
+    ("llava_next", "e5v"): _Spec(image_size=336, pinpoints=LLAVA_16_PINPOINTS, **_TINY),
+    ("llava_next", "outliers"): _Spec(image_size=224, pinpoints=[[224, 224]], outliers=True, **_TINY),
+    ("llava_next", "bench"): _Spec(image_size=336, pinpoints=LLAVA_16_PINPOINTS, **_BENCH),
+    ("llava", "ci"): _Spec(image_size=224, **_TINY),
+    ("llava", "outliers"): _Spec(image_size=224, outliers=True, **_TINY),
+    ("llava", "bench"): _Spec(image_size=384, **_BENCH),
+}
+
+#: Planted outliers: these many residual-stream channels, each with a norm-weight gain drawn log-uniformly from
+#: this range per block and per norm (input_layernorm, post_attention_layernorm).
+OUTLIER_CHANNELS = 3
+OUTLIER_GAIN_RANGE = (100.0, 400.0)
+
+
+def _check_names(arch: str, preset: str) -> _Spec:
+    if arch not in ARCHITECTURES:
+        raise PueError(f"unknown architecture '{arch}'; available: {', '.join(ARCHITECTURES)}")
+    if preset not in PRESETS:
+        raise PueError(f"unknown preset '{preset}'; available: {', '.join(PRESETS)}")
+    if (arch, preset) in UNSUPPORTED:
+        offered = ", ".join(p for p in PRESETS if (arch, p) in _SPECS)
+        raise PueError(f"preset '{preset}' is not offered for --arch {arch}: {UNSUPPORTED[(arch, preset)]}"
+                       f" (presets for {arch}: {offered})")
+    return _SPECS[(arch, preset)]
+
+
+def build_tiny_model(
+    output: str | Path,
+    arch: str = "llava_next",
+    preset: str = "ci",
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Write a tiny `arch` checkpoint for `preset` to `output` (atomically) and return its path.
+
+    The same `seed` gives byte-identical weights. An existing `output` is refused unless `overwrite`.
+    """
+    spec = _check_names(arch, preset)
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise OutputExistsError(str(output))
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        model, processor, info = _build(arch, preset, spec, seed)
+        with _quiet_progress():
+            model.save_pretrained(tmp, safe_serialization=True)
+            processor.save_pretrained(tmp)
+        (tmp / "pue_tiny.json").write_text(json.dumps(info, indent=2) + "\n")
+        _replace(tmp, output, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """Hide transformers' "Writing model shards" bar while saving (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    if enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _replace(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Move the finished `tmp` directory to `output`, replacing an existing one only when `overwrite`."""
+    if not (output.exists() or output.is_symlink()):
+        os.replace(tmp, output)
+        return
+    if not overwrite:
+        raise OutputExistsError(str(output))
+    trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+    old = trash / "old"
+    os.replace(output, old)
+    try:
+        os.replace(tmp, output)
+    except BaseException:
+        os.replace(old, output)
+        raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------- building
+
+
+def _build(arch: str, preset: str, spec: _Spec, seed: int):
+    import torch
+    import transformers
+
+    import pue
+
+    tokenizer = _make_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = _make_config(arch, spec, tokenizer, image_token_id)
+
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        if arch == "llava_next":
+            model = transformers.LlavaNextForConditionalGeneration(config)
+        else:
+            model = transformers.LlavaForConditionalGeneration(config)
+    model = model.float().eval()
+
+    outlier_info = None
+    if spec.outliers:
+        outlier_info = _plant_outliers(model, seed)
+
+    processor = _make_processor(arch, spec, tokenizer)
+    params = {id(p): p.numel() for p in model.parameters()}
+    info = {
+        "arch": arch,
+        "preset": preset,
+        "seed": seed,
+        "param_count": sum(params.values()),
+        "pue_version": pue.__version__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "image_size": spec.image_size,
+        "image_tokens_per_tile": {str(t): _image_tokens(arch, spec, processor, t) for t in (224, spec.image_size)},
+    }
+    if outlier_info is not None:
+        info["outliers"] = outlier_info
+    return model, processor, info
+
+
+def _image_tokens(arch: str, spec: _Spec, processor, tile: int) -> int:
+    """Image tokens the processor inserts for a square `tile` (llava: every image is resized to image_size)."""
+    side = spec.image_size // spec.patch_size
+    if arch == "llava":
+        return side * side
+    return processor._get_number_of_features(tile, tile, spec.image_size, spec.image_size) - 1  # minus CLS
+
+
+def _make_config(arch: str, spec: _Spec, tokenizer, image_token_id: int):
+    import transformers
+
+    vocab_size = -(-len(tokenizer) // 64) * 64
+    text_kwargs = {
+        "vocab_size": vocab_size,
+        "hidden_size": spec.text_hidden,
+        "intermediate_size": spec.text_intermediate,
+        "num_hidden_layers": spec.text_layers,
+        "num_attention_heads": spec.text_heads,
+        "num_key_value_heads": spec.text_kv_heads,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "dtype": "float32",
+    }
+    vision_kwargs = {
+        "hidden_size": spec.vision_hidden,
+        "intermediate_size": spec.vision_intermediate,
+        "num_hidden_layers": spec.vision_layers,
+        "num_attention_heads": spec.vision_heads,
+        "image_size": spec.image_size,
+        "patch_size": spec.patch_size,
+        "dtype": "float32",
+    }
+    if arch == "llava_next":
+        vision = transformers.CLIPVisionConfig(projection_dim=spec.vision_hidden, hidden_act="quick_gelu",
+                                               **vision_kwargs)
+        text = transformers.LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                        **text_kwargs)
+        side = spec.image_size // spec.patch_size
+        config = transformers.LlavaNextConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=image_token_id,
+            projector_hidden_act="gelu",
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            image_grid_pinpoints=[list(p) for p in spec.pinpoints],
+            image_seq_length=side * side,
+            tie_word_embeddings=False,
+            dtype="float32",
+        )
+    else:
+        vision = transformers.SiglipVisionConfig(vision_use_head=False, **vision_kwargs)
+        text = transformers.Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                                        use_sliding_window=False, **text_kwargs)
+        side = spec.image_size // spec.patch_size
+        config = transformers.LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=image_token_id,
+            projector_hidden_act="gelu",
+            vision_feature_select_strategy="full",  # SigLIP has no CLS token
+            vision_feature_layer=-2,
+            image_seq_length=side * side,
+            tie_word_embeddings=False,
+            dtype="float32",
+        )
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def _make_processor(arch: str, spec: _Spec, tokenizer):
+    import transformers
+
+    size = spec.image_size
+    if arch == "llava_next":
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            image_grid_pinpoints=[list(p) for p in spec.pinpoints],
+            image_mean=CLIP_MEAN,
+            image_std=CLIP_STD,
+        )
+        return transformers.LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=spec.patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+            chat_template=CHAT_TEMPLATE,
+            image_token=IMAGE_TOKEN,
+        )
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    image_processor = SiglipImageProcessorPil(
+        size={"height": size, "width": size},  # SigLIP squashes any image to image_size x image_size, no crop
+        crop_size={"height": size, "width": size},  # read by LlavaProcessor._get_num_multimodal_tokens
+        do_center_crop=False,
+        image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD,
+    )
+    return transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+
+def _corpus() -> list[str]:
+    text = resources.files("pue.data").joinpath("corpus.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    """Train the byte-level BPE once per process (deterministic: same corpus, same merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    return tok.to_str()
+
+
+def _make_tokenizer():
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens=["<image>", "<emb>"],
+        padding_side="right",
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------- outliers
+
+
+def _plant_outliers(model, seed: int) -> dict:
+    """Plant the per-channel activation outliers that trained LLMs carry (LLM.int8(), SmoothQuant).
+
+    In trained decoders a few fixed residual-stream channels come out of the RMSNorms one to three orders of
+    magnitude larger than the rest, in every block and for every token, because the norms' learned gains on
+    those channels are huge while the weights that read them are correspondingly small. This plants exactly
+    that: the same `OUTLIER_CHANNELS` channels of every block's input_layernorm and post_attention_layernorm get
+    a gain of 100-400 (log-uniform, per block and norm), and the input columns of the projections that read
+    them (q/k/v_proj, gate/up_proj) are divided by the same gain. The model computes the same function (up to
+    float rounding) and stays finite, but every q/k/v and gate/up input carries channels ~100x the median one:
+    per-tensor INT8 activation scales are set by them and flatten all other channels to a few levels, in every
+    block, so keeping a layer or two in float cannot help (per-channel smoothing or dynamic quantization can).
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    text = model.model.language_model
+    hidden = text.config.hidden_size
+    channels = sorted(torch.randperm(hidden, generator=gen)[:OUTLIER_CHANNELS].tolist())
+    idx = torch.tensor(channels)
+    lo, hi = (torch.log(torch.tensor(v)) for v in OUTLIER_GAIN_RANGE)
+    gains = []
+    with torch.no_grad():
+        for layer in text.layers:
+            layer_gains = []
+            for norm, readers in (
+                (layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)),
+                (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj)),
+            ):
+                gain = torch.exp(lo + (hi - lo) * torch.rand(len(channels), generator=gen))
+                norm.weight[idx] *= gain
+                for linear in readers:
+                    linear.weight[:, idx] /= gain
+                layer_gains.append([round(float(g), 1) for g in gain])
+            gains.append(layer_gains)
+    return {"channels": channels, "mechanism": "rmsnorm-gain", "gains": gains}

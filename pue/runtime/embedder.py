@@ -1,0 +1,201 @@
+"""`Embedder`: images, texts and composed queries → unit vectors, from any bundle, without torch."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pue.bundle import Manifest, read_manifest, resolve_inside, verify_files
+from pue.errors import InputError, PueError
+from pue.runtime.images import fit_to_tile, load_image
+from pue.runtime.preprocess import ImagePreprocessor
+from pue.runtime.prompts import PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One row: an image alone, a text alone, or both (a composed query)."""
+
+    image: Any = None
+    text: str | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.image is not None and self.text is not None:
+            return "composed"
+        if self.image is not None:
+            return "image"
+        if self.text is not None:
+            return "text"
+        raise InputError("a query needs an image, a text, or both")
+
+
+class Embedder:
+    """Embeds from a bundle with onnxruntime (or TensorRT engines). Every bad item raises a PueError naming it."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Any, batch_size: int | None = None) -> None:
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self.backend = backend
+        self.batch_size = int(batch_size or manifest.default_batch_size)
+        if self.batch_size < 1:
+            raise PueError(f"batch_size must be at least 1, got {self.batch_size}")
+        self.preprocessor = ImagePreprocessor(manifest.preprocessing)
+        self.prompts = PromptTokenizer(
+            resolve_inside(bundle_dir, manifest.tokenizer.file.path),
+            manifest.prompts,
+            image_token_id=manifest.image_token_id,
+            tokens_per_image=manifest.tokens_per_image,
+            max_seq_len=manifest.max_seq_len,
+            pad_token_id=manifest.tokenizer.pad_token_id,
+        )
+        self.stage_seconds: dict[str, float] = {"load": 0.0, "preprocess": 0.0, "tokenize": 0.0}
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        backend: str = "auto",
+        device: str = "cpu",
+        batch_size: int | None = None,
+        verify_hashes: bool = True,
+        threads: int | None = None,
+    ) -> Embedder:
+        """Open a bundle: manifest and format checked, every file inside the bundle and matching its sha256
+        (`verify_hashes=False` skips hashing for very large bundles, and says so in the log)."""
+        bundle_dir = Path(path)
+        manifest = read_manifest(bundle_dir)
+        verify_files(bundle_dir, manifest, check_hashes=verify_hashes)
+        if backend not in BACKENDS:
+            raise PueError(f"unknown backend '{backend}'", f"choose one of: {', '.join(BACKENDS)}")
+        chosen = manifest.backend if backend == "auto" else backend
+        if chosen == "tensorrt" or manifest.backend == "tensorrt":
+            if manifest.backend != "tensorrt":
+                raise PueError(
+                    f"bundle {bundle_dir} holds ONNX graphs, not TensorRT engines",
+                    f"build engines with: pue-export trt {bundle_dir} -o ENGINE_BUNDLE",
+                )
+            from pue.runtime.backends.tensorrt import TensorRTBackend  # type: ignore[import-not-found]
+
+            runner = TensorRTBackend(bundle_dir, manifest, device=device)
+        else:
+            from pue.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+            runner = OnnxRuntimeBackend(bundle_dir, manifest, device=device, threads=threads)
+        return cls(bundle_dir, manifest, runner, batch_size)
+
+    @property
+    def dimension(self) -> int:
+        return int(self.manifest.embedding_dim)
+
+    # --- public API -------------------------------------------------------------------------------------
+    def embed_images(self, images: Sequence[Any], batch_size: int | None = None) -> np.ndarray:
+        """Paths, PIL images or H×W×3 uint8 arrays → float32 (N, D) unit vectors, in input order."""
+        return self.embed([Query(image=image) for image in _as_list(images, "images")], batch_size=batch_size)
+
+    def embed_texts(self, texts: Sequence[str], truncate: bool = True, batch_size: int | None = None) -> np.ndarray:
+        items = _as_list(texts, "texts")
+        for index, text in enumerate(items):
+            _check_text(text, index)
+        return self.embed([Query(text=text) for text in items], truncate=truncate, batch_size=batch_size)
+
+    def embed_composed(
+        self, images: Sequence[Any], texts: Sequence[str], truncate: bool = True, batch_size: int | None = None
+    ) -> np.ndarray:
+        image_list, text_list = _as_list(images, "images"), _as_list(texts, "texts")
+        if len(image_list) != len(text_list):
+            raise InputError(f"embed_composed needs one text per image (got {len(image_list)} images, "
+                             f"{len(text_list)} texts)")
+        for index, text in enumerate(text_list):
+            _check_text(text, index)
+        queries = [Query(image=image, text=text) for image, text in zip(image_list, text_list, strict=True)]
+        return self.embed(queries, truncate=truncate, batch_size=batch_size)
+
+    def embed(self, queries: Sequence[Query], truncate: bool = True, batch_size: int | None = None) -> np.ndarray:
+        """Any mix of image, text and composed rows; they may share a batch."""
+        queries = list(queries)
+        if not queries:
+            return np.zeros((0, self.dimension), np.float32)
+        started = time.perf_counter()
+        token_rows, truncated = [], []
+        for index, query in enumerate(queries):
+            ids, was_truncated = self.prompts.encode(query.kind, query.text, index=index, truncate=truncate)
+            token_rows.append(ids)
+            if was_truncated:
+                truncated.append(index)
+        self.prompts.warn_truncated(truncated, len(queries))
+        self.stage_seconds["tokenize"] += time.perf_counter() - started
+        size = int(batch_size or self.batch_size)
+        # Batch rows of similar length together (less padding), then restore the caller's order.
+        order = sorted(range(len(queries)), key=lambda i: len(token_rows[i]))
+        output = np.empty((len(queries), self.dimension), np.float32)
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            output[chunk] = self._run_batch([queries[i] for i in chunk], [token_rows[i] for i in chunk], chunk)
+        return output
+
+    def pixel_values(self, images: Sequence[Any], first_index: int = 0) -> np.ndarray:
+        """Preprocessed pixels as `vision.onnx` takes them (tile-size policy of DESIGN.md applied first)."""
+        started = time.perf_counter()
+        tiles = []
+        resized = 0
+        for offset, item in enumerate(images):
+            tile, changed = fit_to_tile(load_image(item, first_index + offset), self.manifest.tile_size)
+            tiles.append(tile)
+            resized += int(changed)
+        if resized:
+            log.info("brought %d of %d images to the %d px tile size", resized, len(tiles), self.manifest.tile_size)
+        pixels = self.preprocessor(tiles)
+        self.stage_seconds["preprocess"] += time.perf_counter() - started
+        return pixels
+
+    def image_features(self, images: Sequence[Any]) -> np.ndarray:
+        """`vision.onnx`'s output for these images (used by the parity gate and calibration)."""
+        outputs = []
+        items = list(images)
+        for start in range(0, len(items), self.batch_size):
+            pixels = self.pixel_values(items[start : start + self.batch_size], first_index=start)
+            outputs.append(self.backend.vision.infer({"pixel_values": pixels})["image_features"])
+        return np.concatenate(outputs) if outputs else np.zeros((0, self.manifest.tokens_per_image,
+                                                                  self.manifest.hidden_size), np.float32)
+
+    def stage_times(self) -> dict[str, float]:
+        """Cumulative seconds per stage: preprocess, tokenize, and the backend's vision and decoder."""
+        return {**self.stage_seconds, **self.backend.stage_times()}
+
+    # --- internals --------------------------------------------------------------------------------------
+    def _run_batch(self, queries: list[Query], rows: list[list[int]], indices: list[int]) -> np.ndarray:
+        image_rows = [row for row, query in enumerate(queries) if query.image is not None]
+        pixels = None
+        if image_rows:
+            started = time.perf_counter()
+            tiles = []
+            for row in image_rows:
+                tile, _ = fit_to_tile(load_image(queries[row].image, indices[row]), self.manifest.tile_size)
+                tiles.append(tile)
+            pixels = self.preprocessor(tiles)
+            self.stage_seconds["preprocess"] += time.perf_counter() - started
+        input_ids, attention_mask = self.prompts.pad(rows)
+        return self.backend.run(input_ids, attention_mask, pixels, np.asarray(image_rows, dtype=np.int64))
+
+
+def _as_list(items: Any, what: str) -> list[Any]:
+    if isinstance(items, (str, bytes)) or (isinstance(items, np.ndarray) and items.ndim == 3):
+        raise InputError(f"{what} must be a sequence of items, got a single {type(items).__name__}",
+                         hint="wrap it in a list")
+    return list(items)
+
+
+def _check_text(text: Any, index: int) -> None:
+    if not isinstance(text, str):
+        raise InputError(f"expected a str, got {type(text).__name__}", index=index)

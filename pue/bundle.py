@@ -215,7 +215,9 @@ def read_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise BundleError(f"{path} is not a pue bundle manifest (format is {data.get('format')!r}, expected {FORMAT!r})")
+        raise BundleError(
+            f"{path} is not a pue bundle manifest (format is {data.get('format')!r}, expected {FORMAT!r})"
+        )
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(

@@ -26,7 +26,9 @@ class PueError(Exception):
 class InputError(PueError):
     """A bad input item (image, text, array): names the item's index and path where known."""
 
-    def __init__(self, message: str, index: int | None = None, path: str | None = None, hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, index: int | None = None, path: str | None = None, hint: str | None = None
+    ) -> None:
         self.index = index
         self.path = path
         where = []

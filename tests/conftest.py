@@ -8,6 +8,20 @@ from pathlib import Path
 import pytest
 
 
+def gate_subset() -> list[Path]:
+    """Held-out patches for the parity gate in tests: both stains, fewer tiles (the CLI gate uses them all)."""
+    from pue.data import patch_set
+
+    heldout = patch_set("heldout")
+    ihc = [p for p in heldout if p.name.startswith("ihc")]
+    return [p for p in heldout if not p.name.startswith("ihc")][:10] + ihc
+
+
+@pytest.fixture(scope="session")
+def gate_images() -> list[Path]:
+    return gate_subset()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """tiny_checkpoint(arch, preset) → path of a checkpoint built once per session."""
@@ -36,7 +50,7 @@ def fp32_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Calla
             from pue.export.onnx_bundle import export_onnx_bundle
 
             out = tmp_path_factory.mktemp("bundles") / f"{arch}-{preset}-{exporter}"
-            export_onnx_bundle(tiny_checkpoint(arch, preset), out, exporter=exporter)
+            export_onnx_bundle(tiny_checkpoint(arch, preset), out, exporter=exporter, heldout=gate_subset())
             cache[key] = out
         return cache[key]
 

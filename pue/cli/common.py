@@ -42,15 +42,14 @@ def handle_errors(func: F) -> F:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: nothing was written", err=True)
+            typer.echo("interrupted (outputs are written atomically: no partial bundle is left behind)", err=True)
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:  # a bug: keep the traceback behind --debug, but say what happened
             if _state["debug"]:
                 raise
-            typer.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                       err=True)
+            typer.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
             raise typer.Exit(EXIT_ERROR) from None
 
     return wrapper  # type: ignore[return-value]

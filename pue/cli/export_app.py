@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -9,7 +10,9 @@ import typer
 from pue.cli.common import console, handle_errors, print_json, set_debug
 
 app = typer.Typer(
-    name="pue-export", add_completion=False, no_args_is_help=True,
+    name="pue-export",
+    add_completion=False,
+    no_args_is_help=True,
     help="Convert an MLLM embedding checkpoint into verified ONNX / FP16 / INT8 / TensorRT bundles.",
 )
 
@@ -50,21 +53,35 @@ def onnx(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Export a checkpoint to a bundle of two ONNX graphs and gate it against the PyTorch reference."""
-    from pue.export.onnx_bundle import export_onnx_bundle
     from pue.errors import GateFailedError
+    from pue.export.onnx_bundle import export_onnx_bundle
 
     out = console()
     try:
         result = export_onnx_bundle(
-            checkpoint, output, exporter=exporter, opset=opset, tile_size=tile_size, recipe=recipe, dtype=dtype,
-            device=device, overwrite=overwrite, progress=lambda message: out.print(f"[dim]·[/dim] {message}"),
+            checkpoint,
+            output,
+            exporter=exporter,
+            opset=opset,
+            tile_size=tile_size,
+            recipe=recipe,
+            dtype=dtype,
+            device=device,
+            overwrite=overwrite,
+            progress=lambda message: out.print(f"[dim]·[/dim] {message}"),
         )
     except GateFailedError as exc:
         _print_gate(out, exc.report["gate"])
         raise
     if as_json:
-        print_json({"bundle": str(result.bundle), "plan": result.plan.to_dict(), "gate": result.gate.to_dict(),
-                    "timings": result.timings})
+        print_json(
+            {
+                "bundle": str(result.bundle),
+                "plan": result.plan.to_dict(),
+                "gate": result.gate.to_dict(),
+                "timings": result.timings,
+            }
+        )
     else:
         _print_gate(out, result.gate.to_dict())
         out.print(f"wrote {result.bundle}  ({', '.join(f'{k} {v:.1f}s' for k, v in result.timings.items())})")
@@ -78,9 +95,102 @@ def _print_gate(out: object, gate: dict) -> None:
         table.add_column(column)
     for check in gate["checks"]:
         sign = ">=" if check["higher_is_better"] else "<="
-        table.add_row(check["name"], check["metric"], f"{check['value']:.3g}", f"{sign} {check['threshold']:g}",
-                      "[green]pass[/green]" if check["passed"] else "[red]FAIL[/red]")
+        table.add_row(
+            check["name"],
+            check["metric"],
+            f"{check['value']:.3g}",
+            f"{sign} {check['threshold']:g}",
+            "[green]pass[/green]" if check["passed"] else "[red]FAIL[/red]",
+        )
     out.print(table)  # type: ignore[attr-defined]
+    out.print("PASSED" if gate["passed"] else "[red]FAILED[/red]")  # type: ignore[attr-defined]
+
+
+@app.command("quantize")
+@handle_errors
+def quantize(
+    bundle: Path = typer.Argument(..., help="FP32 bundle to quantize."),
+    output: Path = typer.Option(..., "-o", "--output", help="Bundle directory to write."),
+    precision: str = typer.Option(..., "--precision", help="int8, int8-dynamic or fp16."),
+    target: str = typer.Option(
+        "onnxruntime", "--target", help="onnxruntime (uint8 activations, x86 CPUs) or tensorrt (signed symmetric Q/DQ)."
+    ),
+    calib: list[Path] = typer.Option(None, "--calib", help="Calibration folder(s) or slide(s); default: shipped."),
+    heldout: Path = typer.Option(None, "--heldout", help="Held-out patch folder for the gate; default: shipped."),
+    num_patches: int = typer.Option(64, "--num-patches", help="Calibration patches to sample."),
+    captions: Path = typer.Option(None, "--captions", help="Text file of captions (one per line) for calibration."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    magnification: float = typer.Option(None, "--magnification", help="Slides: target magnification (e.g. 20)."),
+    mpp: float = typer.Option(None, "--mpp", help="Slides: target microns per pixel (e.g. 0.5)."),
+    method: str = typer.Option("minmax", "--calibration-method", help="minmax (default), entropy or percentile."),
+    gate_mean: float = typer.Option(0.995, "--gate-mean", help="Gate: minimum mean cosine to the FP32 parent."),
+    gate_min: float = typer.Option(0.98, "--gate-min", help="Gate: minimum per-item cosine."),
+    gate_top1: float = typer.Option(0.98, "--gate-top1", help="Gate: minimum top-1 self-retrieval."),
+    no_smooth: bool = typer.Option(False, "--no-smooth", help="Do not migrate activation outliers (diagnostics)."),
+    no_fallback: bool = typer.Option(False, "--no-fallback", help="Never keep sensitive layers in float."),
+    device: str = typer.Option("cpu", "--device", help="Where calibration and the gate run (cpu)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Make an INT8, INT8-dynamic or FP16 bundle calibrated on pathology patches, gated against FP32."""
+    from pue.calibration.gate import GateThresholds
+    from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
+    from pue.errors import GateFailedError, PueError
+
+    if device != "cpu":
+        raise PueError(
+            f"--device {device}: calibration and its gate run on the CPU in this version",
+            "quantize on CPU; the int8 graph then runs on GPU through TensorRT (pue-export trt)",
+        )
+    options = QuantizeOptions(
+        precision=precision,
+        target=target,
+        calib=list(calib) if calib else None,
+        heldout=heldout,
+        num_patches=num_patches,
+        captions_file=captions,
+        seed=seed,
+        method=method,
+        smooth=not no_smooth,
+        fallback=not no_fallback,
+        magnification=magnification,
+        mpp=mpp,
+        thresholds=GateThresholds(mean_cosine=gate_mean, min_cosine=gate_min, top1=gate_top1),
+    )
+    out = console()
+    try:
+        result = quantize_bundle(
+            bundle, output, options, overwrite=overwrite, progress=lambda message: out.print(f"[dim]·[/dim] {message}")
+        )
+    except GateFailedError as exc:
+        _print_fidelity(out, exc.report)
+        raise
+    report = json.loads((result.bundle / "fidelity.json").read_text())
+    if as_json:
+        print_json(report)
+    else:
+        _print_fidelity(out, report)
+
+
+def _print_fidelity(out: object, report: dict) -> None:
+    from rich.table import Table
+
+    gate = report["gate"]
+    table = Table(title=f"accuracy gate: {report['precision']} ({report['target']}) vs FP32 parent")
+    for column in ("metric", "value", "threshold"):
+        table.add_column(column)
+    overall, thresholds = gate["overall"], gate["thresholds"]
+    table.add_row("mean cosine", f"{overall['mean_cosine']:.5f}", f">= {thresholds['mean_cosine']}")
+    table.add_row("min cosine", f"{overall['min_cosine']:.5f}", f">= {thresholds['min_cosine']}")
+    table.add_row("top-1 self-retrieval", f"{overall['top1']:.3f}", f">= {thresholds['top1']}")
+    table.add_row("top-5 self-retrieval", f"{overall['top5']:.3f}", "")
+    table.add_row("mean cosine, FP32 mean removed", f"{overall['centered_mean_cosine']:.5f}", "")
+    if report.get("int8_flop_share") is not None:
+        table.add_row("int8 share of weight FLOPs", f"{report['int8_flop_share']:.1%}", ">= 80%")
+    table.add_row("ops kept in float", str(len(report.get("float_nodes", []))), "")
+    table.add_row("smoothed op groups", str(len(report.get("smoothed", []))), "")
+    out.print(table)  # type: ignore[attr-defined]
+    out.print(report["gate_device"])  # type: ignore[attr-defined]
     out.print("PASSED" if gate["passed"] else "[red]FAILED[/red]")  # type: ignore[attr-defined]
 
 
@@ -100,6 +210,94 @@ def inspect(
     from pue.export.inspect_bundle import print_summary
 
     print_summary(console(), summary)
+
+
+@app.command("trt")
+@handle_errors
+def trt(
+    bundle: Path = typer.Argument(..., help="Parent bundle: fp32, fp16, or int8 quantized with --target tensorrt."),
+    output: Path = typer.Option(..., "-o", "--output", help="Engine bundle directory to write."),
+    batch: str = typer.Option("1:8:32", "--batch", help="MIN:OPT:MAX batch of the optimisation profiles."),
+    max_seq: int = typer.Option(
+        None,
+        "--max-seq",
+        help="Longest token sequence the decoder engine accepts (default: image prompt + 512, rounded up to 64).",
+    ),
+    timing_cache: Path = typer.Option(
+        None,
+        "--timing-cache",
+        help="TensorRT timing cache file: read if it exists, saved after the build (makes rebuilds much faster).",
+    ),
+    workspace: float = typer.Option(
+        None, "--workspace", help="Builder workspace limit in GB (default: TensorRT's, the GPU's memory)."
+    ),
+    version_compatible: bool = typer.Option(
+        False,
+        "--version-compatible",
+        help="Engines that also run on later TensorRT versions (they carry a lean runtime; may be slower).",
+    ),
+    hardware_compat: str = typer.Option(
+        "none",
+        "--hardware-compat",
+        help="none, same_compute_capability or ampere_plus (runs on any sm_80+ GPU; may be slower).",
+    ),
+    device: str = typer.Option("cuda", "--device", help="GPU to build on and gate with: cuda or cuda:N."),
+    heldout: Path = typer.Option(
+        None, "--heldout", help="Folder of held-out patches for the gate (default: the shipped ones)."
+    ),
+    gate_mean: float = typer.Option(None, "--gate-mean", help="Minimum mean cosine to the parent (default 0.995)."),
+    gate_min: float = typer.Option(None, "--gate-min", help="Minimum per-item cosine to the parent (default 0.98)."),
+    gate_top1: float = typer.Option(None, "--gate-top1", help="Minimum top-1 self-retrieval (default 0.98)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Build TensorRT engines (one per graph) on this GPU and gate them against the parent bundle."""
+    from pue.calibration.gate import GateThresholds
+    from pue.errors import GateFailedError
+    from pue.export.tensorrt.build import TrtOptions, build_engine_bundle
+    from pue.export.tensorrt.profiles import parse_batch
+    from pue.export.tensorrt.report import print_engine_result, print_fidelity
+
+    out = console()
+    defaults = GateThresholds()
+    thresholds = GateThresholds(
+        mean_cosine=defaults.mean_cosine if gate_mean is None else gate_mean,
+        min_cosine=defaults.min_cosine if gate_min is None else gate_min,
+        top1=defaults.top1 if gate_top1 is None else gate_top1,
+    )
+    options = TrtOptions(
+        batch=parse_batch(batch),
+        max_seq=max_seq,
+        timing_cache=timing_cache,
+        workspace_gb=workspace,
+        version_compatible=version_compatible,
+        hardware_compat=hardware_compat,
+        device=device,
+    )
+    try:
+        result = build_engine_bundle(
+            bundle,
+            output,
+            options,
+            overwrite=overwrite,
+            heldout=heldout,
+            thresholds=thresholds,
+            progress=lambda message: out.print(f"[dim]·[/dim] {message}"),
+        )
+    except GateFailedError as exc:
+        print_fidelity(out, exc.report["gate"])
+        raise
+    if as_json:
+        print_json(
+            {
+                "bundle": str(result.bundle),
+                "gate": result.gate.to_dict(),
+                "timings": result.timings,
+                "engines": {name: meta.to_dict() for name, meta in result.engines.items()},
+            }
+        )
+    else:
+        print_engine_result(out, result)
 
 
 def main() -> None:

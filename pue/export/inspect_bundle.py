@@ -37,8 +37,11 @@ def describe_bundle(bundle: str | Path) -> dict[str, Any]:
         "embedding_dim": manifest.embedding_dim,
         "max_seq_len": manifest.max_seq_len,
         "graphs": graphs,
-        "prompts": {"image": manifest.prompts.image, "text": manifest.prompts.text,
-                    "composed": manifest.prompts.composed},
+        "prompts": {
+            "image": manifest.prompts.image,
+            "text": manifest.prompts.text,
+            "composed": manifest.prompts.composed,
+        },
         "pooling": manifest.pooling,
         "source_checkpoint": vars(manifest.source_checkpoint),
         "lineage": vars(manifest.lineage),
@@ -50,8 +53,10 @@ def describe_bundle(bundle: str | Path) -> dict[str, Any]:
 def print_summary(console: Any, summary: dict[str, Any]) -> None:
     from rich.table import Table
 
-    console.print(f"[bold]{summary['bundle']}[/bold]  sha256 {summary['bundle_sha256'][:16]}…  "
-                  "[green]all file hashes verified[/green]")
+    console.print(
+        f"[bold]{summary['bundle']}[/bold]  sha256 {summary['bundle_sha256'][:16]}…  "
+        "[green]all file hashes verified[/green]"
+    )
     console.print(
         f"architecture {summary['architecture']}  precision {summary['precision']}  target {summary['target']}  "
         f"backend {summary['backend']}"
@@ -61,13 +66,19 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
         f"embedding dim {summary['embedding_dim']}; max sequence {summary['max_seq_len']}"
     )
     source = summary["source_checkpoint"]
-    console.print(f"source checkpoint {source['name']} ({source['model_type']}, weights sha256 {source['sha256'][:16]}…)")
+    console.print(
+        f"source checkpoint {source['name']} ({source['model_type']}, weights sha256 {source['sha256'][:16]}…)"
+    )
     graphs = Table(title="graphs")
     for column in ("graph", "size", "inputs", "outputs"):
         graphs.add_column(column)
-    for name, graph in summary["graphs"].items():
-        graphs.add_row(f"{graph['file']}" + (" (+ external data)" if graph["external_data"] else ""),
-                       f"{graph['size_bytes'] / 1e6:.1f} MB", "\n".join(graph["inputs"]), "\n".join(graph["outputs"]))
+    for graph in summary["graphs"].values():
+        graphs.add_row(
+            f"{graph['file']}" + (" (+ external data)" if graph["external_data"] else ""),
+            f"{graph['size_bytes'] / 1e6:.1f} MB",
+            "\n".join(graph["inputs"]),
+            "\n".join(graph["outputs"]),
+        )
     console.print(graphs)
     for kind, text in summary["prompts"].items():
         console.print(f"prompt[{kind}]: {text!r}")
@@ -77,7 +88,9 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
         for column in ("check", "metric", "value", "result"):
             table.add_column(column)
         for check in checks:
-            table.add_row(check["name"], check["metric"], f"{check['value']:.3g}", "pass" if check["passed"] else "FAIL")
+            table.add_row(
+                check["name"], check["metric"], f"{check['value']:.3g}", "pass" if check["passed"] else "FAIL"
+            )
         console.print(table)
     passed = summary["fidelity"]["passed"]
     console.print("fidelity: " + ("PASSED" if passed else "FAILED" if passed is False else "not recorded"))

@@ -32,7 +32,7 @@ from pue.bundle import (
 from pue.errors import GateFailedError, PueError
 from pue.export.architectures import get_architecture
 from pue.export.checkpoint import checkpoint_sha256, inspect_checkpoint, load_model, load_processor
-from pue.export.onnx_graphs import DEFAULT_EXPORTER, EXTERNAL_DATA_THRESHOLD, GraphExport, export_graph
+from pue.export.onnx_graphs import DEFAULT_EXPORTER, DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, GraphExport, export_graph
 from pue.export.parity import COMPOSED_TEXTS, GATE_TEXTS, GateReport, run_parity_gate
 from pue.export.recipe import Recipe, image_placeholder, load_recipe, render_prompts
 from pue.export.reference import ReferenceEmbedder
@@ -120,8 +120,10 @@ def export_onnx_bundle(
 
     inputs = gate_inputs(heldout)
     started = time.perf_counter()
-    say(f"reference embeddings ({len(inputs['images'])} patches, {len(inputs['texts'])} texts, "
-        f"{len(inputs['composed'][0])} composed)")
+    say(
+        f"reference embeddings ({len(inputs['images'])} patches, {len(inputs['texts'])} texts, "
+        f"{len(inputs['composed'][0])} composed)"
+    )
     expected = {
         "images": reference.embed_images(inputs["images"]),
         "texts": reference.embed_texts(inputs["texts"]),
@@ -150,7 +152,12 @@ def export_onnx_bundle(
         say("parity gate: running the bundle through the runtime")
         embedder = Embedder.load(staging, device="cpu" if device == "cpu" else device)
         gate = run_parity_gate(
-            embedder, expected, inputs["images"], inputs["texts"], inputs["composed"], inputs["vision_images"],
+            embedder,
+            expected,
+            inputs["images"],
+            inputs["texts"],
+            inputs["composed"],
+            inputs["vision_images"],
             TOLERANCES[dtype],
         )
         del embedder
@@ -192,7 +199,11 @@ def _export_graphs(
     pixels = torch.zeros(geometry.pixel_shape(dummy_batch), dtype=torch.float32, device=device)
     pixel_axes = {0: "batch"}
     vision = GraphExport(
-        "vision", architecture.vision_module(model, geometry).eval(), (pixels,), ["pixel_values"], ["image_features"],
+        "vision",
+        architecture.vision_module(model, geometry).eval(),
+        (pixels,),
+        ["pixel_values"],
+        ["image_features"],
         {"pixel_values": pixel_axes, "image_features": {0: "batch"}},
     )
     seq = 8
@@ -216,16 +227,26 @@ def _export_graphs(
     )
     graphs = {}
     for spec, inputs, outputs in (
-        (vision, [TensorSpec("pixel_values", "float32", ["batch", *geometry.pixel_shape(1)[1:]])],
-         [TensorSpec("image_features", "float32", ["batch", geometry.tokens_per_image, hidden])]),
-        (decoder, [TensorSpec("input_ids", "int64", ["batch", "sequence"]),
-                   TensorSpec("attention_mask", "int64", ["batch", "sequence"]),
-                   TensorSpec("image_features", "float32", ["batch", "image_tokens", hidden])],
-         [TensorSpec("sentence_embedding", "float32", ["batch", hidden])]),
+        (
+            vision,
+            [TensorSpec("pixel_values", "float32", ["batch", *geometry.pixel_shape(1)[1:]])],
+            [TensorSpec("image_features", "float32", ["batch", geometry.tokens_per_image, hidden])],
+        ),
+        (
+            decoder,
+            [
+                TensorSpec("input_ids", "int64", ["batch", "sequence"]),
+                TensorSpec("attention_mask", "int64", ["batch", "sequence"]),
+                TensorSpec("image_features", "float32", ["batch", "image_tokens", hidden]),
+            ],
+            [TensorSpec("sentence_embedding", "float32", ["batch", hidden])],
+        ),
     ):
         filename, data_files = export_graph(spec, staging, exporter, opset, external_data_threshold)
         graphs[spec.name] = GraphSpec(
-            file=file_entry(staging, filename), inputs=inputs, outputs=outputs,
+            file=file_entry(staging, filename),
+            inputs=inputs,
+            outputs=outputs,
             external_data=[file_entry(staging, name) for name in data_files],
         )
 
@@ -233,8 +254,11 @@ def _export_graphs(
     rendered = render_prompts(processor, recipe)
     processor_config = processor.image_processor.to_dict()
     preprocessing = preprocessing_from_config(
-        processor_config, geometry.tile_size, architecture.image_kind(),
-        int(model.config.vision_config.image_size), getattr(model.config, "image_grid_pinpoints", None),
+        processor_config,
+        geometry.tile_size,
+        architecture.image_kind(),
+        int(model.config.vision_config.image_size),
+        getattr(model.config, "image_grid_pinpoints", None),
     )
     text_config = model.config.text_config
     max_positions = int(getattr(text_config, "max_position_embeddings", 4096))
@@ -249,8 +273,10 @@ def _export_graphs(
         recipe=recipe.to_dict(),
         prompts=Prompts(image_placeholder=image_placeholder(processor), **rendered),
         pooling=recipe.pooling,
-        tokenizer=TokenizerInfo(file=file_entry(staging, "tokenizer.json"),
-                                pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)),
+        tokenizer=TokenizerInfo(
+            file=file_entry(staging, "tokenizer.json"),
+            pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        ),
         image_token_id=image_token_id,
         tokens_per_image=geometry.tokens_per_image,
         embedding_dim=hidden,
@@ -260,8 +286,14 @@ def _export_graphs(
         source_checkpoint=SourceCheckpoint(name=info.name, sha256=checkpoint_sha256(info), model_type=info.model_type),
         lineage=Lineage(),
         versions=_versions(),
-        export={"exporter": exporter, "opset": opset, "dtype": dtype, "num_crops": geometry.num_crops,
-                "crop_size": geometry.crop_size},
+        export={
+            "exporter": exporter,
+            "opset": opset or DEFAULT_OPSET[exporter],
+            "dtype": dtype,
+            "num_crops": geometry.num_crops,
+            "crop_size": geometry.crop_size,
+            "patch_size": int(model.config.vision_config.patch_size),
+        },
     )
 
 

@@ -53,13 +53,26 @@ def export_graph(
         with torch.inference_mode(False), torch.no_grad(), _quiet():
             if exporter == "torchscript":
                 torch.onnx.export(
-                    spec.module, spec.args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
-                    dynamic_axes=spec.dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True,
+                    spec.module,
+                    spec.args,
+                    str(raw),
+                    input_names=spec.input_names,
+                    output_names=spec.output_names,
+                    dynamic_axes=spec.dynamic_axes,
+                    opset_version=opset,
+                    dynamo=False,
+                    do_constant_folding=True,
                 )
             else:
                 program = torch.onnx.export(
-                    spec.module, spec.args, input_names=spec.input_names, output_names=spec.output_names,
-                    dynamic_shapes=_dynamic_shapes(spec), opset_version=opset, dynamo=True, external_data=True,
+                    spec.module,
+                    spec.args,
+                    input_names=spec.input_names,
+                    output_names=spec.output_names,
+                    dynamic_shapes=_dynamic_shapes(spec),
+                    opset_version=opset,
+                    dynamo=True,
+                    external_data=True,
                 )
                 program.save(str(raw), external_data=True)
         model = onnx.load(str(raw), load_external_data=True)
@@ -77,7 +90,11 @@ def save_graph(model: object, path: Path, external_data_threshold: int = EXTERNA
         return []
     data_name = f"{path.name}.data"
     onnx.save_model(
-        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
         size_threshold=1024,
     )
     return [data_name]

@@ -16,8 +16,11 @@ GATE_TEXTS = [
     "Invasive ductal carcinoma, grade 2 — nests and cords of atypical cells infiltrating a desmoplastic stroma; "
     "mitoses are present (2 per 10 HPF).",
     " ".join(
-        ["A long description of a whole-slide region: glands lined by columnar epithelium, goblet cells, "
-         "lamina propria with plasma cells and lymphocytes, muscularis mucosae, and scattered vessels."] * 4
+        [
+            "A long description of a whole-slide region: glands lined by columnar epithelium, goblet cells, "
+            "lamina propria with plasma cells and lymphocytes, muscularis mucosae, and scattered vessels."
+        ]
+        * 4
     ),
     "Ünïcödé: ß, µm, °C, 中文, emoji 🔬",
     "line one\nline two\ttabbed",
@@ -67,8 +70,9 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / np.maximum(denom, 1e-30)
 
 
-def compare_embeddings(report: GateReport, name: str, got: np.ndarray, want: np.ndarray, min_cosine: float,
-                       max_abs: float) -> None:
+def compare_embeddings(
+    report: GateReport, name: str, got: np.ndarray, want: np.ndarray, min_cosine: float, max_abs: float
+) -> None:
     if got.shape != want.shape:
         report.checks.append(Check(f"{name} shape", f"{got.shape} vs {want.shape}", float("nan"), 0, True))
         return
@@ -94,7 +98,10 @@ def run_parity_gate(
 
     report = GateReport()
     min_cos, max_abs, vision_abs, batch_abs = (
-        tolerances["min_cosine"], tolerances["max_abs"], tolerances["vision_max_abs"], tolerances["batch_max_abs"],
+        tolerances["min_cosine"],
+        tolerances["max_abs"],
+        tolerances["vision_max_abs"],
+        tolerances["batch_max_abs"],
     )
     got_images = embedder.embed_images(images)
     got_texts = embedder.embed_texts(texts)
@@ -110,16 +117,30 @@ def run_parity_gate(
 
     singles = np.concatenate([embedder.embed_texts([t]) for t in texts])
     report.checks.append(
-        Check("padded text batch vs single runs", "max abs diff", float(np.max(np.abs(singles - got_texts))),
-              batch_abs, False)
+        Check(
+            "padded text batch vs single runs",
+            "max abs diff",
+            float(np.max(np.abs(singles - got_texts))),
+            batch_abs,
+            False,
+        )
     )
-    mixed = embedder.embed([
-        Query(text=texts[1]), Query(image=images[0]), Query(image=composed[0][0], text=composed[1][0]),
-        Query(text=texts[-1]),
-    ])
+    mixed = embedder.embed(
+        [
+            Query(text=texts[1]),
+            Query(image=images[0]),
+            Query(image=composed[0][0], text=composed[1][0]),
+            Query(text=texts[-1]),
+        ]
+    )
     separate = np.stack([got_texts[1], got_images[0], got_composed[0], got_texts[-1]])
     report.checks.append(
-        Check("mixed batch (text, image, composed, text) vs separate runs", "max abs diff",
-              float(np.max(np.abs(mixed - separate))), batch_abs, False)
+        Check(
+            "mixed batch (text, image, composed, text) vs separate runs",
+            "max abs diff",
+            float(np.max(np.abs(mixed - separate))),
+            batch_abs,
+            False,
+        )
     )
     return report

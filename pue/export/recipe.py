@@ -61,7 +61,9 @@ def recipe_from_dict(data: dict[str, Any], origin: str = "recipe") -> Recipe:
     if problems:
         raise PueError(f"{origin} is not a valid recipe: " + "; ".join(problems))
     return Recipe(
-        name=str(data.get("name", "custom")), user=dict(user), assistant_prefix=data.get("assistant_prefix", ""),
+        name=str(data.get("name", "custom")),
+        user=dict(user),
+        assistant_prefix=data.get("assistant_prefix", ""),
         pooling=pooling,
     )
 
@@ -80,7 +82,9 @@ def render_user_turn(processor: Any, user: str, assistant_prefix: str) -> str:
     for content in (user, [{"type": "text", "text": user}]):
         try:
             rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], chat_template=template, tokenize=False,
+                [{"role": "user", "content": content}],
+                chat_template=template,
+                tokenize=False,
                 add_generation_prompt=True,
             )
         except Exception:  # a template that wants the other content form

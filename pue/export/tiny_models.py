@@ -133,8 +133,10 @@ def _check_names(arch: str, preset: str) -> _Spec:
         raise PueError(f"unknown preset '{preset}'; available: {', '.join(PRESETS)}")
     if (arch, preset) in UNSUPPORTED:
         offered = ", ".join(p for p in PRESETS if (arch, p) in _SPECS)
-        raise PueError(f"preset '{preset}' is not offered for --arch {arch}: {UNSUPPORTED[(arch, preset)]}"
-                       f" (presets for {arch}: {offered})")
+        raise PueError(
+            f"preset '{preset}' for arch '{arch}' is not offered: {UNSUPPORTED[(arch, preset)]}"
+            f" (presets for {arch}: {offered})"
+        )
     return _SPECS[(arch, preset)]
 
 
@@ -150,6 +152,8 @@ def build_tiny_model(
     The same `seed` gives byte-identical weights. An existing `output` is refused unless `overwrite`.
     """
     spec = _check_names(arch, preset)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise PueError(f"seed must be a non-negative integer, got {seed!r}")
     output = Path(output)
     if output.exists() and not overwrite:
         raise OutputExistsError(str(output))
@@ -216,12 +220,14 @@ def _build(arch: str, preset: str, spec: _Spec, seed: int):
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = _make_config(arch, spec, tokenizer, image_token_id)
 
-    torch.manual_seed(seed)
-    with torch.device("cpu"):
-        if arch == "llava_next":
-            model = transformers.LlavaNextForConditionalGeneration(config)
-        else:
-            model = transformers.LlavaForConditionalGeneration(config)
+    model_class = (
+        transformers.LlavaNextForConditionalGeneration
+        if arch == "llava_next"
+        else transformers.LlavaForConditionalGeneration
+    )
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # leave the caller's RNG state alone
+        torch.manual_seed(seed)
+        model = model_class(config)
     model = model.float().eval()
 
     outlier_info = None
@@ -283,10 +289,10 @@ def _make_config(arch: str, spec: _Spec, tokenizer, image_token_id: int):
         "dtype": "float32",
     }
     if arch == "llava_next":
-        vision = transformers.CLIPVisionConfig(projection_dim=spec.vision_hidden, hidden_act="quick_gelu",
-                                               **vision_kwargs)
-        text = transformers.LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                                        **text_kwargs)
+        vision = transformers.CLIPVisionConfig(
+            projection_dim=spec.vision_hidden, hidden_act="quick_gelu", **vision_kwargs
+        )
+        text = transformers.LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **text_kwargs)
         side = spec.image_size // spec.patch_size
         config = transformers.LlavaNextConfig(
             vision_config=vision,
@@ -302,8 +308,9 @@ def _make_config(arch: str, spec: _Spec, tokenizer, image_token_id: int):
         )
     else:
         vision = transformers.SiglipVisionConfig(vision_use_head=False, **vision_kwargs)
-        text = transformers.Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-                                        use_sliding_window=False, **text_kwargs)
+        text = transformers.Qwen2Config(
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, use_sliding_window=False, **text_kwargs
+        )
         side = spec.image_size // spec.patch_size
         config = transformers.LlavaConfig(
             vision_config=vision,

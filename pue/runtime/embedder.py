@@ -114,8 +114,9 @@ class Embedder:
     ) -> np.ndarray:
         image_list, text_list = _as_list(images, "images"), _as_list(texts, "texts")
         if len(image_list) != len(text_list):
-            raise InputError(f"embed_composed needs one text per image (got {len(image_list)} images, "
-                             f"{len(text_list)} texts)")
+            raise InputError(
+                f"embed_composed needs one text per image (got {len(image_list)} images, {len(text_list)} texts)"
+            )
         for index, text in enumerate(text_list):
             _check_text(text, index)
         queries = [Query(image=image, text=text) for image, text in zip(image_list, text_list, strict=True)]
@@ -166,8 +167,11 @@ class Embedder:
         for start in range(0, len(items), self.batch_size):
             pixels = self.pixel_values(items[start : start + self.batch_size], first_index=start)
             outputs.append(self.backend.vision.infer({"pixel_values": pixels})["image_features"])
-        return np.concatenate(outputs) if outputs else np.zeros((0, self.manifest.tokens_per_image,
-                                                                  self.manifest.hidden_size), np.float32)
+        return (
+            np.concatenate(outputs)
+            if outputs
+            else np.zeros((0, self.manifest.tokens_per_image, self.manifest.hidden_size), np.float32)
+        )
 
     def stage_times(self) -> dict[str, float]:
         """Cumulative seconds per stage: preprocess, tokenize, and the backend's vision and decoder."""
@@ -191,8 +195,9 @@ class Embedder:
 
 def _as_list(items: Any, what: str) -> list[Any]:
     if isinstance(items, (str, bytes)) or (isinstance(items, np.ndarray) and items.ndim == 3):
-        raise InputError(f"{what} must be a sequence of items, got a single {type(items).__name__}",
-                         hint="wrap it in a list")
+        raise InputError(
+            f"{what} must be a sequence of items, got a single {type(items).__name__}", hint="wrap it in a list"
+        )
     return list(items)
 
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -36,7 +37,8 @@ def test_help_does_not_import_torch():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-    completed = subprocess.run([shutil.which("pue-export") or "pue-export", "--help"], capture_output=True, text=True)
+    script = Path(sys.executable).parent / "pue-export"
+    completed = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert completed.returncode == 0 and "tiny-model" in completed.stdout
 
 

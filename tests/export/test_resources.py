@@ -14,12 +14,30 @@ GiB = 1024**3
 def e5v_8b_config():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)
-    return LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=128256 - 1,
-                           image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    text = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+    )
+    return LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=128256 - 1,
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    )
 
 
 def expected_parameters() -> tuple[int, int]:
@@ -41,8 +59,9 @@ def test_8b_plan_matches_parameter_arithmetic():
     from transformers import LlavaNextForConditionalGeneration
 
     total, exported = expected_parameters()
-    plan = plan_export(e5v_8b_config(), LlavaNextForConditionalGeneration, dtype="float32", device="cpu",
-                       available=24 * GiB)
+    plan = plan_export(
+        e5v_8b_config(), LlavaNextForConditionalGeneration, dtype="float32", device="cpu", available=24 * GiB
+    )
     assert plan.parameters == total
     assert plan.exported_parameters == exported
     assert 8.0e9 < total < 8.5e9
@@ -59,8 +78,9 @@ def test_8b_fp16_on_cuda_plan():
     from transformers import LlavaNextForConditionalGeneration
 
     total, exported = expected_parameters()
-    plan = plan_export(e5v_8b_config(), LlavaNextForConditionalGeneration, dtype="float16", device="cuda",
-                       available=128 * GiB)
+    plan = plan_export(
+        e5v_8b_config(), LlavaNextForConditionalGeneration, dtype="float16", device="cuda", available=128 * GiB
+    )
     assert plan.bundle_bytes == 2 * exported
     assert plan.peak_device_bytes >= 2 * total
     assert plan.fits

@@ -32,10 +32,17 @@ def test_matches_reference(fp32_bundle, reference_embedder, heldout, arch, prese
         assert got.dtype == np.float32
         assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
         assert cosine_rows(got, want).min() >= 0.9999
-    mixed = embedder.embed([Query(text="stroma"), Query(image=images[1]), Query(image=images[2], text="IHC"),
-                            Query(text="")])
-    want = np.concatenate([reference.embed_texts(["stroma"]), reference.embed_images([images[1]]),
-                           reference.embed_composed([images[2]], ["IHC"]), reference.embed_texts([""])])
+    mixed = embedder.embed(
+        [Query(text="stroma"), Query(image=images[1]), Query(image=images[2], text="IHC"), Query(text="")]
+    )
+    want = np.concatenate(
+        [
+            reference.embed_texts(["stroma"]),
+            reference.embed_images([images[1]]),
+            reference.embed_composed([images[2]], ["IHC"]),
+            reference.embed_texts([""]),
+        ]
+    )
     assert cosine_rows(mixed, want).min() >= 0.9999
 
 
@@ -95,7 +102,7 @@ def test_bad_items_are_named(fp32_bundle, heldout, tmp_path):
 def test_truncation(fp32_bundle):
     embedder = Embedder.load(fp32_bundle())
     long_text = "tissue " * (embedder.manifest.max_seq_len + 50)
-    with pytest.warns(UserWarning, match="truncat"):
+    with pytest.warns(UserWarning, match="longer than max_seq_len"):
         out = embedder.embed_texts([long_text])
     assert out.shape == (1, embedder.dimension)
     with pytest.raises(InputError, match="item 0"):

@@ -51,7 +51,9 @@ class Architecture(abc.ABC):
         """pixel_values -> image_features [batch, tokens_per_image, hidden], packed as the model places them."""
 
     @abc.abstractmethod
-    def reference_image_features(self, model: Any, pixel_values: torch.Tensor, geometry: VisionGeometry) -> torch.Tensor:
+    def reference_image_features(
+        self, model: Any, pixel_values: torch.Tensor, geometry: VisionGeometry
+    ) -> torch.Tensor:
         """The HF model's own packed image features for `pixel_values` (what the gate compares vision.onnx with)."""
 
     def decoder_module(self, model: Any, image_token_id: int, pool_token_id: int | None) -> nn.Module:

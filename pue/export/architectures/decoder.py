@@ -23,7 +23,9 @@ class EmbeddingDecoder(nn.Module):
         self.image_token_id = int(image_token_id)
         self.pool_token_id = None if pool_token_id is None else int(pool_token_id)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
         batch, seq = input_ids.shape
         is_image = input_ids == self.image_token_id
         text_ids = torch.where(is_image, torch.zeros_like(input_ids), input_ids)

@@ -51,7 +51,9 @@ class Llava(Architecture):
     def vision_module(self, model: Any, geometry: VisionGeometry) -> nn.Module:
         return LlavaVision(model)
 
-    def reference_image_features(self, model: Any, pixel_values: torch.Tensor, geometry: VisionGeometry) -> torch.Tensor:
+    def reference_image_features(
+        self, model: Any, pixel_values: torch.Tensor, geometry: VisionGeometry
+    ) -> torch.Tensor:
         out = model.model.get_image_features(pixel_values.to(model.dtype), return_dict=True)
         features = out.pooler_output
         if isinstance(features, (list, tuple)):

@@ -48,7 +48,10 @@ def pack_index(model: Any, geometry: VisionGeometry, tokens_per_crop: int) -> to
     newline = torch.tensor([float(crops * tokens_per_crop)], dtype=torch.float64)
     sizes = torch.tensor([[geometry.tile_size, geometry.tile_size]])
     packed, _ = model.model.pack_image_features(
-        [markers], sizes, vision_feature_select_strategy=model.config.vision_feature_select_strategy, image_newline=newline
+        [markers],
+        sizes,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        image_newline=newline,
     )
     return packed[0][:, 0].round().to(torch.int64)
 
@@ -66,9 +69,7 @@ class LlavaNext(Architecture):
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         crop = int(model.config.vision_config.image_size)
-        crops = int(
-            image_size_to_num_patches((tile_size, tile_size), model.config.image_grid_pinpoints, crop)
-        )
+        crops = int(image_size_to_num_patches((tile_size, tile_size), model.config.image_grid_pinpoints, crop))
         geometry = VisionGeometry("anyres", tile_size, crop, crops, tokens_per_image=0)
         geometry.tokens_per_image = int(pack_index(model, geometry, self._tokens_per_crop(model)).numel())
         return geometry
@@ -84,7 +85,9 @@ class LlavaNext(Architecture):
     def vision_module(self, model: Any, geometry: VisionGeometry) -> nn.Module:
         return LlavaNextVision(model, geometry, pack_index(model, geometry, self._tokens_per_crop(model)))
 
-    def reference_image_features(self, model: Any, pixel_values: torch.Tensor, geometry: VisionGeometry) -> torch.Tensor:
+    def reference_image_features(
+        self, model: Any, pixel_values: torch.Tensor, geometry: VisionGeometry
+    ) -> torch.Tensor:
         sizes = torch.tensor([[geometry.tile_size, geometry.tile_size]] * pixel_values.shape[0])
         out = model.model.get_image_features(pixel_values.to(model.dtype), sizes, return_dict=True)
         return torch.stack(list(out.pooler_output)).to(torch.float32)

@@ -1,0 +1,173 @@
+"""What a benchmark ran on: CPU, cores, memory, GPU and driver, and the versions of the packages that matter.
+
+Versions are read from the installed packages' metadata, so nothing heavy (torch, tensorrt) is imported just
+to record them; the GPU comes from `nvidia-smi` when it exists.
+"""
+
+from __future__ import annotations
+
+import datetime as _datetime
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+from typing import Any
+
+# Package names as installed; onnxruntime-gpu and tensorrt's split wheels report under their own names.
+VERSIONED_PACKAGES = (
+    "pue",
+    "numpy",
+    "torch",
+    "transformers",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "tensorrt",
+    "tensorrt-cu12",
+    "tensorrt-cu13",
+    "tokenizers",
+    "pillow",
+    "matplotlib",
+)
+CPU_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "avx_vnni",
+    "asimd",
+    "bf16",
+    "i8mm",
+    "sve",
+)
+
+
+def collect_environment() -> dict[str, Any]:
+    """A JSON-ready description of this machine and software, for the `environment` field of every report."""
+    gpus = gpu_info()
+    first = gpus[0] if gpus else {}
+    return {
+        "timestamp": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_info(),
+        "memory_gb": _memory_gb(),
+        "gpu": first.get("name"),  # the first GPU and its driver, for a one-line summary; all of them in "gpus"
+        "driver": first.get("driver"),
+        "gpus": gpus,
+        "versions": package_versions(),
+    }
+
+
+def cpu_info() -> dict[str, Any]:
+    """Model name, logical CPUs, CPUs this process may use, and the matrix-relevant instruction-set flags."""
+    model: str | None = None
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and model is None:
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    return {
+        "model": model,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "physical_cores": _physical_cores(),
+        "flags": [flag for flag in CPU_FLAGS if flag in flags],
+    }
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether the CPU has native bf16 matrix instructions (AVX512-BF16, AMX-BF16, or Arm's BF16)."""
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(cpu_info()["flags"]))
+
+
+def gpu_info() -> list[dict[str, Any]]:
+    """One entry per GPU from nvidia-smi (name, driver, memory, compute capability); empty without nvidia-smi."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    fields = ("index", "name", "driver_version", "memory.total", "compute_cap")
+    try:
+        output = subprocess.run(
+            [smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return [{"error": f"nvidia-smi failed: {exc}"}]
+    gpus = []
+    for line in output.strip().splitlines():
+        values = [value.strip() for value in line.split(",")]
+        if len(values) != len(fields):
+            continue
+        entry = dict(zip(("index", "name", "driver", "memory_mb", "compute_capability"), values, strict=True))
+        gpus.append(entry)
+    return gpus
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name in ("pue", "numpy", "torch", "onnxruntime", "tensorrt"):
+                versions[name] = None  # the contract's fields are always present, null when not installed
+    if versions.get("pue") is None:
+        from pue import __version__
+
+        versions["pue"] = __version__
+    return versions
+
+
+def _physical_cores() -> int | None:
+    cores = set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            physical = core = None
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    physical = value.strip()
+                elif key == "core id":
+                    core = value.strip()
+                elif not line.strip() and core is not None:
+                    cores.add((physical, core))
+                    physical = core = None
+            if core is not None:
+                cores.add((physical, core))
+    except OSError:
+        return None
+    return len(cores) or None
+
+
+def _memory_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return None

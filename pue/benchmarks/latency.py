@@ -1,0 +1,390 @@
+"""`pue-bench latency`: each bundle on its backend and the PyTorch reference (fp32, and bf16 or fp16 where the
+hardware has it) on the same shipped held-out patches, each in a subprocess of its own, so that peak memory is
+its own and torch's threads never compete with onnxruntime's.
+
+Every (model, batch size) becomes one row: p50/p90/p99 latency per batch, throughput, peak memory, speed-ups
+over the fp32 reference and over the fastest reference, stage times, and the distance to the limit: the FLOPs
+of one patch against this machine's matmul peak of the row's precision (measured in the same run), minutes per
+slide, and the best case on common GPUs from their datasheets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pue.benchmarks.flops import FlopCount, bundle_crops, graph_flops, image_sequence_length, patch_flops
+from pue.benchmarks.latency_worker import BATCH_PREFIX, LOADED_PREFIX, PRECISION_OF_DTYPE, WorkerSpec
+from pue.benchmarks.peaks import gpu_best_case, measure_peaks, peak_for
+from pue.bundle import Manifest, read_manifest
+from pue.errors import PueError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZES = (1, 8)
+DEFAULT_PATCHES_PER_SLIDE = 10_000
+DTYPE_OF_PRECISION = {precision: dtype for dtype, precision in PRECISION_OF_DTYPE.items()}
+STDERR_TAIL_LINES = 12
+
+
+@dataclass
+class WorkerOutcome:
+    """What came back from one worker: its load line, the batch sizes it finished, and an error if it failed."""
+
+    loaded: dict[str, Any] | None = None
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+
+def run_latency(
+    bundles: Sequence[str | Path],
+    reference: str | Path | None = None,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    warmup: int = 2,
+    iters: int = 10,
+    device: str = "cpu",
+    threads: int | None = None,
+    reference_precisions: Sequence[str] | None = None,
+    images: Sequence[str | Path] | None = None,
+    patches_per_slide: int = DEFAULT_PATCHES_PER_SLIDE,
+    peaks: bool = True,
+    timeout_s: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Measure every bundle (and the reference, if given) and return the report (see `pue.benchmarks.report`).
+
+    A worker that fails leaves rows with an `error` field for the batch sizes it did not finish; the others are
+    still measured. `reference_precisions` defaults to fp32 plus bf16 on CPUs with native bf16, fp32 plus fp16 on
+    CUDA. `images` defaults to the shipped held-out patches (`pue.data.patch_set("heldout")`).
+    """
+    say = progress or (lambda message: log.info(message))
+    sizes = _check_settings(bundles, batch_sizes, warmup, iters, patches_per_slide)
+    targets = _bundle_targets(bundles)
+    manifests = [manifest for _, _, manifest in targets]
+    checkpoint = check_reference(reference, targets) if reference is not None else None
+    precisions = reference_precisions_for(device, reference_precisions) if checkpoint is not None else []
+    image_paths = [str(path) for path in (images if images is not None else _heldout())]
+    if not image_paths:
+        raise PueError("no images to benchmark with", "pass image paths, or reinstall pue (held-out patches)")
+    notes: list[str] = []
+
+    machine_peaks = None
+    if peaks:
+        say("measuring this machine's matmul peaks (fp32, bf16, int8)")
+        try:
+            machine_peaks = measure_peaks(threads=threads, device=device)
+        except PueError as exc:
+            notes.append(f"peaks not measured: {exc}")
+
+    rows: list[dict[str, Any]] = []
+    common = {
+        "batch_sizes": sizes,
+        "warmup": warmup,
+        "iters": iters,
+        "device": device,
+        "threads": threads,
+        "images": image_paths,
+    }
+    if checkpoint is not None:
+        first = manifests[0]
+        for precision in precisions:
+            spec = WorkerSpec(
+                kind="reference",
+                path=str(checkpoint.path),
+                dtype=DTYPE_OF_PRECISION[precision],
+                tile_size=first.tile_size,
+                recipe=first.recipe,
+                **common,
+            )
+            name = f"pytorch {precision}"
+            say(f"{name}: {checkpoint.path} on {device}")
+            rows.extend(rows_from_outcome(name, spec, run_worker_process(spec, timeout_s), precision, "pytorch"))
+    for name, path, manifest in targets:
+        spec = WorkerSpec(kind="bundle", path=str(path), **common)
+        say(f"{name}: {manifest.precision} {manifest.backend} bundle on {device}")
+        rows.extend(
+            rows_from_outcome(name, spec, run_worker_process(spec, timeout_s), manifest.precision, manifest.backend)
+        )
+
+    models = _count_flops(targets, checkpoint, patches_per_slide, notes)
+    for row in rows:
+        row["flops_per_item"] = _flops_of(row["path"], models)
+    add_speedups(rows)
+    add_limits(rows, machine_peaks, patches_per_slide)
+
+    from pue.benchmarks.environment import collect_environment
+
+    return {
+        "schema_version": _schema_version(),
+        "kind": "latency",
+        "environment": collect_environment(),
+        "settings": {
+            **{k: v for k, v in common.items() if k != "images"},
+            "images": len(image_paths),
+            "image_source": "pue.data heldout" if images is None else "user",
+            "patches_per_slide": patches_per_slide,
+            "reference": None if checkpoint is None else str(checkpoint.path),
+        },
+        "peaks": machine_peaks,
+        "models": models,
+        "results": rows,
+        "notes": notes,
+    }
+
+
+def check_reference(reference: str | Path, targets: list[tuple[str, Path, Manifest]]) -> Any:
+    """The reference checkpoint, if it is the source of every bundle (same weights sha256), else a PueError."""
+    from pue.export.checkpoint import checkpoint_sha256, inspect_checkpoint
+
+    info = inspect_checkpoint(reference)
+    digest = checkpoint_sha256(info)
+    for _name, path, manifest in targets:
+        recorded = manifest.source_checkpoint.sha256
+        if recorded != digest:
+            raise PueError(
+                f"--reference {info.path} is not the source checkpoint of bundle {path}: its weights hash to "
+                f"{digest[:16]}…, the bundle was built from '{manifest.source_checkpoint.name}' ({recorded[:16]}…)",
+                "pass the checkpoint the bundle was exported from, or leave --reference out",
+            )
+    sizes = {(m.tile_size, json.dumps(m.recipe, sort_keys=True)) for _, _, m in targets}
+    if len(sizes) > 1:
+        raise PueError(
+            "the bundles were built with different tile sizes or recipes, so one reference cannot match them all",
+            "benchmark them in separate runs",
+        )
+    return info
+
+
+def reference_precisions_for(device: str, requested: Sequence[str] | None = None) -> list[str]:
+    """fp32, plus bf16 on a CPU with native bf16 (AVX512-BF16, AMX, Arm BF16) or fp16 on CUDA; or as asked."""
+    if requested:
+        unknown = [p for p in requested if p not in DTYPE_OF_PRECISION]
+        if unknown:
+            raise PueError(f"unknown reference precision(s) {unknown}", f"choose from {sorted(DTYPE_OF_PRECISION)}")
+        return list(dict.fromkeys(requested))
+    if device.startswith("cuda"):
+        return ["fp32", "fp16"]
+    from pue.benchmarks.environment import cpu_supports_bf16
+
+    return ["fp32", "bf16"] if cpu_supports_bf16() else ["fp32"]
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def run_worker_process(spec: WorkerSpec, timeout_s: float | None = None) -> WorkerOutcome:
+    """Run one worker subprocess and collect its result lines, even when it fails part-way."""
+    command = [sys.executable, "-m", "pue.benchmarks.latency_worker"]
+    try:
+        completed = subprocess.run(command, input=spec.to_json(), capture_output=True, text=True, timeout=timeout_s)
+        stdout, stderr, code = completed.stdout, completed.stderr, completed.returncode
+    except subprocess.TimeoutExpired as exc:
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        stderr = f"timed out after {timeout_s:.0f} s"
+        code = None
+    outcome = parse_worker_output(stdout)
+    if code != 0 or len(outcome.batches) < len(set(spec.batch_sizes)):
+        outcome.error = _describe_failure(code, stderr)
+    return outcome
+
+
+def parse_worker_output(stdout: str) -> WorkerOutcome:
+    outcome = WorkerOutcome()
+    for line in stdout.splitlines():
+        if line.startswith(LOADED_PREFIX):
+            outcome.loaded = json.loads(line[len(LOADED_PREFIX) :])
+        elif line.startswith(BATCH_PREFIX):
+            outcome.batches.append(json.loads(line[len(BATCH_PREFIX) :]))
+    return outcome
+
+
+def _describe_failure(code: int | None, stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    tail = " | ".join(lines[-STDERR_TAIL_LINES:]) if lines else "no output on stderr"
+    if code is None:
+        return tail
+    if code < 0:
+        hint = " (SIGKILL: out of memory?)" if code == -9 else ""
+        return f"worker killed by signal {-code}{hint}: {tail}"
+    if code == 0:
+        return f"worker exited without reporting every batch size: {tail}"
+    return f"worker exited with code {code}: {tail}"
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+def latency_stats(latencies_ms: Sequence[float], batch_size: int) -> dict[str, float]:
+    """Percentiles of the per-batch latency (linear interpolation) and throughput over the whole timed run."""
+    values = np.asarray(latencies_ms, dtype=np.float64)
+    if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise PueError(f"latencies must be positive and finite, got {list(latencies_ms)}")
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {
+        "p50_ms": float(p50),
+        "p90_ms": float(p90),
+        "p99_ms": float(p99),
+        "mean_ms": float(values.mean()),
+        "items_per_s": float(batch_size * values.size / (values.sum() / 1000)),
+    }
+
+
+def rows_from_outcome(
+    name: str, spec: WorkerSpec, outcome: WorkerOutcome, precision: str, backend: str
+) -> list[dict[str, Any]]:
+    """One row per requested batch size; a batch size the worker did not finish carries the worker's error."""
+    loaded = outcome.loaded or {}
+    finished = {batch["batch_size"]: batch for batch in outcome.batches}
+    rows = []
+    for batch_size in sorted(set(spec.batch_sizes)):
+        row: dict[str, Any] = {
+            "name": name,
+            "backend": loaded.get("backend", backend),
+            "precision": loaded.get("precision", precision),
+            "batch_size": batch_size,
+            "device": spec.device,
+            "path": spec.path,
+            "threads": loaded.get("threads"),
+            "p50_ms": None,
+            "p90_ms": None,
+            "p99_ms": None,
+            "mean_ms": None,
+            "items_per_s": None,
+            "peak_memory_mb": None,
+            "peak_gpu_memory_mb": None,
+            "stage_ms": None,
+            "load_s": loaded.get("load_s"),
+            "iters": spec.iters,
+            "warmup": spec.warmup,
+        }
+        batch = finished.get(batch_size)
+        if batch is None:
+            row["error"] = outcome.error or "the worker reported no result for this batch size"
+        else:
+            row.update(latency_stats(batch["latencies_ms"], batch_size))
+            row.update(
+                peak_memory_mb=batch["peak_memory_mb"],
+                peak_gpu_memory_mb=batch.get("peak_gpu_memory_mb"),
+                stage_ms=batch["stage_ms"],
+            )
+        rows.append(row)
+    return rows
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """speedup_vs_reference (over the fp32 PyTorch row of the same batch size) and speedup_vs_best_reference
+    (over the fastest PyTorch row of that batch size); None where there is no such row."""
+    for row in rows:
+        same_batch = [
+            r
+            for r in rows
+            if r["backend"] == "pytorch" and r["batch_size"] == row["batch_size"] and r.get("items_per_s")
+        ]
+        fp32 = next((r for r in same_batch if r["precision"] == "fp32"), None)
+        best = max(same_batch, key=lambda r: r["items_per_s"], default=None)
+        speed = row.get("items_per_s")
+        row["speedup_vs_reference"] = speed / fp32["items_per_s"] if speed and fp32 else None
+        row["speedup_vs_best_reference"] = speed / best["items_per_s"] if speed and best else None
+
+
+def add_limits(rows: list[dict[str, Any]], peaks: dict[str, Any] | None, patches_per_slide: int) -> None:
+    """achieved_gflops and peak_fraction (against this machine's peak of the row's precision class), and
+    minutes_per_slide at the measured throughput."""
+    for row in rows:
+        speed, flops = row.get("items_per_s"), row.get("flops_per_item")
+        row["minutes_per_slide"] = patches_per_slide / speed / 60 if speed else None
+        row["achieved_gflops"] = speed * flops / 1e9 if speed and flops else None
+        peak = peak_for(peaks, row["precision"], row["device"])
+        row["peak_gflops"] = peak
+        row["peak_fraction"] = row["achieved_gflops"] / peak if row["achieved_gflops"] and peak else None
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _check_settings(
+    bundles: Sequence[Any], batch_sizes: Sequence[int], warmup: int, iters: int, patches_per_slide: int
+) -> list[int]:
+    if not bundles:
+        raise PueError("no bundle to benchmark", "pass at least one bundle directory")
+    sizes = sorted({int(size) for size in batch_sizes})
+    if not sizes or sizes[0] < 1:
+        raise PueError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    if warmup < 0 or iters < 1:
+        raise PueError(f"need warmup >= 0 and iters >= 1, got warmup {warmup}, iters {iters}")
+    if patches_per_slide < 1:
+        raise PueError(f"patches per slide must be positive, got {patches_per_slide}")
+    return sizes
+
+
+def _bundle_targets(bundles: Sequence[str | Path]) -> list[tuple[str, Path, Manifest]]:
+    targets, seen = [], {}
+    for bundle in bundles:
+        path = Path(bundle)
+        manifest = read_manifest(path)
+        name = path.resolve().name
+        seen[name] = seen.get(name, 0) + 1
+        targets.append((name if seen[name] == 1 else f"{name} ({seen[name]})", path, manifest))
+    return targets
+
+
+def _heldout() -> list[Path]:
+    from pue.data import patch_set
+
+    return patch_set("heldout")
+
+
+def _count_flops(
+    targets: list[tuple[str, Path, Manifest]], checkpoint: Any, patches_per_slide: int, notes: list[str]
+) -> list[dict[str, Any]]:
+    """FLOPs per patch for each source checkpoint: from its config with --reference, else from the graphs."""
+    models: dict[str, dict[str, Any]] = {}
+    for name, path, manifest in targets:
+        source = manifest.source_checkpoint
+        count: FlopCount | None = None
+        try:
+            sequence = image_sequence_length(path, manifest)
+            if checkpoint is not None:
+                count = patch_flops(checkpoint.config, bundle_crops(manifest), manifest.tokens_per_image, sequence)
+            elif source.sha256 not in models:
+                count = graph_flops(path, manifest, sequence)
+        except PueError as exc:
+            notes.append(f"FLOPs of {name} not counted: {exc}")
+        if count is not None and source.sha256 not in models:
+            models[source.sha256] = {
+                "source_checkpoint": source.name,
+                "sha256": source.sha256,
+                "tile_size": manifest.tile_size,
+                "bundles": [],
+                "flops": count.to_dict(),
+                "gpu_best_case": gpu_best_case(count.total, patches_per_slide),
+            }
+        if source.sha256 in models:
+            models[source.sha256]["bundles"].append(str(path))
+    if checkpoint is not None and models:
+        next(iter(models.values()))["reference"] = str(checkpoint.path)
+    return list(models.values())
+
+
+def _flops_of(path: str, models: list[dict[str, Any]]) -> int | None:
+    for entry in models:
+        if path in entry["bundles"] or path == entry.get("reference"):
+            return entry["flops"]["total"]
+    return None
+
+
+def _schema_version() -> int:
+    from pue.benchmarks.report import SCHEMA_VERSION
+
+    return SCHEMA_VERSION

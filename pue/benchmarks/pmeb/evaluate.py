@@ -1,0 +1,193 @@
+"""One task on one embedder: embed what the task needs, then score it (metrics and top-1 predictions).
+
+Embedding and scoring are separate so that cached reference embeddings are scored exactly like fresh ones.
+Any object with `embed_images`, `embed_texts` and `embed_composed` (returning float32 (N, D) unit vectors)
+can be evaluated: `pue.runtime.Embedder`, `pue.export.ReferenceEmbedder`, or a test double.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pue.benchmarks.pmeb import metrics
+from pue.benchmarks.pmeb.tasks import ClassificationData, ComposedData, RetrievalData, Task
+from pue.errors import PueError
+
+CHUNK = 256  # items per embedder call: bounds memory (the reference loads a call's images at once) and shows progress
+
+
+@dataclass
+class TaskResult:
+    """Metrics, top-1 predictions (gallery or class indices) and the embeddings they came from."""
+
+    task: str
+    meta_task: str
+    metrics: dict[str, float]
+    predictions: dict[str, np.ndarray]
+    embeddings: dict[str, np.ndarray]
+    metric_predictions: dict[str, str] = field(default_factory=dict)  # metric → the predictions it scores
+    queries: dict[str, int] = field(default_factory=dict)  # predictions key → number of queries
+
+
+@dataclass(frozen=True)
+class Request:
+    """One batch of items of one kind to embed: images (paths), texts, or both (composed)."""
+
+    kind: str  # "image", "text" or "composed"
+    images: list[str] | None = None
+    texts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images if self.images is not None else self.texts or [])
+
+
+def embedding_requests(task: Task) -> dict[str, Request]:
+    """What a task embeds, by name; these names key `TaskResult.embeddings` and the reference cache."""
+    data = task.data
+    path = lambda names: [str(task.image_path(n)) for n in names]  # noqa: E731
+    if isinstance(data, RetrievalData):
+        return {"images": Request("image", images=path(data.images)), "captions": Request("text", texts=data.captions)}
+    if isinstance(data, ClassificationData):
+        return {"images": Request("image", images=path(data.images)), "prompts": Request("text", texts=data.prompts)}
+    assert isinstance(data, ComposedData)
+    gallery = (
+        Request("image", images=path(data.gallery))
+        if data.gallery_kind == "image"
+        else Request("text", texts=data.gallery)
+    )
+    return {"queries": Request("composed", images=path(data.query_images), texts=data.query_texts), "gallery": gallery}
+
+
+def embed_task(
+    task: Task, embedder: Any, progress: Callable[[str], None] | None = None, label: str = ""
+) -> dict[str, np.ndarray]:
+    """Embed every request of the task, in chunks of `CHUNK` items; checks shapes, finiteness and dimension."""
+    out: dict[str, np.ndarray] = {}
+    for name, request in embedding_requests(task).items():
+        parts = []
+        for start in range(0, len(request), CHUNK):
+            stop = min(start + CHUNK, len(request))
+            if request.kind == "image":
+                parts.append(embedder.embed_images(request.images[start:stop]))
+            elif request.kind == "text":
+                parts.append(embedder.embed_texts(request.texts[start:stop]))
+            else:
+                parts.append(embedder.embed_composed(request.images[start:stop], request.texts[start:stop]))
+            if progress is not None:
+                progress(f"{label}{task.name}: {name} {stop}/{len(request)}")
+        array = np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
+        _check_embeddings(task.name, name, array, len(request), out)
+        out[name] = array
+    return out
+
+
+def score_task(task: Task, embeddings: dict[str, np.ndarray]) -> TaskResult:
+    """Metrics and predictions from the embeddings `embed_task` returned (or the cache held)."""
+    data = task.data
+    if isinstance(data, RetrievalData):
+        return _score_retrieval(task, data, embeddings)
+    if isinstance(data, ClassificationData):
+        return _score_classification(task, data, embeddings)
+    return _score_composed(task, data, embeddings)
+
+
+def evaluate_task(task: Task, embedder: Any, progress: Callable[[str], None] | None = None) -> TaskResult:
+    return score_task(task, embed_task(task, embedder, progress))
+
+
+def compare(result: TaskResult, reference: TaskResult) -> tuple[dict[str, float], float, dict[str, float]]:
+    """(prediction agreement per predictions key, mean per-sample cosine over everything embedded, and per
+    embedding name) of a backend's result against the reference's on the same task."""
+    agreement = {
+        key: metrics.agreement(result.predictions[key], reference.predictions[key]) for key in result.predictions
+    }
+    cosines = {
+        name: metrics.cosine_rows(result.embeddings[name], reference.embeddings[name]) for name in result.embeddings
+    }
+    every = np.concatenate(list(cosines.values()))
+    return agreement, float(every.mean()), {name: float(c.mean()) for name, c in cosines.items()}
+
+
+# --- scoring per meta-task ----------------------------------------------------------------------------
+def _score_retrieval(task: Task, data: RetrievalData, emb: dict[str, np.ndarray]) -> TaskResult:
+    images, captions = emb["images"], emb["captions"]
+    image_to_text = images @ captions.T
+    text_to_image = image_to_text.T
+    result = TaskResult(task.name, task.meta_task, {}, {}, emb)
+    for direction, scores, relevant in (
+        ("image_to_text", image_to_text, data.captions_of_image()),
+        ("text_to_image", text_to_image, data.images_of_caption()),
+    ):
+        for k, value in _recalls(scores, relevant).items():
+            metric = f"{direction}_recall@{k}"
+            result.metrics[metric] = value
+            result.metric_predictions[metric] = direction
+        result.predictions[direction] = metrics.top1(scores)
+        result.queries[direction] = scores.shape[0]
+    return result
+
+
+def _score_classification(task: Task, data: ClassificationData, emb: dict[str, np.ndarray]) -> TaskResult:
+    prompts = emb["prompts"].astype(np.float64)
+    owner = np.asarray(data.prompt_class)
+    # A class's embedding: the mean over its synonyms × templates, renormalised (as HOMIE / CLIP-style ensembling).
+    classes = np.stack([prompts[owner == c].mean(axis=0) for c in range(len(data.classes))])
+    classes /= np.maximum(np.linalg.norm(classes, axis=1, keepdims=True), 1e-12)
+    predicted = metrics.top1(emb["images"].astype(np.float64) @ classes.T)
+    truth = data.targets
+    values = {
+        "accuracy": metrics.accuracy(truth, predicted),
+        "balanced_accuracy": metrics.balanced_accuracy(truth, predicted),
+        "weighted_f1": metrics.weighted_f1(truth, predicted),
+    }
+    return TaskResult(
+        task.name,
+        task.meta_task,
+        values,
+        {"class": predicted},
+        emb,
+        {metric: "class" for metric in values},
+        {"class": len(truth)},
+    )
+
+
+def _score_composed(task: Task, data: ComposedData, emb: dict[str, np.ndarray]) -> TaskResult:
+    scores = emb["queries"] @ emb["gallery"].T
+    values = {f"recall@{k}": v for k, v in _recalls(scores, [[t] for t in data.targets]).items()}
+    return TaskResult(
+        task.name,
+        task.meta_task,
+        values,
+        {"target": metrics.top1(scores)},
+        emb,
+        {metric: "target" for metric in values},
+        {"target": scores.shape[0]},
+    )
+
+
+def _recalls(scores: np.ndarray, relevant: list[list[int]]) -> dict[int, float]:
+    """Recall@1/5/10, leaving out every k that is not below the gallery size (such a recall is 1 by definition)."""
+    ks = [k for k in metrics.DEFAULT_KS if k < scores.shape[1]] or [1]
+    return metrics.recall_at_k(scores, relevant, ks)
+
+
+def _check_embeddings(task: str, name: str, array: np.ndarray, count: int, done: dict[str, np.ndarray]) -> None:
+    if array.ndim != 2 or array.shape[0] != count:
+        raise PueError(
+            f"task {task}: the embedder returned shape {array.shape} for {count} {name}", "expected (items, dimension)"
+        )
+    if not np.all(np.isfinite(array)):
+        bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
+        raise PueError(
+            f"task {task}: {len(bad)} of the {name} embeddings hold NaN or inf (first: item {bad[0]})",
+            "the backend or bundle is broken; check it with pue-export inspect",
+        )
+    for other, previous in done.items():
+        if previous.shape[1] != array.shape[1]:
+            raise PueError(
+                f"task {task}: {name} embeddings have dimension {array.shape[1]}, {other} {previous.shape[1]}"
+            )

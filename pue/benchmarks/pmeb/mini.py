@@ -1,0 +1,126 @@
+"""Build `pmeb-mini` (shipped in pue/data/pmeb_mini) from the package's patch index.
+
+Only facts recorded for each patch are used: its stain (H&E or IHC), its kind (tissue or glass background)
+and its source image. Background tiles are glass: no stain question is asked of them. The shipped folder
+is this builder's output (a test checks they agree): rerun it after the patches change,
+`python -m pue.benchmarks.pmeb.mini [OUT]`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pue.benchmarks.pmeb.convert import labels_csv
+
+PATCH_SETS = ("heldout", "background")
+IMAGE_ROOT = "../../patches"  # from pue/data/pmeb_mini/<task>/ to pue/data/patches/
+
+# One caption per (source image, kind): what the tile shows and where it comes from.
+CAPTIONS = {
+    ("cmu_small_region.svs", "tissue"): "H&E-stained tissue from the CMU-1 small-region slide: purple hematoxylin "
+    "nuclei and pink eosin stroma.",
+    ("ihc.png", "tissue"): "Immunohistochemistry of colonic glands (scikit-image's IHC sample): brown DAB staining "
+    "with a blue hematoxylin counterstain.",
+    ("cmu_small_region.svs", "background"): "Empty glass from the margin of the CMU-1 small-region H&E slide, with "
+    "no tissue.",
+}
+STAIN_QUESTION = "What stain is used in this image?"
+STAIN_ANSWERS = {"H&E": "H&E: hematoxylin and eosin", "IHC": "IHC: immunohistochemistry, DAB with hematoxylin"}
+KIND_QUESTION = "Does this tile show tissue or empty glass?"
+KIND_ANSWERS = {"tissue": "tissue", "background": "empty glass, no tissue"}
+TEMPLATES = ["a histopathology image of CLASSNAME.", "CLASSNAME"]
+STAIN_CLASSES = {
+    "H&E": ["hematoxylin and eosin staining", "H&E-stained tissue with pink eosin and purple nuclei"],
+    "IHC": ["immunohistochemistry staining", "IHC with brown DAB and blue hematoxylin"],
+}
+KIND_CLASSES = {
+    "tissue": ["stained tissue", "a tissue section"],
+    "background": ["empty glass background", "a blank slide area with no tissue"],
+}
+
+
+def build_pmeb_mini(index: dict[str, Any]) -> dict[str, str]:
+    """{relative path: file text} of every pmeb-mini file, from the patch index's records."""
+    patches = [p for p in index["patches"] if p["set"] in PATCH_SETS]
+    tissue = [p for p in patches if p["kind"] == "tissue"]
+    files: dict[str, str] = {}
+
+    def task(name: str, meta_task: str, description: str, **data: str) -> None:
+        spec = {"name": name, "meta_task": meta_task, "description": description, **data, "image_root": IMAGE_ROOT}
+        files[f"{name}/task.json"] = _json(spec)
+
+    files["mini_stain_zeroshot/labels.csv"] = labels_csv([(p["file"], p["stain"]) for p in tissue])
+    files["mini_stain_zeroshot/prompts.json"] = _json({"stain": {"classnames": STAIN_CLASSES, "templates": TEMPLATES}})
+    task(
+        "mini_stain_zeroshot",
+        "classification",
+        "Zero-shot stain of held-out tissue tiles: H&E or IHC (imbalanced: few IHC tiles).",
+        labels="labels.csv",
+        prompts="prompts.json",
+    )
+
+    files["mini_tissue_zeroshot/labels.csv"] = labels_csv([(p["file"], p["kind"]) for p in patches])
+    files["mini_tissue_zeroshot/prompts.json"] = _json({"tissue": {"classnames": KIND_CLASSES, "templates": TEMPLATES}})
+    task(
+        "mini_tissue_zeroshot",
+        "classification",
+        "Zero-shot tissue or glass background, held-out and background tiles.",
+        labels="labels.csv",
+        prompts="prompts.json",
+    )
+
+    pairs = [{"img": p["file"], "caption": CAPTIONS[(p["source"], p["kind"])]} for p in patches]
+    files["mini_caption_retrieval/pairs.json"] = _json(pairs)
+    task(
+        "mini_caption_retrieval",
+        "retrieval",
+        "Image-caption retrieval; captions state stain, tissue or glass, "
+        "and the source image (several tiles share a caption).",
+        data="pairs.json",
+    )
+
+    questions = [{"image": p["file"], "question": STAIN_QUESTION, "answer": STAIN_ANSWERS[p["stain"]]} for p in tissue]
+    questions += [{"image": p["file"], "question": KIND_QUESTION, "answer": KIND_ANSWERS[p["kind"]]} for p in patches]
+    files["mini_composed/questions.json"] = _json(questions)
+    task(
+        "mini_composed",
+        "composed_retrieval",
+        "Image + question -> answer-text retrieval (stain of tissue tiles; tissue or glass for all tiles).",
+        data="questions.json",
+    )
+
+    files["README.md"] = README
+    return files
+
+
+README = """# pmeb-mini
+
+A tiny PMEB set built from the package's own `heldout` and `background` patches (`../patches`), so that
+`pue-bench pmeb BUNDLE --data $(python -c "from pue.benchmarks.pmeb import pmeb_mini_dir; print(pmeb_mini_dir())")`
+runs anywhere. Labels and captions state only what each patch's record says (stain, tissue or glass, source
+image). It is a smoke test of a bundle against its reference (prediction agreement, cosine), not a
+measure of pathology skill: use the real PMEB datasets for that (docs/pmeb.md).
+Generated by `python -m pue.benchmarks.pmeb.mini`; do not edit by hand.
+"""
+
+
+def write_pmeb_mini(out: Path, index_path: Path) -> None:
+    for relative, text in build_pmeb_mini(json.loads(index_path.read_text())).items():
+        path = out / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+
+
+if __name__ == "__main__":
+    from pue.benchmarks.pmeb import pmeb_mini_dir
+
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else pmeb_mini_dir()
+    write_pmeb_mini(target, pmeb_mini_dir().parent / "patches" / "index.json")
+    print(f"wrote pmeb-mini to {target}")

@@ -1,0 +1,341 @@
+"""`pue-bench pmeb`: every task on every bundle, next to the PyTorch reference, written as it goes.
+
+Order of work: tasks are all read and checked first (a bad task fails before any model loads); with
+`reference`, its recorded sha256 is checked against every bundle's `source_checkpoint`, then the reference's
+embeddings come from the cache or are computed (torch is imported only on a cache miss, and freed before
+the bundles run); then each bundle runs every task. After each finished task the report so far is written
+(report.json and report.md, atomically), so an interrupted run keeps what finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pue.benchmarks.pmeb.cache import EmbeddingCache, default_cache_dir, reference_key
+from pue.benchmarks.pmeb.evaluate import TaskResult, compare, embed_task, evaluate_task, score_task
+from pue.benchmarks.pmeb.report import require_matplotlib, write_partial_report, write_pmeb_report
+from pue.benchmarks.pmeb.tasks import Task, discover_tasks
+from pue.bundle import manifest_sha256, read_manifest
+from pue.errors import PueError
+
+__all__ = ["evaluate_task", "run_pmeb", "write_pmeb_report"]
+
+SCHEMA_VERSION = 1
+REFERENCE_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_PACKAGES = ("pue", "numpy", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+
+
+class ReferenceMismatchError(PueError):
+    """`--reference` is not the checkpoint a bundle was exported from."""
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    path: Path
+    name: str
+    backend: str
+    precision: str
+    source_name: str
+    source_sha256: str
+    recipe: dict[str, Any]
+    tile_size: int
+    manifest_sha256: str
+
+    @property
+    def reference_setup(self) -> str:
+        """Bundles sharing a recipe and tile size share the reference's embeddings."""
+        return hashlib.sha256(json.dumps([self.recipe, self.tile_size], sort_keys=True).encode()).hexdigest()
+
+
+def read_bundle_info(path: Path) -> BundleInfo:
+    manifest = read_manifest(path)
+    return BundleInfo(
+        path=Path(path),
+        name=Path(path).resolve().name,
+        backend=manifest.backend,
+        precision=manifest.precision,
+        source_name=manifest.source_checkpoint.name,
+        source_sha256=manifest.source_checkpoint.sha256,
+        recipe=dict(manifest.recipe),
+        tile_size=int(manifest.tile_size),
+        manifest_sha256=manifest_sha256(path),
+    )
+
+
+# --- seams: the heavy parts, replaced by doubles in tests ----------------------------------------------
+def open_embedder(path: Path, device: str) -> Any:
+    from pue.runtime import Embedder
+
+    return Embedder.load(path, device=device)
+
+
+def checkpoint_identity(path: Path) -> tuple[str, str]:
+    """(name, sha256 of the weights) exactly as `pue-export onnx` records them in a bundle's manifest."""
+    from pue.export.checkpoint import checkpoint_sha256, inspect_checkpoint
+
+    info = inspect_checkpoint(path)
+    return info.name, checkpoint_sha256(info)
+
+
+def load_reference(checkpoint: Path, device: str, dtype: str, tile_size: int, recipe: dict[str, Any]) -> Any:
+    from pue.export import ReferenceEmbedder
+    from pue.export.recipe import recipe_from_dict
+
+    return ReferenceEmbedder.load(
+        checkpoint,
+        device=device,
+        dtype=dtype,
+        tile_size=tile_size,
+        recipe=recipe_from_dict(recipe, "the bundle's recipe"),
+    )
+
+
+# --- environment --------------------------------------------------------------------------------------
+def collect_environment() -> dict[str, Any]:
+    """The shared `pue.benchmarks.environment.collect_environment()` when present, else a minimal record."""
+    try:
+        from pue.benchmarks.environment import collect_environment as shared  # type: ignore[import-not-found]
+    except ImportError:
+        return fallback_environment()
+    return shared()
+
+
+def fallback_environment() -> dict[str, Any]:
+    versions = {}
+    for package in _PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    if versions["pue"] is None:
+        from pue import __version__
+
+        versions["pue"] = __version__
+    # The shape of the shared record (pue.benchmarks.environment), with less in it.
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": {"model": _cpu_model(), "logical_cores": os.cpu_count()},
+        "gpus": [],
+        "versions": versions,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# --- the run ------------------------------------------------------------------------------------------
+def run_pmeb(
+    bundles: list[Path],
+    data_dir: Path,
+    reference: Path | None = None,
+    tasks: list[str] | None = None,
+    report_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+    reference_dtype: str = "float32",
+) -> dict[str, Any]:
+    """Run the PMEB tasks under `data_dir` on every bundle (and the reference); return the report dict."""
+    say = progress or (lambda _message: None)
+    if not bundles:
+        raise PueError("no bundle to benchmark", "pass one or more bundle directories")
+    if reference_dtype not in REFERENCE_PRECISION:
+        raise PueError(f"unknown reference dtype {reference_dtype!r}", f"use one of: {', '.join(REFERENCE_PRECISION)}")
+    if report_dir is not None:
+        require_matplotlib()
+    task_list = discover_tasks(Path(data_dir), tasks)
+    infos = [read_bundle_info(Path(b)) for b in bundles]
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "pmeb",
+        "status": "partial",
+        "environment": collect_environment(),
+        "config": {
+            "data_dir": str(data_dir),
+            "device": device,
+            "tasks": [
+                {"name": t.name, "meta_task": t.meta_task, "folder": str(t.folder), "size": t.size} for t in task_list
+            ],
+            "bundles": [
+                {
+                    "name": b.name,
+                    "path": str(b.path),
+                    "backend": b.backend,
+                    "precision": b.precision,
+                    "manifest_sha256": b.manifest_sha256,
+                    "source_checkpoint": b.source_name,
+                }
+                for b in infos
+            ],
+            "reference": None,
+        },
+        "results": [],
+    }
+
+    def save() -> None:
+        if report_dir is not None:
+            write_partial_report(report, Path(report_dir))
+
+    if reference is not None:
+        name, sha256 = check_reference(Path(reference), infos)
+        report["config"]["reference"] = {
+            "path": str(reference),
+            "name": name,
+            "sha256": sha256,
+            "dtype": reference_dtype,
+            "precision": REFERENCE_PRECISION[reference_dtype],
+        }
+    try:
+        _run(report, task_list, infos, reference, cache_dir, device, reference_dtype, say, save)
+    except BaseException as exc:  # keep what finished, and say why the rest is missing
+        report["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        save()
+        raise
+    report["status"] = "complete"
+    if report_dir is not None:
+        write_pmeb_report(report, Path(report_dir))
+    return report
+
+
+def _run(
+    report: dict[str, Any],
+    task_list: list[Task],
+    infos: list[BundleInfo],
+    reference: Path | None,
+    cache_dir: Path | None,
+    device: str,
+    dtype: str,
+    say: Callable[[str], None],
+    save: Callable[[], None],
+) -> None:
+    references: dict[tuple[str, str], TaskResult] = {}
+    if reference is not None:
+        name, sha256 = report["config"]["reference"]["name"], report["config"]["reference"]["sha256"]
+        cache = EmbeddingCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+        setups = {b.reference_setup: b for b in infos}
+        for setup, bundle in setups.items():
+            label = name if len(setups) == 1 else f"{name} @{bundle.tile_size}px/{bundle.recipe.get('name', '?')}"
+
+            def finished(result: TaskResult, label: str = label) -> None:
+                _add_rows(report, result, label, "pytorch", REFERENCE_PRECISION[dtype], result)
+                save()
+
+            references.update(
+                _reference_results(
+                    task_list, Path(reference), sha256, bundle, setup, cache, device, dtype, say, finished
+                )
+            )
+    for bundle in infos:
+        say(f"{bundle.name}: loading")
+        embedder = open_embedder(bundle.path, device)
+        try:
+            for task in task_list:
+                result = score_task(task, embed_task(task, embedder, say, f"{bundle.name}: "))
+                _add_rows(
+                    report,
+                    result,
+                    bundle.name,
+                    bundle.backend,
+                    bundle.precision,
+                    references.get((bundle.reference_setup, task.name)),
+                )
+                save()
+        finally:
+            _close(embedder)
+
+
+def check_reference(checkpoint: Path, bundles: list[BundleInfo]) -> tuple[str, str]:
+    """Refuse a `--reference` whose weights are not every bundle's recorded source checkpoint."""
+    name, sha256 = checkpoint_identity(checkpoint)
+    wrong = [b for b in bundles if b.source_sha256 != sha256]
+    if wrong:
+        built = "; ".join(f"{b.name} from '{b.source_name}' (sha256 {b.source_sha256[:12]}…)" for b in wrong)
+        raise ReferenceMismatchError(
+            f"--reference {checkpoint} (weights sha256 {sha256[:12]}…) is not the source checkpoint of: {built}",
+            "pass the checkpoint these bundles were exported from, or leave out --reference",
+        )
+    return name, sha256
+
+
+def _reference_results(
+    task_list: list[Task],
+    checkpoint: Path,
+    sha256: str,
+    bundle: BundleInfo,
+    setup: str,
+    cache: EmbeddingCache,
+    device: str,
+    dtype: str,
+    say: Callable[[str], None],
+    finished: Callable[[TaskResult], None],
+) -> dict[tuple[str, str], TaskResult]:
+    results: dict[tuple[str, str], TaskResult] = {}
+    embedder = None
+    try:
+        for task in task_list:
+            key = reference_key(task, sha256, bundle.recipe, bundle.tile_size, dtype)
+            embeddings = cache.load(task.name, key)
+            if embeddings is None:
+                if embedder is None:
+                    say(f"reference: loading {checkpoint} ({dtype}, {device})")
+                    embedder = load_reference(checkpoint, device, dtype, bundle.tile_size, bundle.recipe)
+                embeddings = embed_task(task, embedder, say, "reference: ")
+                cache.save(task.name, key, embeddings)
+            else:
+                say(f"reference: {task.name} (cached)")
+            results[(setup, task.name)] = score_task(task, embeddings)
+            finished(results[(setup, task.name)])
+    finally:
+        if embedder is not None:
+            _close(embedder)
+    return results
+
+
+def _add_rows(
+    report: dict[str, Any], result: TaskResult, name: str, backend: str, precision: str, reference: TaskResult | None
+) -> None:
+    agreement, cosine, by_embedding = compare(result, reference) if reference is not None else ({}, None, None)
+    for metric, value in result.metrics.items():
+        key = result.metric_predictions.get(metric)
+        reference_value = reference.metrics.get(metric) if reference is not None else None
+        report["results"].append(
+            {
+                "name": name,
+                "backend": backend,
+                "precision": precision,
+                "task": result.task,
+                "meta_task": result.meta_task,
+                "metric": metric,
+                "value": value,
+                "reference_value": reference_value,
+                "delta": None if reference_value is None else value - reference_value,
+                "prediction_agreement": agreement.get(key) if reference is not None else None,
+                "mean_cosine_vs_reference": cosine,
+                "cosine_by_embedding": by_embedding,
+                "predictions": key,
+                "queries": result.queries.get(key),
+            }
+        )
+
+
+def _close(embedder: Any) -> None:
+    close = getattr(embedder, "close", None)
+    if callable(close):
+        close()

@@ -1,0 +1,125 @@
+"""INT8 graphs with onnxruntime's quantization tools: static explicit Q/DQ, or dynamic, weight-bearing ops only."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnx import numpy_helper
+
+from pue.calibration.graph_ops import WeightOp
+from pue.calibration.simulate import matmul_sqnr
+from pue.calibration.stats import ChannelStats
+from pue.errors import PueError
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("onnxruntime", "tensorrt")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+def activation_scheme(precision: str, target: str) -> str:
+    if precision == "int8-dynamic":
+        return "dynamic"
+    return "s8" if target == "tensorrt" else "u8"
+
+
+def rank_sensitivity(model: Any, ops: list[WeightOp], stats: dict[str, ChannelStats], scheme: str) -> list[dict]:
+    """Each weight op's SQNR (dB) with int8 input and weight alone, on sampled calibration rows; worst first.
+
+    Isolated per layer (no upstream error), from statistics already collected: no extra model evaluations.
+    """
+    weights = {init.name: init for init in model.graph.initializer}
+    scores = []
+    for op in ops:
+        channel = stats.get(op.activation)
+        if op.op_type != "MatMul" or channel is None or not channel.samples:
+            continue
+        weight = numpy_helper.to_array(weights[op.weight]).astype(np.float32)
+        sqnr = matmul_sqnr(channel.samples, weight, float(channel.minimum.min()), float(channel.maximum.max()), scheme)
+        scores.append({"graph": op.graph, "node": op.node, "sqnr_db": sqnr, "outlier_ratio": channel.outlier_ratio()})
+    return sorted(scores, key=lambda s: s["sqnr_db"])
+
+
+def quantize_static_graph(
+    model_path: Path,
+    output_path: Path,
+    reader: Any,
+    nodes: list[str],
+    target: str,
+    method: str = "minmax",
+    cache_path: Path | None = None,
+) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not nodes:
+        raise PueError(f"no weight-bearing op of {model_path.name} is left to quantize")
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    symmetric = target == "tensorrt"
+    extra = {
+        "ActivationSymmetric": symmetric,
+        "WeightSymmetric": True,
+        "DedicatedQDQPair": symmetric,  # TensorRT wants its own Q/DQ pair per consumer
+        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+        # No CalibMaxIntermediateOutputs: in onnxruntime 1.32 it discards the collected chunk without merging its
+        # ranges. MinMax augments the graph with ReduceMin/ReduceMax, so each sample keeps only scalars anyway.
+    }
+    kwargs: dict[str, Any] = {}
+    if cache_path is not None and "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+        kwargs["calibration_cache_path"] = cache_path
+    reader.rewind()
+    with _quiet_root_logger():
+        quantize_static(
+            str(model_path),
+            str(output_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+            per_channel=True,
+            reduce_range=False,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=nodes,
+            calibrate_method=methods[method],
+            extra_options=extra,
+            **kwargs,
+        )
+
+
+def quantize_dynamic_graph(model_path: Path, output_path: Path, nodes: list[str]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    matmuls = list(nodes)
+    if not matmuls:
+        raise PueError(f"no weight-bearing MatMul of {model_path.name} is left to quantize")
+    with _quiet_root_logger():
+        quantize_dynamic(
+            str(model_path),
+            str(output_path),
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            reduce_range=False,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=matmuls,
+            extra_options={"MatMulConstBOnly": True},
+        )
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime's quantizer logs advice on the root logger (pre-processing hints); keep pue's output clean."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

@@ -1,0 +1,501 @@
+"""`pue-export quantize`: an FP32 bundle → an INT8 / INT8-dynamic / FP16 bundle that passed the accuracy gate.
+
+INT8: per-channel symmetric int8 weights on weight-bearing ops only (attention's activation×activation
+products, the mask path, norms and pooling stay float); outlier channels migrated into the weights
+(SmoothQuant-style) where they would ruin a per-tensor activation scale; then, while the gate fails, the
+layers with the worst simulated int8 SQNR are kept in float — never below 80 % of the weight FLOPs in int8.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pue import __version__
+from pue.bundle import (
+    FileEntry,
+    Lineage,
+    Manifest,
+    atomic_directory,
+    check_output_path,
+    file_entry,
+    manifest_sha256,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
+from pue.calibration.gate import FidelityReport, GateSet, GateThresholds, measure_fidelity
+from pue.calibration.graph_ops import int8_flop_share, weight_ops
+from pue.errors import GateFailedError, PueError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("int8", "int8-dynamic", "fp16")
+MIN_INT8_FLOP_SHARE = 0.80
+FP16_STAT_SAMPLES = 16
+
+
+@dataclass
+class QuantizeOptions:
+    precision: str
+    target: str = "onnxruntime"
+    calib: list[Path] | None = None
+    heldout: Path | None = None
+    num_patches: int = 64
+    num_captions: int = 32
+    captions_file: Path | None = None
+    seed: int = 0
+    method: str = "minmax"
+    smooth: bool = True
+    fallback: bool = True
+    magnification: float | None = None
+    mpp: float | None = None
+    thresholds: GateThresholds = field(default_factory=GateThresholds)
+
+
+@dataclass
+class QuantizeResult:
+    bundle: Path
+    fidelity: FidelityReport
+    float_nodes: list[str]
+    int8_flop_share: float | None
+    smoothed: list[dict]
+    attempts: list[dict]
+    timings: dict[str, float]
+
+
+def _check_request(manifest: Manifest, options: QuantizeOptions) -> None:
+    if options.precision not in PRECISIONS:
+        raise PueError(f"unknown precision '{options.precision}'", f"choose one of: {', '.join(PRECISIONS)}")
+    if manifest.precision != "fp32":
+        raise PueError(
+            f"the bundle is already {manifest.precision} (lineage: {manifest.lineage.parent_sha256 or 'root'})",
+            "quantize its FP32 parent bundle instead",
+        )
+    if options.target not in ("onnxruntime", "tensorrt"):
+        raise PueError(f"unknown target '{options.target}'", "choose onnxruntime or tensorrt")
+    if options.precision == "int8-dynamic" and options.target == "tensorrt":
+        raise PueError(
+            "int8-dynamic is for onnxruntime on CPU only", "for TensorRT use --precision int8 --target tensorrt"
+        )
+    if options.method != "minmax":
+        if options.precision != "int8":
+            raise PueError(f"--calibration-method {options.method} only applies to static int8")
+        log.warning(
+            "%s calibration keeps histograms of every calibrated tensor: expect several GB of memory, and "
+            "it fails on graphs whose mask path holds -inf",
+            options.method,
+        )
+    if options.num_patches < 1:
+        raise PueError(f"--num-patches must be at least 1, got {options.num_patches}")
+
+
+def quantize_bundle(
+    bundle: str | Path,
+    output: str | Path,
+    options: QuantizeOptions,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> QuantizeResult:
+    import onnx
+
+    from pue.calibration.readers import DecoderFeeds, VisionFeeds, make_plan
+    from pue.calibration.sources import open_sources, sample_patches
+    from pue.runtime import Embedder
+
+    say = progress or (lambda message: log.info(message))
+    parent_dir = Path(bundle)
+    parent_manifest = read_manifest(parent_dir)
+    _check_request(parent_manifest, options)
+    check_output_path(output, overwrite)
+    verify_files(parent_dir, parent_manifest)
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    sources = open_sources(
+        options.calib, patch_size=parent_manifest.tile_size, magnification=options.magnification, mpp=options.mpp
+    )
+    patches, sampling = sample_patches(sources, options.num_patches, seed=options.seed)
+    captions = _captions(options)
+    plan = make_plan(patches, captions, seed=options.seed)
+    say(f"calibration set: {plan.counts()} from {len(sources)} source(s)")
+    parent = Embedder.load(parent_dir)
+    gate_set = GateSet.default(options.heldout)
+    _check_disjoint(gate_set, patches)
+    say(
+        f"gate set: {len(gate_set.images)} held-out patches, {len(gate_set.texts)} texts, "
+        f"{len(gate_set.composed_images)} composed queries"
+    )
+    reference = gate_set.embed(parent)
+    timings["prepare_s"] = time.perf_counter() - started
+
+    models = {name: onnx.load(str(parent_dir / spec.file.path)) for name, spec in parent_manifest.graphs.items()}
+    feeds = {
+        "vision": lambda limit=None: VisionFeeds(parent, plan.patches, limit),
+        "decoder": lambda limit=None: DecoderFeeds(parent, plan, limit),
+    }
+    tokens = {"vision": _vision_tokens(parent_manifest), "decoder": len(parent.prompts.image_prompt())}
+
+    with (
+        tempfile.TemporaryDirectory(prefix=".pue-quantize-", dir=Path(output).absolute().parent) as scratch,
+        atomic_directory(output, overwrite=overwrite) as staging,
+    ):
+        work = Path(scratch)
+        shutil.copy(parent_dir / parent_manifest.tokenizer.file.path, staging / "tokenizer.json")
+        if options.precision == "fp16":
+            outcome = _fp16(models, feeds, staging, parent_manifest, gate_set, reference, options, say, timings)
+        else:
+            outcome = _int8(
+                models, feeds, tokens, work, staging, parent_manifest, gate_set, reference, options, say, timings
+            )
+        fidelity, attempts = outcome["fidelity"], outcome["attempts"]
+        report = {
+            "precision": options.precision,
+            "target": _target(options),
+            "gate": fidelity.to_dict(),
+            "attempts": attempts,
+            "float_nodes": outcome.get("float_nodes", []),
+            "int8_flop_share": outcome.get("share"),
+            "smoothed": outcome.get("smoothed", []),
+            "sensitivity": outcome.get("ranking", [])[:20],
+            "fp16_kept_fp32": outcome.get("fp16_blocked", []),
+            "gate_device": "cpu (onnxruntime)"
+            + (
+                "; onnxruntime on CPU computes FP16 ops in FP32, so this gate cannot reveal FP16 overflow: ops whose "
+                "calibrated |activation| exceeds 16,000 were kept FP32"
+                if options.precision == "fp16"
+                else ""
+            ),
+        }
+        if not fidelity.passed:
+            report_path = Path(str(output).rstrip("/") + ".gate-failed.json")
+            report_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+            raise GateFailedError(
+                f"accuracy gate FAILED: {'; '.join(outcome.get('why') or fidelity.failures())}",
+                report,
+                str(report_path),
+            )
+        calibration = {
+            "sources": [s.name for s in sources],
+            "sampling": sampling,
+            "patches": [p.to_dict() for p in plan.patches],
+            "captions": plan.captions,
+            "composed": [{"patch": p.to_dict(), "modifier": m} for p, m in plan.composed],
+            "seed": options.seed,
+            "counts": plan.counts(),
+            "method": options.method,
+        }
+        (staging / "calibration.json").write_text(json.dumps(calibration, indent=2, default=str) + "\n")
+        (staging / "fidelity.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+        extra_files = {"calibration": "calibration.json", "fidelity": "fidelity.json"}
+        if _plot_fidelity(report, staging / "fidelity.png"):
+            extra_files["fidelity_plot"] = "fidelity.png"
+        manifest = _child_manifest(parent_dir, parent_manifest, staging, options, report, extra_files)
+        write_manifest(staging, manifest)
+    say(f"wrote {output}")
+    return QuantizeResult(
+        Path(output),
+        fidelity,
+        outcome.get("float_nodes", []),
+        outcome.get("share"),
+        outcome.get("smoothed", []),
+        attempts,
+        timings,
+    )
+
+
+def _target(options: QuantizeOptions) -> str:
+    return "any" if options.precision == "fp16" else options.target
+
+
+def _captions(options: QuantizeOptions) -> list[str]:
+    from pue.calibration.readers import default_captions
+
+    if options.captions_file is None:
+        return default_captions(options.num_captions, options.seed)
+    path = Path(options.captions_file)
+    if not path.is_file():
+        raise PueError(f"captions file '{path}' does not exist")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise PueError(f"captions file '{path}' holds no text")
+    return lines[: options.num_captions]
+
+
+def _check_disjoint(gate_set: GateSet, patches: list[Any]) -> None:
+    gate_files = {Path(p).resolve() for p in gate_set.images if isinstance(p, (str, Path))}
+    overlap = [p.source for p in patches if p.x is None and Path(p.source).resolve() in gate_files]
+    if overlap:
+        raise PueError(
+            f"{len(overlap)} calibration patches are also held-out gate patches (e.g. {overlap[0]})",
+            "calibration and the gate must not share images",
+        )
+
+
+def _vision_tokens(manifest: Manifest) -> int:
+    config = manifest.preprocessing
+    patch = int(manifest.export.get("patch_size", 14) or 14)
+    return int(config.num_crops * (config.crop_size // patch) ** 2)
+
+
+def _write_graphs(models: dict[str, Any], staging: Path) -> dict[str, tuple[str, list[str]]]:
+    from pue.export.onnx_graphs import save_graph
+
+    written = {}
+    for name, model in models.items():
+        for stale in staging.glob(f"{name}.onnx*"):
+            stale.unlink()
+        written[name] = (f"{name}.onnx", save_graph(model, staging / f"{name}.onnx"))
+    return written
+
+
+def _staged_manifest(
+    parent: Manifest, staging: Path, written: dict[str, tuple[str, list[str]]], precision: str, target: str
+) -> Manifest:
+    manifest = Manifest.from_dict(parent.to_dict())
+    for name, (filename, data_files) in written.items():
+        manifest.graphs[name].file = file_entry(staging, filename)
+        manifest.graphs[name].external_data = [file_entry(staging, f) for f in data_files]
+    manifest.tokenizer.file = file_entry(staging, "tokenizer.json")
+    manifest.precision, manifest.target, manifest.files, manifest.fidelity = precision, target, {}, {}
+    return manifest
+
+
+def _evaluate(
+    models: dict[str, Any],
+    staging: Path,
+    parent: Manifest,
+    gate_set: GateSet,
+    reference: dict,
+    options: QuantizeOptions,
+) -> FidelityReport:
+    from pue.runtime import Embedder
+
+    written = _write_graphs(models, staging)
+    write_manifest(staging, _staged_manifest(parent, staging, written, options.precision, _target(options)))
+    candidate = Embedder.load(staging)
+    return measure_fidelity(gate_set.embed(candidate), reference, options.thresholds)
+
+
+def _int8(models, feeds, tokens, work, staging, parent, gate_set, reference, options, say, timings) -> dict:
+    import onnx
+
+    from pue.calibration.int8 import activation_scheme, quantize_dynamic_graph, quantize_static_graph, rank_sensitivity
+    from pue.calibration.readers import OrtReader
+    from pue.calibration.smoothing import smooth_model
+    from pue.calibration.stats import collect_channel_stats
+
+    scheme = activation_scheme(options.precision, options.target)
+    all_ops, all_stats, smoothed, float_paths = [], {}, [], {}
+    started = time.perf_counter()
+    for name, model in models.items():
+        ops = [op for op in weight_ops(model, name) if options.precision == "int8" or op.op_type == "MatMul"]
+        say(f"{name}: activation statistics of {len(ops)} weight-bearing ops")
+        stats = collect_channel_stats(model, ops, feeds[name](), seed=options.seed)
+        if options.smooth:
+            ops, stats, groups = smooth_model(model, ops, stats, scheme)
+            smoothed += [dict(g.to_dict(), graph=name) for g in groups]
+        all_ops += ops
+        all_stats.update(stats)
+        float_paths[name] = work / f"{name}.float.onnx"
+        onnx.save_model(model, str(float_paths[name]), save_as_external_data=True, location=f"{name}.float.data")
+    if smoothed:
+        say(f"smoothing: migrated activation outliers of {len(smoothed)} op groups into their weights")
+    timings["statistics_s"] = time.perf_counter() - started
+
+    ranking: list[dict] = []
+    attempts: list[dict] = []
+    float_nodes: set[str] = set()
+    keep = 0
+    while True:
+        share = int8_flop_share(all_ops, float_nodes, tokens)
+        started = time.perf_counter()
+        quantized = {}
+        for name, path in float_paths.items():
+            nodes = [op.node for op in all_ops if op.graph == name and op.node not in float_nodes]
+            out = work / f"{name}.int8.onnx"
+            if options.precision == "int8":
+                reader = OrtReader(feeds[name]())
+                quantize_static_graph(
+                    path,
+                    out,
+                    reader,
+                    nodes,
+                    options.target,
+                    options.method,
+                    cache_path=work / f"{name}.calibration.json",
+                )
+            else:
+                quantize_dynamic_graph(path, out, nodes)
+            quantized[name] = onnx.load(str(out))
+        fidelity = _evaluate(quantized, staging, parent, gate_set, reference, options)
+        attempts.append(
+            {
+                "float_nodes": sorted(float_nodes),
+                "int8_flop_share": share,
+                "overall": fidelity.overall,
+                "passed": fidelity.passed,
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        say(
+            f"attempt {len(attempts)}: {len(float_nodes)} ops in float, int8 share {share:.1%}, "
+            f"mean cos {fidelity.overall['mean_cosine']:.5f}, min {fidelity.overall['min_cosine']:.5f}, "
+            f"top-1 {fidelity.overall['top1']:.3f} → {'pass' if fidelity.passed else 'fail'}"
+        )
+        if fidelity.passed or not options.fallback:
+            break
+        if not ranking:
+            ranking = []
+            for name, path in float_paths.items():
+                ranking += rank_sensitivity(
+                    onnx.load(str(path)), [o for o in all_ops if o.graph == name], all_stats, scheme
+                )
+            ranking.sort(key=lambda s: s["sqnr_db"])
+        keep = max(1, keep * 2)
+        if keep > len(ranking):
+            break
+        candidate = {s["node"] for s in ranking[:keep]}
+        if int8_flop_share(all_ops, candidate, tokens) < MIN_INT8_FLOP_SHARE:
+            say(
+                f"keeping the {keep} worst ops in float would leave less than {MIN_INT8_FLOP_SHARE:.0%} "
+                "of the weight FLOPs in int8"
+            )
+            break
+        float_nodes = candidate
+    why = None
+    if not fidelity.passed and options.fallback and keep:
+        why = fidelity.failures() + [
+            f"no float fallback within the {MIN_INT8_FLOP_SHARE:.0%} int8 FLOP rule passes the gate"
+        ]
+    for name, model in quantized.items():
+        models[name] = model
+    _write_graphs(models, staging)
+    return {
+        "fidelity": fidelity,
+        "attempts": attempts,
+        "float_nodes": sorted(float_nodes),
+        "share": share,
+        "smoothed": smoothed,
+        "ranking": ranking,
+        "why": why,
+    }
+
+
+def _fp16(models, feeds, staging, parent, gate_set, reference, options, say, timings) -> dict:
+    from pue.calibration.fp16 import DELICATE_OPS, convert_fp16, nodes_over_limit
+    from pue.calibration.stats import collect_tensor_absmax
+
+    started = time.perf_counter()
+    blocked: dict[str, list[str]] = {}
+    for name, model in models.items():
+        absmax = collect_tensor_absmax(model, feeds[name](FP16_STAT_SAMPLES))
+        blocked[name] = nodes_over_limit(model, absmax)
+        say(f"{name}: {len(blocked[name])} ops exceed |16,000| on calibration data and stay FP32")
+    timings["statistics_s"] = time.perf_counter() - started
+    attempts = []
+    for extra_ops in ([], DELICATE_OPS):
+        converted = {name: convert_fp16(_copy(model), blocked[name], extra_ops) for name, model in models.items()}
+        fidelity = _evaluate(converted, staging, parent, gate_set, reference, options)
+        attempts.append({"op_block_list": extra_ops, "overall": fidelity.overall, "passed": fidelity.passed})
+        if fidelity.passed or not options.fallback:
+            break
+    return {
+        "fidelity": fidelity,
+        "attempts": attempts,
+        "fp16_blocked": [f"{g}:{n}" for g, names in blocked.items() for n in names],
+    }
+
+
+def _copy(model: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _child_manifest(
+    parent_dir: Path,
+    parent: Manifest,
+    staging: Path,
+    options: QuantizeOptions,
+    report: dict,
+    extra_files: dict[str, str],
+) -> Manifest:
+    written = {
+        name: (spec.file.path, [e.path for e in spec.external_data])
+        for name, spec in read_manifest(staging).graphs.items()
+    }
+    precision = {"int8": "int8", "int8-dynamic": "int8-dynamic", "fp16": "fp16"}[options.precision]
+    manifest = _staged_manifest(parent, staging, written, precision, _target(options))
+    manifest.files = {key: file_entry(staging, name) for key, name in extra_files.items()}
+    manifest.lineage = Lineage(
+        parent_sha256=manifest_sha256(parent_dir), parent_precision=parent.precision, calibration="calibration.json"
+    )
+    manifest.fidelity = {
+        "gate": {
+            "passed": report["gate"]["passed"],
+            "overall": report["gate"]["overall"],
+            "thresholds": report["gate"]["thresholds"],
+        },
+        "int8_flop_share": report["int8_flop_share"],
+        "float_nodes": report["float_nodes"],
+        "smoothed_groups": len(report["smoothed"]),
+        "gate_device": report["gate_device"],
+    }
+    manifest.export = dict(
+        parent.export,
+        quantization={
+            "precision": options.precision,
+            "target": _target(options),
+            "method": options.method,
+            "activations": {
+                "int8": "uint8 asymmetric per-tensor"
+                if options.target == "onnxruntime"
+                else "int8 symmetric per-tensor",
+                "int8-dynamic": "uint8 dynamic per-tensor",
+                "fp16": "float16",
+            }[options.precision],
+            "weights": "int8 symmetric per-channel" if options.precision != "fp16" else "float16",
+            "pue": __version__,
+        },
+    )
+    return manifest
+
+
+def _plot_fidelity(report: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning('matplotlib is not installed: fidelity.png not drawn (pip install "pue[bench]")')
+        return False
+    cosines = report["gate"]["cosines"]
+    overall = report["gate"]["overall"]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.hist(cosines, bins=40, color="#3b6ea8")
+    axis.axvline(report["gate"]["thresholds"]["min_cosine"], color="#b33", linestyle="--", label="min threshold")
+    axis.set_xlabel("cosine to the FP32 parent's embedding (held-out items)")
+    axis.set_ylabel("items")
+    share = report.get("int8_flop_share")
+    axis.set_title(
+        f"{report['precision']} ({report['target']}): mean {overall['mean_cosine']:.4f}, top-1 {overall['top1']:.3f}, "
+        f"top-5 {overall['top5']:.3f}" + (f", int8 FLOPs {share:.0%}" if share is not None else ""),
+        fontsize=9,
+    )
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+__all__ = ["PRECISIONS", "QuantizeOptions", "QuantizeResult", "quantize_bundle", "FileEntry"]

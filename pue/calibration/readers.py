@@ -1,0 +1,123 @@
+"""Calibration data readers that feed each graph its true inputs, streaming (one sample at a time).
+
+The vision graph gets preprocessed patches. The decoder gets what it sees in service: image prompts with the
+image features the FP32 vision graph produces for those patches, text prompts (captions), and composed
+prompts (patch + modifier). Nothing is held beyond the current sample, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pue.calibration.sources import Patch
+
+DEFAULT_MODIFIERS = [
+    "with more lymphocytes",
+    "as an immunohistochemistry stain",
+    "at higher magnification",
+    "with less stroma",
+    "stained with hematoxylin and eosin",
+    "showing necrosis",
+]
+
+
+@dataclass
+class CalibrationPlan:
+    """What to feed: patches for images, captions for texts, (patch, modifier) pairs for composed prompts."""
+
+    patches: list[Patch]
+    captions: list[str]
+    composed: list[tuple[Patch, str]]
+
+    def counts(self) -> dict[str, int]:
+        return {"patches": len(self.patches), "captions": len(self.captions), "composed": len(self.composed)}
+
+
+def default_captions(limit: int, seed: int = 0) -> list[str]:
+    """Captions from the built-in pathology corpus (never the gate's texts)."""
+    from pue.data import data_dir
+
+    lines = [line.strip() for line in (data_dir() / "corpus.txt").read_text().splitlines() if line.strip()]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lines))[:limit]
+    return [lines[i] for i in sorted(order)]
+
+
+def make_plan(
+    patches: list[Patch], captions: list[str], composed_share: float = 0.25, seed: int = 0
+) -> CalibrationPlan:
+    count = max(1, int(len(patches) * composed_share)) if patches else 0
+    rng = np.random.default_rng(seed + 1)
+    chosen = rng.choice(len(patches), size=count, replace=False) if count else []
+    composed = [(patches[int(i)], DEFAULT_MODIFIERS[k % len(DEFAULT_MODIFIERS)]) for k, i in enumerate(chosen)]
+    return CalibrationPlan(patches, captions, composed)
+
+
+class VisionFeeds:
+    """{"pixel_values": [1, crops, 3, H, W]} per patch."""
+
+    def __init__(self, embedder: Any, patches: list[Patch], limit: int | None = None) -> None:
+        self.embedder = embedder
+        self.patches = patches[:limit] if limit else patches
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for index, patch in enumerate(self.patches):
+            yield {"pixel_values": self.embedder.pixel_values([patch.load()], first_index=index)}
+
+
+class DecoderFeeds:
+    """input_ids, attention_mask, image_features per prompt: image, text and composed rows, interleaved."""
+
+    def __init__(self, embedder: Any, plan: CalibrationPlan, limit: int | None = None) -> None:
+        self.embedder = embedder
+        rows: list[tuple[str, Patch | None, str | None]] = [("image", p, None) for p in plan.patches]
+        rows += [("text", None, c) for c in plan.captions]
+        rows += [("composed", p, m) for p, m in plan.composed]
+        order = np.random.default_rng(0).permutation(len(rows))  # mix kinds so any prefix is representative
+        self.rows = [rows[i] for i in order][:limit] if limit else [rows[i] for i in order]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        prompts = self.embedder.prompts
+        manifest = self.embedder.manifest
+        vision = self.embedder.backend.vision
+        for index, (kind, patch, text) in enumerate(self.rows):
+            ids, _ = prompts.encode(kind, text, index=index, truncate=True)
+            input_ids, attention_mask = prompts.pad([ids])
+            if patch is not None:
+                pixels = self.embedder.pixel_values([patch.load()], first_index=index)
+                features = vision.infer({"pixel_values": pixels})["image_features"]
+            else:
+                features = np.zeros((1, 1, manifest.hidden_size), np.float32)
+            yield {"input_ids": input_ids, "attention_mask": attention_mask, "image_features": features}
+
+
+class OrtReader:
+    """Adapts a feed iterable to onnxruntime.quantization's CalibrationDataReader protocol (get_next/rewind)."""
+
+    def __init__(self, feeds: Any) -> None:
+        self.feeds = feeds
+        self._iterator: Iterator[dict[str, np.ndarray]] | None = None
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._iterator is None:
+            self._iterator = iter(self.feeds)
+        return next(self._iterator, None)
+
+    def rewind(self) -> None:
+        self._iterator = None
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.feeds)

@@ -1,0 +1,100 @@
+"""Activation statistics from the float graph on calibration feeds, streamed one sample at a time.
+
+For each weight op's input: per-channel min and max (SmoothQuant's migration and the int8 ranges both come
+from these) and a small token sample for sensitivity. For FP16: every float tensor's max |value|.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pue.calibration.graph_ops import WeightOp
+
+SENSITIVITY_SAMPLES = 8
+TOKENS_PER_SAMPLE = 256
+
+
+@dataclass
+class ChannelStats:
+    minimum: np.ndarray
+    maximum: np.ndarray
+    samples: list[np.ndarray] = field(default_factory=list)  # [tokens, channels] rows for sensitivity
+
+    @property
+    def absmax(self) -> np.ndarray:
+        return np.maximum(np.abs(self.minimum), np.abs(self.maximum))
+
+    def outlier_ratio(self) -> float:
+        """Largest channel's max |x| over the median channel's (trained LLMs: often > 50)."""
+        absmax = self.absmax
+        return float(absmax.max() / max(float(np.median(absmax)), 1e-12))
+
+
+def _session(model: Any, outputs: list[str]) -> Any:
+    import onnxruntime as ort
+
+    augmented = copy.deepcopy(model)
+    existing = {o.name for o in augmented.graph.output}
+    for name in outputs:
+        if name not in existing:
+            augmented.graph.output.add(name=name)  # type and shape left to onnxruntime
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every named tensor
+    options.log_severity_level = 3
+    return ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def collect_channel_stats(
+    model: Any, ops: list[WeightOp], feeds: Iterable[dict[str, np.ndarray]], seed: int = 0
+) -> dict[str, ChannelStats]:
+    """Per-channel min/max of every weight op's activation input over all feeds (last axis = channels)."""
+    names = sorted({op.activation for op in ops})
+    channel_axis = {op.activation: (1 if op.op_type == "Conv" else -1) for op in ops}
+    session = _session(model, names)
+    rng = np.random.default_rng(seed)
+    stats: dict[str, ChannelStats] = {}
+    for sample_index, feed in enumerate(feeds):
+        values = session.run(names, feed)
+        for name, value in zip(names, values, strict=True):
+            axis = channel_axis[name]
+            rows = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis]).astype(np.float32)
+            lo, hi = rows.min(axis=0), rows.max(axis=0)
+            if name not in stats:
+                stats[name] = ChannelStats(lo, hi)
+            else:
+                np.minimum(stats[name].minimum, lo, out=stats[name].minimum)
+                np.maximum(stats[name].maximum, hi, out=stats[name].maximum)
+            if sample_index < SENSITIVITY_SAMPLES:
+                take = rng.choice(len(rows), size=min(TOKENS_PER_SAMPLE, len(rows)), replace=False)
+                stats[name].samples.append(rows[np.sort(take)])
+    return stats
+
+
+def collect_tensor_absmax(model: Any, feeds: Iterable[dict[str, np.ndarray]], chunk: int = 256) -> dict[str, float]:
+    """max |value| of every float tensor a node produces (FP16 keeps ops past 16,000 in FP32)."""
+    from onnx import TensorProto, shape_inference
+
+    inferred = shape_inference.infer_shapes(model)
+    float_types = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
+    typed = {
+        v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+    }
+    names = [o for node in model.graph.node for o in node.output if o and typed.get(o) in float_types]
+    feeds = list(feeds)  # small: FP16 uses few samples
+    absmax: dict[str, float] = {}
+    for start in range(0, len(names), chunk):
+        group = names[start : start + chunk]
+        session = _session(model, group)
+        for feed in feeds:
+            for name, value in zip(group, session.run(group, feed), strict=True):
+                finite = np.abs(value[np.isfinite(value)]) if value.size else np.zeros(1)
+                peak = float(finite.max()) if finite.size else 0.0
+                if not np.all(np.isfinite(value)):
+                    peak = float("inf")
+                absmax[name] = max(absmax.get(name, 0.0), peak)
+    return absmax

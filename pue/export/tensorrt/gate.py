@@ -1,0 +1,67 @@
+"""The fidelity gate of an engine bundle: its embeddings against its parent ONNX bundle's, on the same GPU.
+
+The parent runs in onnxruntime on the same GPU when onnxruntime has its CUDA provider (onnxruntime-gpu); with
+the CPU build only, the parent runs on CPU and the report says so. Parent first, then engines: the two are never
+in GPU memory together.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from pue.calibration.gate import FidelityReport, GateSet, GateThresholds, measure_fidelity
+
+log = logging.getLogger(__name__)
+
+
+def parent_device_for(device: str) -> str:
+    """`device` when onnxruntime can run the parent there (CUDA provider present), else "cpu"."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return device
+    return device if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
+
+
+def run_engine_gate(
+    engine_dir: Path,
+    parent_dir: Path,
+    device: str,
+    gate_set: GateSet,
+    thresholds: GateThresholds | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> FidelityReport:
+    from pue.runtime import Embedder
+
+    say = progress or log.info
+    parent_device = parent_device_for(device)
+    say(
+        f"gate: parent bundle through onnxruntime on {parent_device} ({len(gate_set.images)} patches, "
+        f"{len(gate_set.texts)} texts, {len(gate_set.composed_texts)} composed)"
+    )
+    parent = Embedder.load(parent_dir, backend="onnxruntime", device=parent_device)
+    try:
+        expected = gate_set.embed(parent)
+    finally:
+        parent.backend.close()
+    say(f"gate: engines through TensorRT on {device}")
+    engines = Embedder.load(engine_dir, backend="tensorrt", device=device)
+    try:
+        got = gate_set.embed(engines)
+    finally:
+        engines.backend.close()
+    report = measure_fidelity(got, expected, thresholds)
+    report.extra.update(
+        {
+            "compared": "TensorRT engines vs parent bundle (onnxruntime)",
+            "engine_device": device,
+            "parent_device": parent_device,
+        }
+    )
+    if parent_device == "cpu" and device != "cpu":
+        report.extra["note"] = (
+            "onnxruntime has no CUDA provider here (CPU build installed): the parent ran on CPU, the engines on the GPU"
+        )
+    return report

@@ -1,0 +1,296 @@
+"""The runner contract every backend follows (one runner per graph or engine) and the two-graph `Backend`.
+
+A `Runner` is activated (as a context manager or with `activate()`), describes its inputs and outputs,
+checks every feed against that description before dispatching it, and records its own inference time.
+A `Backend` holds the bundle's two runners, `vision` and `decoder`, and turns one tokenized batch (plus
+the pixel values of the rows that carry an image) into sentence embeddings.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pue.bundle import Manifest, TensorSpec
+from pue.errors import PueError
+
+# Names fixed by the graph contract (DESIGN.md).
+PIXEL_VALUES = "pixel_values"
+IMAGE_FEATURES = "image_features"
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+SENTENCE_EMBEDDING = "sentence_embedding"
+
+VALID_DEVICES = '"cpu", "cuda" or "cuda:N" (N the GPU index, e.g. "cuda:1")'
+_DEVICE_PATTERN = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Device:
+    """A parsed device string: `kind` is "cpu" or "cuda"; `index` is the GPU index (None on CPU)."""
+
+    kind: str
+    index: int | None = None
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.kind == "cuda"
+
+    def __str__(self) -> str:
+        return self.kind if self.index is None else f"{self.kind}:{self.index}"
+
+
+def parse_device(device: str | Device) -> Device:
+    """Parse "cpu", "cuda" (GPU 0) or "cuda:N"; anything else is refused with the valid forms."""
+    if isinstance(device, Device):
+        return device
+    match = _DEVICE_PATTERN.match(device) if isinstance(device, str) else None
+    if match is None or (match.group(1) == "cpu" and match.group(2) is not None):
+        raise PueError(f"unknown device {device!r}", f"use {VALID_DEVICES}")
+    if match.group(1) == "cpu":
+        return Device("cpu")
+    return Device("cuda", int(match.group(2) or 0))
+
+
+@dataclass(frozen=True)
+class FeedValue:
+    """What the input check needs to know about a value: host arrays and device-resident values alike."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, value: Any) -> FeedValue:
+        return cls(np.dtype(value.dtype), tuple(int(d) for d in value.shape))
+
+
+def check_feed(runner_name: str, feed: Mapping[str, FeedValue], expected: list[TensorSpec]) -> None:
+    """Refuse a feed whose names, dtypes, ranks or fixed dimensions differ from `expected`, before dispatch."""
+    expected_names = [spec.name for spec in expected]
+    missing = [name for name in expected_names if name not in feed]
+    unexpected = [name for name in feed if name not in expected_names]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected}")
+        raise PueError(
+            f"{runner_name}: the feed does not match the graph's inputs ({'; '.join(parts)})",
+            f"the graph takes {expected_names}",
+        )
+    for spec in expected:
+        value = feed[spec.name]
+        if value.dtype != _numpy_dtype(spec.dtype):
+            raise PueError(
+                f"{runner_name}: input '{spec.name}' has dtype {value.dtype}, the graph expects {spec.dtype}",
+                f"cast it with .astype(np.{spec.dtype})",
+            )
+        if len(value.shape) != len(spec.shape):
+            raise PueError(
+                f"{runner_name}: input '{spec.name}' has shape {list(value.shape)} (rank {len(value.shape)}), "
+                f"the graph expects rank {len(spec.shape)} {list(spec.shape)}"
+            )
+        for axis, (got, want) in enumerate(zip(value.shape, spec.shape, strict=True)):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise PueError(
+                    f"{runner_name}: input '{spec.name}' has shape {list(value.shape)}, the graph expects "
+                    f"{list(spec.shape)} (dimension {axis} is fixed at {want})"
+                )
+
+
+def _numpy_dtype(name: str) -> np.dtype | None:
+    try:
+        return np.dtype(name)
+    except TypeError:  # a type numpy lacks (e.g. bfloat16): nothing numpy can feed matches it
+        return None
+
+
+class Runner(abc.ABC):
+    """One graph or engine. Use it as a context manager; `infer` checks the feed, then times the run."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.is_active = False
+        self.last_inference_time = 0.0
+        self.total_inference_time = 0.0
+        self.inference_count = 0
+
+    def __enter__(self) -> Runner:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.deactivate()
+
+    def activate(self) -> None:
+        """Load the graph or engine (allocating its memory); a second call does nothing."""
+        if not self.is_active:
+            self._activate()
+            self.is_active = True
+
+    def deactivate(self) -> None:
+        """Free what `activate` loaded; a runner that is not active is left alone."""
+        if self.is_active:
+            self._deactivate()
+            self.is_active = False
+
+    @abc.abstractmethod
+    def _activate(self) -> None: ...
+
+    @abc.abstractmethod
+    def _deactivate(self) -> None: ...
+
+    @abc.abstractmethod
+    def input_metadata(self) -> list[TensorSpec]:
+        """Inputs in graph order; dynamic dimensions are strings."""
+
+    @abc.abstractmethod
+    def output_metadata(self) -> list[TensorSpec]:
+        """Outputs in graph order; dynamic dimensions are strings."""
+
+    @abc.abstractmethod
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check `feed` against `input_metadata()`, run it, and record the time the run took."""
+        self._require_active()
+        bad = [name for name, value in feed.items() if not isinstance(value, np.ndarray)]
+        if bad:
+            raise PueError(f"{self.name}: inputs {bad} are not numpy arrays", "pass np.ndarray values")
+        check_feed(self.name, {name: FeedValue.of(value) for name, value in feed.items()}, self.input_metadata())
+        start = time.perf_counter()
+        outputs = self._infer(feed)
+        self._record_time(time.perf_counter() - start)
+        return outputs
+
+    def _require_active(self) -> None:
+        if not self.is_active:
+            raise PueError(f"runner '{self.name}' is not active", "use it as `with runner:` or call activate() first")
+
+    def _record_time(self, seconds: float) -> None:
+        self.last_inference_time = seconds
+        self.total_inference_time += seconds
+        self.inference_count += 1
+
+
+class Backend(abc.ABC):
+    """The two graphs of a bundle. Subclasses create and activate `vision` and `decoder` in `__init__`."""
+
+    vision: Runner
+    decoder: Runner
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release both runners (sessions, engines, device memory)."""
+        for runner in (getattr(self, "vision", None), getattr(self, "decoder", None)):
+            if runner is not None:
+                runner.deactivate()
+
+    def stage_times(self) -> dict[str, float]:
+        """Cumulative seconds spent in each stage since the backend was created."""
+        return {"vision": self.vision.total_inference_time, "decoder": self.decoder.total_inference_time}
+
+    def run(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        pixel_values: np.ndarray | None,
+        image_rows: np.ndarray,
+    ) -> np.ndarray:
+        """Sentence embeddings float32 [B, D] of one tokenized batch.
+
+        `pixel_values` holds one entry per row listed in `image_rows` (the rows that carry an image, in
+        order); it is None when no row does. Rows without an image get zero image features.
+        """
+        image_rows = self._check_batch(input_ids, attention_mask, pixel_values, image_rows)
+        return self._run_checked(input_ids, attention_mask, pixel_values, image_rows)
+
+    def _run_checked(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        pixel_values: np.ndarray | None,
+        image_rows: np.ndarray,
+    ) -> np.ndarray:
+        """The host path: vision on the image rows, features placed per row, then the decoder."""
+        batch = input_ids.shape[0]
+        features_dtype = self._input_dtype(self.decoder, IMAGE_FEATURES)
+        if len(image_rows):
+            pixel_values = pixel_values.astype(self._input_dtype(self.vision, PIXEL_VALUES), copy=False)
+            vision_features = self.vision.infer({PIXEL_VALUES: pixel_values})[IMAGE_FEATURES]
+            image_features = np.zeros((batch, *vision_features.shape[1:]), dtype=features_dtype)
+            image_features[image_rows] = vision_features
+        else:
+            # The decoder's image-token dimension is dynamic and text rows ignore their features.
+            image_features = np.zeros((batch, 1, self.hidden_size()), dtype=features_dtype)
+        outputs = self.decoder.infer(
+            {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, IMAGE_FEATURES: image_features}
+        )
+        return np.asarray(outputs[SENTENCE_EMBEDDING], dtype=np.float32)
+
+    def hidden_size(self) -> int:
+        """The last dimension of the decoder's `image_features` (from the graph when fixed there)."""
+        for spec in self.decoder.input_metadata():
+            if spec.name == IMAGE_FEATURES and spec.shape and isinstance(spec.shape[-1], int) and spec.shape[-1] > 0:
+                return spec.shape[-1]
+        return self.manifest.hidden_size
+
+    @staticmethod
+    def _input_dtype(runner: Runner, name: str) -> np.dtype:
+        for spec in runner.input_metadata():
+            if spec.name == name:
+                return np.dtype(spec.dtype)
+        raise PueError(
+            f"{runner.name}: the graph has no input '{name}' (it takes {[s.name for s in runner.input_metadata()]})",
+            "the bundle does not follow the pue graph contract; rebuild it with pue-export",
+        )
+
+    def _check_batch(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        pixel_values: np.ndarray | None,
+        image_rows: np.ndarray,
+    ) -> np.ndarray:
+        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+            raise PueError(
+                f"input_ids {list(input_ids.shape)} and attention_mask {list(attention_mask.shape)} "
+                "must both be [batch, seq]"
+            )
+        batch = input_ids.shape[0]
+        rows = np.asarray(image_rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= batch or np.any(np.diff(rows) <= 0)):
+            raise PueError(f"image_rows {rows.tolist()} must be increasing row indices in [0, {batch})")
+        if len(rows) == 0 and pixel_values is not None and len(pixel_values):
+            raise PueError(f"pixel_values holds {len(pixel_values)} images but image_rows lists no row")
+        if len(rows) and (pixel_values is None or pixel_values.shape[0] != len(rows)):
+            found = "none" if pixel_values is None else pixel_values.shape[0]
+            raise PueError(f"image_rows lists {len(rows)} rows but pixel_values holds {found} images")
+        # A row holds either 0 or exactly tokens_per_image image tokens (graph contract).
+        counts = np.count_nonzero(input_ids == self.manifest.image_token_id, axis=1)
+        expected = np.zeros(batch, dtype=np.int64)
+        expected[rows] = self.manifest.tokens_per_image
+        wrong = np.flatnonzero(counts != expected)
+        if len(wrong):
+            row = int(wrong[0])
+            raise PueError(
+                f"row {row} holds {counts[row]} image tokens, expected {expected[row]} "
+                f"({'an image row' if expected[row] else 'not listed in image_rows'})",
+                "rows listed in image_rows carry tokens_per_image image tokens, the others none",
+            )
+        return rows

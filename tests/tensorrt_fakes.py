@@ -1,0 +1,638 @@
+"""Stand-ins for `tensorrt` and cuda-python (`cuda.bindings.runtime`) that run on CPU, and a tiny bundle to use them.
+
+The fake CUDA runtime hands out host memory as "device" memory and checks every pointer a copy touches lies in
+an allocation. The fake TensorRT follows the documented Python API (Builder, strongly typed networks, OnnxParser,
+profiles, timing caches, Runtime, engines, execution contexts); its "engine" runs the source ONNX graph with
+onnxruntime, reading inputs from and writing outputs to the addresses `set_tensor_address` gave it. So the real
+backend and build code run end to end here, with real numbers. Not a model of TensorRT's numerics.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import json
+import math
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# --- fake cuda-python ------------------------------------------------------------------------------------------
+
+
+class CudaError(enum.Enum):
+    cudaSuccess = 0
+    cudaErrorMemoryAllocation = 2
+    cudaErrorInvalidValue = 1
+    cudaErrorNoDevice = 100
+
+
+class MemcpyKind(enum.Enum):
+    cudaMemcpyHostToDevice = 1
+    cudaMemcpyDeviceToHost = 2
+    cudaMemcpyDeviceToDevice = 3
+
+
+class FakeStream:
+    def __int__(self) -> int:
+        return 0x5EED
+
+
+class FakeCudart:
+    """`cuda.bindings.runtime`: error tuples, host memory posing as device memory (pointer-checked)."""
+
+    cudaError_t = CudaError
+    cudaMemcpyKind = MemcpyKind
+
+    def __init__(
+        self,
+        gpus: int = 1,
+        name: str = "NVIDIA H100 80GB HBM3",
+        capability: tuple[int, int] = (9, 0),
+        memory_limit: int = 1 << 34,
+    ) -> None:
+        self.gpus = gpus
+        self.name = name
+        self.capability = capability
+        self.memory_limit = memory_limit
+        self.allocations: dict[int, np.ndarray] = {}
+        self.malloc_count = 0
+        self.copies: list[tuple[str, int]] = []
+
+    ok = CudaError.cudaSuccess
+
+    def cudaGetDeviceCount(self):
+        return (CudaError.cudaErrorNoDevice, 0) if self.gpus == 0 else (self.ok, self.gpus)
+
+    def cudaSetDevice(self, index):
+        return (self.ok,) if index < self.gpus else (CudaError.cudaErrorInvalidValue,)
+
+    def cudaGetDeviceProperties(self, index):
+        props = types.SimpleNamespace(
+            name=self.name.encode() + b"\0" * 8,
+            major=self.capability[0],
+            minor=self.capability[1],
+            totalGlobalMem=80 << 30,
+        )
+        return self.ok, props
+
+    def cudaRuntimeGetVersion(self):
+        return self.ok, 12080
+
+    def cudaDriverGetVersion(self):
+        return self.ok, 13000
+
+    def cudaGetErrorString(self, error):
+        return self.ok, f"fake {error.name}".encode()
+
+    def cudaStreamCreate(self):
+        return self.ok, FakeStream()
+
+    def cudaStreamSynchronize(self, stream):
+        return (self.ok,)
+
+    def cudaStreamDestroy(self, stream):
+        return (self.ok,)
+
+    def cudaMalloc(self, nbytes):
+        if sum(a.nbytes for a in self.allocations.values()) + nbytes > self.memory_limit:
+            return CudaError.cudaErrorMemoryAllocation, 0
+        block = np.zeros(nbytes, dtype=np.uint8)
+        self.allocations[block.ctypes.data] = block
+        self.malloc_count += 1
+        return self.ok, block.ctypes.data
+
+    def cudaFree(self, ptr):
+        if self.allocations.pop(ptr, None) is None:
+            return (CudaError.cudaErrorInvalidValue,)
+        return (self.ok,)
+
+    def check_device(self, ptr: int, nbytes: int) -> None:
+        for start, block in self.allocations.items():
+            if start <= ptr and ptr + nbytes <= start + block.nbytes:
+                return
+        raise AssertionError(f"{nbytes} bytes at {ptr:#x} lie outside every device allocation")
+
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
+        if kind is MemcpyKind.cudaMemcpyHostToDevice:
+            self.check_device(dst, count)
+        elif kind is MemcpyKind.cudaMemcpyDeviceToHost:
+            self.check_device(src, count)
+        else:
+            self.check_device(dst, count)
+            self.check_device(src, count)
+        ctypes.memmove(dst, src, count)
+        self.copies.append((kind.name, count))
+        return (self.ok,)
+
+    def cudaMemsetAsync(self, ptr, value, count, stream):
+        self.check_device(ptr, count)
+        ctypes.memset(ptr, value, count)
+        return (self.ok,)
+
+    def read(self, ptr: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        self.check_device(ptr, nbytes)
+        raw = (ctypes.c_char * nbytes).from_address(ptr)
+        return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+    def write(self, ptr: int, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        self.check_device(ptr, array.nbytes)
+        ctypes.memmove(ptr, array.ctypes.data, array.nbytes)
+
+
+# --- fake tensorrt ---------------------------------------------------------------------------------------------
+
+PLAN_MAGIC = b"FAKEPLAN"
+ORT_TYPES = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int64)": "INT64", "tensor(int32)": "INT32"}
+
+
+def make_fake_tensorrt(
+    cudart: FakeCudart, version: str = "10.14.1.48", noise: float = 0.0, fail_build: bool = False, parse_ok: bool = True
+) -> types.ModuleType:
+    """A `tensorrt` module whose engines run the ONNX graph in onnxruntime on `cudart`'s memory.
+
+    `noise` adds Gaussian noise of that scale to float outputs (to fail a gate); `record` collects what the code
+    under test asked for (network flags, profiles, builder flags, timing caches).
+    """
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    trt.record = {
+        "network_flags": [],
+        "profiles": [],
+        "flags": [],
+        "pool_limits": [],
+        "hardware_levels": [],
+        "timing_cache_in": [],
+        "host_code_allowed": [],
+        "built": 0,
+        "progress_monitor": [],
+    }
+
+    class Severity(enum.Enum):
+        INTERNAL_ERROR = 0
+        ERROR = 1
+        WARNING = 2
+        INFO = 3
+        VERBOSE = 4
+
+    class ILogger:
+        def __init__(self) -> None:
+            pass
+
+    ILogger.Severity = Severity
+    trt.ILogger = ILogger
+
+    class IProgressMonitor:
+        def __init__(self) -> None:
+            pass
+
+    trt.IProgressMonitor = IProgressMonitor
+    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 5})
+    trt.MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE")
+    trt.BuilderFlag = enum.Enum("BuilderFlag", "VERSION_COMPATIBLE")
+    trt.HardwareCompatibilityLevel = enum.Enum("HardwareCompatibilityLevel", "NONE AMPERE_PLUS SAME_COMPUTE_CAPABILITY")
+    trt.TensorIOMode = enum.Enum("TensorIOMode", "INPUT OUTPUT")
+    DataType = enum.Enum("DataType", "FLOAT HALF INT64 INT32 BF16")
+    trt.DataType = DataType
+
+    def nptype(dtype):
+        table = {
+            DataType.FLOAT: np.float32,
+            DataType.HALF: np.float16,
+            DataType.INT64: np.int64,
+            DataType.INT32: np.int32,
+        }
+        if dtype not in table:
+            raise TypeError(f"no numpy type for {dtype}")
+        return table[dtype]
+
+    trt.nptype = nptype
+
+    class Input:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    class Network:
+        def __init__(self, flags: int) -> None:
+            self.flags = flags
+            self.inputs: list[Input] = []
+            self.onnx_path: str | None = None
+
+        @property
+        def num_inputs(self) -> int:
+            return len(self.inputs)
+
+        def get_input(self, index: int) -> Input:
+            return self.inputs[index]
+
+    class ParserError:
+        def __str__(self) -> str:
+            return "In node 3 (importFancyOp): UNSUPPORTED_NODE: no importer for op FancyOp"
+
+    class OnnxParser:
+        def __init__(self, network: Network, logger: Any) -> None:
+            self.network = network
+            self.num_errors = 0
+
+        def parse_from_file(self, path: str) -> bool:
+            import onnx
+
+            if not parse_ok:
+                self.num_errors = 1
+                return False
+            model = onnx.load(path, load_external_data=False)
+            self.network.inputs = [Input(value.name) for value in model.graph.input]
+            self.network.onnx_path = str(Path(path).resolve())
+            return True
+
+        def get_error(self, index: int) -> ParserError:
+            return ParserError()
+
+    class Profile:
+        def __init__(self) -> None:
+            self.shapes: dict[str, tuple] = {}
+
+        def set_shape(self, name, low, opt, high):
+            self.shapes[name] = (tuple(low), tuple(opt), tuple(high))
+
+    class TimingCache:
+        def __init__(self, data: bytes) -> None:
+            self.data = bytes(data)
+
+        def serialize(self) -> bytes:
+            return self.data
+
+    class Config:
+        def __init__(self) -> None:
+            self.profiles: list[Profile] = []
+            self.flags: set = set()
+            self.hardware_compatibility_level = trt.HardwareCompatibilityLevel.NONE
+            self.cache: TimingCache | None = None
+            self.progress_monitor = None
+
+        def set_memory_pool_limit(self, pool, size):
+            trt.record["pool_limits"].append((pool.name, size))
+
+        def set_flag(self, flag):
+            self.flags.add(flag)
+            trt.record["flags"].append(flag.name)
+
+        def add_optimization_profile(self, profile):
+            self.profiles.append(profile)
+            return len(self.profiles) - 1
+
+        def create_timing_cache(self, data):
+            return TimingCache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            if cache.data == b"MISMATCH":
+                return False
+            trt.record["timing_cache_in"].append(cache.data)
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Builder:
+        def __init__(self, logger: Any) -> None:
+            self.logger = logger
+
+        def create_network(self, flags: int) -> Network:
+            trt.record["network_flags"].append(flags)
+            return Network(flags)
+
+        def create_builder_config(self) -> Config:
+            return Config()
+
+        def create_optimization_profile(self) -> Profile:
+            return Profile()
+
+        def build_serialized_network(self, network: Network, config: Config):
+            assert network.flags & (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)), "not strongly typed"
+            assert len(config.profiles) == 1, "one optimisation profile expected"
+            profile = config.profiles[0].shapes
+            assert sorted(profile) == sorted(i.name for i in network.inputs), "the profile misses inputs"
+            trt.record["profiles"].append(profile)
+            trt.record["hardware_levels"].append(config.hardware_compatibility_level.name)
+            if config.progress_monitor is not None:
+                monitor = config.progress_monitor
+                monitor.phase_start("Building engine", None, 2)
+                monitor.step_complete("Building engine", 0)
+                monitor.phase_finish("Building engine")
+                trt.record["progress_monitor"].append(True)
+            if fail_build:
+                self.logger.log(Severity.ERROR, "out of memory while building (fake)")
+                return None
+            if config.cache is not None:
+                config.cache.data += b"|" + Path(network.onnx_path).name.encode()
+            trt.record["built"] += 1
+            plan = {
+                "onnx": network.onnx_path,
+                "profile": {k: [list(s) for s in v] for k, v in profile.items()},
+                "version_compatible": trt.BuilderFlag.VERSION_COMPATIBLE in config.flags,
+            }
+            return PLAN_MAGIC + json.dumps(plan).encode()
+
+    class Context:
+        def __init__(self, engine: Engine) -> None:
+            self.engine = engine
+            self.shapes: dict[str, tuple] = {}
+            self.addresses: dict[str, int] = {}
+
+        def set_input_shape(self, name, shape):
+            low, _, high = self.engine.profile[name]
+            shape = tuple(shape)
+            if len(shape) != len(low) or any(not lo <= s <= hi for s, lo, hi in zip(shape, low, high, strict=True)):
+                return False
+            self.shapes[name] = shape
+            return True
+
+        def get_tensor_shape(self, name):
+            if name in self.shapes:
+                return self.shapes[name]
+            batch = next(iter(self.shapes.values()))[0]
+            return tuple(batch if not isinstance(d, int) else d for d in self.engine.ort_shapes[name])
+
+        def set_tensor_address(self, name, ptr):
+            self.addresses[name] = int(ptr)
+            return True
+
+        def execute_async_v3(self, stream_handle):
+            assert isinstance(stream_handle, int), "stream must be passed as an int handle"
+            engine = self.engine
+            feed = {}
+            for name in engine.input_names:
+                feed[name] = cudart.read(self.addresses[name], self.shapes[name], engine.dtypes[name])
+            results = engine.session.run(engine.output_names, feed)
+            for name, value in zip(engine.output_names, results, strict=True):
+                value = np.asarray(value)
+                if noise and value.dtype.kind == "f":
+                    rng = np.random.default_rng(len(trt.record["profiles"]) + value.size)
+                    value = (value + noise * rng.standard_normal(value.shape)).astype(value.dtype)
+                assert tuple(value.shape) == self.get_tensor_shape(name), "output shape disagrees"
+                cudart.write(self.addresses[name], value)
+            return True
+
+    class Engine:
+        def __init__(self, plan: dict) -> None:
+            import onnxruntime
+
+            self.session = onnxruntime.InferenceSession(plan["onnx"], providers=["CPUExecutionProvider"])
+            self.profile = {k: tuple(tuple(s) for s in v) for k, v in plan["profile"].items()}
+            self.input_names = [arg.name for arg in self.session.get_inputs()]
+            self.output_names = [arg.name for arg in self.session.get_outputs()]
+            args = {arg.name: arg for arg in [*self.session.get_inputs(), *self.session.get_outputs()]}
+            self.ort_shapes = {name: list(arg.shape) for name, arg in args.items()}
+            self.trt_types = {name: getattr(DataType, ORT_TYPES[arg.type]) for name, arg in args.items()}
+            self.dtypes = {name: np.dtype(nptype(t)) for name, t in self.trt_types.items()}
+            self.names = self.input_names + self.output_names
+
+        @property
+        def num_io_tensors(self):
+            return len(self.names)
+
+        def get_tensor_name(self, index):
+            return self.names[index]
+
+        def get_tensor_mode(self, name):
+            return trt.TensorIOMode.INPUT if name in self.input_names else trt.TensorIOMode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return self.trt_types[name]
+
+        def get_tensor_shape(self, name):
+            return tuple(d if isinstance(d, int) else -1 for d in self.ort_shapes[name])
+
+        def create_execution_context(self):
+            return Context(self)
+
+    class Runtime:
+        def __init__(self, logger: Any) -> None:
+            self.logger = logger
+            self.engine_host_code_allowed = False
+
+        def deserialize_cuda_engine(self, data):
+            data = bytes(data)
+            if not data.startswith(PLAN_MAGIC):
+                self.logger.log(Severity.ERROR, "IRuntime::deserializeCudaEngine: magic tag does not match")
+                return None
+            plan = json.loads(data[len(PLAN_MAGIC) :])
+            trt.record["host_code_allowed"].append(self.engine_host_code_allowed)
+            if plan["version_compatible"] and not self.engine_host_code_allowed:
+                self.logger.log(Severity.ERROR, "engine host code is not allowed")
+                return None
+            return Engine(plan)
+
+    trt.Builder = Builder
+    trt.OnnxParser = OnnxParser
+    trt.Runtime = Runtime
+    return trt
+
+
+def install(monkeypatch: Any, cudart: FakeCudart | None = None, **tensorrt_options: Any) -> tuple[Any, FakeCudart]:
+    """Put the fakes where `import tensorrt` and `from cuda.bindings import runtime` find them."""
+    cudart = cudart or FakeCudart()
+    trt = make_fake_tensorrt(cudart, **tensorrt_options)
+    cuda = types.ModuleType("cuda")
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime = cudart
+    cuda.bindings = bindings
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
+    return trt, cudart
+
+
+def hide(monkeypatch: Any, *names: str) -> None:
+    """Make `import name` fail as if the package were not installed."""
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+# --- a tiny bundle the Embedder can run: hand-built graphs, a word-level tokenizer, 8 px tiles ---------------
+
+TILE, TOKENS, HIDDEN, DIM = 8, 3, 8, 8
+CORPUS = [
+    "benign tissue with glands and stroma",
+    "lymph node with metastatic carcinoma",
+    "normal colonic mucosa",
+    "strong membranous staining of tumour cells",
+    "fatty tissue with thin fibrous septa",
+    "necrotic debris",
+    "as an immunohistochemistry stain",
+    "with more inflammatory cells",
+    "at lower magnification",
+    "image text composed summary",
+]
+
+
+def _graphs(vocab: int, half_features: bool = False):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    pixels = 3 * TILE * TILE
+    last = [helper.make_node("Reshape", ["mixed", "features_shape"], ["image_features"])]
+    if half_features:  # a vision graph whose output dtype differs from the decoder's input
+        last = [
+            helper.make_node("Reshape", ["mixed", "features_shape"], ["features32"]),
+            helper.make_node("Cast", ["features32"], ["image_features"], to=TensorProto.FLOAT16),
+        ]
+    features_type = TensorProto.FLOAT16 if half_features else TensorProto.FLOAT
+    vision = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["pixel_values", "flat_shape"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "weight"], ["mixed"]),
+            *last,
+        ],
+        "vision",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, TILE, TILE])],
+        [helper.make_tensor_value_info("image_features", features_type, ["batch", TOKENS, HIDDEN])],
+        [
+            numpy_helper.from_array(np.array([0, -1], np.int64), "flat_shape"),
+            numpy_helper.from_array(np.array([0, TOKENS, HIDDEN], np.int64), "features_shape"),
+            numpy_helper.from_array(rng.standard_normal((pixels, TOKENS * HIDDEN)).astype(np.float32) / 8, "weight"),
+        ],
+    )
+    # (masked sum of token embeddings + sum of the row's image features) @ projection, L2-normalised
+    decoder = helper.make_graph(
+        [
+            helper.make_node("Gather", ["embeddings", "input_ids"], ["token_embeddings"]),
+            helper.make_node("Cast", ["attention_mask"], ["mask_float"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["mask_float", "last_axis"], ["mask_3d"]),
+            helper.make_node("Mul", ["token_embeddings", "mask_3d"], ["masked"]),
+            helper.make_node("ReduceSum", ["masked", "axis_1"], ["text_sum"], keepdims=0),
+            helper.make_node("ReduceSum", ["image_features", "axis_1"], ["image_sum"], keepdims=0),
+            helper.make_node("Add", ["text_sum", "image_sum"], ["pooled"]),
+            helper.make_node("MatMul", ["pooled", "projection"], ["projected"]),
+            helper.make_node("LpNormalization", ["projected"], ["sentence_embedding"], axis=-1, p=2),
+        ],
+        "decoder",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["batch", "image_tokens", HIDDEN]),
+        ],
+        [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", DIM])],
+        [
+            numpy_helper.from_array(rng.standard_normal((vocab, HIDDEN)).astype(np.float32), "embeddings"),
+            numpy_helper.from_array(rng.standard_normal((HIDDEN, DIM)).astype(np.float32), "projection"),
+            numpy_helper.from_array(np.array([-1], np.int64), "last_axis"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis_1"),
+        ],
+    )
+    models = []
+    for graph in (vision, decoder):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 9
+        onnx.checker.check_model(model)
+        models.append(model)
+    return models
+
+
+def make_tiny_bundle(
+    directory: Path, precision: str = "fp32", target: str = "any", half_features: bool = False
+) -> Path:
+    """An onnxruntime bundle the Embedder can load (CPU), built in well under a second."""
+    import onnx
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from pue.bundle import (
+        GraphSpec,
+        Manifest,
+        Prompts,
+        SourceCheckpoint,
+        TensorSpec,
+        TokenizerInfo,
+        file_entry,
+        write_manifest,
+    )
+    from pue.calibration.gate import GATE_MODIFIERS, GATE_TEXTS
+    from pue.runtime.preprocess import preprocessing_from_config
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<image>"])
+    tokenizer.train_from_iterator(CORPUS + GATE_TEXTS + GATE_MODIFIERS, trainer)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    vision, decoder = _graphs(tokenizer.get_vocab_size(), half_features)
+    onnx.save_model(vision, directory / "vision.onnx")
+    onnx.save_model(decoder, directory / "decoder.onnx")
+    preprocessing = preprocessing_from_config(
+        {
+            "image_processor_type": "CLIPImageProcessor",
+            "size": {"shortest_edge": TILE},
+            "crop_size": {"height": TILE, "width": TILE},
+        },
+        TILE,
+        "single",
+        TILE,
+        None,
+    )
+    manifest = Manifest(
+        architecture="llava",
+        precision=precision,
+        target=target,
+        backend="onnxruntime",
+        graphs={
+            "vision": GraphSpec(
+                file_entry(directory, "vision.onnx"),
+                [TensorSpec("pixel_values", "float32", ["batch", 3, TILE, TILE])],
+                [TensorSpec("image_features", "float16" if half_features else "float32", ["batch", TOKENS, HIDDEN])],
+            ),
+            "decoder": GraphSpec(
+                file_entry(directory, "decoder.onnx"),
+                [
+                    TensorSpec("input_ids", "int64", ["batch", "sequence"]),
+                    TensorSpec("attention_mask", "int64", ["batch", "sequence"]),
+                    TensorSpec("image_features", "float32", ["batch", "image_tokens", HIDDEN]),
+                ],
+                [TensorSpec("sentence_embedding", "float32", ["batch", DIM])],
+            ),
+        },
+        tile_size=TILE,
+        preprocessing=preprocessing,
+        recipe={"name": "e5v"},
+        prompts=Prompts(
+            image="<image> image summary",
+            text="{text} text summary",
+            composed="<image> {text} composed summary",
+            image_placeholder="<image>",
+        ),
+        pooling="last_token",
+        tokenizer=TokenizerInfo(file_entry(directory, "tokenizer.json"), pad_token_id=0),
+        image_token_id=tokenizer.token_to_id("<image>"),
+        tokens_per_image=TOKENS,
+        embedding_dim=DIM,
+        hidden_size=HIDDEN,
+        max_seq_len=128,
+        default_batch_size=4,
+        source_checkpoint=SourceCheckpoint("tiny-fake", "0" * 64, "llava"),
+        versions={"pue": "test"},
+    )
+    write_manifest(directory, manifest)
+    return directory
+
+
+def heldout_patches(count: int = 8) -> list[Path]:
+    """The shipped held-out patches (read straight from the package data folder)."""
+    import pue.data
+
+    found = sorted((Path(pue.data.__file__).parent / "patches" / "heldout").glob("*.jpg"))[:count]
+    assert len(found) >= 4, "the package's held-out patches are missing"
+    return found
+
+
+def small_gate_set(count: int = 6) -> Any:
+    from pue.calibration.gate import GATE_MODIFIERS, GATE_TEXTS, GateSet
+
+    images = heldout_patches(count)
+    return GateSet(images, list(GATE_TEXTS), images[:3], list(GATE_MODIFIERS[:3]))

@@ -1,0 +1,127 @@
+"""`pue-export quantize`: INT8 (both targets), INT8-dynamic and FP16 bundles that pass the gate and run; the
+outlier preset needs the smoothing (a test shows the same model fails without it); bad requests are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from pue.bundle import manifest_sha256, read_manifest, verify_files
+from pue.calibration.gate import GateThresholds, measure_fidelity, retrieval_agreement
+from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
+from pue.errors import GateFailedError, PueError
+from pue.runtime import Embedder
+
+FAST = {"num_patches": 16, "num_captions": 8}
+
+
+@pytest.fixture(scope="module")
+def heldout_dir(tmp_path_factory, gate_images):
+    folder = tmp_path_factory.mktemp("heldout")
+    for path in gate_images:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def run(parent, out, heldout_dir, **options):
+    return quantize_bundle(parent, out, QuantizeOptions(heldout=heldout_dir, **{**FAST, **options}))
+
+
+def op_types(bundle, graph):
+    return {node.op_type for node in onnx.load(str(bundle / f"{graph}.onnx"), load_external_data=False).graph.node}
+
+
+@pytest.mark.parametrize(
+    ("precision", "target"), [("int8", "onnxruntime"), ("int8", "tensorrt"), ("int8-dynamic", "onnxruntime"),
+                              ("fp16", "onnxruntime")]
+)
+def test_precisions_pass_the_gate_and_run(fp32_bundle, heldout_dir, tmp_path, precision, target):
+    parent = fp32_bundle("llava_next", "ci")
+    out = tmp_path / precision
+    result = run(parent, out, heldout_dir, precision=precision, target=target)
+    assert result.fidelity.passed
+    manifest = read_manifest(out)
+    verify_files(out, manifest)
+    assert manifest.precision == precision
+    assert manifest.lineage.parent_sha256 == manifest_sha256(parent)
+    report = json.loads((out / "fidelity.json").read_text())
+    assert report["gate"]["overall"]["top1"] >= 0.98
+    assert (out / "fidelity.png").stat().st_size > 1000
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["counts"]["patches"] == 16 and calibration["seed"] == 0
+    assert all(p["source"] == "shipped:calibration" for p in calibration["patches"])
+    decoder_ops = op_types(out, "decoder")
+    if precision == "int8":
+        assert {"QuantizeLinear", "DequantizeLinear"} <= decoder_ops
+        assert report["int8_flop_share"] >= 0.8
+        zero_point_types = {
+            init.data_type
+            for init in onnx.load(str(out / "decoder.onnx")).graph.initializer
+            if "zero_point" in init.name and len(init.dims) == 0
+        }
+        expected = onnx.TensorProto.UINT8 if target == "onnxruntime" else onnx.TensorProto.INT8
+        assert expected in zero_point_types
+    if precision == "int8-dynamic":
+        assert "DynamicQuantizeLinear" in decoder_ops or "MatMulInteger" in decoder_ops
+    if precision == "fp16":
+        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in onnx.load(str(out / "decoder.onnx")).graph.initializer)
+        assert "cannot reveal FP16 overflow" in report["gate_device"]
+    embedder = Embedder.load(out)
+    vectors = embedder.embed_texts(["glands", "stroma"])
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llava_next", "llava"])
+def test_outliers_need_smoothing(fp32_bundle, heldout_dir, tmp_path, arch):
+    parent = fp32_bundle(arch, "outliers")
+    result = run(parent, tmp_path / "int8", heldout_dir, precision="int8")
+    assert result.fidelity.passed
+    report = json.loads((tmp_path / "int8" / "fidelity.json").read_text())
+    assert len(report["smoothed"]) >= 6  # the attention and MLP inputs of most blocks
+    assert all(g["outlier_ratio_before"] > 50 and g["outlier_ratio_after"] < g["outlier_ratio_before"]
+               for g in report["smoothed"] if g["graph"] == "decoder")
+    if arch == "llava_next":
+        with pytest.raises(GateFailedError) as failure:
+            run(parent, tmp_path / "naive", heldout_dir, precision="int8", smooth=False)
+        assert not (tmp_path / "naive").exists()
+        failed = json.loads((tmp_path / "naive.gate-failed.json").read_text())
+        assert not failed["gate"]["passed"]
+        assert len(failed["attempts"]) > 1  # float fallback was tried, within the 80 % rule, and was not enough
+        assert all(a["int8_flop_share"] >= 0.8 for a in failed["attempts"])
+        assert failure.value.exit_code == 3
+
+
+def test_refusals(fp32_bundle, heldout_dir, tmp_path):
+    parent = fp32_bundle("llava_next", "ci")
+    with pytest.raises(PueError, match="onnxruntime on CPU only"):
+        run(parent, tmp_path / "a", heldout_dir, precision="int8-dynamic", target="tensorrt")
+    with pytest.raises(PueError, match="unknown precision"):
+        run(parent, tmp_path / "b", heldout_dir, precision="int4")
+    quantized = tmp_path / "q"
+    run(parent, quantized, heldout_dir, precision="int8-dynamic")
+    with pytest.raises(PueError, match="already int8-dynamic"):
+        run(quantized, tmp_path / "c", heldout_dir, precision="int8")
+    with pytest.raises(PueError, match="--overwrite"):
+        run(parent, quantized, heldout_dir, precision="int8-dynamic")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PueError):
+        quantize_bundle(parent, tmp_path / "d", QuantizeOptions(precision="int8", calib=[empty], heldout=heldout_dir))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+def test_gate_metrics_by_hand():
+    parent = {"images": np.eye(4, dtype=np.float32)}
+    same = measure_fidelity({"images": np.eye(4, dtype=np.float32)}, parent)
+    assert same.passed and same.overall["top1"] == 1.0 and same.overall["min_cosine"] == pytest.approx(1.0)
+    swapped = np.eye(4, dtype=np.float32)[[1, 0, 2, 3]]
+    report = measure_fidelity({"images": swapped}, parent, GateThresholds())
+    assert report.overall["top1"] == 0.5
+    assert report.overall["mean_cosine"] == pytest.approx(0.5)
+    assert not report.passed and len(report.failures()) == 3
+    # ties count in the item's favour; top-5 over 4 items is always 1
+    assert retrieval_agreement(np.ones((3, 2)), np.ones((3, 2)), 1) == 1.0

@@ -300,6 +300,45 @@ def trt(
         print_engine_result(out, result)
 
 
+@app.command("demo")
+@handle_errors
+def demo(
+    workdir: Path = typer.Option(Path("pue-demo"), "--workdir", help="Where checkpoint, bundles and reports go."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing demo directory."),
+    iters: int = typer.Option(5, "--iters", help="Timed iterations per batch size in the latency benchmark."),
+) -> None:
+    """Tiny checkpoint → FP32 bundle → INT8 bundles → latency and pmeb-mini reports, offline, with a summary."""
+    from rich.table import Table
+
+    from pue.demo import run_demo
+
+    out = console()
+    result = run_demo(workdir, overwrite=overwrite, iters=iters, progress=lambda message: out.print(message))
+    table = Table(title="pue demo: tiny llava_next checkpoint, batch 8, this machine")
+    for column in ("backend", "precision", "gate", "p50 ms", "items/s", "× fp32 ref", "PMEB agreement"):
+        table.add_column(column)
+    for row in result.summary_rows():
+        table.add_row(
+            f"{row['name']} ({row['backend']})",
+            str(row["precision"]),
+            str(row["gate"]),
+            _fmt(row["p50_ms"], 1),
+            _fmt(row["items_per_s"], 2),
+            _fmt(row["speedup_vs_reference"], 2),
+            "-" if row["pmeb_prediction_agreement"] is None else f"{row['pmeb_prediction_agreement']:.1%}",
+        )
+    out.print(table)
+    out.print(
+        f"reports: {result.workdir / 'reports' / 'latency' / 'report.md'}, "
+        f"{result.workdir / 'reports' / 'pmeb' / 'report.md'}"
+    )
+    out.print("Random tiny weights: these numbers show the pipeline works, not how a trained model performs.")
+
+
+def _fmt(value: object, digits: int) -> str:
+    return "-" if value is None else f"{float(value):.{digits}f}"
+
+
 def main() -> None:
     app()
 

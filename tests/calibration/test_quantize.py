@@ -36,8 +36,8 @@ def op_types(bundle, graph):
 
 
 @pytest.mark.parametrize(
-    ("precision", "target"), [("int8", "onnxruntime"), ("int8", "tensorrt"), ("int8-dynamic", "onnxruntime"),
-                              ("fp16", "onnxruntime")]
+    ("precision", "target"),
+    [("int8", "onnxruntime"), ("int8", "tensorrt"), ("int8-dynamic", "onnxruntime"), ("fp16", "onnxruntime")],
 )
 def test_precisions_pass_the_gate_and_run(fp32_bundle, heldout_dir, tmp_path, precision, target):
     parent = fp32_bundle("llava_next", "ci")
@@ -68,7 +68,9 @@ def test_precisions_pass_the_gate_and_run(fp32_bundle, heldout_dir, tmp_path, pr
     if precision == "int8-dynamic":
         assert "DynamicQuantizeLinear" in decoder_ops or "MatMulInteger" in decoder_ops
     if precision == "fp16":
-        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in onnx.load(str(out / "decoder.onnx")).graph.initializer)
+        assert any(
+            i.data_type == onnx.TensorProto.FLOAT16 for i in onnx.load(str(out / "decoder.onnx")).graph.initializer
+        )
         assert "cannot reveal FP16 overflow" in report["gate_device"]
     embedder = Embedder.load(out)
     vectors = embedder.embed_texts(["glands", "stroma"])
@@ -82,8 +84,11 @@ def test_outliers_need_smoothing(fp32_bundle, heldout_dir, tmp_path, arch):
     assert result.fidelity.passed
     report = json.loads((tmp_path / "int8" / "fidelity.json").read_text())
     assert len(report["smoothed"]) >= 6  # the attention and MLP inputs of most blocks
-    assert all(g["outlier_ratio_before"] > 50 and g["outlier_ratio_after"] < g["outlier_ratio_before"]
-               for g in report["smoothed"] if g["graph"] == "decoder")
+    assert all(
+        g["outlier_ratio_before"] > 50 and g["outlier_ratio_after"] < g["outlier_ratio_before"]
+        for g in report["smoothed"]
+        if g["graph"] == "decoder"
+    )
     if arch == "llava_next":
         with pytest.raises(GateFailedError) as failure:
             run(parent, tmp_path / "naive", heldout_dir, precision="int8", smooth=False)

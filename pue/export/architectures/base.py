@@ -59,6 +59,7 @@ class Architecture(abc.ABC):
     def decoder_module(self, model: Any, image_token_id: int, pool_token_id: int | None) -> nn.Module:
         """input_ids, attention_mask, image_features -> unit sentence_embedding [batch, hidden]."""
         base = model.model
+        use_eager_attention(base.language_model)
         return EmbeddingDecoder(
             language_model=base.language_model,
             embed_tokens=base.get_input_embeddings(),
@@ -86,3 +87,17 @@ def select_vision_features(
             state = state[:, 1:]
         selected.append(state)
     return selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
+
+
+def use_eager_attention(language_model: nn.Module) -> None:
+    """Export attention as MatMul + additive mask + Softmax + MatMul.
+
+    HF's SDPA path exports a boolean mask turned into Where/IsNaN over every [batch, heads, seq, seq] score
+    tensor in every layer (27 % of the int8 decoder's time measured on CPU); eager attention adds one float mask
+    built once per forward. Same math (parity gate), standard ONNX ops only (TensorRT parses them).
+    """
+    setter = getattr(language_model, "set_attn_implementation", None)
+    if callable(setter):
+        setter("eager")
+    else:  # older transformers
+        language_model.config._attn_implementation = "eager"

@@ -55,17 +55,27 @@ def main() -> int:
         build = timed([export, "tiny-model", str(checkpoint), "--arch", arch, "--preset", preset, "--overwrite"])
         for exporter in EXPORTERS:
             bundle = args.workdir / f"bundle-{arch}-{preset}-{exporter}"
-            result = timed([export, "onnx", str(checkpoint), "-o", str(bundle), "--exporter", exporter, "--overwrite",
-                            "--json"])
-            row = {"step": "onnx", "arch": arch, "preset": preset, "exporter": exporter, **result,
-                   "build_seconds": build["seconds"]}
+            result = timed(
+                [export, "onnx", str(checkpoint), "-o", str(bundle), "--exporter", exporter, "--overwrite", "--json"]
+            )
+            row = {
+                "step": "onnx",
+                "arch": arch,
+                "preset": preset,
+                "exporter": exporter,
+                **result,
+                "build_seconds": build["seconds"],
+            }
             manifest = bundle / "manifest.json"
             if result["rc"] == 0 and manifest.exists():
                 data = json.loads(manifest.read_text())
                 checks = data["fidelity"]["parity_gate"]["checks"]
                 row["min_cosine"] = min(c["value"] for c in checks if c["metric"] == "min cosine")
-                row["max_abs"] = max(c["value"] for c in checks if c["metric"] == "max abs diff"
-                                     and c["name"] in ("images", "texts", "composed"))
+                row["max_abs"] = max(
+                    c["value"]
+                    for c in checks
+                    if c["metric"] == "max abs diff" and c["name"] in ("images", "texts", "composed")
+                )
                 row["vision_max_abs"] = next(c["value"] for c in checks if c["name"] == "vision features")
                 row["timings"] = data["export"].get("timings")
             rows.append(row)
@@ -75,17 +85,40 @@ def main() -> int:
         parent = args.workdir / f"bundle-{arch}-{preset}-torchscript"
         for precision, target in PRECISIONS:
             out = args.workdir / f"bundle-{arch}-{preset}-{precision}-{target}"
-            result = timed([export, "quantize", str(parent), "-o", str(out), "--precision", precision, "--target",
-                            target, "--overwrite", "--json"])
-            row = {"step": "quantize", "arch": arch, "preset": preset, "precision": precision, "target": target,
-                   **result}
+            result = timed(
+                [
+                    export,
+                    "quantize",
+                    str(parent),
+                    "-o",
+                    str(out),
+                    "--precision",
+                    precision,
+                    "--target",
+                    target,
+                    "--overwrite",
+                    "--json",
+                ]
+            )
+            row = {
+                "step": "quantize",
+                "arch": arch,
+                "preset": preset,
+                "precision": precision,
+                "target": target,
+                **result,
+            }
             report = out / "fidelity.json"
             if result["rc"] == 0 and report.exists():
                 data = json.loads(report.read_text())
-                row.update(mean_cosine=data["gate"]["overall"]["mean_cosine"],
-                           min_cosine=data["gate"]["overall"]["min_cosine"], top1=data["gate"]["overall"]["top1"],
-                           int8_flop_share=data["int8_flop_share"], float_ops=len(data["float_nodes"]),
-                           smoothed_groups=len(data["smoothed"]))
+                row.update(
+                    mean_cosine=data["gate"]["overall"]["mean_cosine"],
+                    min_cosine=data["gate"]["overall"]["min_cosine"],
+                    top1=data["gate"]["overall"]["top1"],
+                    int8_flop_share=data["int8_flop_share"],
+                    float_ops=len(data["float_nodes"]),
+                    smoothed_groups=len(data["smoothed"]),
+                )
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("\n| step | arch | preset | exporter/precision | rc | s | peak RSS MB | min cos | max abs / top-1 |")
@@ -93,8 +126,10 @@ def main() -> int:
     for r in rows:
         what = r.get("exporter") or f"{r.get('precision')} ({r.get('target')})"
         last = r.get("max_abs", r.get("top1"))
-        print(f"| {r['step']} | {r['arch']} | {r['preset']} | {what} | {r['rc']} | {r['seconds']} | "
-              f"{r['peak_rss_mb']} | {r.get('min_cosine', '-')} | {last if last is not None else '-'} |")
+        print(
+            f"| {r['step']} | {r['arch']} | {r['preset']} | {what} | {r['rc']} | {r['seconds']} | "
+            f"{r['peak_rss_mb']} | {r.get('min_cosine', '-')} | {last if last is not None else '-'} |"
+        )
     out = args.out or args.workdir / "acceptance.json"
     out.write_text(json.dumps(rows, indent=2) + "\n")
     failed = [r for r in rows if r["rc"] != 0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ DEFAULT_BATCH_SIZES = (1, 8)
 DEFAULT_PATCHES_PER_SLIDE = 10_000
 DTYPE_OF_PRECISION = {precision: dtype for dtype, precision in PRECISION_OF_DTYPE.items()}
 STDERR_TAIL_LINES = 12
+BUSY_LOAD_PER_CORE = 0.5  # a 1-minute load average above this per usable core means something else is running
 
 
 @dataclass
@@ -78,6 +80,12 @@ def run_latency(
     if not image_paths:
         raise PueError("no images to benchmark with", "pass image paths, or reinstall pue (held-out patches)")
     notes: list[str] = []
+    load_before = _load_average()
+    if load_before is not None and load_before >= BUSY_LOAD_PER_CORE * _usable_cores():
+        notes.append(
+            f"the machine was busy before the run (1-minute load average {load_before:.1f} on "
+            f"{_usable_cores()} cores): other processes compete for the cores and timings are unreliable"
+        )
 
     machine_peaks = None
     if peaks:
@@ -135,6 +143,8 @@ def run_latency(
             "image_source": "pue.data heldout" if images is None else "user",
             "patches_per_slide": patches_per_slide,
             "reference": None if checkpoint is None else str(checkpoint.path),
+            "load_average_before": load_before,
+            "load_average_after": _load_average(),
         },
         "peaks": machine_peaks,
         "models": models,
@@ -337,6 +347,20 @@ def _bundle_targets(bundles: Sequence[str | Path]) -> list[tuple[str, Path, Mani
         seen[name] = seen.get(name, 0) + 1
         targets.append((name if seen[name] == 1 else f"{name} ({seen[name]})", path, manifest))
     return targets
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _heldout() -> list[Path]:

@@ -76,7 +76,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Settings: batch sizes {settings.get('batch_sizes')}, {settings.get('warmup')} warm-up and "
         f"{settings.get('iters')} timed batches per size, threads {settings.get('threads') or 'default'}, "
         f"device {settings.get('device')}, {settings.get('images')} images ({settings.get('image_source')}) read "
-        "from disk for every batch (decoding is part of preprocess).",
+        "from disk for every batch (decoding is part of preprocess); 1-minute load average "
+        f"{settings.get('load_average_before', '?')} before the run, {settings.get('load_average_after', '?')} after.",
         "",
         "## Results",
         "",

@@ -147,6 +147,8 @@ def test_latency_end_to_end_with_reference(fp32_bundle, tiny_checkpoint, tmp_pat
             "1",
             "--iters",
             "2",
+            "--threads",
+            "1",  # one thread per worker: OpenMP's spinning threads crawl on a machine busy with other tests
             "--report",
             str(report_dir),
             "--json",
@@ -180,7 +182,7 @@ def test_latency_end_to_end_with_reference(fp32_bundle, tiny_checkpoint, tmp_pat
             assert _positive(row[field]), (row["name"], field, row[field])
         assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
         assert _positive(row["stage_ms"]["vision"]) and _positive(row["stage_ms"]["decoder"])
-        assert row["device"] == "cpu"
+        assert row["device"] == "cpu" and row["threads"] == 1
     reference_rows = [row for row in rows if row["backend"] == "pytorch"]
     assert {row["precision"] for row in reference_rows} == set(expected_references)
     fp32_reference = [row for row in reference_rows if row["precision"] == "fp32"]
@@ -191,6 +193,7 @@ def test_latency_end_to_end_with_reference(fp32_bundle, tiny_checkpoint, tmp_pat
     assert model["flops"]["source"] == "config" and model["flops"]["image_tokens"] == 528
     assert len(model["gpu_best_case"]) >= 5
     assert all(_positive(report["peaks"][key]["gflops"]) for key in ("fp32", "int8"))
+    assert report["peaks"]["threads"] == 1 and report["settings"]["threads"] == 1
     assert json.loads(result.stdout)["results"] == rows
 
 

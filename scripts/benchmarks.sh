@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Regenerates BENCHMARKS.md: the `bench` tiny preset (llava_next, E5-V geometry, ~54 M parameters) exported,
+# quantized and measured on this machine against the PyTorch reference. Usage: scripts/benchmarks.sh [WORKDIR]
+set -euo pipefail
+WORK="${1:-bench-out}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "$WORK"
+pue-export tiny-model "$WORK/checkpoint" --preset bench --overwrite
+pue-export onnx "$WORK/checkpoint" -o "$WORK/fp32" --overwrite
+pue-export quantize "$WORK/fp32" -o "$WORK/int8" --precision int8 --overwrite
+pue-export quantize "$WORK/fp32" -o "$WORK/int8-dynamic" --precision int8-dynamic --overwrite
+pue-export quantize "$WORK/fp32" -o "$WORK/fp16" --precision fp16 --overwrite
+pue-bench latency "$WORK/fp32" "$WORK/int8" "$WORK/int8-dynamic" "$WORK/fp16" --reference "$WORK/checkpoint" \
+  --batch-sizes 1,8 --warmup 1 --iters 5 --report "$WORK/latency" --overwrite
+MINI="$(python -c 'from pue.benchmarks.pmeb import pmeb_mini_dir; print(pmeb_mini_dir())')"
+pue-bench pmeb "$WORK/fp32" "$WORK/int8" "$WORK/int8-dynamic" "$WORK/fp16" --data "$MINI" \
+  --reference "$WORK/checkpoint" --report "$WORK/pmeb" --cache-dir "$WORK/cache" --overwrite
+python "$ROOT/scripts/write_benchmarks.py" "$WORK" > "$ROOT/BENCHMARKS.md"
+echo "wrote $ROOT/BENCHMARKS.md"

@@ -92,7 +92,9 @@ def latency(
 @handle_errors
 def pmeb(
     bundles: list[Path] = typer.Argument(..., help="Bundle directories to evaluate."),
-    data: Path = typer.Option(..., "--data", help="Folder with one sub-folder (task.json + data) per task."),
+    data: Path = typer.Option(
+        ..., "--data", help="Folder with one sub-folder (task.json + data) per task, or 'pmeb-mini' (shipped)."
+    ),
     reference: Path = typer.Option(None, "--reference", help="The bundles' source checkpoint, run in PyTorch."),
     tasks: str = typer.Option(None, "--tasks", help="Comma-separated task names (default: every task found)."),
     report: Path = typer.Option(None, "--report", help="Directory for report.json, report.md and pmeb.png."),
@@ -110,6 +112,10 @@ def pmeb(
 
     if report is not None:
         check_report_dir(report, overwrite)
+    if str(data) == "pmeb-mini" and not data.exists():
+        from pue.benchmarks.pmeb import pmeb_mini_dir
+
+        data = pmeb_mini_dir()
     err = console()
     # With a report directory the harness rewrites report.json / report.md after every finished task (a
     # failed or interrupted run keeps what finished) and writes the full report with pmeb.png at the end.

@@ -44,12 +44,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="skip the bench preset")
     parser.add_argument("--no-quantize", action="store_true")
+    parser.add_argument("--arch", action="append", help="only these architectures (repeatable)")
+    parser.add_argument("--preset", action="append", help="only these presets (repeatable)")
     args = parser.parse_args()
     bin_dir = Path(sys.executable).parent
     export, rows = str(bin_dir / "pue-export"), []
     args.workdir.mkdir(parents=True, exist_ok=True)
     for arch, preset in MATRIX:
-        if args.quick and preset == "bench":
+        if (args.quick and preset == "bench") or (args.arch and arch not in args.arch):
+            continue
+        if args.preset and preset not in args.preset:
             continue
         checkpoint = args.workdir / f"ckpt-{arch}-{preset}"
         build = timed([export, "tiny-model", str(checkpoint), "--arch", arch, "--preset", preset, "--overwrite"])

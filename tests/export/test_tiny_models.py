@@ -32,7 +32,7 @@ OUTLIER_RATIO = 50.0
 OUTLIER_BLOCK_FRACTION = 0.75
 
 _IHC_CANDIDATES = [
-    Path("/work/shared/data/ihc.png"),
+    Path(__file__).resolve().parents[3] / "shared" / "data" / "ihc.png",
     Path(__file__).resolve().parents[2] / "shared" / "data" / "ihc.png",
 ]
 

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 from pue.errors import InputError, PueError
 from pue.runtime.images import fit_to_tile, load_image
 
-IHC = Path("/work/shared/data/ihc.png")
+IHC = Path(__file__).resolve().parents[3] / "shared" / "data" / "ihc.png"  # ../shared beside the repo
 
 
 def rng_rgb(height: int = 24, width: int = 32, seed: int = 0) -> np.ndarray:

@@ -21,7 +21,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil  # noqa: E402
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil  # noqa: E402
 
-IHC = Path("/work/shared/data/ihc.png")
+IHC = Path(__file__).resolve().parents[3] / "shared" / "data" / "ihc.png"  # ../shared beside the repo
 E5V_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 CLIP224 = {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}}
 CLIP336 = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}

@@ -315,11 +315,11 @@ def demo(
     out = console()
     result = run_demo(workdir, overwrite=overwrite, iters=iters, progress=lambda message: out.print(message))
     table = Table(title="pue demo: tiny llava_next checkpoint, batch 8, this machine")
-    for column in ("backend", "precision", "gate", "p50 ms", "items/s", "× fp32 ref", "PMEB agreement"):
+    for column in ("name", "precision", "gate", "p50 ms", "items/s", "×ref", "PMEB agree"):
         table.add_column(column)
     for row in result.summary_rows():
         table.add_row(
-            f"{row['name']} ({row['backend']})",
+            str(row["name"]).removeprefix("bundle-"),
             str(row["precision"]),
             str(row["gate"]),
             _fmt(row["p50_ms"], 1),

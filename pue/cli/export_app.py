@@ -115,7 +115,9 @@ def quantize(
     target: str = typer.Option(
         "onnxruntime", "--target", help="onnxruntime (uint8 activations, x86 CPUs) or tensorrt (signed symmetric Q/DQ)."
     ),
-    calib: list[Path] = typer.Option(None, "--calib", help="Calibration folder(s) or slide(s); default: shipped."),
+    calib: list[Path] = typer.Option(
+        None, "--calib", help="Calibration folder or slide (repeat for several); default: the shipped patches."
+    ),
     heldout: Path = typer.Option(None, "--heldout", help="Held-out patch folder for the gate; default: shipped."),
     num_patches: int = typer.Option(64, "--num-patches", help="Calibration patches to sample."),
     captions: Path = typer.Option(None, "--captions", help="Text file of captions (one per line) for calibration."),

@@ -7,9 +7,13 @@ FP16 overflow: that is what the activation rule is for, and reports say where th
 
 from __future__ import annotations
 
+import copy
+import time
+from collections.abc import Callable
 from typing import Any
 
 FP16_SAFE_LIMIT = 16_000.0
+FP16_STAT_SAMPLES = 16
 # Kept in FP32 when the gate fails with the activation rule alone (numerically delicate reductions).
 DELICATE_OPS = ["Softmax", "ReduceMean", "ReduceL2", "Pow", "Sqrt", "Div", "CumSum"]
 
@@ -29,3 +33,37 @@ def convert_fp16(model: Any, node_block_list: list[str], op_block_list: list[str
         op_block_list=ops,
         disable_shape_infer=False,
     )
+
+
+def convert_with_gate(
+    models: dict[str, Any],
+    feeds: dict[str, Callable[..., Any]],
+    options: Any,
+    evaluate: Callable[[dict[str, Any]], Any],
+    say: Callable[[str], None],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """FP16 graphs with the >16,000 rule; delicate reductions also kept FP32 if the gate fails."""
+    from pue.calibration.stats import collect_tensor_absmax
+
+    started = time.perf_counter()
+    blocked: dict[str, list[str]] = {}
+    for name, model in models.items():
+        absmax = collect_tensor_absmax(model, feeds[name](FP16_STAT_SAMPLES))
+        blocked[name] = nodes_over_limit(model, absmax)
+        say(f"{name}: {len(blocked[name])} ops exceed |16,000| on calibration data and stay FP32")
+    timings["statistics_s"] = time.perf_counter() - started
+    attempts = []
+    for extra_ops in ([], DELICATE_OPS):
+        converted = {
+            name: convert_fp16(copy.deepcopy(model), blocked[name], extra_ops) for name, model in models.items()
+        }
+        fidelity = evaluate(converted)
+        attempts.append({"op_block_list": extra_ops, "overall": fidelity.overall, "passed": fidelity.passed})
+        if fidelity.passed or not options.fallback:
+            break
+    return {
+        "fidelity": fidelity,
+        "attempts": attempts,
+        "fp16_blocked": [f"{g}:{n}" for g, names in blocked.items() for n in names],
+    }

@@ -31,15 +31,15 @@ from pue.bundle import (
     verify_files,
     write_manifest,
 )
+from pue.calibration.fidelity_plot import plot_fidelity
+from pue.calibration.fp16 import convert_with_gate
 from pue.calibration.gate import FidelityReport, GateSet, GateThresholds, measure_fidelity
-from pue.calibration.graph_ops import int8_flop_share, weight_ops
+from pue.calibration.int8_search import search_int8
 from pue.errors import GateFailedError, PueError
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("int8", "int8-dynamic", "fp16")
-MIN_INT8_FLOP_SHARE = 0.80
-FP16_STAT_SAMPLES = 16
 
 
 @dataclass
@@ -148,13 +148,16 @@ def quantize_bundle(
         atomic_directory(output, overwrite=overwrite) as staging,
     ):
         work = Path(scratch)
+
+        def evaluate(candidate: dict[str, Any]) -> FidelityReport:
+            """Stage the candidate's graphs as a bundle (the last one staged is what gets written) and gate it."""
+            return _evaluate(candidate, staging, parent_manifest, gate_set, reference, options)
+
         shutil.copy(parent_dir / parent_manifest.tokenizer.file.path, staging / "tokenizer.json")
         if options.precision == "fp16":
-            outcome = _fp16(models, feeds, staging, parent_manifest, gate_set, reference, options, say, timings)
+            outcome = convert_with_gate(models, feeds, options, evaluate, say, timings)
         else:
-            outcome = _int8(
-                models, feeds, tokens, work, staging, parent_manifest, gate_set, reference, options, say, timings
-            )
+            outcome = search_int8(models, feeds, tokens, work, options, evaluate, say, timings)
         fidelity, attempts = outcome["fidelity"], outcome["attempts"]
         report = {
             "precision": options.precision,
@@ -195,7 +198,7 @@ def quantize_bundle(
         (staging / "calibration.json").write_text(json.dumps(calibration, indent=2, default=str) + "\n")
         (staging / "fidelity.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
         extra_files = {"calibration": "calibration.json", "fidelity": "fidelity.json"}
-        if _plot_fidelity(report, staging / "fidelity.png"):
+        if plot_fidelity(report, staging / "fidelity.png"):
             extra_files["fidelity_plot"] = "fidelity.png"
         manifest = _child_manifest(parent_dir, parent_manifest, staging, options, report, extra_files)
         write_manifest(staging, manifest)
@@ -246,7 +249,7 @@ def _vision_tokens(manifest: Manifest) -> int:
 
 
 def _write_graphs(models: dict[str, Any], staging: Path) -> dict[str, tuple[str, list[str]]]:
-    from pue.export.onnx_graphs import save_graph
+    from pue.graph_files import save_graph
 
     written = {}
     for name, model in models.items():
@@ -282,142 +285,6 @@ def _evaluate(
     write_manifest(staging, _staged_manifest(parent, staging, written, options.precision, _target(options)))
     candidate = Embedder.load(staging)
     return measure_fidelity(gate_set.embed(candidate), reference, options.thresholds)
-
-
-def _int8(models, feeds, tokens, work, staging, parent, gate_set, reference, options, say, timings) -> dict:
-    import onnx
-
-    from pue.calibration.int8 import activation_scheme, quantize_dynamic_graph, quantize_static_graph, rank_sensitivity
-    from pue.calibration.readers import OrtReader
-    from pue.calibration.smoothing import smooth_model
-    from pue.calibration.stats import collect_channel_stats
-
-    scheme = activation_scheme(options.precision, options.target)
-    all_ops, all_stats, smoothed, float_paths = [], {}, [], {}
-    started = time.perf_counter()
-    for name, model in models.items():
-        ops = [op for op in weight_ops(model, name) if options.precision == "int8" or op.op_type == "MatMul"]
-        say(f"{name}: activation statistics of {len(ops)} weight-bearing ops")
-        stats = collect_channel_stats(model, ops, feeds[name](), seed=options.seed)
-        if options.smooth:
-            ops, stats, groups = smooth_model(model, ops, stats, scheme)
-            smoothed += [dict(g.to_dict(), graph=name) for g in groups]
-        all_ops += ops
-        all_stats.update(stats)
-        float_paths[name] = work / f"{name}.float.onnx"
-        onnx.save_model(model, str(float_paths[name]), save_as_external_data=True, location=f"{name}.float.data")
-    if smoothed:
-        say(f"smoothing: migrated activation outliers of {len(smoothed)} op groups into their weights")
-    timings["statistics_s"] = time.perf_counter() - started
-
-    ranking: list[dict] = []
-    attempts: list[dict] = []
-    float_nodes: set[str] = set()
-    keep = 0
-    while True:
-        share = int8_flop_share(all_ops, float_nodes, tokens)
-        started = time.perf_counter()
-        quantized = {}
-        for name, path in float_paths.items():
-            nodes = [op.node for op in all_ops if op.graph == name and op.node not in float_nodes]
-            out = work / f"{name}.int8.onnx"
-            if options.precision == "int8":
-                reader = OrtReader(feeds[name]())
-                quantize_static_graph(
-                    path,
-                    out,
-                    reader,
-                    nodes,
-                    options.target,
-                    options.method,
-                    cache_path=work / f"{name}.calibration.json",
-                )
-            else:
-                quantize_dynamic_graph(path, out, nodes)
-            quantized[name] = onnx.load(str(out))
-        fidelity = _evaluate(quantized, staging, parent, gate_set, reference, options)
-        attempts.append(
-            {
-                "float_nodes": sorted(float_nodes),
-                "int8_flop_share": share,
-                "overall": fidelity.overall,
-                "passed": fidelity.passed,
-                "seconds": time.perf_counter() - started,
-            }
-        )
-        say(
-            f"attempt {len(attempts)}: {len(float_nodes)} ops in float, int8 share {share:.1%}, "
-            f"mean cos {fidelity.overall['mean_cosine']:.5f}, min {fidelity.overall['min_cosine']:.5f}, "
-            f"top-1 {fidelity.overall['top1']:.3f} → {'pass' if fidelity.passed else 'fail'}"
-        )
-        if fidelity.passed or not options.fallback:
-            break
-        if not ranking:
-            ranking = []
-            for name, path in float_paths.items():
-                ranking += rank_sensitivity(
-                    onnx.load(str(path)), [o for o in all_ops if o.graph == name], all_stats, scheme
-                )
-            ranking.sort(key=lambda s: s["sqnr_db"])
-        keep = max(1, keep * 2)
-        if keep > len(ranking):
-            break
-        candidate = {s["node"] for s in ranking[:keep]}
-        if int8_flop_share(all_ops, candidate, tokens) < MIN_INT8_FLOP_SHARE:
-            say(
-                f"keeping the {keep} worst ops in float would leave less than {MIN_INT8_FLOP_SHARE:.0%} "
-                "of the weight FLOPs in int8"
-            )
-            break
-        float_nodes = candidate
-    why = None
-    if not fidelity.passed and options.fallback and keep:
-        why = fidelity.failures() + [
-            f"no float fallback within the {MIN_INT8_FLOP_SHARE:.0%} int8 FLOP rule passes the gate"
-        ]
-    for name, model in quantized.items():
-        models[name] = model
-    _write_graphs(models, staging)
-    return {
-        "fidelity": fidelity,
-        "attempts": attempts,
-        "float_nodes": sorted(float_nodes),
-        "share": share,
-        "smoothed": smoothed,
-        "ranking": ranking,
-        "why": why,
-    }
-
-
-def _fp16(models, feeds, staging, parent, gate_set, reference, options, say, timings) -> dict:
-    from pue.calibration.fp16 import DELICATE_OPS, convert_fp16, nodes_over_limit
-    from pue.calibration.stats import collect_tensor_absmax
-
-    started = time.perf_counter()
-    blocked: dict[str, list[str]] = {}
-    for name, model in models.items():
-        absmax = collect_tensor_absmax(model, feeds[name](FP16_STAT_SAMPLES))
-        blocked[name] = nodes_over_limit(model, absmax)
-        say(f"{name}: {len(blocked[name])} ops exceed |16,000| on calibration data and stay FP32")
-    timings["statistics_s"] = time.perf_counter() - started
-    attempts = []
-    for extra_ops in ([], DELICATE_OPS):
-        converted = {name: convert_fp16(_copy(model), blocked[name], extra_ops) for name, model in models.items()}
-        fidelity = _evaluate(converted, staging, parent, gate_set, reference, options)
-        attempts.append({"op_block_list": extra_ops, "overall": fidelity.overall, "passed": fidelity.passed})
-        if fidelity.passed or not options.fallback:
-            break
-    return {
-        "fidelity": fidelity,
-        "attempts": attempts,
-        "fp16_blocked": [f"{g}:{n}" for g, names in blocked.items() for n in names],
-    }
-
-
-def _copy(model: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def _child_manifest(
@@ -467,35 +334,6 @@ def _child_manifest(
         },
     )
     return manifest
-
-
-def _plot_fidelity(report: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning('matplotlib is not installed: fidelity.png not drawn (pip install "pue[bench]")')
-        return False
-    cosines = report["gate"]["cosines"]
-    overall = report["gate"]["overall"]
-    figure, axis = plt.subplots(figsize=(7, 4))
-    axis.hist(cosines, bins=40, color="#3b6ea8")
-    axis.axvline(report["gate"]["thresholds"]["min_cosine"], color="#b33", linestyle="--", label="min threshold")
-    axis.set_xlabel("cosine to the FP32 parent's embedding (held-out items)")
-    axis.set_ylabel("items")
-    share = report.get("int8_flop_share")
-    axis.set_title(
-        f"{report['precision']} ({report['target']}): mean {overall['mean_cosine']:.4f}, top-1 {overall['top1']:.3f}, "
-        f"top-5 {overall['top5']:.3f}" + (f", int8 FLOPs {share:.0%}" if share is not None else ""),
-        fontsize=9,
-    )
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return True
 
 
 __all__ = ["PRECISIONS", "QuantizeOptions", "QuantizeResult", "quantize_bundle", "FileEntry"]

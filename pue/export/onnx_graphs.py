@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pue.errors import PueError
+from pue.graph_files import EXTERNAL_DATA_THRESHOLD, save_graph
 
 log = logging.getLogger(__name__)
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_EXPORTER = "torchscript"  # exports every architecture here and Qwen2-VL's towers, where dynamo fails
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
-PROTOBUF_LIMIT = 2 * 1024**3
-EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 64 * 1024**2  # leave room for the graph itself
 
 
 @dataclass
@@ -78,26 +77,6 @@ def export_graph(
         model = onnx.load(str(raw), load_external_data=True)
         _name_dynamic_dims(model, spec)
         return filename, save_graph(model, directory / filename, external_data_threshold)
-
-
-def save_graph(model: object, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[str]:
-    """Save inline below the threshold, else with one external data file `<graph>.onnx.data` beside it."""
-    import onnx
-
-    size = model.ByteSize()  # type: ignore[attr-defined]
-    if size < external_data_threshold:
-        onnx.save_model(model, str(path))
-        return []
-    data_name = f"{path.name}.data"
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data_name,
-        size_threshold=1024,
-    )
-    return [data_name]
 
 
 def _dynamic_shapes(spec: GraphExport) -> dict[str, dict[int, object]]:

@@ -1,0 +1,37 @@
+"""fidelity.png: the gate's cosine histogram with its headline numbers (matplotlib, the `bench` extra)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def plot_fidelity(report: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning('matplotlib is not installed: fidelity.png not drawn (pip install "pue[bench]")')
+        return False
+    cosines = report["gate"]["cosines"]
+    overall = report["gate"]["overall"]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.hist(cosines, bins=40, color="#3b6ea8")
+    axis.axvline(report["gate"]["thresholds"]["min_cosine"], color="#b33", linestyle="--", label="min threshold")
+    axis.set_xlabel("cosine to the FP32 parent's embedding (held-out items)")
+    axis.set_ylabel("items")
+    share = report.get("int8_flop_share")
+    axis.set_title(
+        f"{report['precision']} ({report['target']}): mean {overall['mean_cosine']:.4f}, top-1 {overall['top1']:.3f}, "
+        f"top-5 {overall['top5']:.3f}" + (f", int8 FLOPs {share:.0%}" if share is not None else ""),
+        fontsize=9,
+    )
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True

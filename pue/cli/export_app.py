@@ -175,25 +175,16 @@ def quantize(
 
 
 def _print_fidelity(out: object, report: dict) -> None:
-    from rich.table import Table
+    from pue.cli.tables import print_fidelity
 
-    gate = report["gate"]
-    table = Table(title=f"accuracy gate: {report['precision']} ({report['target']}) vs FP32 parent")
-    for column in ("metric", "value", "threshold"):
-        table.add_column(column)
-    overall, thresholds = gate["overall"], gate["thresholds"]
-    table.add_row("mean cosine", f"{overall['mean_cosine']:.5f}", f">= {thresholds['mean_cosine']}")
-    table.add_row("min cosine", f"{overall['min_cosine']:.5f}", f">= {thresholds['min_cosine']}")
-    table.add_row("top-1 self-retrieval", f"{overall['top1']:.3f}", f">= {thresholds['top1']}")
-    table.add_row("top-5 self-retrieval", f"{overall['top5']:.3f}", "")
-    table.add_row("mean cosine, FP32 mean removed", f"{overall['centered_mean_cosine']:.5f}", "")
+    extra = []
     if report.get("int8_flop_share") is not None:
-        table.add_row("int8 share of weight FLOPs", f"{report['int8_flop_share']:.1%}", ">= 80%")
-    table.add_row("ops kept in float", str(len(report.get("float_nodes", []))), "")
-    table.add_row("smoothed op groups", str(len(report.get("smoothed", []))), "")
-    out.print(table)  # type: ignore[attr-defined]
+        extra.append(("int8 share of weight FLOPs", f"{report['int8_flop_share']:.1%}", ">= 80%"))
+    extra.append(("ops kept in float", str(len(report.get("float_nodes", []))), ""))
+    extra.append(("smoothed op groups", str(len(report.get("smoothed", []))), ""))
+    title = f"accuracy gate: {report['precision']} ({report['target']}) vs FP32 parent"
     out.print(report["gate_device"])  # type: ignore[attr-defined]
-    out.print("PASSED" if gate["passed"] else "[red]FAILED[/red]")  # type: ignore[attr-defined]
+    print_fidelity(out, report["gate"], title=title, extra_rows=extra)
 
 
 @app.command("inspect")
@@ -255,10 +246,11 @@ def trt(
 ) -> None:
     """Build TensorRT engines (one per graph) on this GPU and gate them against the parent bundle."""
     from pue.calibration.gate import GateThresholds
+    from pue.cli.tables import print_fidelity
     from pue.errors import GateFailedError
     from pue.export.tensorrt.build import TrtOptions, build_engine_bundle
     from pue.export.tensorrt.profiles import parse_batch
-    from pue.export.tensorrt.report import print_engine_result, print_fidelity
+    from pue.export.tensorrt.report import print_engine_result
 
     out = console()
     defaults = GateThresholds()

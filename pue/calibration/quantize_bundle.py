@@ -58,6 +58,7 @@ class QuantizeOptions:
     magnification: float | None = None
     mpp: float | None = None
     thresholds: GateThresholds = field(default_factory=GateThresholds)
+    attention: str | None = None  # "fused" | "standard"; None: fused for onnxruntime INT8, else standard
 
 
 @dataclass
@@ -95,6 +96,29 @@ def _check_request(manifest: Manifest, options: QuantizeOptions) -> None:
         )
     if options.num_patches < 1:
         raise PueError(f"--num-patches must be at least 1, got {options.num_patches}")
+    if options.attention not in (None, "fused", "standard"):
+        raise PueError(f"unknown --attention '{options.attention}'", "choose fused or standard")
+    if options.attention == "fused" and (options.target != "onnxruntime" or options.precision == "fp16"):
+        raise PueError(
+            f"--attention fused writes onnxruntime contrib ops; a {options.precision} bundle for target "
+            f"'{_target(options)}' must keep standard ONNX attention",
+            "use --attention standard (TensorRT fuses attention itself when it builds the engine)",
+        )
+
+
+def attention_mode(options: QuantizeOptions) -> str:
+    """fused (onnxruntime's attention kernels) or standard (the exported MatMul/Softmax/MatMul)."""
+    if options.attention is not None:
+        return options.attention
+    return "fused" if options.target == "onnxruntime" and options.precision != "fp16" else "standard"
+
+
+def _attention_layouts(manifest: Manifest, options: QuantizeOptions) -> dict[str, dict[str, Any]] | None:
+    from pue.optimize.attention import attention_layout
+
+    if attention_mode(options) != "fused":
+        return None
+    return {name: attention_layout(manifest.export, name) for name in manifest.graphs}
 
 
 def quantize_bundle(
@@ -116,6 +140,7 @@ def quantize_bundle(
     _check_request(parent_manifest, options)
     check_output_path(output, overwrite)
     verify_files(parent_dir, parent_manifest)
+    layouts = _attention_layouts(parent_manifest, options)
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
@@ -149,8 +174,15 @@ def quantize_bundle(
     ):
         work = Path(scratch)
 
+        fusion: dict[str, dict] = {}
+
         def evaluate(candidate: dict[str, Any]) -> FidelityReport:
-            """Stage the candidate's graphs as a bundle (the last one staged is what gets written) and gate it."""
+            """Stage the candidate's graphs as a bundle (the last one staged is what gets written) and gate it.
+
+            With fused attention the gate measures the fused graphs: what is gated is what ships.
+            """
+            if layouts is not None:
+                candidate = _fuse(candidate, layouts, fusion)
             return _evaluate(candidate, staging, parent_manifest, gate_set, reference, options)
 
         shutil.copy(parent_dir / parent_manifest.tokenizer.file.path, staging / "tokenizer.json")
@@ -167,6 +199,7 @@ def quantize_bundle(
             "float_nodes": outcome.get("float_nodes", []),
             "int8_flop_share": outcome.get("share"),
             "smoothed": outcome.get("smoothed", []),
+            "attention": {"mode": attention_mode(options), "graphs": fusion},
             "sensitivity": outcome.get("ranking", [])[:20],
             "fp16_kept_fp32": outcome.get("fp16_blocked", []),
             "gate_device": "cpu (onnxruntime)"
@@ -212,6 +245,16 @@ def quantize_bundle(
         attempts,
         timings,
     )
+
+
+def _fuse(models: dict[str, Any], layouts: dict[str, dict[str, Any]], record: dict[str, dict]) -> dict[str, Any]:
+    from pue.optimize.attention import fuse_attention
+
+    fused = {}
+    for name, model in models.items():
+        fused[name], summary = fuse_attention(model, name, layouts[name])
+        record[name] = summary.to_dict()
+    return fused
 
 
 def _target(options: QuantizeOptions) -> str:
@@ -330,6 +373,7 @@ def _child_manifest(
                 "fp16": "float16",
             }[options.precision],
             "weights": "int8 symmetric per-channel" if options.precision != "fp16" else "float16",
+            "attention": report["attention"],
             "pue": __version__,
         },
     )

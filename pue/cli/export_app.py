@@ -130,6 +130,12 @@ def quantize(
     gate_top1: float = typer.Option(0.98, "--gate-top1", help="Gate: minimum top-1 self-retrieval."),
     no_smooth: bool = typer.Option(False, "--no-smooth", help="Do not migrate activation outliers (diagnostics)."),
     no_fallback: bool = typer.Option(False, "--no-fallback", help="Never keep sensitive layers in float."),
+    attention: str = typer.Option(
+        None,
+        "--attention",
+        help="fused (onnxruntime's attention kernels; default for --target onnxruntime INT8) or standard "
+        "(the exported MatMul/Softmax/MatMul; TensorRT and FP16 always).",
+    ),
     device: str = typer.Option("cpu", "--device", help="Where calibration and the gate run (cpu)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -158,6 +164,7 @@ def quantize(
         magnification=magnification,
         mpp=mpp,
         thresholds=GateThresholds(mean_cosine=gate_mean, min_cosine=gate_min, top1=gate_top1),
+        attention=attention,
     )
     out = console()
     try:
@@ -182,6 +189,10 @@ def _print_fidelity(out: object, report: dict) -> None:
         extra.append(("int8 share of weight FLOPs", f"{report['int8_flop_share']:.1%}", ">= 80%"))
     extra.append(("ops kept in float", str(len(report.get("float_nodes", []))), ""))
     extra.append(("smoothed op groups", str(len(report.get("smoothed", []))), ""))
+    attention = report.get("attention") or {}
+    if attention.get("mode") == "fused":
+        fused = ", ".join(f"{g} {r['fused']}× {r['op']}" for g, r in attention.get("graphs", {}).items())
+        extra.append(("attention", f"fused: {fused}", ""))
     title = f"accuracy gate: {report['precision']} ({report['target']}) vs FP32 parent"
     out.print(report["gate_device"])  # type: ignore[attr-defined]
     print_fidelity(out, report["gate"], title=title, extra_rows=extra)

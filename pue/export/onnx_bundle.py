@@ -293,6 +293,7 @@ def _export_graphs(
             "num_crops": geometry.num_crops,
             "crop_size": geometry.crop_size,
             "patch_size": int(model.config.vision_config.patch_size),
+            "attention": architecture.attention_layout(model),
         },
     )
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from pue.bundle import manifest_sha256, read_manifest, verify_files
+from pue.bundle import manifest_sha256, read_manifest, verify_files, write_manifest
 from pue.calibration.gate import GateThresholds, measure_fidelity, retrieval_agreement
 from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
 from pue.errors import GateFailedError, PueError
@@ -54,7 +54,17 @@ def test_precisions_pass_the_gate_and_run(fp32_bundle, heldout_dir, tmp_path, pr
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["counts"]["patches"] == 16 and calibration["seed"] == 0
     assert all(p["source"] == "shipped:calibration" for p in calibration["patches"])
-    decoder_ops = op_types(out, "decoder")
+    decoder_ops, vision_ops = op_types(out, "decoder"), op_types(out, "vision")
+    fused = precision != "fp16" and target == "onnxruntime"  # the default --attention
+    assert report["attention"]["mode"] == ("fused" if fused else "standard")
+    assert manifest.export["quantization"]["attention"] == report["attention"]
+    if fused:
+        assert "GroupQueryAttention" in decoder_ops and "MultiHeadAttention" in vision_ops
+        assert "Softmax" not in decoder_ops | vision_ops
+        assert report["attention"]["graphs"]["decoder"]["fused"] == 6
+    else:  # TensorRT parses standard ONNX only; FP16 bundles serve any target
+        assert "Softmax" in decoder_ops
+        assert not {"GroupQueryAttention", "MultiHeadAttention"} & (decoder_ops | vision_ops)
     if precision == "int8":
         assert {"QuantizeLinear", "DequantizeLinear"} <= decoder_ops
         assert report["int8_flop_share"] >= 0.8
@@ -106,6 +116,22 @@ def test_refusals(fp32_bundle, heldout_dir, tmp_path):
         run(parent, tmp_path / "a", heldout_dir, precision="int8-dynamic", target="tensorrt")
     with pytest.raises(PueError, match="unknown precision"):
         run(parent, tmp_path / "b", heldout_dir, precision="int4")
+    with pytest.raises(PueError, match="contrib ops"):
+        run(parent, tmp_path / "a", heldout_dir, precision="int8", target="tensorrt", attention="fused")
+    with pytest.raises(PueError, match="contrib ops"):
+        run(parent, tmp_path / "a", heldout_dir, precision="fp16", attention="fused")
+    with pytest.raises(PueError, match="unknown --attention"):
+        run(parent, tmp_path / "a", heldout_dir, precision="int8", attention="flash")
+    old = tmp_path / "old-export"  # a bundle from before export.attention existed
+    shutil.copytree(parent, old)
+    manifest = read_manifest(old)
+    manifest.export.pop("attention")
+    write_manifest(old, manifest)
+    with pytest.raises(PueError, match="re-export"):
+        run(old, tmp_path / "a", heldout_dir, precision="int8-dynamic")
+    standard = tmp_path / "standard"
+    run(old, standard, heldout_dir, precision="int8-dynamic", attention="standard")
+    assert "Softmax" in op_types(standard, "decoder")
     quantized = tmp_path / "q"
     run(parent, quantized, heldout_dir, precision="int8-dynamic")
     with pytest.raises(PueError, match="already int8-dynamic"):

@@ -67,6 +67,26 @@ class Architecture(abc.ABC):
             pool_token_id=pool_token_id,
         )
 
+    def attention_layout(self, model: Any) -> dict[str, dict[str, Any]]:
+        """How each graph's attention is laid out, for target-specific fusion (`pue.optimize.attention`).
+
+        The vision tower is an unmasked encoder; the language model is causal (its exported mask is causal plus
+        padding, and `pue.runtime` pads on the right, so a causal kernel needs no [seq, seq] mask).
+        """
+        vision, text = model.config.vision_config, model.config.text_config
+        vision_heads = int(vision.num_attention_heads)
+        text_heads = int(text.num_attention_heads)
+        text_head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // text_heads
+        return {
+            "vision": {"kind": "encoder", "heads": vision_heads, "head_dim": int(vision.hidden_size) // vision_heads},
+            "decoder": {
+                "kind": "causal",
+                "heads": text_heads,
+                "kv_heads": int(getattr(text, "num_key_value_heads", None) or text_heads),
+                "head_dim": int(text_head_dim),
+            },
+        }
+
     def hidden_size(self, model: Any) -> int:
         return int(model.config.text_config.hidden_size)
 

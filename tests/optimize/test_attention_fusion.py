@@ -1,0 +1,151 @@
+"""Attention fusion for onnxruntime: found in both exported graphs, numerically the same model after fusion
+(mixed, right-padded batches included), and clear refusals when the graph or the manifest does not fit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from pue.bundle import file_entry, read_manifest, write_manifest
+from pue.errors import PueError
+from pue.optimize.attention import attention_layout, find_attention, fuse_attention
+from pue.runtime import Embedder, Query
+
+TEXTS = ["", "glands", "a long caption about " + "tumour stroma and lymphocytes " * 12, "IHC brown"]
+
+
+def load(bundle, graph):
+    return onnx.load(str(bundle / f"{graph}.onnx"))
+
+
+def fused_copy(bundle, tmp_path):
+    """The bundle with both graphs fused, manifest updated (what --attention fused writes, without quantizing)."""
+    out = tmp_path / "fused"
+    shutil.copytree(bundle, out)
+    manifest = read_manifest(out)
+    summaries = {}
+    for name, spec in manifest.graphs.items():
+        model, summary = fuse_attention(load(bundle, name), name, attention_layout(manifest.export, name))
+        onnx.save(model, str(out / spec.file.path))
+        spec.file = file_entry(out, spec.file.path)
+        summaries[name] = summary
+    write_manifest(out, manifest)
+    return out, summaries
+
+
+@pytest.mark.parametrize(("arch", "vision_layers"), [("llava_next", 3), ("llava", 3)])
+def test_manifest_layout_and_sites(fp32_bundle, arch, vision_layers):
+    bundle = fp32_bundle(arch, "ci")
+    export = read_manifest(bundle).export
+    assert export["attention"]["vision"] == {"kind": "encoder", "heads": 4, "head_dim": 16}
+    assert export["attention"]["decoder"] == {"kind": "causal", "heads": 4, "kv_heads": 2, "head_dim": 16}
+    vision, decoder = find_attention(load(bundle, "vision")), find_attention(load(bundle, "decoder"))
+    # vision_feature_layer = -2: the last tower layer is dead code and was never exported
+    assert len(vision) == vision_layers and all(site.mask is None for site in vision)
+    assert len(decoder) == 6 and all(site.mask is not None for site in decoder)
+    assert all(abs(site.scale - 16**-0.5) < 1e-6 for site in vision + decoder)
+
+
+def test_fused_bundle_embeds_like_the_standard_one(fp32_bundle, gate_images, tmp_path):
+    bundle = fp32_bundle("llava_next", "ci")
+    fused, summaries = fused_copy(bundle, tmp_path)
+    assert summaries["vision"].fused == 3 and summaries["decoder"].fused == 6
+    for graph, contrib in (("vision", "MultiHeadAttention"), ("decoder", "GroupQueryAttention")):
+        ops = {node.op_type for node in load(fused, graph).graph.node}
+        assert contrib in ops and "Softmax" not in ops
+    # the [seq, seq] mask path is gone from the decoder, not just bypassed
+    assert not any(n.op_type == "Where" and "mask" in n.name.lower() for n in load(fused, "decoder").graph.node)
+
+    standard, fast = Embedder.load(bundle), Embedder.load(fused)
+    images = gate_images[:5]
+    # one batch mixing texts of very different lengths with image rows: right padding in the decoder
+    queries = [Query(text=t) for t in TEXTS] + [Query(image=i) for i in images]
+    queries.append(Query(image=images[0], text="more stroma"))
+    a, b = standard.embed(queries, batch_size=len(queries)), fast.embed(queries, batch_size=len(queries))
+    cosine = (a * b).sum(axis=1)
+    assert cosine.min() > 0.99999, cosine
+    assert np.abs(a - b).max() < 1e-5
+    # the same rows embedded alone agree with the batch (padding did not leak into real tokens)
+    alone = np.stack([fast.embed_texts([text])[0] for text in TEXTS])
+    assert np.abs(alone - b[: len(TEXTS)]).max() < 1e-5
+
+
+def _encoder_graph(scale_style: str):
+    """A hand-built attention: Q, K, V [B, H, S, D]; the scale as the exporters write it."""
+    d = 8
+    nodes, inits = [], []
+    if scale_style == "split":  # SDPA export: sqrt(scale) on Q and on Kᵀ
+        inits += [helper.make_tensor("c", TensorProto.FLOAT, [], [d**-0.25])]
+        nodes += [
+            helper.make_node("Transpose", ["k"], ["kt0"], perm=[0, 1, 3, 2]),
+            helper.make_node("Mul", ["q", "c"], ["qs"]),
+            helper.make_node("Mul", ["kt0", "c"], ["kt"]),
+            helper.make_node("MatMul", ["qs", "kt"], ["s"]),
+        ]
+        last = "s"
+    else:  # eager: scores / sqrt(d)
+        inits += [helper.make_tensor("c", TensorProto.FLOAT, [], [d**0.5])]
+        nodes += [
+            helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMul", ["q", "kt"], ["s0"]),
+            helper.make_node("Div", ["s0", "c"], ["s"]),
+        ]
+        last = "s"
+    nodes += [
+        helper.make_node("Softmax", [last], ["p"], axis=-1),
+        helper.make_node("Cast", ["p"], ["pc"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["pc", "v"], ["o"]),
+    ]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", 2, "S", d]) for n in ("q", "k", "v")]
+    output = helper.make_tensor_value_info("o", TensorProto.FLOAT, ["B", 2, "S", d])
+    graph = helper.make_graph(nodes, "attn", inputs, [output], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model, feeds):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("scale_style", ["split", "div"])
+def test_scales_are_folded_exactly(scale_style):
+    model = _encoder_graph(scale_style)
+    sites = find_attention(model)
+    assert len(sites) == 1 and abs(sites[0].scale - 8**-0.5) < 1e-7
+    fused, summary = fuse_attention(model, "vision", {"kind": "encoder", "heads": 2, "head_dim": 8})
+    assert summary.fused == 1
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((3, 2, 7, 8)).astype(np.float32) for n in ("q", "k", "v")}
+    assert np.abs(_run(model, feeds) - _run(fused, feeds)).max() < 1e-5
+    onnx.checker.check_model(fused)
+
+
+def test_refusals(fp32_bundle):
+    bundle = fp32_bundle("llava_next", "ci")
+    decoder = load(bundle, "decoder")
+    with pytest.raises(PueError, match="masked"):
+        fuse_attention(decoder, "decoder", {"kind": "encoder", "heads": 4, "head_dim": 16})
+    with pytest.raises(PueError, match="no mask"):
+        fuse_attention(load(bundle, "vision"), "vision", {"kind": "causal", "heads": 4, "head_dim": 16})
+    with pytest.raises(PueError, match="unknown attention kind"):
+        fuse_attention(decoder, "decoder", {"kind": "sliding", "heads": 4, "head_dim": 16})
+    plain = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "plain",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        )
+    )
+    with pytest.raises(PueError, match="no attention to fuse"):
+        fuse_attention(plain, "vision", {"kind": "encoder", "heads": 1, "head_dim": 2})
+    export = json.loads(json.dumps(read_manifest(bundle).export))
+    export.pop("attention")
+    with pytest.raises(PueError, match="re-export"):
+        attention_layout(export, "decoder")

@@ -212,9 +212,10 @@ def _export_graphs(
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0
     features = torch.zeros((dummy_batch, geometry.tokens_per_image, hidden), dtype=torch.float32, device=device)
+    decoder_module = architecture.decoder_module(model, image_token_id, reference.pool_token_id).eval()
     decoder = GraphExport(
         "decoder",
-        architecture.decoder_module(model, image_token_id, reference.pool_token_id).eval(),
+        decoder_module,
         (ids, mask, features),
         ["input_ids", "attention_mask", "image_features"],
         ["sentence_embedding"],
@@ -294,6 +295,7 @@ def _export_graphs(
             "crop_size": geometry.crop_size,
             "patch_size": int(model.config.vision_config.patch_size),
             "attention": architecture.attention_layout(model),
+            "decoder_last_layer": getattr(decoder_module, "last_layer_mode", "full sequence"),
         },
     )
 

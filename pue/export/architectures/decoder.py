@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pue.export.architectures.pooled_layer import PooledLastLayer, pooled_last_layer_support, trunk_of
+
 
 class EmbeddingDecoder(nn.Module):
     """input_ids, attention_mask, image_features -> unit `sentence_embedding`.
@@ -12,16 +14,32 @@ class EmbeddingDecoder(nn.Module):
     Row b's k-th image-token position takes image_features[b, k] (a gather on the running count of image
     tokens), never HF's batch-wide `masked_scatter`. Position ids come from the mask, so left and right
     padding give the same result; pooling takes the last real token (or the token before `<emb>`).
+
+    Where the language model allows it, its last layer runs for the pooled token only (`pooled_layer`);
+    `last_layer` says which way the graph was built.
     """
 
     def __init__(
-        self, language_model: nn.Module, embed_tokens: nn.Module, image_token_id: int, pool_token_id: int | None
+        self,
+        language_model: nn.Module,
+        embed_tokens: nn.Module,
+        image_token_id: int,
+        pool_token_id: int | None,
+        pooled_last_layer: bool = True,
     ) -> None:
         super().__init__()
-        self.language_model = language_model
         self.embed_tokens = embed_tokens
         self.image_token_id = int(image_token_id)
         self.pool_token_id = None if pool_token_id is None else int(pool_token_id)
+        why_not = pooled_last_layer_support(language_model) if pooled_last_layer else "disabled"
+        if why_not is None:
+            self.language_model = trunk_of(language_model)
+            self.last_layer: nn.Module | None = PooledLastLayer(language_model)
+            self.last_layer_mode = "pooled token only"
+        else:
+            self.language_model = language_model
+            self.last_layer = None
+            self.last_layer_mode = f"full sequence ({why_not})"
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor
@@ -50,7 +68,10 @@ class EmbeddingDecoder(nn.Module):
             pooled_index = torch.amax(positions * mask, dim=1)
         else:
             pooled_index = torch.amax(positions * (input_ids == self.pool_token_id).to(torch.int64), dim=1) - 1
-        flat_hidden = hidden.reshape(batch * seq, hidden.shape[-1])
-        pooled = flat_hidden[pooled_index + torch.arange(batch, device=input_ids.device, dtype=torch.int64) * seq]
+        if self.last_layer is not None:
+            pooled = self.last_layer(hidden, position_ids, mask, pooled_index)
+        else:
+            flat_hidden = hidden.reshape(batch * seq, hidden.shape[-1])
+            pooled = flat_hidden[pooled_index + torch.arange(batch, device=input_ids.device, dtype=torch.int64) * seq]
         pooled = pooled.to(torch.float32)
         return pooled / torch.clamp(torch.linalg.vector_norm(pooled, dim=-1, keepdim=True), min=1e-12)

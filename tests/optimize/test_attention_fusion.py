@@ -56,6 +56,7 @@ def test_fused_bundle_embeds_like_the_standard_one(fp32_bundle, gate_images, tmp
     bundle = fp32_bundle("llava_next", "ci")
     fused, summaries = fused_copy(bundle, tmp_path)
     assert summaries["vision"].fused == 3 and summaries["decoder"].fused == 5
+    assert summaries["decoder"].op == "GroupQueryAttention + MultiHeadAttention"
     for graph, contrib, softmax_left in (("vision", "MultiHeadAttention", 0), ("decoder", "GroupQueryAttention", 1)):
         ops = [node.op_type for node in load(fused, graph).graph.node]
         # the decoder keeps one: the pooled token's single-row attention in its last layer
@@ -150,3 +151,18 @@ def test_refusals(fp32_bundle):
     export.pop("attention")
     with pytest.raises(PueError, match="re-export"):
         attention_layout(export, "decoder")
+
+
+@pytest.mark.parametrize("seq", [1, 2, 3, 17])
+def test_causal_split_at_any_length(fp32_bundle, seq):
+    """The decoder's two blocks (ceil(seq/2) square + the rest against every key) hold for odd and tiny lengths."""
+    bundle = fp32_bundle("llava_next", "ci")
+    standard = load(bundle, "decoder")
+    fused, _ = fuse_attention(standard, "decoder", attention_layout(read_manifest(bundle).export, "decoder"))
+    rng = np.random.default_rng(seq)
+    ids = rng.integers(20, 200, size=(3, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, seq // 2 + 1 :] = 0  # right padding
+    hidden = read_manifest(bundle).hidden_size
+    feeds = {"input_ids": ids, "attention_mask": mask, "image_features": np.zeros((3, 1, hidden), np.float32)}
+    assert np.abs(_run(standard, feeds) - _run(fused, feeds)).max() < 1e-5

@@ -2,8 +2,9 @@
 
 A FLOP here is one multiply or one add, so a matrix product [M, K] x [K, N] costs 2·M·K·N. Counted: every
 linear layer, the patch-embedding convolution, and the two attention products (Q·Kᵀ and softmax·V, over the
-full sequence × sequence matrix, as the exported graphs and eager PyTorch compute them; a causal kernel could
-skip half of the decoder's). Not counted: norms, activations, softmax, rotary embeddings, residual adds
+full sequence × sequence matrix, as the standard exported graphs and eager PyTorch compute them; a causal kernel
+could skip half of the decoder's, the fused onnxruntime graphs skip a quarter). The decoder's last layer counts
+for the pooled token only, as exported. Not counted: norms, activations, softmax, rotary embeddings, residual adds
 (together well under 1 % for these shapes), and the LM head, which an embedding model never runs.
 
 The vision tower is counted up to the layer the projector reads (`vision_feature_layer`, usually -2): the
@@ -181,18 +182,26 @@ def vision_flops(config: Any, crops: int) -> int:
 
 
 def decoder_flops(config: Any, sequence_length: int) -> int:
-    """FLOPs of `decoder.onnx` for one row of `sequence_length` tokens (no LM head: embeddings are hidden states)."""
+    """FLOPs of `decoder.onnx` for one row of `sequence_length` tokens (no LM head: embeddings are hidden states).
+
+    The last layer counts as exported (`pue.export.architectures.pooled_layer`): keys and values of every token,
+    the projections and MLP of the pooled token only (its single attention row, 4·seq·heads·head_dim elementwise
+    products, is left out like the other elementwise work).
+    """
     text = _text_config(_as_dict(config))
-    per_layer = _transformer_layer_flops(
-        sequence_length,
+    hidden, heads, kv_heads = (
         int(text["hidden_size"]),
         int(text["num_attention_heads"]),
         int(text["num_key_value_heads"]),
-        int(text["head_dim"]),
-        int(text["intermediate_size"]),
-        gated=True,
     )
-    return int(text["num_hidden_layers"]) * per_layer
+    head_dim, intermediate = int(text["head_dim"]), int(text["intermediate_size"])
+    per_layer = _transformer_layer_flops(sequence_length, hidden, heads, kv_heads, head_dim, intermediate, gated=True)
+    last_layer = (
+        2 * sequence_length * hidden * 2 * kv_heads * head_dim  # K and V of every token
+        + 2 * hidden * 2 * heads * head_dim  # Q and O of the pooled token
+        + 2 * hidden * intermediate * 3  # its MLP
+    )
+    return (int(text["num_hidden_layers"]) - 1) * per_layer + last_layer
 
 
 def patch_flops(config: Any, crops: int, image_tokens: int, sequence_length: int) -> FlopCount:

@@ -98,3 +98,29 @@ def test_agreement_and_cosine():
     a = np.array([[1.0, 0.0], [0.0, 2.0]])
     b = np.array([[1.0, 1.0], [0.0, 1.0]])
     assert metrics.cosine_rows(a, b) == pytest.approx([np.sqrt(0.5), 1.0])
+
+
+def test_top2_margin_by_hand():
+    scores = np.array([[0.9, 0.5, 0.7], [0.2, 0.2, 0.1], [0.3, 0.8, -1.0]])
+    assert np.allclose(metrics.top2_margin(scores), [0.2, 0.0, 0.5])
+    assert np.isinf(metrics.top2_margin(np.array([[0.4], [0.1]]))).all()
+
+
+def test_disagreements_are_reported_with_the_reference_margins():
+    from pue.benchmarks.pmeb.evaluate import TaskResult, disagreement_margins
+
+    reference = TaskResult(
+        "t",
+        "classification",
+        {},
+        {"class": np.array([0, 1, 1, 0])},
+        {},
+        margins={"class": np.array([0.3, 0.01, 0.2, 0.1])},
+    )
+    backend = TaskResult("t", "classification", {}, {"class": np.array([0, 0, 1, 1])}, {})
+    out = disagreement_margins(backend, reference)["class"]
+    assert out["disagreements"] == 2
+    assert out["reference_margin_max_disagreeing"] == pytest.approx(0.1)  # items 1 (0.01) and 3 (0.1) flipped
+    assert out["reference_margin_median"] == pytest.approx(0.15)
+    same = disagreement_margins(reference, reference)["class"]
+    assert same["disagreements"] == 0 and same["reference_margin_max_disagreeing"] is None

@@ -31,6 +31,7 @@ class TaskResult:
     embeddings: dict[str, np.ndarray]
     metric_predictions: dict[str, str] = field(default_factory=dict)  # metric → the predictions it scores
     queries: dict[str, int] = field(default_factory=dict)  # predictions key → number of queries
+    margins: dict[str, np.ndarray] = field(default_factory=dict)  # predictions key → top-1 minus top-2 score
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,28 @@ def evaluate_task(task: Task, embedder: Any, progress: Callable[[str], None] | N
     return score_task(task, embed_task(task, embedder, progress))
 
 
+def disagreement_margins(result: TaskResult, reference: TaskResult) -> dict[str, dict[str, Any]]:
+    """Per predictions key: how many items disagree with the reference, and how close to a tie the reference
+    itself was on them (its top-1 minus top-2 score) next to its median margin over all items.
+
+    A backend that flips only items the reference nearly tied is within its noise; one that flips items with
+    wide reference margins is broken.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key, predicted in result.predictions.items():
+        margins = reference.margins.get(key)
+        if margins is None:
+            continue
+        differ = np.asarray(predicted) != np.asarray(reference.predictions[key])
+        finite = margins[np.isfinite(margins)]
+        out[key] = {
+            "disagreements": int(differ.sum()),
+            "reference_margin_median": float(np.median(finite)) if finite.size else None,
+            "reference_margin_max_disagreeing": float(margins[differ].max()) if differ.any() else None,
+        }
+    return out
+
+
 def compare(result: TaskResult, reference: TaskResult) -> tuple[dict[str, float], float, dict[str, float]]:
     """(prediction agreement per predictions key, mean per-sample cosine over everything embedded, and per
     embedding name) of a backend's result against the reference's on the same task."""
@@ -128,6 +151,7 @@ def _score_retrieval(task: Task, data: RetrievalData, emb: dict[str, np.ndarray]
             result.metric_predictions[metric] = direction
         result.predictions[direction] = metrics.top1(scores)
         result.queries[direction] = scores.shape[0]
+        result.margins[direction] = metrics.top2_margin(scores)
     return result
 
 
@@ -137,7 +161,8 @@ def _score_classification(task: Task, data: ClassificationData, emb: dict[str, n
     # A class's embedding: the mean over its synonyms × templates, renormalised (as HOMIE / CLIP-style ensembling).
     classes = np.stack([prompts[owner == c].mean(axis=0) for c in range(len(data.classes))])
     classes /= np.maximum(np.linalg.norm(classes, axis=1, keepdims=True), 1e-12)
-    predicted = metrics.top1(emb["images"].astype(np.float64) @ classes.T)
+    class_scores = emb["images"].astype(np.float64) @ classes.T
+    predicted = metrics.top1(class_scores)
     truth = data.targets
     values = {
         "accuracy": metrics.accuracy(truth, predicted),
@@ -152,6 +177,7 @@ def _score_classification(task: Task, data: ClassificationData, emb: dict[str, n
         emb,
         {metric: "class" for metric in values},
         {"class": len(truth)},
+        {"class": metrics.top2_margin(class_scores)},
     )
 
 
@@ -166,6 +192,7 @@ def _score_composed(task: Task, data: ComposedData, emb: dict[str, np.ndarray]) 
         emb,
         {metric: "target" for metric in values},
         {"target": scores.shape[0]},
+        {"target": metrics.top2_margin(scores)},
     )
 
 

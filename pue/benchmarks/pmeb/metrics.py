@@ -84,6 +84,15 @@ def weighted_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     return total / len(true)
 
 
+def top2_margin(scores: np.ndarray) -> np.ndarray:
+    """Per query (row): best score minus second best; how far the top-1 prediction is from a tie (inf: one item)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape[1] < 2:
+        return np.full(scores.shape[0], np.inf)
+    best_two = -np.partition(-scores, 1, axis=1)[:, :2]
+    return best_two[:, 0] - best_two[:, 1]
+
+
 def agreement(a: Sequence[int], b: Sequence[int]) -> float:
     """Share of positions where two prediction lists agree."""
     first, second = _pair(a, b)

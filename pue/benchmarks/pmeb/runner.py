@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from pue.benchmarks.pmeb.cache import EmbeddingCache, default_cache_dir, reference_key
-from pue.benchmarks.pmeb.evaluate import TaskResult, compare, embed_task, evaluate_task, score_task
+from pue.benchmarks.pmeb.evaluate import (
+    TaskResult,
+    compare,
+    disagreement_margins,
+    embed_task,
+    evaluate_task,
+    score_task,
+)
 from pue.benchmarks.pmeb.report import require_matplotlib, write_partial_report, write_pmeb_report
 from pue.benchmarks.pmeb.tasks import Task, discover_tasks
 from pue.bundle import manifest_sha256, read_manifest
@@ -312,6 +319,7 @@ def _add_rows(
     report: dict[str, Any], result: TaskResult, name: str, backend: str, precision: str, reference: TaskResult | None
 ) -> None:
     agreement, cosine, by_embedding = compare(result, reference) if reference is not None else ({}, None, None)
+    margins = disagreement_margins(result, reference) if reference is not None else {}
     for metric, value in result.metrics.items():
         key = result.metric_predictions.get(metric)
         reference_value = reference.metrics.get(metric) if reference is not None else None
@@ -331,6 +339,7 @@ def _add_rows(
                 "cosine_by_embedding": by_embedding,
                 "predictions": key,
                 "queries": result.queries.get(key),
+                **margins.get(key, {}),
             }
         )
 

@@ -12,6 +12,9 @@ pue-export quantize "$WORK/fp32" -o "$WORK/int8-dynamic" --precision int8-dynami
 pue-export quantize "$WORK/fp32" -o "$WORK/fp16" --precision fp16 --overwrite
 pue-bench latency "$WORK/fp32" "$WORK/int8" "$WORK/int8-dynamic" "$WORK/fp16" --reference "$WORK/checkpoint" \
   --batch-sizes 1,8 --warmup 1 --iters 5 --report "$WORK/latency" --overwrite
+for b in int8 int8-dynamic fp32; do
+  pue-bench profile "$WORK/$b" --batch-size 8 -o "$WORK/profile-$b.json" --overwrite
+done
 MINI=pmeb-mini
 pue-bench pmeb "$WORK/fp32" "$WORK/int8" "$WORK/int8-dynamic" "$WORK/fp16" --data "$MINI" \
   --reference "$WORK/checkpoint" --report "$WORK/pmeb" --cache-dir "$WORK/cache" --overwrite

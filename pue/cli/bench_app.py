@@ -14,7 +14,8 @@ app = typer.Typer(
     name="pue-bench",
     add_completion=False,
     no_args_is_help=True,
-    help="Benchmark bundles against the PyTorch reference: latency (pue-bench latency) and accuracy (pue-bench pmeb).",
+    help="Benchmark bundles against the PyTorch reference: latency (pue-bench latency), accuracy (pue-bench pmeb), "
+    "and where a bundle's time goes (pue-bench profile).",
 )
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -135,6 +136,48 @@ def pmeb(
         print_json(result)
     else:
         _print_pmeb(result)
+
+
+@app.command("profile")
+@handle_errors
+def profile(
+    bundle: Path = typer.Argument(..., help="Bundle directory (run with onnxruntime on the CPU)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Image rows per batch."),
+    runs: int = typer.Option(1, "--runs", help="Profiled runs per graph (after one untimed run)."),
+    output: Path = typer.Option(None, "-o", "--output", help="Write the profile as JSON to this file."),
+    top: int = typer.Option(12, "--top", help="Op types shown per graph."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON on stdout."),
+) -> None:
+    """Where a bundle's time goes: onnxruntime's profiler over one batch, summed per op type and graph."""
+    import json
+
+    from pue.benchmarks.profile import profile_bundle
+
+    if output is not None and output.exists() and not overwrite:
+        raise PueError(f"'{output}' already exists", "pass --overwrite to replace it")
+    result = profile_bundle(bundle, batch_size=batch_size, runs=runs)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        partial = output.with_name(output.name + ".partial")
+        partial.write_text(json.dumps(result, indent=2) + "\n")
+        partial.replace(output)
+    if as_json:
+        print_json(result)
+        return
+    from rich.table import Table
+
+    out = console()
+    for name, graph in result["graphs"].items():
+        table = Table(
+            title=f"{name}: {graph['wall_ms']:.0f} ms per batch of {result['batch_size']} "
+            f"({result['precision']}, kernels {graph['kernel_ms']:.0f} ms)"
+        )
+        for column in ("op type", "ms", "share", "nodes"):
+            table.add_column(column, justify="left" if column == "op type" else "right")
+        for op in graph["ops"][:top]:
+            table.add_row(op["op_type"], f"{op['ms']:.1f}", f"{op['share']:.1%}", str(op["nodes"]))
+        out.print(table)
 
 
 # ------------------------------------------------------------------------------------------------ printing

@@ -1,0 +1,57 @@
+"""`pue-bench profile`: per-op-type kernel time of each graph, warm-up runs left out, sums that add up."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pue.benchmarks.profile import profile_bundle, summarize
+from pue.cli.bench_app import app
+from pue.errors import PueError
+
+
+def _event(cat, name, ts, dur, op=None):
+    return {"cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"op_name": op} if op else {}}
+
+
+def test_summarize_counts_only_the_profiled_runs():
+    events = [
+        _event("Session", "model_run", 0, 100),  # warm-up
+        _event("Node", "a_kernel_time", 1, 50, "MatMul"),
+        _event("Session", "model_run", 200, 100),
+        _event("Node", "a_kernel_time", 201, 30, "MatMul"),
+        _event("Node", "b_kernel_time", 240, 10, "Softmax"),
+        _event("Node", "b_fence_before", 239, 5, "Softmax"),  # not a kernel time
+        _event("Session", "model_run", 400, 100),
+        _event("Node", "a_kernel_time", 401, 34, "MatMul"),
+        _event("Node", "b_kernel_time", 440, 6, "Softmax"),
+    ]
+    out = summarize(events, runs=2)
+    assert out["kernel_ms"] == pytest.approx(0.040)  # (30 + 10 + 34 + 6) µs over 2 runs
+    assert [op["op_type"] for op in out["ops"]] == ["MatMul", "Softmax"]
+    assert out["ops"][0]["ms"] == pytest.approx(0.032) and out["ops"][0]["nodes"] == 1
+    assert out["ops"][0]["share"] == pytest.approx(0.8)
+    with pytest.raises(PueError, match="holds 3 runs"):
+        summarize(events, runs=4)
+
+
+def test_profile_of_a_bundle(fp32_bundle, tmp_path):
+    bundle = fp32_bundle("llava_next", "ci")
+    result = profile_bundle(bundle, batch_size=2)
+    assert set(result["graphs"]) == {"vision", "decoder"} and result["batch_size"] == 2
+    for graph in result["graphs"].values():
+        assert graph["wall_ms"] > 0 and graph["kernel_ms"] > 0
+        assert sum(op["share"] for op in graph["ops"]) == pytest.approx(1.0)
+    assert "Softmax" in {op["op_type"] for op in result["graphs"]["decoder"]["ops"]}
+
+    out = tmp_path / "profile.json"
+    runner = CliRunner()
+    done = runner.invoke(app, ["profile", str(bundle), "--batch-size", "1", "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    assert json.loads(out.read_text())["graphs"]["vision"]["ops"]
+    again = runner.invoke(app, ["profile", str(bundle), "-o", str(out)])
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    with pytest.raises(PueError, match="at least 1"):
+        profile_bundle(bundle, batch_size=0)

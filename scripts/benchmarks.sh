@@ -11,7 +11,7 @@ pue-export quantize "$WORK/fp32" -o "$WORK/int8" --precision int8 --overwrite
 pue-export quantize "$WORK/fp32" -o "$WORK/int8-dynamic" --precision int8-dynamic --overwrite
 pue-export quantize "$WORK/fp32" -o "$WORK/fp16" --precision fp16 --overwrite
 pue-bench latency "$WORK/fp32" "$WORK/int8" "$WORK/int8-dynamic" "$WORK/fp16" --reference "$WORK/checkpoint" \
-  --batch-sizes 1,8 --warmup 1 --iters 5 --report "$WORK/latency" --overwrite
+  --batch-sizes 1,8 --warmup 1 --iters 5 --rounds 2 --report "$WORK/latency" --overwrite
 for b in int8 int8-dynamic fp32; do
   pue-bench profile "$WORK/$b" --batch-size 8 -o "$WORK/profile-$b.json" --overwrite
 done

@@ -49,6 +49,18 @@ def main(work: Path) -> None:
             f"{fmt(row.get('speedup_vs_reference'))} | {fmt(row.get('speedup_vs_best_reference'))} | "
             f"{fmt(row.get('peak_fraction'))} | {fmt(row.get('minutes_per_slide'), 1)} |"
         )
+    rounds = latency.get("settings", {}).get("rounds", 1)
+    if rounds > 1:
+        print(
+            f"\nEvery worker ran {rounds} times (alternating order); each row is its fastest round. Throughput of "
+            "every round, batch 8: "
+            + "; ".join(
+                f"{r['name']} " + ", ".join(fmt(v) for v in r.get("round_items_per_s") or [])
+                for r in latency["results"]
+                if r["batch_size"] == 8
+            )
+            + "."
+        )
     print()
     batch8 = [r for r in latency["results"] if r["batch_size"] == 8 and r.get("items_per_s")]
     refs = {r["precision"]: r["items_per_s"] for r in batch8 if r["backend"] == "pytorch"}
@@ -171,8 +183,9 @@ def gap_section(work: Path, latency: dict) -> None:
             "the rest, in the order it would pay: "
             "(1) a causal attention kernel that skips the masked half exactly (the fused graph computes 3/4 of "
             "the decoder's scores; GroupQueryAttention on CPU computes all of them, measured); (2) bf16 attention "
-            "(this CPU's bf16 peak is 2× its fp32 peak; onnxruntime has no x86 bf16 kernels, PyTorch's bf16 "
-            "reference uses them); (3) int8 QKᵀ with per-token scales and smoothed keys (SageAttention-style) — "
+            f"(this CPU's bf16 peak is {peaks.get('bf16', float('nan')) / peaks['fp32']:.1f}× its fp32 peak; "
+            "onnxruntime has no x86 bf16 kernels, PyTorch's bf16 reference uses them); "
+            "(3) int8 QKᵀ with per-token scales and smoothed keys (SageAttention-style) — "
             "as separate ONNX ops it adds passes over the [seq, seq] scores in memory (int32 cast, two scale "
             "multiplies, then the mask and softmax that the fused kernels avoid), so it needs a fused kernel "
             "(not tried).\n"

@@ -34,6 +34,9 @@ def latency(
     batch_sizes: str = typer.Option("1,8", "--batch-sizes", help="Comma-separated batch sizes."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed batches per batch size."),
     iters: int = typer.Option(10, "--iters", help="Timed batches per batch size."),
+    rounds: int = typer.Option(
+        1, "--rounds", help="Run every worker this many times (alternating order); each row keeps its fastest round."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     threads: int = typer.Option(None, "--threads", help="Threads per worker (default: the library's own)."),
     reference_precisions: str = typer.Option(
@@ -71,6 +74,7 @@ def latency(
         patches_per_slide=patches_per_slide,
         peaks=not no_peaks,
         timeout_s=timeout,
+        rounds=rounds,
         progress=lambda message: err.print(f"[dim]·[/dim] {message}"),
     )
     if report is not None:

@@ -90,6 +90,24 @@ def _rows():
     ]
 
 
+def test_best_of_rounds_by_hand():
+    from pue.benchmarks.latency import best_of_rounds
+
+    def row(name, batch, speed):
+        return {"name": name, "batch_size": batch, "items_per_s": speed}
+
+    first = [row("ref", 1, 1.0), row("ref", 8, 0.5), row("int8", 8, 2.0)]
+    second = [row("int8", 8, 2.5), row("ref", 8, None), row("ref", 1, 0.8)]  # reversed order; one failed run
+    merged = best_of_rounds([first, second], order=["ref", "int8"])
+    assert [(r["name"], r["batch_size"], r["items_per_s"]) for r in merged] == [
+        ("ref", 1, 1.0),
+        ("ref", 8, 0.5),
+        ("int8", 8, 2.5),
+    ]
+    assert merged[1]["round_items_per_s"] == [0.5, None]
+    assert "round_items_per_s" not in best_of_rounds([first], order=["ref", "int8"])[0]
+
+
 def test_speedups_over_fp32_and_best_reference():
     rows = _rows()
     add_speedups(rows)
@@ -217,15 +235,20 @@ def test_latency_without_reference_reports_a_broken_bundle_and_exits_1(fp32_bund
             "--iters",
             "1",
             "--no-peaks",
+            "--rounds",
+            "2",
             "--report",
             str(report_dir),
         ],
     )
     assert result.exit_code == 1
     assert "1 of 2 rows failed" in result.output and "broken" in result.output
+    assert "round 2 of 2" in result.output
     report = json.loads((report_dir / "report.json").read_text())
+    assert report["settings"]["rounds"] == 2
     good_row, broken_row = report["results"]
     assert _positive(good_row["items_per_s"]) and good_row["speedup_vs_reference"] is None
+    assert len(good_row["round_items_per_s"]) == 2 and good_row["items_per_s"] == max(good_row["round_items_per_s"])
     assert good_row["peak_fraction"] is None  # --no-peaks
     assert "tokenizer.json" in broken_row["error"] and broken_row["p50_ms"] is None
     assert report["models"][0]["flops"]["source"] == "graph"  # no --reference: counted in the ONNX graphs

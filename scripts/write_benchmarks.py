@@ -73,6 +73,18 @@ def main(work: Path) -> None:
             f"{best['items_per_s'] / refs.get('fp32', float('nan')):.2f}× PyTorch fp32 (goal ≥ 4×), "
             + (f"{best['items_per_s'] / refs['bf16']:.2f}× PyTorch bf16 (goal ≥ 1.8×)." if "bf16" in refs else "")
         )
+        spread, widest = [], 0.0
+        for row in batch8:
+            rounds_seen = [v for v in row.get("round_items_per_s") or [] if v]
+            if len(rounds_seen) > 1:
+                spread.append(f"{row['name']} {min(rounds_seen):.2f}–{max(rounds_seen):.2f}")
+                widest = max(widest, 1 - min(rounds_seen) / max(rounds_seen))
+        if spread:
+            print(
+                "\nThe same worker's throughput moved between rounds on this shared virtual machine ("
+                + "; ".join(spread)
+                + f" patches/s; up to {widest:.0%}), and the ratios move with it."
+            )
         print()
     gap_section(work, latency)
     print("## pmeb-mini against the reference\n")

@@ -223,15 +223,7 @@ def image_sequence_length(bundle_dir: str | Path, manifest: Manifest) -> int:
     """Tokens of one image row of this bundle (the rendered image prompt with the image tokens expanded)."""
     from pue.runtime.prompts import PromptTokenizer
 
-    prompts = PromptTokenizer(
-        resolve_inside(bundle_dir, manifest.tokenizer.file.path),
-        manifest.prompts,
-        image_token_id=manifest.image_token_id,
-        tokens_per_image=manifest.tokens_per_image,
-        max_seq_len=manifest.max_seq_len,
-        pad_token_id=manifest.tokenizer.pad_token_id,
-    )
-    return len(prompts.image_prompt())
+    return len(PromptTokenizer.for_bundle(bundle_dir, manifest).image_prompt())
 
 
 def bundle_crops(manifest: Manifest) -> int:

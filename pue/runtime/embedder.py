@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from pue.bundle import Manifest, read_manifest, resolve_inside, verify_files
+from pue.bundle import Manifest, read_manifest, verify_files
 from pue.errors import InputError, PueError
-from pue.runtime.images import fit_to_tile, load_image
+from pue.runtime.images import fit_to_tile, load_image, load_tiles
 from pue.runtime.preprocess import ImagePreprocessor
 from pue.runtime.prompts import PromptTokenizer
 
@@ -51,14 +51,7 @@ class Embedder:
         if self.batch_size < 1:
             raise PueError(f"batch_size must be at least 1, got {self.batch_size}")
         self.preprocessor = ImagePreprocessor(manifest.preprocessing)
-        self.prompts = PromptTokenizer(
-            resolve_inside(bundle_dir, manifest.tokenizer.file.path),
-            manifest.prompts,
-            image_token_id=manifest.image_token_id,
-            tokens_per_image=manifest.tokens_per_image,
-            max_seq_len=manifest.max_seq_len,
-            pad_token_id=manifest.tokenizer.pad_token_id,
-        )
+        self.prompts = PromptTokenizer.for_bundle(bundle_dir, manifest)
         self.stage_seconds: dict[str, float] = {"load": 0.0, "preprocess": 0.0, "tokenize": 0.0}
 
     @classmethod
@@ -148,15 +141,7 @@ class Embedder:
     def pixel_values(self, images: Sequence[Any], first_index: int = 0) -> np.ndarray:
         """Preprocessed pixels as `vision.onnx` takes them (tile-size policy of DESIGN.md applied first)."""
         started = time.perf_counter()
-        tiles = []
-        resized = 0
-        for offset, item in enumerate(images):
-            tile, changed = fit_to_tile(load_image(item, first_index + offset), self.manifest.tile_size)
-            tiles.append(tile)
-            resized += int(changed)
-        if resized:
-            log.info("brought %d of %d images to the %d px tile size", resized, len(tiles), self.manifest.tile_size)
-        pixels = self.preprocessor(tiles)
+        pixels = self.preprocessor(load_tiles(images, self.manifest.tile_size, first_index))
         self.stage_seconds["preprocess"] += time.perf_counter() - started
         return pixels
 

@@ -33,14 +33,18 @@ Numpy arrays must be H x W x 3 uint8 (RGB, channels last); anything else is refu
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from pue.errors import InputError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["fit_to_tile", "load_image"]
 
@@ -97,6 +101,19 @@ def fit_to_tile(image: Image.Image, tile_size: int) -> tuple[Image.Image, bool]:
     left = (new_size[0] - tile_size) // 2
     top = (new_size[1] - tile_size) // 2
     return resized.crop((left, top, left + tile_size, top + tile_size)), True
+
+
+def load_tiles(images: Sequence[Any], tile_size: int, first_index: int = 0) -> list[Image.Image]:
+    """Load every image (`load_image`) and bring it to the tile size (`fit_to_tile`); says how many changed."""
+    tiles = []
+    resized = 0
+    for offset, item in enumerate(images):
+        tile, changed = fit_to_tile(load_image(item, first_index + offset), tile_size)
+        tiles.append(tile)
+        resized += int(changed)
+    if resized:
+        log.info("brought %d of %d images to the %d px tile size", resized, len(tiles), tile_size)
+    return tiles
 
 
 def _round_half_even(numerator: int, denominator: int) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from pue.bundle import Prompts
+from pue.bundle import Manifest, Prompts, resolve_inside
 from pue.errors import BundleError, InputError
 
 TEXT_SLOT = "{text}"
@@ -62,6 +62,18 @@ class PromptTokenizer:
         self.pad_token_id = pad_token_id
         self._check_prompts()
         self._image_prompt: list[int] | None = None
+
+    @classmethod
+    def for_bundle(cls, bundle_dir: str | os.PathLike[str], manifest: Manifest) -> PromptTokenizer:
+        """The prompt tokenizer a bundle's manifest describes (its tokenizer.json, prompts and token counts)."""
+        return cls(
+            resolve_inside(bundle_dir, manifest.tokenizer.file.path),
+            manifest.prompts,
+            image_token_id=manifest.image_token_id,
+            tokens_per_image=manifest.tokens_per_image,
+            max_seq_len=manifest.max_seq_len,
+            pad_token_id=manifest.tokenizer.pad_token_id,
+        )
 
     def _check_prompts(self) -> None:
         placeholder = self.prompts.image_placeholder

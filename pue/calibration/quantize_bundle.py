@@ -131,7 +131,8 @@ def quantize_bundle(
     import onnx
 
     from pue.calibration.readers import DecoderFeeds, VisionFeeds, make_plan
-    from pue.calibration.sources import open_sources, sample_patches
+    from pue.calibration.sampling import sample_patches
+    from pue.calibration.sources import open_sources
     from pue.runtime import Embedder
 
     say = progress or (lambda message: log.info(message))

@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pue.calibration.sampling import _quotas, sample_patches
 from pue.calibration.sources import (
     FolderSource,
     Patch,
     ShippedSource,
     SlideSource,
-    _quotas,
     list_images,
     open_sources,
-    sample_patches,
 )
 from pue.calibration.tissue import TissueFilter, is_tissue
 from pue.data import patch_index, patch_set, patches_dir

@@ -1,0 +1,121 @@
+"""A seeded, stratified selection of calibration patches across sources (`pue.calibration.sources`).
+
+Each source gets an equal share capped by what it has (the rest goes to the sources with more left), drawn
+with its own random stream spawned from one seed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pue.calibration.sources import Patch, PatchSource
+from pue.calibration.tissue import TissueFilter
+from pue.errors import PueError
+
+__all__ = ["sample_patches"]
+
+
+def sample_patches(
+    sources: list[PatchSource],
+    num_patches: int,
+    seed: int = 0,
+    minimum: int = 8,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[list[Patch], dict[str, Any]]:
+    """A seeded selection of `num_patches` patches, as equal a share per source as each can give.
+
+    Sources that cannot fill their share give all they have and the rest comes from those with more.
+    Returns the patches (grouped by source, each source's in its own order) and the summary calibration.json
+    records. Asking for more than there is warns and uses all; fewer usable than `minimum` is a `PueError`.
+    `progress(source name, done, total)` is called while sources are scanned.
+    """
+    if not sources:
+        raise PueError("no calibration sources given")
+    if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
+        raise PueError(f"the number of calibration patches must be a positive integer, got {num_patches!r}")
+    available = []
+    for source in sources:
+        report = None if progress is None else (lambda done, total, name=source.name: progress(name, done, total))
+        available.append(source.candidates(report))
+    counts = [len(patches) for patches in available]
+    total = sum(counts)
+    unreadable = [(file, reason) for source in sources for file, reason in source.unreadable]
+    if total < minimum:
+        raise PueError(
+            f"only {total} usable calibration patches, fewer than the minimum of {minimum} "
+            f"({_per_source_text(sources, counts)}){_unreadable_text(unreadable)}",
+            hint="add images or slides, or fix the unreadable files",
+        )
+    if num_patches > total:
+        warnings.warn(
+            f"{num_patches} calibration patches requested but only {total} are usable "
+            f"({_per_source_text(sources, counts)}); using all {total}",
+            UserWarning,
+            stacklevel=2,
+        )
+    quotas = _quotas(counts, min(num_patches, total))
+    streams = np.random.SeedSequence(seed).spawn(len(sources))
+    chosen: list[Patch] = []
+    for patches, quota, stream in zip(available, quotas, streams, strict=True):
+        picks = np.random.default_rng(stream).choice(len(patches), size=quota, replace=False)
+        chosen.extend(patches[i] for i in sorted(int(i) for i in picks))
+    summary = {
+        "seed": seed,
+        "requested": num_patches,
+        "used": len(chosen),
+        "minimum": minimum,
+        "sources": [
+            {**source.describe(), "available": count, "used": quota}
+            for source, count, quota in zip(sources, counts, quotas, strict=True)
+        ],
+        "unreadable": [{"file": file, "reason": reason} for file, reason in unreadable],
+        "tissue_filter": _filter_of(sources).to_dict(),
+    }
+    return chosen, summary
+
+
+def _quotas(counts: list[int], wanted: int) -> list[int]:
+    """Equal shares capped by what each source has; leftovers go to the sources with the most left."""
+    quotas = [0] * len(counts)
+    active = [i for i, count in enumerate(counts) if count > 0]
+    remaining = wanted
+    while remaining > 0 and active:
+        share = remaining // len(active)
+        if share == 0:
+            for i in sorted(active, key=lambda i: (quotas[i] - counts[i], i))[:remaining]:
+                quotas[i] += 1
+            break
+        for i in active:
+            take = min(share, counts[i] - quotas[i])
+            quotas[i] += take
+            remaining -= take
+        active = [i for i in active if quotas[i] < counts[i]]
+    return quotas
+
+
+def _filter_of(sources: list[PatchSource]) -> TissueFilter:
+    for source in sources:
+        found = getattr(source, "tissue_filter", None)
+        if found is not None:
+            return found
+    return TissueFilter()
+
+
+def _per_source_text(sources: list[PatchSource], counts: list[int]) -> str:
+    parts = []
+    for source, count in zip(sources, counts, strict=True):
+        bad = len(source.unreadable)
+        parts.append(f"{source.name}: {count} usable" + (f", {bad} unreadable" if bad else ""))
+    return "; ".join(parts)
+
+
+def _unreadable_text(unreadable: list[tuple[str, str]], shown: int = 10) -> str:
+    if not unreadable:
+        return ""
+    named = "; ".join(f"{file} ({reason})" for file, reason in unreadable[:shown])
+    more = f"; and {len(unreadable) - shown} more" if len(unreadable) > shown else ""
+    return f". Unreadable files: {named}{more}"

@@ -18,16 +18,15 @@ Presets (`ARCHITECTURES` x `PRESETS`):
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from pue.errors import OutputExistsError, PueError
+from pue.export.tiny_tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, make_tokenizer
 
 ARCHITECTURES = ("llava_next", "llava")
 PRESETS = ("ci", "e5v", "outliers", "bench")
@@ -36,29 +35,6 @@ PRESETS = ("ci", "e5v", "outliers", "bench")
 UNSUPPORTED = {
     ("llava", "e5v"): "e5v is the LLaVA-NeXT geometry (CLIP-336 anyres); use --arch llava_next or another preset",
 }
-
-SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<unk>", "<image>", "<emb>")
-IMAGE_TOKEN = "<image>"
-TOKENIZER_VOCAB_SIZE = 2048
-
-#: Vicuna-style template (LLaVA-1.5/1.6 "USER: ... ASSISTANT:"). String content is rendered as is; list content
-#: (processor-style ``[{"type": "image"}, {"type": "text", "text": ...}]``) renders images as ``<image>``.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['content'] is string %}{% set content = message['content'] %}"
-    "{% else %}{% set content = namespace(text='') %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}{% set content.text = content.text + '<image>' %}"
-    "{% elif item['type'] == 'text' %}{% set content.text = content.text + item['text'] %}{% endif %}"
-    "{% endfor %}{% set content = content.text %}{% endif %}"
-    "{% if message['role'] == 'system' %}{{ content }} "
-    "{% elif message['role'] == 'user' %}USER: {{ content }} "
-    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ content }}</s>"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 
 LLAVA_16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -216,7 +192,7 @@ def _build(arch: str, preset: str, spec: _Spec, seed: int):
 
     import pue
 
-    tokenizer = _make_tokenizer()
+    tokenizer = make_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = _make_config(arch, spec, tokenizer, image_token_id)
 
@@ -368,51 +344,6 @@ def _make_processor(arch: str, spec: _Spec, tokenizer):
         chat_template=CHAT_TEMPLATE,
         image_token=IMAGE_TOKEN,
     )
-
-
-# ---------------------------------------------------------------------------------------------------- tokenizer
-
-
-def _corpus() -> list[str]:
-    text = resources.files("pue.data").joinpath("corpus.txt").read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line.strip()]
-
-
-@functools.lru_cache(maxsize=1)
-def _tokenizer_json() -> str:
-    """Train the byte-level BPE once per process (deterministic: same corpus, same merges)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer)
-    return tok.to_str()
-
-
-def _make_tokenizer():
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_special_tokens=["<image>", "<emb>"],
-        padding_side="right",
-        model_max_length=4096,
-        clean_up_tokenization_spaces=False,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------- outliers

@@ -24,8 +24,23 @@ from pue.errors import BundleError, OutputExistsError
 log = logging.getLogger(__name__)
 
 FORMAT = "pue-bundle"
-FORMAT_VERSION = 1
+# "MAJOR.MINOR": a reader accepts its own major and every minor of it (older minors are upgraded at read).
+# 1.0 (written as the integer 1): `files` keyed by role names ("fidelity", "calibration", "fidelity_plot").
+# 1.1: `files` keyed by the file's path inside the bundle ("fidelity.json"), one name for one file.
+FORMAT_VERSION = "1.1"
 MANIFEST_NAME = "manifest.json"
+
+
+def parse_format_version(version: object) -> tuple[int, int]:
+    """(major, minor) of a manifest's format_version: 1 (the first bundles) is 1.0; "1.1" is 1.1."""
+    if isinstance(version, bool):
+        raise ValueError(version)
+    if isinstance(version, int):
+        return version, 0
+    if isinstance(version, str):
+        major, _, minor = version.partition(".")
+        return int(major), int(minor or 0)
+    raise ValueError(version)
 
 
 @dataclass
@@ -127,7 +142,7 @@ class Manifest:
     fidelity: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
-    format_version: int = FORMAT_VERSION
+    format_version: str = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,7 +169,9 @@ class Manifest:
                 tokenizer=TokenizerInfo(**tokenizer),
                 source_checkpoint=SourceCheckpoint(**data["source_checkpoint"]),
                 lineage=Lineage(**data.get("lineage", {})),
-                files={k: FileEntry(**v) for k, v in data.get("files", {}).items()},
+                # One name per file: keyed by its path (format 1.0 keyed some by role; upgraded here).
+                files={v["path"]: FileEntry(**v) for v in data.get("files", {}).values()},
+                format_version=FORMAT_VERSION,
             )
             return cls(**plain)
         except (KeyError, TypeError) as exc:
@@ -219,11 +236,18 @@ def read_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
             f"{path} is not a pue bundle manifest (format is {data.get('format')!r}, expected {FORMAT!r})"
         )
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    ours = parse_format_version(FORMAT_VERSION)
+    try:
+        theirs = parse_format_version(version)
+    except ValueError:
+        theirs = None
+    if theirs is None or theirs[0] != ours[0]:
         raise BundleError(
-            f"bundle format_version is {version}, this pue reads version {FORMAT_VERSION}",
+            f"bundle format_version is {version}, this pue reads versions {ours[0]}.x (up to {FORMAT_VERSION})",
             "rebuild the bundle with this version of pue-export, or install the pue that wrote it",
         )
+    if theirs[1] > ours[1]:
+        log.info("bundle format %s is newer than this pue's %s; reading the fields it knows", version, FORMAT_VERSION)
     return Manifest.from_dict(data)
 
 

@@ -52,10 +52,11 @@ class MissingDependencyError(PueError):
     """An optional dependency is not installed; the message names the pip extra."""
 
     def __init__(self, package: str, extra: str, purpose: str) -> None:
-        super().__init__(
-            f"{purpose} needs the Python package '{package}', which is not installed",
-            f'install it with: pip install "pue[{extra}]"',
-        )
+        self.package = package
+        self.extra = extra
+        packages = package.split(", ")
+        what = f"the Python package '{package}', which is" if len(packages) == 1 else f"{package}, which are"
+        super().__init__(f"{purpose} needs {what} not installed", f'install it with: pip install "pue[{extra}]"')
 
 
 class ProviderError(PueError):

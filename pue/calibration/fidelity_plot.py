@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 
 def plot_fidelity(report: dict, path: Path) -> bool:
-    try:
-        import matplotlib
+    from pue.extras import have_extra
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning('matplotlib is not installed: fidelity.png not drawn (pip install "pue[bench]")')
+    if not have_extra("bench", path.name):
         return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     cosines = report["gate"]["cosines"]
     overall = report["gate"]["overall"]
     figure, axis = plt.subplots(figsize=(7, 4))

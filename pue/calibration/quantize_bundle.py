@@ -35,6 +35,7 @@ from pue.calibration.fidelity_plot import plot_fidelity
 from pue.calibration.fp16 import convert_with_gate
 from pue.calibration.gate import FidelityReport, GateSet, GateThresholds, measure_fidelity
 from pue.calibration.int8_search import search_int8
+from pue.choices import CalibrationMethod, QuantizePrecision, Target, parse_choice
 from pue.errors import GateFailedError, PueError
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ def _check_request(manifest: Manifest, options: QuantizeOptions) -> None:
         raise PueError(
             "int8-dynamic is for onnxruntime on CPU only", "for TensorRT use --precision int8 --target tensorrt"
         )
+    parse_choice(CalibrationMethod, options.method, "--calibration-method")
+    parse_choice(QuantizePrecision, options.precision, "--precision")
+    parse_choice(Target, options.target, "--target")
     if options.method != "minmax":
         if options.precision != "int8":
             raise PueError(f"--calibration-method {options.method} only applies to static int8")
@@ -231,9 +235,9 @@ def quantize_bundle(
         }
         (staging / "calibration.json").write_text(json.dumps(calibration, indent=2, default=str) + "\n")
         (staging / "fidelity.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-        extra_files = {"calibration": "calibration.json", "fidelity": "fidelity.json"}
+        extra_files = ["calibration.json", "fidelity.json"]
         if plot_fidelity(report, staging / "fidelity.png"):
-            extra_files["fidelity_plot"] = "fidelity.png"
+            extra_files.append("fidelity.png")
         manifest = _child_manifest(parent_dir, parent_manifest, staging, options, report, extra_files)
         write_manifest(staging, manifest)
     say(f"wrote {output}")
@@ -337,7 +341,7 @@ def _child_manifest(
     staging: Path,
     options: QuantizeOptions,
     report: dict,
-    extra_files: dict[str, str],
+    extra_files: list[str],
 ) -> Manifest:
     written = {
         name: (spec.file.path, [e.path for e in spec.external_data])
@@ -345,7 +349,7 @@ def _child_manifest(
     }
     precision = {"int8": "int8", "int8-dynamic": "int8-dynamic", "fp16": "fp16"}[options.precision]
     manifest = _staged_manifest(parent, staging, written, precision, _target(options))
-    manifest.files = {key: file_entry(staging, name) for key, name in extra_files.items()}
+    manifest.files = {name: file_entry(staging, name) for name in extra_files}
     manifest.lineage = Lineage(
         parent_sha256=manifest_sha256(parent_dir), parent_precision=parent.precision, calibration="calibration.json"
     )

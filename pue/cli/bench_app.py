@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from pue.cli.common import console, handle_errors, print_json, set_debug
+from pue.cli.common import console, handle_errors, print_json, progress_printer, set_debug, styled
 from pue.errors import PueError
 
 app = typer.Typer(
@@ -42,6 +42,7 @@ def latency(
     reference_precisions: str = typer.Option(
         None,
         "--reference-precisions",
+        callback=lambda value: _reference_precisions(value),
         help="Reference rows, e.g. fp32,bf16 (default: fp32 + bf16 on CPUs with native bf16, fp32 + fp16 on CUDA).",
     ),
     images: list[Path] = typer.Option(
@@ -55,6 +56,7 @@ def latency(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Latency, throughput, memory and distance to the matmul limit of each bundle and of the reference."""
+    _require_extras("pue-bench latency", report, reference)
     from pue.benchmarks.latency import run_latency
     from pue.benchmarks.report import check_report_dir, write_latency_report
 
@@ -75,7 +77,7 @@ def latency(
         peaks=not no_peaks,
         timeout_s=timeout,
         rounds=rounds,
-        progress=lambda message: err.print(f"[dim]·[/dim] {message}"),
+        progress=progress_printer(err),
     )
     if report is not None:
         written = write_latency_report(result, report, overwrite=overwrite)
@@ -109,6 +111,7 @@ def pmeb(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """PMEB retrieval, zero-shot classification and composed retrieval: each bundle next to the reference."""
+    _require_extras("pue-bench pmeb", report, reference)
     try:
         from pue.benchmarks.pmeb.runner import run_pmeb
     except ImportError as exc:
@@ -132,7 +135,7 @@ def pmeb(
         report_dir=report,
         cache_dir=cache_dir,
         device=device,
-        progress=lambda message: err.print(f"[dim]·[/dim] {message}"),
+        progress=progress_printer(err),
     )
     if report is not None:
         err.print(f"wrote the PMEB report to {report}")
@@ -187,11 +190,20 @@ def profile(
 # ------------------------------------------------------------------------------------------------ printing
 
 
-def _print_latency(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _require_extras(command: str, report: Path | None, reference: Path | None) -> None:
+    """Before any work: bundles run in onnxruntime; a report draws its plot (bench); a reference needs torch."""
+    from pue.extras import require_extras
 
-    out = Console(highlight=False)
+    needed = ["cpu"] + (["bench"] if report is not None else []) + (["export"] if reference is not None else [])
+    what = command + (" --report" if report is not None else "") + (" --reference" if reference is not None else "")
+    require_extras(needed, what)
+
+
+def _print_latency(result: dict[str, Any]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    out = console(stderr=False)
     table = Table(title="pue-bench latency (per batch; speed-ups over the PyTorch reference)")
     for column in (
         "name",
@@ -212,7 +224,12 @@ def _print_latency(result: dict[str, Any]) -> None:
     for row in result["results"]:
         if row.get("error"):
             table.add_row(
-                row["name"], row["backend"], row["precision"], str(row["batch_size"]), "[red]failed[/red]", *[""] * 8
+                row["name"],
+                row["backend"],
+                row["precision"],
+                str(row["batch_size"]),
+                styled("failed", "red"),
+                *[""] * 8,
             )
             continue
         table.add_row(
@@ -260,11 +277,10 @@ def _print_latency(result: dict[str, Any]) -> None:
             )
         out.print(cards)
     for note in result.get("notes", []):
-        out.print(f"[yellow]note:[/yellow] {note}")
+        out.print(Text.assemble(("note: ", "yellow"), str(note)))
 
 
 def _print_pmeb(result: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     rows = result.get("results", []) if isinstance(result, dict) else []
@@ -284,7 +300,7 @@ def _print_pmeb(result: dict[str, Any]) -> None:
         table.add_column(column, justify="right" if column not in ("name", "task", "meta_task", "metric") else "left")
     for row in rows:
         table.add_row(*[_cell(row.get(column)) for column in columns])
-    Console(highlight=False).print(table)
+    console(stderr=False).print(table)
 
 
 def _cell(value: Any) -> str:
@@ -304,6 +320,19 @@ def _maybe(value: Any, template: str) -> str:
 
 def _str_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+REFERENCE_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _reference_precisions(text: str | None) -> str | None:
+    """Validated while the command line is parsed (exit 2), like every option with a fixed set of values."""
+    if text is None:
+        return None
+    unknown = [p for p in _str_list(text) if p not in REFERENCE_PRECISIONS]
+    if unknown or not _str_list(text):
+        raise typer.BadParameter(f"{text!r}: comma-separated values among {', '.join(REFERENCE_PRECISIONS)}")
+    return text
 
 
 def _int_list(text: str, option: str) -> list[int]:

@@ -1,4 +1,9 @@
-"""Shared CLI plumbing: one-line errors with the right exit code, --debug for tracebacks, rich output."""
+"""Shared CLI plumbing: one-line errors with the right exit code, --debug for tracebacks, rich output.
+
+Nothing printed is parsed as rich markup: the consoles are made with `markup=False`, so text from a checkpoint, a
+bundle, a file name or the user (`[INST]`, `[bold]`) prints literally; the program's own styling is `rich.text.Text`
+(`styled`, `verdict`, `progress_printer`).
+"""
 
 from __future__ import annotations
 
@@ -23,10 +28,29 @@ def set_debug(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def console() -> Any:
+def console(stderr: bool = True) -> Any:
+    """A rich console that prints every string literally (no markup, no emoji codes, no highlighting)."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=stderr, highlight=False, markup=False, emoji=False)
+
+
+def styled(text: str, style: str) -> Any:
+    """`text` in `style`, never parsed as markup."""
+    from rich.text import Text
+
+    return Text(text, style=style)
+
+
+def verdict(passed: bool, passed_text: str = "pass", failed_text: str = "FAIL") -> Any:
+    return styled(passed_text, "green") if passed else styled(failed_text, "red")
+
+
+def progress_printer(out: Any) -> Callable[[str], None]:
+    """A progress callback for the library: a dim bullet, then the message as plain text."""
+    from rich.text import Text
+
+    return lambda message: out.print(Text.assemble(("· ", "dim"), str(message)))
 
 
 def handle_errors(func: F) -> F:

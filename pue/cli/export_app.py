@@ -7,7 +7,18 @@ from pathlib import Path
 
 import typer
 
-from pue.cli.common import console, handle_errors, print_json, set_debug
+from pue.choices import (
+    Attention,
+    CalibrationMethod,
+    ExportDtype,
+    Exporter,
+    HardwareCompat,
+    QuantizePrecision,
+    Target,
+    TinyArchitecture,
+    TinyPreset,
+)
+from pue.cli.common import console, handle_errors, print_json, progress_printer, set_debug, verdict
 
 app = typer.Typer(
     name="pue-export",
@@ -26,15 +37,15 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
 @handle_errors
 def tiny_model(
     out: Path = typer.Argument(..., help="Directory to write the checkpoint to."),
-    arch: str = typer.Option("llava_next", "--arch", help="llava_next or llava."),
-    preset: str = typer.Option("ci", "--preset", help="ci, e5v, outliers or bench."),
+    arch: TinyArchitecture = typer.Option(TinyArchitecture.LLAVA_NEXT.value, "--arch", help="Architecture."),
+    preset: TinyPreset = typer.Option(TinyPreset.CI.value, "--preset", help="Size and geometry preset."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Build a tiny real HF checkpoint (random weights, trained tokenizer) for tests and demos."""
     from pue.export.tiny_models import build_tiny_model
 
-    path = build_tiny_model(out, arch=arch, preset=preset, seed=seed, overwrite=overwrite)
+    path = build_tiny_model(out, arch=arch.value, preset=preset.value, seed=seed, overwrite=overwrite)
     console().print(f"wrote {arch}/{preset} checkpoint to {path}")
 
 
@@ -43,16 +54,21 @@ def tiny_model(
 def onnx(
     checkpoint: Path = typer.Argument(..., help="Local checkpoint directory (save_pretrained layout)."),
     output: Path = typer.Option(..., "-o", "--output", help="Bundle directory to write."),
-    exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (default) or dynamo."),
+    exporter: Exporter = typer.Option(Exporter.TORCHSCRIPT.value, "--exporter", help="ONNX exporter."),
     opset: int = typer.Option(None, "--opset", help="ONNX opset (default 17 torchscript, 18 dynamo)."),
     tile_size: int = typer.Option(224, "--tile-size", help="Patch size the bundle is built for."),
     recipe: Path = typer.Option(None, "--recipe", help="recipe.json (default: E5-V recipe shipped with pue)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or float16 (halves memory for 8 B models)."),
+    dtype: ExportDtype = typer.Option(
+        ExportDtype.FLOAT32.value, "--dtype", help="Weights of the root bundle (float16 halves memory for 8 B models)."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda: where the reference and its gate run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Export a checkpoint to a bundle of two ONNX graphs and gate it against the PyTorch reference."""
+    from pue.extras import require_extras
+
+    require_extras(["export", "cpu"], "pue-export onnx (export, then the parity gate in onnxruntime)")
     from pue.errors import GateFailedError
     from pue.export.onnx_bundle import export_onnx_bundle
 
@@ -61,14 +77,14 @@ def onnx(
         result = export_onnx_bundle(
             checkpoint,
             output,
-            exporter=exporter,
+            exporter=exporter.value,
             opset=opset,
             tile_size=tile_size,
             recipe=recipe,
-            dtype=dtype,
+            dtype=dtype.value,
             device=device,
             overwrite=overwrite,
-            progress=lambda message: out.print(f"[dim]·[/dim] {message}"),
+            progress=progress_printer(out),
         )
     except GateFailedError as exc:
         _print_gate(out, exc.report["gate"])
@@ -100,10 +116,10 @@ def _print_gate(out: object, gate: dict) -> None:
             check["metric"],
             f"{check['value']:.3g}",
             f"{sign} {check['threshold']:g}",
-            "[green]pass[/green]" if check["passed"] else "[red]FAIL[/red]",
+            verdict(check["passed"]),
         )
     out.print(table)  # type: ignore[attr-defined]
-    out.print("PASSED" if gate["passed"] else "[red]FAILED[/red]")  # type: ignore[attr-defined]
+    out.print(verdict(gate["passed"], "PASSED", "FAILED"))  # type: ignore[attr-defined]
 
 
 @app.command("quantize")
@@ -111,9 +127,11 @@ def _print_gate(out: object, gate: dict) -> None:
 def quantize(
     bundle: Path = typer.Argument(..., help="FP32 bundle to quantize."),
     output: Path = typer.Option(..., "-o", "--output", help="Bundle directory to write."),
-    precision: str = typer.Option(..., "--precision", help="int8, int8-dynamic or fp16."),
-    target: str = typer.Option(
-        "onnxruntime", "--target", help="onnxruntime (uint8 activations, x86 CPUs) or tensorrt (signed symmetric Q/DQ)."
+    precision: QuantizePrecision = typer.Option(..., "--precision", help="Precision of the new bundle."),
+    target: Target = typer.Option(
+        Target.ONNXRUNTIME.value,
+        "--target",
+        help="onnxruntime (uint8 activations, x86 CPUs) or tensorrt (signed symmetric Q/DQ).",
     ),
     calib: list[Path] = typer.Option(
         None, "--calib", help="Calibration folder or slide (repeat for several); default: the shipped patches."
@@ -124,13 +142,15 @@ def quantize(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     magnification: float = typer.Option(None, "--magnification", help="Slides: target magnification (e.g. 20)."),
     mpp: float = typer.Option(None, "--mpp", help="Slides: target microns per pixel (e.g. 0.5)."),
-    method: str = typer.Option("minmax", "--calibration-method", help="minmax (default), entropy or percentile."),
+    method: CalibrationMethod = typer.Option(
+        CalibrationMethod.MINMAX.value, "--calibration-method", help="Static INT8 activation ranges."
+    ),
     gate_mean: float = typer.Option(0.995, "--gate-mean", help="Gate: minimum mean cosine to the FP32 parent."),
     gate_min: float = typer.Option(0.98, "--gate-min", help="Gate: minimum per-item cosine."),
     gate_top1: float = typer.Option(0.98, "--gate-top1", help="Gate: minimum top-1 self-retrieval."),
     no_smooth: bool = typer.Option(False, "--no-smooth", help="Do not migrate activation outliers (diagnostics)."),
     no_fallback: bool = typer.Option(False, "--no-fallback", help="Never keep sensitive layers in float."),
-    attention: str = typer.Option(
+    attention: Attention = typer.Option(
         None,
         "--attention",
         help="fused (onnxruntime's attention kernels; default for --target onnxruntime INT8) or standard "
@@ -141,6 +161,11 @@ def quantize(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Make an INT8, INT8-dynamic or FP16 bundle calibrated on pathology patches, gated against FP32."""
+    from pue.extras import needs_openslide, require_extras
+
+    require_extras(["export", "cpu"], "pue-export quantize", only={"export": ("onnx",)})
+    if slides := needs_openslide(calib or []):
+        require_extras(["slides"], f"calibrating on {slides[0]} (a whole-slide format only openslide reads)")
     from pue.calibration.gate import GateThresholds
     from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
     from pue.errors import GateFailedError, PueError
@@ -151,25 +176,25 @@ def quantize(
             "quantize on CPU; the int8 graph then runs on GPU through TensorRT (pue-export trt)",
         )
     options = QuantizeOptions(
-        precision=precision,
-        target=target,
+        precision=precision.value,
+        target=target.value,
         calib=list(calib) if calib else None,
         heldout=heldout,
         num_patches=num_patches,
         captions_file=captions,
         seed=seed,
-        method=method,
+        method=method.value,
         smooth=not no_smooth,
         fallback=not no_fallback,
         magnification=magnification,
         mpp=mpp,
         thresholds=GateThresholds(mean_cosine=gate_mean, min_cosine=gate_min, top1=gate_top1),
-        attention=attention,
+        attention=None if attention is None else attention.value,
     )
     out = console()
     try:
         result = quantize_bundle(
-            bundle, output, options, overwrite=overwrite, progress=lambda message: out.print(f"[dim]·[/dim] {message}")
+            bundle, output, options, overwrite=overwrite, progress=progress_printer(out)
         )
     except GateFailedError as exc:
         _print_fidelity(out, exc.report)
@@ -240,10 +265,10 @@ def trt(
         "--version-compatible",
         help="Engines that also run on later TensorRT versions (they carry a lean runtime; may be slower).",
     ),
-    hardware_compat: str = typer.Option(
-        "none",
+    hardware_compat: HardwareCompat = typer.Option(
+        HardwareCompat.NONE.value,
         "--hardware-compat",
-        help="none, same_compute_capability or ampere_plus (runs on any sm_80+ GPU; may be slower).",
+        help="Portability of the engines (ampere_plus runs on any sm_80+ GPU; may be slower).",
     ),
     device: str = typer.Option("cuda", "--device", help="GPU to build on and gate with: cuda or cuda:N."),
     heldout: Path = typer.Option(
@@ -276,7 +301,7 @@ def trt(
         timing_cache=timing_cache,
         workspace_gb=workspace,
         version_compatible=version_compatible,
-        hardware_compat=hardware_compat,
+        hardware_compat=hardware_compat.value,
         device=device,
     )
     try:
@@ -287,7 +312,7 @@ def trt(
             overwrite=overwrite,
             heldout=heldout,
             thresholds=thresholds,
-            progress=lambda message: out.print(f"[dim]·[/dim] {message}"),
+            progress=progress_printer(out),
         )
     except GateFailedError as exc:
         print_fidelity(out, exc.report["gate"])
@@ -313,12 +338,15 @@ def demo(
     iters: int = typer.Option(5, "--iters", help="Timed iterations per batch size in the latency benchmark."),
 ) -> None:
     """Tiny checkpoint → FP32 bundle → INT8 bundles → latency and pmeb-mini reports, offline, with a summary."""
+    from pue.extras import require_extras
+
+    require_extras(["export", "cpu", "bench"], "pue-export demo (export, quantize, latency and PMEB reports)")
     from rich.table import Table
 
     from pue.demo import run_demo
 
     out = console()
-    result = run_demo(workdir, overwrite=overwrite, iters=iters, progress=lambda message: out.print(message))
+    result = run_demo(workdir, overwrite=overwrite, iters=iters, progress=out.print)
     table = Table(title="pue demo: tiny llava_next checkpoint, batch 8, this machine")
     for column in ("name", "precision", "gate", "p50 ms", "items/s", "×ref", "PMEB agree"):
         table.add_column(column)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from pue.cli.common import verdict
+
 
 def print_fidelity(
     console: Any, gate: dict[str, Any], title: str | None = None, extra_rows: Sequence[tuple[str, str, str]] = ()
@@ -27,7 +29,7 @@ def print_fidelity(
             label,
             f"{value:.5f}",
             f">= {threshold:g}",
-            "[green]pass[/green]" if value >= threshold else "[red]FAIL[/red]",
+            verdict(value >= threshold),
         )
     if "top5" in overall:
         table.add_row("top-5 self-retrieval", f"{overall['top5']:.5f}", "", "")
@@ -44,4 +46,4 @@ def print_fidelity(
     console.print(table)
     if gate.get("note"):
         console.print(f"note: {gate['note']}")
-    console.print("PASSED" if gate["passed"] else "[red]FAILED[/red]")
+    console.print(verdict(gate["passed"], "PASSED", "FAILED"))

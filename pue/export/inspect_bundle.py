@@ -52,10 +52,14 @@ def describe_bundle(bundle: str | Path) -> dict[str, Any]:
 
 def print_summary(console: Any, summary: dict[str, Any]) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     console.print(
-        f"[bold]{summary['bundle']}[/bold]  sha256 {summary['bundle_sha256'][:16]}…  "
-        "[green]all file hashes verified[/green]"
+        Text.assemble(
+            (str(summary["bundle"]), "bold"),
+            f"  sha256 {summary['bundle_sha256'][:16]}…  ",
+            ("all file hashes verified", "green"),
+        )
     )
     console.print(
         f"architecture {summary['architecture']}  precision {summary['precision']}  target {summary['target']}  "

@@ -1,0 +1,102 @@
+"""The fixed sets of values that commands and the library accept, as enums: validated once at the edge.
+
+The command line parses options into these (typer lists the values in `--help` and refuses others with exit 2);
+the library takes either an enum member or its string value. Stdlib only: the runtime may import it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TypeVar
+
+from pue.errors import PueError
+
+
+class Choice(str, Enum):
+    """A string enum whose members compare equal to their values (``Precision.INT8 == "int8"``)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    def __hash__(self) -> int:  # as its string, so dicts keyed by the plain strings find members too
+        return hash(str(self.value))
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(member.value for member in cls)
+
+
+class Precision(Choice):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT8_DYNAMIC = "int8-dynamic"
+
+
+class QuantizePrecision(Choice):
+    """What `pue-export quantize` derives from an FP32 bundle."""
+
+    INT8 = "int8"
+    INT8_DYNAMIC = "int8-dynamic"
+    FP16 = "fp16"
+
+
+class Target(Choice):
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+class CalibrationMethod(Choice):
+    MINMAX = "minmax"
+    ENTROPY = "entropy"
+    PERCENTILE = "percentile"
+
+
+class Attention(Choice):
+    FUSED = "fused"
+    STANDARD = "standard"
+
+
+class Exporter(Choice):
+    TORCHSCRIPT = "torchscript"
+    DYNAMO = "dynamo"
+
+
+class ExportDtype(Choice):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
+class HardwareCompat(Choice):
+    NONE = "none"
+    SAME_COMPUTE_CAPABILITY = "same_compute_capability"
+    AMPERE_PLUS = "ampere_plus"
+
+
+class TinyArchitecture(Choice):
+    LLAVA_NEXT = "llava_next"
+    LLAVA = "llava"
+
+
+class TinyPreset(Choice):
+    CI = "ci"
+    E5V = "e5v"
+    OUTLIERS = "outliers"
+    BENCH = "bench"
+
+
+C = TypeVar("C", bound=Choice)
+
+
+def parse_choice(kind: type[C], value: str | C, option: str | None = None) -> C:
+    """`value` as a member of `kind`, or a PueError listing the valid values (library callers pass strings)."""
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(str(value))
+    except ValueError:
+        name = option or kind.__name__
+        raise PueError(f"unknown {name} {value!r}", f"choose one of: {', '.join(kind.values())}") from None

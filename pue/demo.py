@@ -1,7 +1,7 @@
 """`pue-export demo`: the whole path on a tiny real checkpoint, offline, in a few minutes on 2 CPU cores.
 
 tiny checkpoint → FP32 bundle (parity gate) → INT8 and INT8-dynamic bundles calibrated on the shipped patches
-(accuracy gate) → latency and pmeb-mini reports next to the PyTorch reference → one summary table.
+(fidelity gate) → latency and pmeb-mini reports next to the PyTorch reference → one summary table.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def run_demo(
     exported = export_onnx_bundle(checkpoint, bundles["fp32"], progress=lambda m: say(f"      {m}"))
     gates = {"fp32": {"summary": "PASSED parity" if exported.gate.passed else "FAILED"}}
     for precision in ("int8", "int8-dynamic"):
-        say(f"[3/5] {precision} bundle calibrated on the shipped patches, accuracy gate against FP32")
+        say(f"[3/5] {precision} bundle calibrated on the shipped patches, fidelity gate against FP32")
         result = quantize_bundle(
             bundles["fp32"],
             bundles[precision],

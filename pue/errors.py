@@ -71,7 +71,7 @@ class OutputExistsError(PueError):
 
 
 class GateFailedError(PueError):
-    """An accuracy gate failed; `report` holds the measurements."""
+    """A fidelity gate failed; `report` holds the measurements."""
 
     exit_code = EXIT_GATE_FAILED
 

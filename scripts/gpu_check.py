@@ -261,7 +261,7 @@ def latency(embed: Callable[[list[Any]], Any], images: list[Any], batch: int, wa
 def measure(
     run: Run, row: Row, embedder: Any, gate_set: Any, reference: dict | None, images: list[Any], quick: bool
 ) -> dict:
-    from pue.calibration.gate import measure_fidelity
+    from pue.fidelity import measure_fidelity
 
     started = time.perf_counter()
     embeddings = gate_set.embed(embedder)
@@ -303,7 +303,7 @@ def guarded(run: Run, row: Row, action: Callable[[], Any]) -> Any:
 def compare_backends(run: Run, workdir: Path) -> None:
     from PIL import Image
 
-    from pue.calibration.gate import GATE_MODIFIERS, GATE_TEXTS, GateSet
+    from pue.fidelity import GATE_MODIFIERS, GATE_TEXTS, GateSet
 
     paths = heldout_patches()
     if len(paths) < 8:

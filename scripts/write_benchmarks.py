@@ -100,7 +100,7 @@ def main(work: Path) -> None:
         )
     print()
     agreement_section(pmeb)
-    print("## Accuracy gates of the quantized bundles (vs their FP32 parent)\n")
+    print("## Fidelity gates of the quantized bundles (vs their FP32 parent)\n")
     print("| bundle | mean cosine | min cosine | top-1 | int8 FLOP share | ops in float | smoothed groups |")
     print("|---|---|---|---|---|---|---|")
     for name in ("int8", "int8-dynamic", "fp16"):

@@ -554,7 +554,7 @@ def make_tiny_bundle(
         file_entry,
         write_manifest,
     )
-    from pue.calibration.gate import GATE_MODIFIERS, GATE_TEXTS
+    from pue.fidelity import GATE_MODIFIERS, GATE_TEXTS
     from pue.runtime.preprocess import preprocessing_from_config
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -632,7 +632,9 @@ def heldout_patches(count: int = 8) -> list[Path]:
 
 
 def small_gate_set(count: int = 6) -> Any:
-    from pue.calibration.gate import GATE_MODIFIERS, GATE_TEXTS, GateSet
+    from pue.fidelity import GATE_MODIFIERS, GATE_TEXTS, GateSet
 
     images = heldout_patches(count)
-    return GateSet(images, list(GATE_TEXTS), images[:3], list(GATE_MODIFIERS[:3]))
+    # the fake engines are built with a small --max-seq: the gate texts that fit it
+    texts = [text for text in GATE_TEXTS if len(text) < 200]
+    return GateSet(images, texts, images[:3], list(GATE_MODIFIERS[:3]))

@@ -2,7 +2,7 @@
 
 `report.json` holds `schema_version`, `kind`, `environment`, `settings`, `peaks` (this machine's matmul peaks
 from the same run), `models` (FLOPs per patch per source checkpoint, with the datasheet best case per GPU),
-`results` (one row per model and batch size; DESIGN.md lists the fields) and `notes`.
+`results` (one row per model and batch size; docs/architecture.md lists the fields) and `notes`.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pue.calibration.gate import FidelityReport
 from pue.calibration.graph_ops import int8_flop_share, weight_ops
+from pue.fidelity import GateReport
 
 MIN_INT8_FLOP_SHARE = 0.80
 
@@ -19,13 +19,13 @@ def search_int8(
     tokens: dict[str, int],
     work: Path,
     options: Any,
-    evaluate: Callable[[dict[str, Any]], FidelityReport],
+    evaluate: Callable[[dict[str, Any]], GateReport],
     say: Callable[[str], None],
     timings: dict[str, float],
 ) -> dict[str, Any]:
     """Statistics, smoothing, then quantize → gate, keeping the worst layers float while the gate fails.
 
-    `evaluate` stages a candidate's graphs and runs the accuracy gate; `models` is updated in place with the
+    `evaluate` stages a candidate's graphs and runs the fidelity gate; `models` is updated in place with the
     last candidate's graphs.
     """
     import onnx

@@ -1,4 +1,4 @@
-"""`pue-export quantize`: an FP32 bundle → an INT8 / INT8-dynamic / FP16 bundle that passed the accuracy gate.
+"""`pue-export quantize`: an FP32 bundle → an INT8 / INT8-dynamic / FP16 bundle that passed the fidelity gate.
 
 INT8: per-channel symmetric int8 weights on weight-bearing ops only (attention's activation×activation
 products, the mask path, norms and pooling stay float); outlier channels migrated into the weights
@@ -8,9 +8,7 @@ layers with the worst simulated int8 SQNR are kept in float — never below 80 %
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,24 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from pue import __version__
-from pue.bundle import (
-    FileEntry,
-    Lineage,
-    Manifest,
-    atomic_directory,
-    check_output_path,
-    file_entry,
-    manifest_sha256,
-    read_manifest,
-    verify_files,
-    write_manifest,
-)
+from pue.bundle import Manifest, file_entry, read_manifest, write_manifest
 from pue.calibration.fidelity_plot import plot_fidelity
 from pue.calibration.fp16 import convert_with_gate
-from pue.calibration.gate import FidelityReport, GateSet, GateThresholds, measure_fidelity
 from pue.calibration.int8_search import search_int8
 from pue.choices import CalibrationMethod, QuantizePrecision, Target, parse_choice
-from pue.errors import GateFailedError, PueError
+from pue.derive import Derivation, derive_bundle
+from pue.errors import PueError
+from pue.fidelity import FidelityThresholds, GateReport, GateSet, measure_fidelity
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +46,14 @@ class QuantizeOptions:
     fallback: bool = True
     magnification: float | None = None
     mpp: float | None = None
-    thresholds: GateThresholds = field(default_factory=GateThresholds)
+    thresholds: FidelityThresholds = field(default_factory=FidelityThresholds)
     attention: str | None = None  # "fused" | "standard"; None: fused for onnxruntime INT8, else standard
 
 
 @dataclass
 class QuantizeResult:
     bundle: Path
-    fidelity: FidelityReport
+    fidelity: GateReport
     float_nodes: list[str]
     int8_flop_share: float | None
     smoothed: list[dict]
@@ -141,56 +129,48 @@ def quantize_bundle(
 
     say = progress or (lambda message: log.info(message))
     parent_dir = Path(bundle)
-    parent_manifest = read_manifest(parent_dir)
-    _check_request(parent_manifest, options)
-    check_output_path(output, overwrite)
-    verify_files(parent_dir, parent_manifest)
-    layouts = _attention_layouts(parent_manifest, options)
+    _check_request(read_manifest(parent_dir), options)
     timings: dict[str, float] = {}
 
-    started = time.perf_counter()
-    sources = open_sources(
-        options.calib, patch_size=parent_manifest.tile_size, magnification=options.magnification, mpp=options.mpp
-    )
-    patches, sampling = sample_patches(sources, options.num_patches, seed=options.seed)
-    captions = _captions(options)
-    plan = make_plan(patches, captions, seed=options.seed)
-    say(f"calibration set: {plan.counts()} from {len(sources)} source(s)")
-    parent = Embedder.load(parent_dir)
-    gate_set = GateSet.default(options.heldout)
-    _check_disjoint(gate_set, patches)
-    say(
-        f"gate set: {len(gate_set.images)} held-out patches, {len(gate_set.texts)} texts, "
-        f"{len(gate_set.composed_images)} composed queries"
-    )
-    reference = gate_set.embed(parent)
-    timings["prepare_s"] = time.perf_counter() - started
-
-    models = {name: onnx.load(str(parent_dir / spec.file.path)) for name, spec in parent_manifest.graphs.items()}
-    feeds = {
-        "vision": lambda limit=None: VisionFeeds(parent, plan.patches, limit),
-        "decoder": lambda limit=None: DecoderFeeds(parent, plan, limit),
-    }
-    tokens = {"vision": _vision_tokens(parent_manifest), "decoder": len(parent.prompts.image_prompt())}
-
     with (
+        derive_bundle(parent_dir, output, overwrite=overwrite) as child,
         tempfile.TemporaryDirectory(prefix=".pue-quantize-", dir=Path(output).absolute().parent) as scratch,
-        atomic_directory(output, overwrite=overwrite) as staging,
     ):
-        work = Path(scratch)
+        parent_manifest, staging, work = child.parent, child.staging, Path(scratch)
+        layouts = _attention_layouts(parent_manifest, options)
+        started = time.perf_counter()
+        sources = open_sources(
+            options.calib, patch_size=parent_manifest.tile_size, magnification=options.magnification, mpp=options.mpp
+        )
+        patches, sampling = sample_patches(sources, options.num_patches, seed=options.seed)
+        captions = _captions(options)
+        plan = make_plan(patches, captions, seed=options.seed)
+        say(f"calibration set: {plan.counts()} from {len(sources)} source(s)")
+        parent = Embedder.load(parent_dir)
+        gate_set = GateSet.default(options.heldout)
+        _check_disjoint(gate_set, patches)
+        say(f"gate set: {gate_set.counts()}")
+        reference = gate_set.embed(parent)
+        timings["prepare_s"] = time.perf_counter() - started
 
+        models = {name: onnx.load(str(parent_dir / spec.file.path)) for name, spec in parent_manifest.graphs.items()}
+        feeds = {
+            "vision": lambda limit=None: VisionFeeds(parent, plan.patches, limit),
+            "decoder": lambda limit=None: DecoderFeeds(parent, plan, limit),
+        }
+        tokens = {"vision": _vision_tokens(parent_manifest), "decoder": len(parent.prompts.image_prompt())}
         fusion: dict[str, dict] = {}
 
-        def evaluate(candidate: dict[str, Any]) -> FidelityReport:
+        def evaluate(candidate: dict[str, Any]) -> GateReport:
             """Stage the candidate's graphs as a bundle (the last one staged is what gets written) and gate it.
 
             With fused attention the gate measures the fused graphs: what is gated is what ships.
             """
             if layouts is not None:
                 candidate = _fuse(candidate, layouts, fusion)
-            return _evaluate(candidate, staging, parent_manifest, gate_set, reference, options)
+            return _evaluate(candidate, child, gate_set, reference, options)
 
-        shutil.copy(parent_dir / parent_manifest.tokenizer.file.path, staging / "tokenizer.json")
+        child.link_from_parent(parent_manifest.tokenizer.file.path)
         if options.precision == "fp16":
             outcome = convert_with_gate(models, feeds, options, evaluate, say, timings)
         else:
@@ -215,14 +195,8 @@ def quantize_bundle(
                 else ""
             ),
         }
-        if not fidelity.passed:
-            report_path = Path(str(output).rstrip("/") + ".gate-failed.json")
-            report_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
-            raise GateFailedError(
-                f"accuracy gate FAILED: {'; '.join(outcome.get('why') or fidelity.failures())}",
-                report,
-                str(report_path),
-            )
+        details = {k: v for k, v in report.items() if k != "gate"}
+        child.gate(fidelity, "fidelity gate", details, reasons=outcome.get("why"))
         calibration = {
             "sources": [s.name for s in sources],
             "sampling": sampling,
@@ -233,13 +207,12 @@ def quantize_bundle(
             "counts": plan.counts(),
             "method": options.method,
         }
-        (staging / "calibration.json").write_text(json.dumps(calibration, indent=2, default=str) + "\n")
-        (staging / "fidelity.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
         extra_files = ["calibration.json", "fidelity.json"]
+        child.write_json("calibration.json", calibration)
+        child.write_json("fidelity.json", report)
         if plot_fidelity(report, staging / "fidelity.png"):
             extra_files.append("fidelity.png")
-        manifest = _child_manifest(parent_dir, parent_manifest, staging, options, report, extra_files)
-        write_manifest(staging, manifest)
+        child.commit(_child_manifest(child, options, report), extra_files)
     say(f"wrote {output}")
     return QuantizeResult(
         Path(output),
@@ -308,51 +281,38 @@ def _write_graphs(models: dict[str, Any], staging: Path) -> dict[str, tuple[str,
 
 
 def _staged_manifest(
-    parent: Manifest, staging: Path, written: dict[str, tuple[str, list[str]]], precision: str, target: str
+    child: Derivation, written: dict[str, tuple[str, list[str]]], options: QuantizeOptions
 ) -> Manifest:
-    manifest = Manifest.from_dict(parent.to_dict())
+    manifest = child.child_manifest(precision=options.precision, target=_target(options))
     for name, (filename, data_files) in written.items():
-        manifest.graphs[name].file = file_entry(staging, filename)
-        manifest.graphs[name].external_data = [file_entry(staging, f) for f in data_files]
-    manifest.tokenizer.file = file_entry(staging, "tokenizer.json")
-    manifest.precision, manifest.target, manifest.files, manifest.fidelity = precision, target, {}, {}
+        manifest.graphs[name].file = file_entry(child.staging, filename)
+        manifest.graphs[name].external_data = [file_entry(child.staging, f) for f in data_files]
+    manifest.tokenizer.file = file_entry(child.staging, manifest.tokenizer.file.path)
     return manifest
 
 
 def _evaluate(
     models: dict[str, Any],
-    staging: Path,
-    parent: Manifest,
+    child: Derivation,
     gate_set: GateSet,
     reference: dict,
     options: QuantizeOptions,
-) -> FidelityReport:
+) -> GateReport:
     from pue.runtime import Embedder
 
-    written = _write_graphs(models, staging)
-    write_manifest(staging, _staged_manifest(parent, staging, written, options.precision, _target(options)))
-    candidate = Embedder.load(staging)
+    written = _write_graphs(models, child.staging)
+    write_manifest(child.staging, _staged_manifest(child, written, options))
+    candidate = Embedder.load(child.staging)
     return measure_fidelity(gate_set.embed(candidate), reference, options.thresholds)
 
 
-def _child_manifest(
-    parent_dir: Path,
-    parent: Manifest,
-    staging: Path,
-    options: QuantizeOptions,
-    report: dict,
-    extra_files: list[str],
-) -> Manifest:
+def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -> Manifest:
     written = {
         name: (spec.file.path, [e.path for e in spec.external_data])
-        for name, spec in read_manifest(staging).graphs.items()
+        for name, spec in read_manifest(child.staging).graphs.items()
     }
-    precision = {"int8": "int8", "int8-dynamic": "int8-dynamic", "fp16": "fp16"}[options.precision]
-    manifest = _staged_manifest(parent, staging, written, precision, _target(options))
-    manifest.files = {name: file_entry(staging, name) for name in extra_files}
-    manifest.lineage = Lineage(
-        parent_sha256=manifest_sha256(parent_dir), parent_precision=parent.precision, calibration="calibration.json"
-    )
+    manifest = _staged_manifest(child, written, options)
+    manifest.lineage.calibration = "calibration.json"
     manifest.fidelity = {
         "gate": {
             "passed": report["gate"]["passed"],
@@ -364,6 +324,7 @@ def _child_manifest(
         "smoothed_groups": len(report["smoothed"]),
         "gate_device": report["gate_device"],
     }
+    parent = child.parent
     manifest.export = dict(
         parent.export,
         quantization={
@@ -385,4 +346,4 @@ def _child_manifest(
     return manifest
 
 
-__all__ = ["PRECISIONS", "QuantizeOptions", "QuantizeResult", "quantize_bundle", "FileEntry"]
+__all__ = ["PRECISIONS", "QuantizeOptions", "QuantizeResult", "quantize_bundle"]

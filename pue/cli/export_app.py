@@ -18,7 +18,7 @@ from pue.choices import (
     TinyArchitecture,
     TinyPreset,
 )
-from pue.cli.common import console, handle_errors, print_json, progress_printer, set_debug, verdict
+from pue.cli.common import console, handle_errors, print_json, progress_printer, set_debug
 
 app = typer.Typer(
     name="pue-export",
@@ -104,22 +104,9 @@ def onnx(
 
 
 def _print_gate(out: object, gate: dict) -> None:
-    from rich.table import Table
+    from pue.fidelity import print_gate
 
-    table = Table(title="parity gate (bundle via runtime vs PyTorch reference)")
-    for column in ("check", "metric", "value", "threshold", "result"):
-        table.add_column(column)
-    for check in gate["checks"]:
-        sign = ">=" if check["higher_is_better"] else "<="
-        table.add_row(
-            check["name"],
-            check["metric"],
-            f"{check['value']:.3g}",
-            f"{sign} {check['threshold']:g}",
-            verdict(check["passed"]),
-        )
-    out.print(table)  # type: ignore[attr-defined]
-    out.print(verdict(gate["passed"], "PASSED", "FAILED"))  # type: ignore[attr-defined]
+    print_gate(out, gate, title="parity gate (bundle via runtime vs PyTorch reference)")
 
 
 @app.command("quantize")
@@ -145,9 +132,9 @@ def quantize(
     method: CalibrationMethod = typer.Option(
         CalibrationMethod.MINMAX.value, "--calibration-method", help="Static INT8 activation ranges."
     ),
-    gate_mean: float = typer.Option(0.995, "--gate-mean", help="Gate: minimum mean cosine to the FP32 parent."),
-    gate_min: float = typer.Option(0.98, "--gate-min", help="Gate: minimum per-item cosine."),
-    gate_top1: float = typer.Option(0.98, "--gate-top1", help="Gate: minimum top-1 self-retrieval."),
+    gate_mean: float = typer.Option(None, "--gate-mean", help="Fidelity gate: minimum mean cosine (default 0.995)."),
+    gate_min: float = typer.Option(None, "--gate-min", help="Fidelity gate: minimum per-item cosine (default 0.98)."),
+    gate_top1: float = typer.Option(None, "--gate-top1", help="Fidelity gate: minimum top-1 self-retrieval (0.98)."),
     no_smooth: bool = typer.Option(False, "--no-smooth", help="Do not migrate activation outliers (diagnostics)."),
     no_fallback: bool = typer.Option(False, "--no-fallback", help="Never keep sensitive layers in float."),
     attention: Attention = typer.Option(
@@ -166,9 +153,9 @@ def quantize(
     require_extras(["export", "cpu"], "pue-export quantize", only={"export": ("onnx",)})
     if slides := needs_openslide(calib or []):
         require_extras(["slides"], f"calibrating on {slides[0]} (a whole-slide format only openslide reads)")
-    from pue.calibration.gate import GateThresholds
     from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
     from pue.errors import GateFailedError, PueError
+    from pue.fidelity import FidelityThresholds
 
     if device != "cpu":
         raise PueError(
@@ -188,7 +175,7 @@ def quantize(
         fallback=not no_fallback,
         magnification=magnification,
         mpp=mpp,
-        thresholds=GateThresholds(mean_cosine=gate_mean, min_cosine=gate_min, top1=gate_top1),
+        thresholds=FidelityThresholds.with_overrides(gate_mean, gate_min, gate_top1),
         attention=None if attention is None else attention.value,
     )
     out = console()
@@ -207,7 +194,7 @@ def quantize(
 
 
 def _print_fidelity(out: object, report: dict) -> None:
-    from pue.cli.tables import print_fidelity
+    from pue.fidelity import print_gate
 
     extra = []
     if report.get("int8_flop_share") is not None:
@@ -218,9 +205,9 @@ def _print_fidelity(out: object, report: dict) -> None:
     if attention.get("mode") == "fused":
         fused = ", ".join(f"{g} {r['fused']}× {r['op']}" for g, r in attention.get("graphs", {}).items())
         extra.append(("attention", f"fused: {fused}", ""))
-    title = f"accuracy gate: {report['precision']} ({report['target']}) vs FP32 parent"
+    title = f"fidelity gate: {report['precision']} ({report['target']}) vs FP32 parent"
     out.print(report["gate_device"])  # type: ignore[attr-defined]
-    print_fidelity(out, report["gate"], title=title, extra_rows=extra)
+    print_gate(out, report["gate"], title=title, extra_rows=extra)
 
 
 @app.command("inspect")
@@ -281,20 +268,14 @@ def trt(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Build TensorRT engines (one per graph) on this GPU and gate them against the parent bundle."""
-    from pue.calibration.gate import GateThresholds
-    from pue.cli.tables import print_fidelity
     from pue.errors import GateFailedError
     from pue.export.tensorrt.build import TrtOptions, build_engine_bundle
     from pue.export.tensorrt.profiles import parse_batch
     from pue.export.tensorrt.report import print_engine_result
+    from pue.fidelity import FidelityThresholds, print_gate
 
     out = console()
-    defaults = GateThresholds()
-    thresholds = GateThresholds(
-        mean_cosine=defaults.mean_cosine if gate_mean is None else gate_mean,
-        min_cosine=defaults.min_cosine if gate_min is None else gate_min,
-        top1=defaults.top1 if gate_top1 is None else gate_top1,
-    )
+    thresholds = FidelityThresholds.with_overrides(gate_mean, gate_min, gate_top1)
     options = TrtOptions(
         batch=parse_batch(batch),
         max_seq=max_seq,
@@ -315,7 +296,7 @@ def trt(
             progress=progress_printer(out),
         )
     except GateFailedError as exc:
-        print_fidelity(out, exc.report["gate"])
+        print_gate(out, exc.report["gate"])
         raise
     if as_json:
         print_json(

@@ -7,7 +7,6 @@ model freed, and only then does onnxruntime load the graphs for the parity gate.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,24 +28,20 @@ from pue.bundle import (
     file_entry,
     write_manifest,
 )
-from pue.errors import GateFailedError, PueError
+from pue.choices import ExportDtype, parse_choice
+from pue.errors import PueError
 from pue.export.architectures import get_architecture
 from pue.export.checkpoint import checkpoint_sha256, inspect_checkpoint, load_model, load_processor
 from pue.export.onnx_graphs import DEFAULT_EXPORTER, DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, GraphExport, export_graph
-from pue.export.parity import COMPOSED_TEXTS, GATE_TEXTS, GateReport, run_parity_gate
+from pue.export.parity import TOLERANCES, reference_outputs, run_parity_gate
 from pue.export.recipe import Recipe, image_placeholder, load_recipe, render_prompts
 from pue.export.reference import ReferenceEmbedder
 from pue.export.resources import ResourcePlan, plan_export
+from pue.fidelity import GateReport, GateSet, fail_gate
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
-VISION_GATE_IMAGES = 4
-TOLERANCES = {
-    "float32": {"min_cosine": 0.9999, "max_abs": 1e-4, "vision_max_abs": 1e-5, "batch_max_abs": 1e-5},
-    # an FP16 root is gated against the reference in float16: rounding of 2^-11 per op
-    "float16": {"min_cosine": 0.999, "max_abs": 5e-3, "vision_max_abs": 5e-2, "batch_max_abs": 5e-3},
-}
 
 
 @dataclass
@@ -56,25 +51,6 @@ class ExportResult:
     gate: GateReport
     timings: dict[str, float]
     manifest: Manifest
-
-
-def gate_inputs(heldout: list[Path] | None = None) -> dict[str, Any]:
-    """The shipped held-out patches (tissue of both stains), texts of very different lengths, composed queries."""
-    if heldout is not None:
-        images = list(heldout)
-    else:
-        from pue.data import patch_set
-
-        images = patch_set("heldout")
-    if len(images) < 2:
-        raise PueError(f"the parity gate needs at least 2 held-out images, found {len(images)}")
-    composed_images = images[: len(COMPOSED_TEXTS)]
-    return {
-        "images": images,
-        "texts": list(GATE_TEXTS),
-        "composed": (composed_images, list(COMPOSED_TEXTS[: len(composed_images)])),
-        "vision_images": images[:VISION_GATE_IMAGES],
-    }
 
 
 def export_onnx_bundle(
@@ -92,6 +68,7 @@ def export_onnx_bundle(
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     say = progress or (lambda message: log.info(message))
+    dtype = str(parse_choice(ExportDtype, dtype, "--dtype"))
     if dtype not in TOLERANCES:
         raise PueError(f"unknown dtype '{dtype}'", "choose float32 or float16")
     if tile_size < 32:
@@ -118,18 +95,10 @@ def export_onnx_bundle(
     reference = ReferenceEmbedder(info, model, processor, resolved_recipe, tile_size)
     timings["load_s"] = time.perf_counter() - started
 
-    inputs = gate_inputs(heldout)
+    gate_set = GateSet.default(heldout, minimum=2)
     started = time.perf_counter()
-    say(
-        f"reference embeddings ({len(inputs['images'])} patches, {len(inputs['texts'])} texts, "
-        f"{len(inputs['composed'][0])} composed)"
-    )
-    expected = {
-        "images": reference.embed_images(inputs["images"]),
-        "texts": reference.embed_texts(inputs["texts"]),
-        "composed": reference.embed_composed(*inputs["composed"]),
-        "image_features": reference.image_features(inputs["vision_images"]),
-    }
+    say(f"reference embeddings ({gate_set.counts()})")
+    expected = reference_outputs(reference, gate_set)
     timings["reference_s"] = time.perf_counter() - started
 
     with atomic_directory(output, overwrite=overwrite) as staging:
@@ -151,26 +120,14 @@ def export_onnx_bundle(
         started = time.perf_counter()
         say("parity gate: running the bundle through the runtime")
         embedder = Embedder.load(staging, device="cpu" if device == "cpu" else device)
-        gate = run_parity_gate(
-            embedder,
-            expected,
-            inputs["images"],
-            inputs["texts"],
-            inputs["composed"],
-            inputs["vision_images"],
-            TOLERANCES[dtype],
-        )
+        gate = run_parity_gate(embedder, expected, gate_set, TOLERANCES[dtype])
         del embedder
         timings["gate_s"] = time.perf_counter() - started
         manifest.fidelity = {"parity_gate": gate.to_dict(), "reference_dtype": dtype, "reference_device": device}
         manifest.export["timings"] = timings
         write_manifest(staging, manifest)
         if not gate.passed:
-            report_path = Path(str(output).rstrip("/") + ".gate-failed.json")
-            report = {"bundle": str(output), "gate": gate.to_dict(), "timings": timings}
-            report_path.write_text(json.dumps(report, indent=2) + "\n")
-            failed = ", ".join(f"{c.name} {c.metric} {c.value:.3g}" for c in gate.failures())
-            raise GateFailedError(f"parity gate FAILED: {failed}", report, str(report_path))
+            fail_gate(output, "parity gate", gate, {"timings": timings})
     return ExportResult(Path(output), plan, gate, timings, manifest)
 
 

@@ -10,7 +10,7 @@ memory, scaled, masked and soft-maxed in separate passes. onnxruntime's contrib 
   [seq - c, seq] additive bias. 3/4 of the [seq, seq] scores get computed (GroupQueryAttention alone computes
   them all), and no [batch, 1, seq, seq] mask is ever built. With right padding (what `pue.runtime` always
   sends) a real token never sees a padding token under a causal mask, so the padding half of the exported mask
-  changes nothing the pooled embedding depends on; the accuracy gate checks this on padded batches of mixed
+  changes nothing the pooled embedding depends on; the fidelity gate checks this on padded batches of mixed
   lengths.
 
 Measured on the `bench` preset (2 Zen 4 cores, batch 8, fp32): the vision attention 96 → 73 ms per layer

@@ -186,7 +186,7 @@ def test_a_failing_gate_writes_the_report_and_no_bundle(monkeypatch, parent, gat
     with pytest.raises(GateFailedError) as error:
         build(parent, tmp_path / "engines", gate_set)
     assert error.value.exit_code == EXIT_GATE_FAILED
-    assert "TensorRT engine gate FAILED: mean cosine" in str(error.value)
+    assert "fidelity gate (TensorRT engines vs parent) FAILED: all items mean cosine" in str(error.value)
     report = json.loads((tmp_path / "engines.gate-failed.json").read_text())
     assert report["gate"]["passed"] is False and report["gate"]["overall"]["mean_cosine"] < 0.995
     assert set(report["engines"]) == {"vision", "decoder"}
@@ -218,7 +218,7 @@ runner = CliRunner()
 @pytest.fixture
 def shipped_gate(monkeypatch, gate_set):
     """The CLI uses GateSet.default(); keep it small here."""
-    monkeypatch.setattr("pue.calibration.gate.GateSet.default", classmethod(lambda cls, heldout=None: gate_set))
+    monkeypatch.setattr("pue.fidelity.GateSet.default", classmethod(lambda cls, heldout=None: gate_set))
 
 
 def test_cli_builds_and_reports(monkeypatch, parent, tmp_path, shipped_gate):

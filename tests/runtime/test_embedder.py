@@ -8,7 +8,7 @@ from PIL import Image
 
 from pue.data import patch_set
 from pue.errors import InputError
-from pue.export.parity import COMPOSED_TEXTS, GATE_TEXTS, cosine_rows
+from pue.fidelity import GATE_MODIFIERS, GATE_TEXTS, cosine_rows
 from pue.runtime import Embedder, Query
 
 CASES = [("llava_next", "ci"), ("llava_next", "e5v"), ("llava", "ci")]
@@ -27,7 +27,10 @@ def test_matches_reference(fp32_bundle, reference_embedder, heldout, arch, prese
     for got, want in (
         (embedder.embed_images(images), reference.embed_images(images)),
         (embedder.embed_texts(GATE_TEXTS), reference.embed_texts(GATE_TEXTS)),
-        (embedder.embed_composed(images[:4], COMPOSED_TEXTS), reference.embed_composed(images[:4], COMPOSED_TEXTS)),
+        (
+            embedder.embed_composed(images[:4], GATE_MODIFIERS[:4]),
+            reference.embed_composed(images[:4], GATE_MODIFIERS[:4]),
+        ),
     ):
         assert got.dtype == np.float32
         assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)

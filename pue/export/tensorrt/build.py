@@ -9,10 +9,8 @@ is written. TensorRT is imported lazily: this module loads without it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,16 +20,14 @@ from typing import Any
 
 from pue.bundle import (
     Manifest,
-    atomic_directory,
     check_output_path,
     file_entry,
     read_manifest,
     resolve_inside,
-    verify_files,
     write_manifest,
 )
-from pue.calibration.gate import FidelityReport, GateSet, GateThresholds
-from pue.errors import BundleError, GateFailedError, PueError
+from pue.derive import Derivation, derive_bundle
+from pue.errors import BundleError, PueError
 from pue.export.tensorrt.gate import run_engine_gate
 from pue.export.tensorrt.metadata import (
     ENGINE_DIR,
@@ -41,6 +37,7 @@ from pue.export.tensorrt.metadata import (
     rebuild_command,
 )
 from pue.export.tensorrt.profiles import DEFAULT_BATCH, BatchRange, engine_profiles, parse_batch, resolve_max_seq
+from pue.fidelity import FidelityThresholds, GateReport, GateSet
 from pue.runtime.backends.base import parse_device
 from pue.runtime.backends.cuda_device import CudaDevice, import_cudart
 from pue.runtime.backends.tensorrt import GRAPHS, import_tensorrt, make_logger, platform_info
@@ -95,7 +92,7 @@ class BuiltEngine:
 class EngineBundleResult:
     bundle: Path
     engines: dict[str, EngineMetadata]
-    gate: FidelityReport
+    gate: GateReport
     timings: dict[str, float]
     manifest: Manifest
 
@@ -258,7 +255,7 @@ def build_engine_bundle(
     overwrite: bool = False,
     gate_set: GateSet | None = None,
     heldout: str | Path | None = None,
-    thresholds: GateThresholds | None = None,
+    thresholds: FidelityThresholds | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> EngineBundleResult:
     options = options or TrtOptions()
@@ -266,31 +263,31 @@ def build_engine_bundle(
     parent_dir, output = Path(parent), Path(output)
     manifest = read_manifest(parent_dir)
     check_parent(manifest, parent_dir)
-    verify_files(parent_dir, manifest)
     options.hardware_compat = normalise_hardware_compat(options.hardware_compat)
     if options.workspace_gb is not None and options.workspace_gb <= 0:
         raise PueError(f"--workspace {options.workspace_gb} must be a positive number of GB")
     max_seq = resolve_max_seq(manifest, options.max_seq)
     profiles = engine_profiles(manifest, options.batch, max_seq)
     check_output_path(output, overwrite)
-    trt, gpu, built_on = open_build_gpu(options.device)
-    try:
-        if options.hardware_compat == "ampere_plus" and built_on.compute_capability < AMPERE:
-            raise PueError(
-                f"--hardware-compat ampere_plus needs an Ampere or newer GPU to build on; this one is "
-                f"{sm_name(built_on.compute_capability)} ({built_on.gpu_name})",
-                "drop --hardware-compat",
+    with derive_bundle(parent_dir, output, overwrite=overwrite) as child:
+        trt, gpu, built_on = open_build_gpu(options.device)
+        try:
+            if options.hardware_compat == "ampere_plus" and built_on.compute_capability < AMPERE:
+                raise PueError(
+                    f"--hardware-compat ampere_plus needs an Ampere or newer GPU to build on; this one is "
+                    f"{sm_name(built_on.compute_capability)} ({built_on.gpu_name})",
+                    "drop --hardware-compat",
+                )
+            gate_set = gate_set or GateSet.default(heldout)
+            say(f"building on {built_on.describe()}: batch {options.batch}, sequence 1..{max_seq}")
+            flags = options.flags()
+            command = rebuild_command(
+                parent_dir.resolve(), output.resolve(), options.batch, max_seq, flags, options.workspace_gb
             )
-        gate_set = gate_set or GateSet.default(heldout)
-        say(f"building on {built_on.describe()}: batch {options.batch}, sequence 1..{max_seq}")
-        flags = options.flags()
-        command = rebuild_command(
-            parent_dir.resolve(), output.resolve(), options.batch, max_seq, flags, options.workspace_gb
-        )
-        cache = _read_timing_cache(options.timing_cache)
-        timings: dict[str, float] = {}
-        engines: dict[str, EngineMetadata] = {}
-        with atomic_directory(output, overwrite=overwrite) as staging:
+            cache = _read_timing_cache(options.timing_cache)
+            timings: dict[str, float] = {}
+            engines: dict[str, EngineMetadata] = {}
+            staging = child.staging
             (staging / ENGINE_DIR).mkdir()
             for graph in GRAPHS:
                 source = resolve_inside(parent_dir, manifest.graphs[graph].file.path)
@@ -307,30 +304,15 @@ def build_engine_bundle(
                 _write_timing_cache(options.timing_cache, cache)
                 say(f"timing cache saved to {options.timing_cache}")
             result = _finish_bundle(
-                staging,
-                parent_dir,
-                output,
-                manifest,
-                engines,
-                built_on,
-                options,
-                max_seq,
-                command,
-                timings,
-                gate_set,
-                thresholds,
-                say,
+                child, engines, built_on, options, max_seq, command, timings, gate_set, thresholds, say
             )
-    finally:
-        gpu.close()
+        finally:
+            gpu.close()
     return EngineBundleResult(output, engines, result[0], timings, result[1])
 
 
 def _finish_bundle(
-    staging: Path,
-    parent_dir: Path,
-    output: Path,
-    parent: Manifest,
+    child: Derivation,
     engines: dict[str, EngineMetadata],
     built_on: PlatformInfo,
     options: TrtOptions,
@@ -338,13 +320,12 @@ def _finish_bundle(
     command: str,
     timings: dict[str, float],
     gate_set: GateSet,
-    thresholds: GateThresholds | None,
+    thresholds: FidelityThresholds | None,
     say: Callable[[str], None],
-) -> tuple[FidelityReport, Manifest]:
+) -> tuple[GateReport, Manifest]:
     """Tokenizer, manifest, gate, fidelity.json: the engine bundle is complete or a GateFailedError is raised."""
-    tokenizer = parent.tokenizer.file.path
-    (staging / tokenizer).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(resolve_inside(parent_dir, tokenizer), staging / tokenizer)
+    staging, parent, parent_dir = child.staging, child.parent, child.parent_dir
+    tokenizer = child.link_from_parent(parent.tokenizer.file.path)
     files = {f"{ENGINE_DIR}/{g}.json": file_entry(staging, f"{ENGINE_DIR}/{g}.json") for g in engines}
     summary = {
         "parent_bundle": str(parent_dir.resolve()),
@@ -360,7 +341,7 @@ def _finish_bundle(
         parent_dir,
         {g: file_entry(staging, engine_path(g)) for g in engines},
         files,
-        file_entry(staging, tokenizer),
+        tokenizer,
         built_on,
         options.batch,
         summary,
@@ -369,20 +350,10 @@ def _finish_bundle(
     started = time.perf_counter()
     report = run_engine_gate(staging, parent_dir, options.device, gate_set, thresholds, say)
     timings["gate_s"] = time.perf_counter() - started
-    if not report.passed:
-        report_path = Path(str(output).rstrip("/") + ".gate-failed.json")
-        details = {
-            "bundle": str(output),
-            "parent": str(parent_dir),
-            "gate": report.to_dict(),
-            "engines": {g: meta.to_dict() for g, meta in engines.items()},
-            "timings": timings,
-        }
-        report_path.write_text(json.dumps(details, indent=2) + "\n")
-        raise GateFailedError(f"TensorRT engine gate FAILED: {', '.join(report.failures())}", details, str(report_path))
-    (staging / "fidelity.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    manifest.files["fidelity.json"] = file_entry(staging, "fidelity.json")
+    details = {"engines": {g: meta.to_dict() for g, meta in engines.items()}, "timings": timings}
+    child.gate(report, "fidelity gate (TensorRT engines vs parent)", details)
+    child.write_json("fidelity.json", report.to_dict())
     manifest.fidelity = {"gate": report.to_dict()}
     manifest.export["tensorrt"]["timings"] = timings
-    write_manifest(staging, manifest)
+    child.commit(manifest, ["fidelity.json"])
     return report, manifest

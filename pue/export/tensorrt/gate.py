@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from pue.calibration.gate import FidelityReport, GateSet, GateThresholds, measure_fidelity
+from pue.fidelity import FidelityThresholds, GateReport, GateSet, measure_fidelity
 
 log = logging.getLogger(__name__)
 
@@ -30,36 +30,27 @@ def run_engine_gate(
     parent_dir: Path,
     device: str,
     gate_set: GateSet,
-    thresholds: GateThresholds | None = None,
+    thresholds: FidelityThresholds | None = None,
     progress: Callable[[str], None] | None = None,
-) -> FidelityReport:
+) -> GateReport:
     from pue.runtime import Embedder
 
     say = progress or log.info
     parent_device = parent_device_for(device)
-    say(
-        f"gate: parent bundle through onnxruntime on {parent_device} ({len(gate_set.images)} patches, "
-        f"{len(gate_set.texts)} texts, {len(gate_set.composed_texts)} composed)"
-    )
+    say(f"fidelity gate: parent bundle through onnxruntime on {parent_device} ({gate_set.counts()})")
     parent = Embedder.load(parent_dir, backend="onnxruntime", device=parent_device)
     try:
         expected = gate_set.embed(parent)
     finally:
         parent.backend.close()
-    say(f"gate: engines through TensorRT on {device}")
+    say(f"fidelity gate: engines through TensorRT on {device}")
     engines = Embedder.load(engine_dir, backend="tensorrt", device=device)
     try:
         got = gate_set.embed(engines)
     finally:
         engines.backend.close()
-    report = measure_fidelity(got, expected, thresholds)
-    report.extra.update(
-        {
-            "compared": "TensorRT engines vs parent bundle (onnxruntime)",
-            "engine_device": device,
-            "parent_device": parent_device,
-        }
-    )
+    report = measure_fidelity(got, expected, thresholds, compared="TensorRT engines vs parent bundle (onnxruntime)")
+    report.extra.update({"engine_device": device, "parent_device": parent_device})
     if parent_device == "cpu" and device != "cpu":
         report.extra["note"] = (
             "onnxruntime has no CUDA provider here (CPU build installed): the parent ran on CPU, the engines on the GPU"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pue.cli.tables import print_fidelity
+from pue.fidelity import print_gate
 
 
 def print_engine_result(console: Any, result: Any) -> None:
@@ -25,5 +25,5 @@ def print_engine_result(console: Any, result: Any) -> None:
             profile,
         )
     console.print(table)
-    print_fidelity(console, result.gate.to_dict())
+    print_gate(console, result.gate.to_dict())
     console.print(f"wrote {result.bundle}  ({', '.join(f'{k} {v:.1f}s' for k, v in result.timings.items())})")

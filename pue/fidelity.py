@@ -1,0 +1,366 @@
+"""The gates: their measurements, their report, its printer and the failure file, in one place.
+
+Vocabulary (used everywhere in pue):
+
+- **parity**: a bundle's graphs, run through the runtime, against the PyTorch reference (`pue-export onnx`).
+  Checks are per-item cosines and absolute differences with tight tolerances (the same math in another engine).
+- **fidelity**: a derived bundle (INT8, INT8-dynamic, FP16, TensorRT engines) against its FP32 parent bundle
+  (`pue-export quantize`, `pue-export trt`). Checks are mean and minimum cosine and top-1 self-retrieval: random
+  tiny models make different tiles look alike (mean pairwise cosine ~0.8), so a cosine threshold alone proves
+  little; each item's new embedding must also retrieve its own parent twin first among all held-out items.
+
+Every gate is a `GateReport` of `Check`s; a failed gate writes `OUT.gate-failed.json` beside the requested output
+(`write_gate_failure`) and no bundle. numpy and the standard library only (rich is imported by the printer when
+it prints): every package may import this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pue.errors import GateFailedError, PueError
+
+PARITY = "parity"
+FIDELITY = "fidelity"
+
+# Held-out texts of both gates: never used for calibration (calibration captions come from pue/data/corpus.txt).
+# Lengths from empty to several hundred tokens, punctuation, non-ASCII and control characters.
+GATE_TEXTS = [
+    "",
+    "tumor",
+    "benign",
+    "H&E stained section of colonic mucosa",
+    "Lymph node with metastatic carcinoma in the subcapsular sinus.",
+    "Well-differentiated adenocarcinoma forming back-to-back glands with cribriform areas.",
+    "Normal colonic mucosa: straight crypts, abundant goblet cells, no dysplasia.",
+    "Strong membranous HER2 staining in more than ten percent of invasive tumour cells (score 3+).",
+    "Fatty tissue with thin fibrous septa and a few small vessels; no atypia identified.",
+    "Necrotic debris surrounded by a rim of viable pleomorphic tumour cells with frequent mitoses.",
+    "Ki-67 labelling index of roughly forty percent in the hot spot.",
+    "Immunohistochemistry for a nuclear marker: brown DAB staining in most epithelial nuclei, blue hematoxylin "
+    "counterstain elsewhere.",
+    "Invasive ductal carcinoma, grade 2 — nests and cords of atypical cells infiltrating a desmoplastic stroma; "
+    "mitoses are present (2 per 10 HPF).",
+    "Chronic inflammation with lymphoid aggregates at the base of the mucosa " * 6,
+    " ".join(
+        [
+            "A long description of a whole-slide region: glands lined by columnar epithelium, goblet cells, "
+            "lamina propria with plasma cells and lymphocytes, muscularis mucosae, and scattered vessels."
+        ]
+        * 4
+    ),
+    "Ünïcödé: ß, µm, °C, 中文, emoji 🔬",
+    "line one\nline two\ttabbed",
+]
+# Modifiers of the composed (image + text) queries, one per held-out image from the first.
+GATE_MODIFIERS = [
+    "make it an IHC stain",
+    "as an immunohistochemistry stain",
+    "show more stroma",
+    "with more inflammatory cells",
+    "increase the magnification",
+    "at lower magnification",
+    "add lymphocytes",
+    "without the background glass",
+    "with denser stroma",
+    "as H&E",
+]
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class FidelityThresholds:
+    """What a derived bundle must keep of its parent's embeddings (`--gate-mean/--gate-min/--gate-top1`)."""
+
+    mean_cosine: float = 0.995
+    min_cosine: float = 0.98
+    top1: float = 0.98
+
+    @classmethod
+    def with_overrides(
+        cls, mean_cosine: float | None = None, min_cosine: float | None = None, top1: float | None = None
+    ) -> FidelityThresholds:
+        """The defaults, with the values a user gave (None keeps the default): one copy of the defaults."""
+        given = {"mean_cosine": mean_cosine, "min_cosine": min_cosine, "top1": top1}
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+
+@dataclass
+class Check:
+    name: str
+    metric: str
+    value: float
+    threshold: float
+    higher_is_better: bool = True
+
+    @property
+    def passed(self) -> bool:
+        if not np.isfinite(self.value):
+            return False
+        return self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
+
+    def describe(self) -> str:
+        sign = "<" if self.higher_is_better else ">"
+        return f"{self.name} {self.metric} {self.value:.4g} {sign} {self.threshold:g}"
+
+
+@dataclass
+class GateReport:
+    """One gate's outcome: its checks, and the measurements behind them (`overall`, `per_kind`, `cosines`)."""
+
+    kind: str
+    compared: str
+    checks: list[Check] = field(default_factory=list)
+    overall: dict[str, float] = field(default_factory=dict)
+    per_kind: dict[str, dict[str, float]] = field(default_factory=dict)
+    cosines: list[float] = field(default_factory=list)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    def failures(self) -> list[str]:
+        return [check.describe() for check in self.checks if not check.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "kind": self.kind,
+            "compared": self.compared,
+            "passed": self.passed,
+            "checks": [dict(asdict(c), passed=c.passed) for c in self.checks],
+        }
+        for key in ("thresholds", "overall", "per_kind", "cosines", "details"):
+            if getattr(self, key):
+                data[key] = getattr(self, key)
+        return {**data, **self.extra}
+
+
+# ------------------------------------------------------------------------------------------------ measurements
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row cosine of two (N, D) arrays, in float64."""
+    return np.sum(unit_rows(a) * unit_rows(b), axis=1)
+
+
+def retrieval_agreement(candidate: np.ndarray, parent: np.ndarray, k: int) -> float:
+    """Share of items whose candidate embedding finds its own parent embedding among the top k parents."""
+    if len(candidate) == 0:
+        return 1.0
+    sims = unit_rows(candidate) @ unit_rows(parent).T
+    own = np.diag(sims)
+    rank = (sims > own[:, None]).sum(axis=1)  # ties count in the item's favour
+    return float(np.mean(rank < k))
+
+
+def mean_pairwise_cosine(x: np.ndarray) -> float:
+    """How alike a set's items are (what a cosine threshold must be read against)."""
+    unit = unit_rows(x)
+    sims = unit @ unit.T
+    n = len(x)
+    return float((sims.sum() - np.trace(sims)) / max(n * (n - 1), 1))
+
+
+def centered_mean_cosine(candidate: np.ndarray, parent: np.ndarray) -> float:
+    """Mean cosine after removing the parent's mean embedding: what distinguishes items."""
+    mean = np.asarray(parent, dtype=np.float64).mean(axis=0, keepdims=True)
+    return float(cosine_rows(np.asarray(candidate, dtype=np.float64) - mean, np.asarray(parent) - mean).mean())
+
+
+def measure_fidelity(
+    candidate: dict[str, np.ndarray],
+    parent: dict[str, np.ndarray],
+    thresholds: FidelityThresholds | None = None,
+    compared: str = "derived bundle vs FP32 parent",
+) -> GateReport:
+    """Cosines per item, and self-retrieval within each kind's own gallery (images among images, texts among
+    texts, composed among composed): a composed query and the image it was built from can be nearly identical
+    in a random model (cosine 0.99999), closer than quantization noise, and would make top-1 meaningless."""
+    limits = thresholds or FidelityThresholds()
+    report = GateReport(FIDELITY, compared, thresholds=asdict(limits))
+    hits1 = hits5 = 0.0
+    for kind in parent:
+        cos = cosine_rows(candidate[kind], parent[kind])
+        top1 = retrieval_agreement(candidate[kind], parent[kind], 1)
+        top5 = retrieval_agreement(candidate[kind], parent[kind], 5)
+        hits1 += top1 * len(cos)
+        hits5 += top5 * len(cos)
+        report.per_kind[kind] = {
+            "count": int(len(cos)),
+            "mean_cosine": float(cos.mean()),
+            "min_cosine": float(cos.min()),
+            "top1": top1,
+            "top5": top5,
+            "parent_mean_pairwise_cosine": mean_pairwise_cosine(parent[kind]),
+        }
+    all_candidate = np.concatenate([candidate[k] for k in parent])
+    all_parent = np.concatenate([parent[k] for k in parent])
+    cos = cosine_rows(all_candidate, all_parent)
+    report.overall = {
+        "count": int(len(cos)),
+        "mean_cosine": float(cos.mean()),
+        "min_cosine": float(cos.min()),
+        "top1": float(hits1 / len(cos)),
+        "top5": float(hits5 / len(cos)),
+        "centered_mean_cosine": centered_mean_cosine(all_candidate, all_parent),
+        "parent_mean_pairwise_cosine": mean_pairwise_cosine(all_parent),
+    }
+    report.cosines = [float(c) for c in cos]
+    report.checks = [
+        Check("all items", "mean cosine", report.overall["mean_cosine"], limits.mean_cosine),
+        Check("all items", "min cosine", report.overall["min_cosine"], limits.min_cosine),
+        Check("all items", "top-1 self-retrieval", report.overall["top1"], limits.top1),
+    ]
+    return report
+
+
+def compare_for_parity(
+    report: GateReport, name: str, got: np.ndarray, want: np.ndarray, min_cosine: float, max_abs: float
+) -> None:
+    """Parity checks of one kind of item: minimum cosine and maximum absolute difference."""
+    if got.shape != want.shape:
+        report.checks.append(Check(f"{name} shape", f"{got.shape} vs {want.shape}", float("nan"), 0))
+        return
+    cos = cosine_rows(got, want) if got.size else np.ones(0)
+    diff = float(np.max(np.abs(got - want))) if got.size else 0.0
+    report.checks.append(Check(name, "min cosine", float(cos.min()) if cos.size else 1.0, min_cosine))
+    report.checks.append(Check(name, "max abs diff", diff, max_abs, higher_is_better=False))
+    report.details[name] = {"count": int(len(cos)), "mean_cosine": float(cos.mean()) if cos.size else 1.0}
+
+
+# ------------------------------------------------------------------------------------------------ held-out set
+
+
+@dataclass
+class GateSet:
+    """Held-out items of a gate: images, texts, composed (image, modifier) pairs."""
+
+    images: list[Any]
+    texts: list[str]
+    composed_images: list[Any]
+    composed_texts: list[str]
+
+    @classmethod
+    def default(cls, heldout: str | Path | Sequence[Any] | None = None, minimum: int = 4) -> GateSet:
+        """The shipped held-out patches (or a folder / list of images), every gate text, one modifier per image."""
+        if heldout is None:
+            from pue.data import patch_set
+
+            images: list[Any] = list(patch_set("heldout"))
+        elif isinstance(heldout, (str, os.PathLike)):
+            folder = Path(heldout)
+            if not folder.is_dir():
+                raise PueError(f"held-out folder '{folder}' does not exist or is not a folder")
+            images = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        else:
+            images = list(heldout)
+        if len(images) < minimum:
+            raise PueError(
+                f"the gate needs at least {minimum} held-out images, found {len(images)}",
+                "pass a held-out folder with more patches",
+            )
+        composed = images[: len(GATE_MODIFIERS)]
+        return cls(images, list(GATE_TEXTS), composed, list(GATE_MODIFIERS[: len(composed)]))
+
+    def embed(self, embedder: Any) -> dict[str, np.ndarray]:
+        return {
+            "images": embedder.embed_images(self.images),
+            "texts": embedder.embed_texts(self.texts),
+            "composed": embedder.embed_composed(self.composed_images, self.composed_texts),
+        }
+
+    def counts(self) -> str:
+        return f"{len(self.images)} patches, {len(self.texts)} texts, {len(self.composed_texts)} composed"
+
+
+# ------------------------------------------------------------------------------------------------ failure file
+
+
+def gate_failure_path(output: str | os.PathLike[str]) -> Path:
+    """`OUT.gate-failed.json` beside the requested output."""
+    return Path(str(output).rstrip("/") + ".gate-failed.json")
+
+
+def fail_gate(
+    output: str | os.PathLike[str],
+    headline: str,
+    report: GateReport,
+    details: dict[str, Any],
+    reasons: Sequence[str] | None = None,
+) -> None:
+    """Write the measurements to `OUT.gate-failed.json` (atomically) and raise the GateFailedError (exit 3).
+
+    `reasons` replaces the failed checks in the one-line message where the caller knows more (why a search
+    stopped)."""
+    path = gate_failure_path(output)
+    body = {"bundle": str(output), **details, "gate": report.to_dict()}
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(body, indent=2, default=float) + "\n")
+    os.replace(partial, path)
+    raise GateFailedError(f"{headline} FAILED: {'; '.join(reasons or report.failures())}", body, str(path))
+
+
+# ------------------------------------------------------------------------------------------------ printer
+
+
+def print_gate(
+    console: Any,
+    gate: dict[str, Any],
+    title: str | None = None,
+    extra_rows: Sequence[tuple[str, str, str]] = (),
+    note: str | None = None,
+) -> None:
+    """A gate's report (`GateReport.to_dict()`) as a table ending with one PASSED/FAILED line. Nothing in it is
+    parsed as markup: names come from bundles and users."""
+    from rich.table import Table
+    from rich.text import Text
+
+    def verdict(passed: bool, yes: str = "pass", no: str = "FAIL") -> Text:
+        return Text(yes, style="green") if passed else Text(no, style="red")
+
+    table = Table(title=title or f"{gate.get('kind', 'gate')} gate ({gate.get('compared', '')})")
+    for column in ("check", "metric", "value", "threshold", "result"):
+        table.add_column(column)
+    for check in gate["checks"]:
+        sign = ">=" if check["higher_is_better"] else "<="
+        table.add_row(
+            check["name"],
+            check["metric"],
+            f"{check['value']:.5g}",
+            f"{sign} {check['threshold']:g}",
+            verdict(check["passed"]),
+        )
+    overall = gate.get("overall", {})
+    if "top5" in overall:
+        table.add_row("all items", "top-5 self-retrieval", f"{overall['top5']:.5f}", "", "")
+    if "centered_mean_cosine" in overall:
+        table.add_row("all items", "centered mean cosine", f"{overall['centered_mean_cosine']:.5f}", "", "")
+    for kind, values in gate.get("per_kind", {}).items():
+        table.add_row(
+            f"{kind} ({values['count']})",
+            "mean / min cosine",
+            f"{values['mean_cosine']:.5f} / {values['min_cosine']:.5f}",
+            "",
+            "",
+        )
+    for label, value, threshold in extra_rows:
+        table.add_row(label, "", value, threshold, "")
+    console.print(table)
+    if note or gate.get("note"):
+        console.print(Text(f"note: {note or gate['note']}"))
+    console.print(verdict(gate["passed"], "PASSED", "FAILED"))

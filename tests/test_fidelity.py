@@ -1,0 +1,107 @@
+"""pue.fidelity: the gates' measurements computed by hand, the report, the failure file and the printer."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from pue.errors import GateFailedError
+from pue.fidelity import (
+    FIDELITY,
+    PARITY,
+    Check,
+    FidelityThresholds,
+    GateReport,
+    GateSet,
+    compare_for_parity,
+    cosine_rows,
+    fail_gate,
+    gate_failure_path,
+    mean_pairwise_cosine,
+    measure_fidelity,
+    print_gate,
+    retrieval_agreement,
+)
+
+
+def test_measure_fidelity_by_hand():
+    parent = {"images": np.eye(4, dtype=np.float32)}
+    same = measure_fidelity({"images": np.eye(4, dtype=np.float32)}, parent)
+    assert same.kind == FIDELITY and same.passed
+    assert same.overall["top1"] == 1.0 and same.overall["min_cosine"] == pytest.approx(1.0)
+    swapped = np.eye(4, dtype=np.float32)[[1, 0, 2, 3]]
+    report = measure_fidelity({"images": swapped}, parent, FidelityThresholds())
+    assert report.overall["top1"] == 0.5
+    assert report.overall["mean_cosine"] == pytest.approx(0.5)
+    assert report.overall["min_cosine"] == pytest.approx(0.0)
+    assert not report.passed and len(report.failures()) == 3
+    assert [c.metric for c in report.checks] == ["mean cosine", "min cosine", "top-1 self-retrieval"]
+    # ties count in the item's favour
+    assert retrieval_agreement(np.ones((3, 2)), np.ones((3, 2)), 1) == 1.0
+
+
+def test_self_retrieval_is_within_each_kind():
+    images = np.eye(3)
+    texts = np.eye(3)  # identical to the images: across kinds they would tie, within kinds each finds itself
+    report = measure_fidelity({"images": images, "texts": texts}, {"images": images, "texts": texts})
+    assert report.per_kind["images"]["top1"] == 1.0 and report.per_kind["texts"]["count"] == 3
+
+
+def test_cosine_and_pairwise_by_hand():
+    a = np.array([[1.0, 0.0], [1.0, 1.0]])
+    b = np.array([[1.0, 1.0], [2.0, 2.0]])
+    assert cosine_rows(a, b) == pytest.approx([np.sqrt(0.5), 1.0])
+    assert mean_pairwise_cosine(np.array([[1.0, 0.0], [0.0, 1.0]])) == pytest.approx(0.0)
+    assert mean_pairwise_cosine(np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])) == pytest.approx(1.0)
+
+
+def test_thresholds_overrides_keep_one_copy_of_the_defaults():
+    assert FidelityThresholds.with_overrides() == FidelityThresholds()
+    assert FidelityThresholds.with_overrides(min_cosine=0.9) == FidelityThresholds(0.995, 0.9, 0.98)
+
+
+def test_parity_checks_and_a_nan_never_passes():
+    report = GateReport(PARITY, "bundle vs reference")
+    want = np.array([[1.0, 0.0], [0.0, 1.0]])
+    compare_for_parity(report, "images", want + 1e-6, want, 0.9999, 1e-4)
+    assert report.passed and [c.metric for c in report.checks] == ["min cosine", "max abs diff"]
+    compare_for_parity(report, "texts", np.zeros((3, 2)), want, 0.9999, 1e-4)  # wrong shape
+    assert not report.passed and "texts shape" in report.failures()[0]
+    assert not Check("x", "max abs diff", float("nan"), 1.0, higher_is_better=False).passed
+
+
+def test_a_failed_gate_writes_its_measurements_and_raises(tmp_path):
+    report = measure_fidelity({"images": np.eye(4)[[1, 0, 2, 3]]}, {"images": np.eye(4)})
+    out = tmp_path / "int8"
+    with pytest.raises(GateFailedError, match="fidelity gate FAILED: all items mean cosine") as raised:
+        fail_gate(out, "fidelity gate", report, {"precision": "int8"})
+    path = gate_failure_path(out)
+    assert path == tmp_path / "int8.gate-failed.json" and raised.value.report_path == str(path)
+    written = json.loads(path.read_text())
+    assert written["precision"] == "int8" and written["gate"]["passed"] is False
+    assert written["gate"]["overall"]["top1"] == 0.5 and not out.exists()
+    assert raised.value.exit_code == 3
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_gate_set_from_a_folder(tmp_path):
+    for name in ("b.png", "a.jpg", "c.tif", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    gate_set = GateSet.default(tmp_path, minimum=3)
+    assert [p.name for p in gate_set.images] == ["a.jpg", "b.png", "c.tif"]
+    assert len(gate_set.composed_images) == len(gate_set.composed_texts) == 3
+    with pytest.raises(Exception, match="at least 4 held-out images"):
+        GateSet.default(tmp_path)
+
+
+def test_printer_prints_names_literally():
+    from rich.console import Console
+
+    report = GateReport(PARITY, "x", checks=[Check("[/INST] images", "min cosine", 0.5, 0.9)])
+    buffer = io.StringIO()
+    print_gate(Console(file=buffer, width=200, markup=False), report.to_dict(), title="gate [bold]x")
+    text = buffer.getvalue()
+    assert "[/INST] images" in text and "gate [bold]x" in text and text.rstrip().endswith("FAILED")

@@ -85,6 +85,27 @@ def require_extras(extras: Iterable[str], purpose: str, only: dict[str, tuple[st
     raise MissingDependencyError(packages, names, purpose)
 
 
+def package_versions(names: Iterable[str], always: Iterable[str] = ()) -> dict[str, str | None]:
+    """Installed versions of the distributions `names` (pip names), read from their metadata: the one place pue
+    collects versions (bundle manifests, benchmark environments, error messages). A name that is not installed is
+    left out, or recorded as None when it is in `always`; "pue" falls back to the package's own version."""
+    import importlib.metadata
+
+    keep_missing = set(always)
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name == "pue":
+                from pue import __version__
+
+                versions[name] = __version__
+            elif name in keep_missing:
+                versions[name] = None
+    return versions
+
+
 def needs_openslide(paths: Iterable[object]) -> list[str]:
     """The paths among `paths` in a whole-slide format that only openslide reads."""
     return [str(p) for p in paths if str(p).lower().endswith(OPENSLIDE_ONLY_SUFFIXES)]

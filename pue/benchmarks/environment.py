@@ -7,7 +7,6 @@ to record them; the GPU comes from `nvidia-smi` when it exists.
 from __future__ import annotations
 
 import datetime as _datetime
-import importlib.metadata
 import os
 import platform
 import shutil
@@ -81,15 +80,13 @@ def cpu_info() -> dict[str, Any]:
     except OSError:
         pass
     model = model or platform.processor() or platform.machine()
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
+    from pue.runtime.cpu import physical_core_count, usable_core_count
+
     return {
         "model": model,
         "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
-        "physical_cores": _physical_cores(),
+        "usable_cores": usable_core_count(),
+        "physical_cores": physical_core_count(),
         "flags": [flag for flag in CPU_FLAGS if flag in flags],
     }
 
@@ -126,40 +123,10 @@ def gpu_info() -> list[dict[str, Any]]:
 
 
 def package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            if name in ("pue", "numpy", "torch", "onnxruntime", "tensorrt"):
-                versions[name] = None  # the contract's fields are always present, null when not installed
-    if versions.get("pue") is None:
-        from pue import __version__
+    from pue import extras
 
-        versions["pue"] = __version__
-    return versions
-
-
-def _physical_cores() -> int | None:
-    cores = set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            physical = core = None
-            for line in handle:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "physical id":
-                    physical = value.strip()
-                elif key == "core id":
-                    core = value.strip()
-                elif not line.strip() and core is not None:
-                    cores.add((physical, core))
-                    physical = core = None
-            if core is not None:
-                cores.add((physical, core))
-    except OSError:
-        return None
-    return len(cores) or None
+    # the report contract's fields are always present, null when not installed
+    return extras.package_versions(VERSIONED_PACKAGES, always=("pue", "numpy", "torch", "onnxruntime", "tensorrt"))
 
 
 def _memory_gb() -> float | None:

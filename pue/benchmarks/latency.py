@@ -27,6 +27,7 @@ from pue.benchmarks.latency_worker import BATCH_PREFIX, LOADED_PREFIX, PRECISION
 from pue.benchmarks.peaks import gpu_best_case, measure_peaks, peak_for
 from pue.bundle import Manifest, read_manifest
 from pue.errors import PueError
+from pue.runtime.cpu import usable_core_count
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,10 @@ def run_latency(
         raise PueError("no images to benchmark with", "pass image paths, or reinstall pue (held-out patches)")
     notes: list[str] = []
     load_before = _load_average()
-    if load_before is not None and load_before >= BUSY_LOAD_PER_CORE * _usable_cores():
+    if load_before is not None and load_before >= BUSY_LOAD_PER_CORE * usable_core_count():
         notes.append(
             f"the machine was busy before the run (1-minute load average {load_before:.1f} on "
-            f"{_usable_cores()} cores): other processes compete for the cores and timings are unreliable"
+            f"{usable_core_count()} cores): other processes compete for the cores and timings are unreliable"
         )
 
     machine_peaks = None
@@ -385,13 +386,6 @@ def _load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):  # not on every platform
         return None
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _heldout() -> list[Path]:

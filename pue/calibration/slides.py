@@ -1,6 +1,6 @@
 """Whole-slide readers for calibration: openslide (the `slides` extra) when installed, else Pillow.
 
-`_open_slide` picks the reader. Each reader knows the slide's size, its µm/px and magnification (from the
+`open_slide` picks the reader. Each reader knows the slide's size, its µm/px and magnification (from the
 openslide properties or the TIFF description and resolution tags), the pyramid level for a downsample, and
 reads thumbnails and square regions as RGB images. Pillow reads single-level files such as small Aperio SVS
 regions and plain TIFFs.
@@ -21,7 +21,7 @@ from pue.errors import MissingDependencyError, PueError
 _SLIDES_HINT = 'install the slides extra (pip install "pue[slides]") to read pyramidal whole-slide images'
 
 
-def _open_slide(path: Path, reader: str = "auto") -> _PillowSlide | _OpenSlide:
+def open_slide(path: Path, reader: str = "auto") -> PillowSlideReader | OpenSlideReader:
     """openslide when installed and it can read the file; Pillow otherwise (single-level files)."""
     if reader not in ("auto", "openslide", "pillow"):
         raise PueError(f"unknown slide reader {reader!r}; known readers: auto, openslide, pillow")
@@ -37,13 +37,13 @@ def _open_slide(path: Path, reader: str = "auto") -> _PillowSlide | _OpenSlide:
                 raise MissingDependencyError("openslide-python", "slides", "reading slides with openslide") from exc
     if openslide is not None:
         try:
-            return _OpenSlide(path, openslide.OpenSlide(str(path)))
+            return OpenSlideReader(path, openslide.OpenSlide(str(path)))
         except Exception as exc:  # unsupported or corrupt for openslide: Pillow may still read a plain TIFF
             if reader == "openslide":
                 raise PueError(f"slide {path} cannot be read by openslide ({type(exc).__name__}: {exc})") from exc
             openslide_error = f"openslide: {exc}"
     try:
-        return _PillowSlide(path)
+        return PillowSlideReader(path)
     except PueError as exc:
         if openslide_error is not None:
             raise PueError(
@@ -53,7 +53,7 @@ def _open_slide(path: Path, reader: str = "auto") -> _PillowSlide | _OpenSlide:
         raise
 
 
-class _PillowSlide:
+class PillowSlideReader:
     """Level 0 of a single-level slide (or the first page of a TIFF), decoded once into memory."""
 
     backend = "pillow"
@@ -104,7 +104,7 @@ class _PillowSlide:
         return tile if extent == size else tile.resize((size, size), Image.Resampling.LANCZOS)
 
 
-class _OpenSlide:
+class OpenSlideReader:
     """A slide read through openslide: levels, regions and metadata."""
 
     backend = "openslide"

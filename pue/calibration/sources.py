@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pue.calibration.slides import _open_slide
-from pue.calibration.slides import _OpenSlide as _OpenSlide
+from pue.calibration import slides
 from pue.calibration.tissue import TissueFilter
 from pue.errors import InputError, PueError
 from pue.runtime.images import load_image
@@ -74,7 +73,7 @@ class Patch:
             return _load_file(patches_dir() / self.file)
         if self.x is None or self.y is None:
             return _load_file(Path(self.source))
-        reader = self.slide if self.slide is not None else _open_slide(Path(self.source))
+        reader = self.slide if self.slide is not None else slides.open_slide(Path(self.source))
         extent = self.extent or self.size
         return reader.read(self.x, self.y, extent, self.size or extent)
 
@@ -266,7 +265,7 @@ class SlideSource(PatchSource):
         self.mpp = mpp
         self.tissue_filter = tissue_filter or TissueFilter()
         self.max_tiles = max_tiles
-        self.reader = _open_slide(self.path, reader)
+        self.reader = slides.open_slide(self.path, reader)
         self.downsample = self._downsample()
         self.extent = round(patch_size * self.downsample)
         native = self.reader.mpp

@@ -258,12 +258,7 @@ def _export_graphs(
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata as metadata
+    from pue.extras import package_versions
 
-    versions = {"pue": __version__}
-    for package in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "tokenizers"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
+    versions = package_versions(("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "tokenizers"))
+    return {"pue": __version__, **{name: str(version) for name, version in versions.items()}}

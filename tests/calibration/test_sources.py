@@ -440,12 +440,12 @@ class _FakeOpenSlide:
 
 def test_openslide_reader_picks_the_level_and_resizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The openslide code path on a fake pyramid: level choice, region size, alpha onto white, grid, metadata."""
-    from pue.calibration import sources as module
+    from pue.calibration import slides
 
     fake = _FakeOpenSlide()
     path = tmp_path / "fake.svs"
     path.write_bytes(b"")
-    monkeypatch.setattr(module, "_open_slide", lambda p, reader="auto": module._OpenSlide(p, fake))
+    monkeypatch.setattr(slides, "open_slide", lambda p, reader="auto": slides.OpenSlideReader(p, fake))
 
     at10 = SlideSource(path, patch_size=224, magnification=10)  # 40x -> 10x: downsample 4, level 1, no resize
     assert (at10.reader.mpp, at10.reader.magnification) == (0.25, 40.0)

@@ -10,15 +10,13 @@ the bundles run); then each bundle runs every task. After each finished task the
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
-import os
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pue.benchmarks.environment import collect_environment
 from pue.benchmarks.pmeb.cache import EmbeddingCache, default_cache_dir, reference_key
 from pue.benchmarks.pmeb.evaluate import (
     TaskResult,
@@ -37,7 +35,6 @@ __all__ = ["evaluate_task", "run_pmeb", "write_pmeb_report"]
 
 SCHEMA_VERSION = 1
 REFERENCE_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-_PACKAGES = ("pue", "numpy", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
 
 class ReferenceMismatchError(PueError):
@@ -103,47 +100,6 @@ def load_reference(checkpoint: Path, device: str, dtype: str, tile_size: int, re
         tile_size=tile_size,
         recipe=recipe_from_dict(recipe, "the bundle's recipe"),
     )
-
-
-# --- environment --------------------------------------------------------------------------------------
-def collect_environment() -> dict[str, Any]:
-    """The shared `pue.benchmarks.environment.collect_environment()` when present, else a minimal record."""
-    try:
-        from pue.benchmarks.environment import collect_environment as shared  # type: ignore[import-not-found]
-    except ImportError:
-        return fallback_environment()
-    return shared()
-
-
-def fallback_environment() -> dict[str, Any]:
-    versions = {}
-    for package in _PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    if versions["pue"] is None:
-        from pue import __version__
-
-        versions["pue"] = __version__
-    # The shape of the shared record (pue.benchmarks.environment), with less in it.
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": {"model": _cpu_model(), "logical_cores": os.cpu_count()},
-        "gpus": [],
-        "versions": versions,
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # --- the run ------------------------------------------------------------------------------------------

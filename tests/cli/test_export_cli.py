@@ -111,6 +111,7 @@ def test_inspect_names_a_tampered_file(fp32_bundle, tmp_path):
     one_line_error(run("inspect", str(bundle)), "vision.onnx", "sha256")
 
 
+@pytest.mark.slow  # builds and exports its own checkpoints
 @pytest.mark.parametrize("arch", ["llava_next", "llava"])
 def test_tiny_model_then_onnx_then_inspect(tmp_path, arch):
     checkpoint, bundle = tmp_path / "ckpt", tmp_path / "bundle"

@@ -7,6 +7,17 @@ from pathlib import Path
 
 import pytest
 
+# A test that asks for one of these builds a tiny checkpoint (torch, transformers) and usually exports it to ONNX
+# with its parity gate: seconds each, once per session. Such tests are marked `slow` at collection, so that
+# `pytest -m "not slow"` (README: the fast subset) never pays for a model build.
+MODEL_FIXTURES = frozenset({"tiny_checkpoint", "fp32_bundle", "reference_embedder"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 def gate_subset() -> list[Path]:
     """Held-out patches for the parity gate in tests: both stains, fewer tiles (the CLI gate uses them all)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -87,8 +88,20 @@ def test_existing_output_is_untouched(fp32_bundle, tiny_checkpoint, tmp_path):
 
 
 def test_debug_shows_traceback(tmp_path):
-    result = runner.invoke(app, ["--debug", "onnx", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
-    assert result.exit_code != 0 and result.exception is not None
+    """What a user sees: with --debug the error's traceback, without it one line and none."""
+    script = Path(sys.executable).parent / "pue-export"
+    args = ["onnx", str(tmp_path / "nope"), "-o", str(tmp_path / "o")]
+    env = {**os.environ, "COLUMNS": "500"}  # rich wraps the traceback to the terminal's width
+    debug = subprocess.run([str(script), "--debug", *args], capture_output=True, text=True, env=env)
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr, debug.stderr
+    assert "export_app.py" in debug.stderr  # frames of the command itself
+    assert f"CheckpointError: checkpoint '{tmp_path / 'nope'}' does not exist" in debug.stderr
+    plain = subprocess.run([str(script), *args], capture_output=True, text=True, env=env)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert plain.stderr.splitlines() == [
+        f"error: checkpoint '{tmp_path / 'nope'}' does not exist (pass a local checkpoint directory)"
+    ]
 
 
 def test_inspect_summary_and_json(fp32_bundle):
@@ -111,6 +124,7 @@ def test_inspect_names_a_tampered_file(fp32_bundle, tmp_path):
     one_line_error(run("inspect", str(bundle)), "vision.onnx", "sha256")
 
 
+@pytest.mark.slow  # builds and exports its own checkpoints
 @pytest.mark.parametrize("arch", ["llava_next", "llava"])
 def test_tiny_model_then_onnx_then_inspect(tmp_path, arch):
     checkpoint, bundle = tmp_path / "ckpt", tmp_path / "bundle"

@@ -1,0 +1,196 @@
+"""The sensitivity search on a small graph with a fake gate: layers ranked worst SQNR first, the float set doubling
+(1, 2, 4, ...) while the gate fails, and the search stopping before the int8 share of weight FLOPs drops under 80 %."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+from onnx_graphs import float_input, make_model
+
+from pue.calibration.graph_ops import int8_flop_share, weight_ops
+from pue.calibration.int8 import rank_sensitivity
+from pue.calibration.int8_search import MIN_INT8_FLOP_SHARE, search_int8
+from pue.calibration.simulate import matmul_sqnr
+from pue.calibration.stats import collect_channel_stats
+
+K = 8
+# four cheap layers whose inputs carry an outlier channel (worst first), six expensive clean ones
+BAD = {"bad0": 300.0, "bad1": 100.0, "bad2": 30.0, "bad3": 10.0}
+GOOD = [f"good{i}" for i in range(6)]
+GRAPH_ORDER = ["good0", "bad3", "good1", "bad2", "good2", "bad1", "good3", "bad0", "good4", "good5"]  # not the rank
+BAD_N, GOOD_N = 1, 16  # output columns: FLOPs per token 2·8·1 = 16 and 2·8·16 = 256
+
+
+def parallel_matmuls() -> onnx.ModelProto:
+    """One input per MatMul, so each layer's activation is set by its feed alone."""
+    rng = np.random.default_rng(0)
+    nodes, inputs, weights = [], [], {}
+    for name in GRAPH_ORDER:
+        w = rng.normal(size=(K, BAD_N if name in BAD else GOOD_N)).astype(np.float32)
+        if name in BAD:
+            w[0] = 0.0  # the outlier channel carries no signal: it only coarsens the activation's int8 grid
+        weights[f"w_{name}"] = w
+        inputs.append(float_input(f"x_{name}", ["rows", K]))
+        nodes.append(helper.make_node("MatMul", [f"x_{name}", f"w_{name}"], [f"y_{name}"], name=name))
+    return make_model(nodes, inputs, [f"y_{name}" for name in GRAPH_ORDER], weights)
+
+
+def calibration_feeds(count: int = 4) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for name in GRAPH_ORDER:
+            x = rng.normal(size=(16, K)).astype(np.float32)
+            x[:, 0] *= BAD.get(name, 1.0)
+            feed[f"x_{name}"] = x
+        feeds.append(feed)
+    return feeds
+
+
+def test_flops_and_int8_share_by_hand():
+    model = parallel_matmuls()
+    ops = weight_ops(model, "decoder")
+    assert [op.flops_per_token for op in ops] == [16 if op.node in BAD else 256 for op in ops]
+    assert sorted(op.flops_per_token for op in ops) == [16] * 4 + [256] * 6
+    total = 4 * 16 + 6 * 256
+    assert int8_flop_share(ops, set(), {"decoder": 1}) == 1.0
+    assert int8_flop_share(ops, {"bad0", "good0"}, {"decoder": 1}) == pytest.approx(1 - (16 + 256) / total)
+    # a second graph weighted by its tokens per patch: vision rows count 10×, decoder rows 3×
+    gemm = make_model(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], name="proj", transB=1)],
+        [float_input("x", [1, 4])],
+        ["y"],
+        {"w": np.zeros((6, 4), np.float32)},  # transB: 4 inputs → 6 outputs
+    )
+    vision = weight_ops(gemm, "vision")
+    assert vision[0].weight_shape == (4, 6) and vision[0].in_channels == 4 and vision[0].flops_per_token == 48
+    both = ops + vision
+    share = int8_flop_share(both, {"proj"}, {"decoder": 3, "vision": 10})
+    assert share == pytest.approx(3 * total / (3 * total + 10 * 48))
+    assert int8_flop_share([], set(), {}) == 0.0
+
+
+def test_rank_sensitivity_worst_first():
+    model = parallel_matmuls()
+    ops = weight_ops(model, "decoder")
+    stats = collect_channel_stats(model, ops, calibration_feeds())
+    del stats["x_good5"]  # an op without statistics is not ranked
+    ranking = rank_sensitivity(model, ops, stats, "u8")
+    assert [s["node"] for s in ranking[:4]] == list(BAD)  # larger outlier, coarser grid, lower SQNR
+    assert {s["node"] for s in ranking[4:]} == set(GOOD) - {"good5"}
+    sqnr = [s["sqnr_db"] for s in ranking]
+    assert sqnr == sorted(sqnr) and len(set(sqnr[:5])) == 5  # no ties: the order is the SQNR's, not the graph's
+    assert sqnr[3] < 30.0 < 35.0 < sqnr[4]  # a clean input loses little
+    by_node = {s["node"]: s for s in ranking}
+    channel = stats["x_bad2"]
+    weight = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w_bad2"))
+    expected = matmul_sqnr(channel.samples, weight, float(channel.minimum.min()), float(channel.maximum.max()), "u8")
+    assert by_node["bad2"]["sqnr_db"] == expected and by_node["bad2"]["graph"] == "decoder"
+    assert by_node["bad0"]["outlier_ratio"] > 100
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    overall: dict = field(default_factory=lambda: {"mean_cosine": 0.9, "min_cosine": 0.8, "top1": 0.5})
+
+    def failures(self) -> list[str]:
+        return [] if self.passed else ["mean cosine 0.9 < 0.995"]
+
+
+def float_matmuls(model: onnx.ModelProto) -> set[str]:
+    """MatMuls that still read their float weight initializer (not a DequantizeLinear output)."""
+    initializers = {init.name for init in model.graph.initializer}
+    return {n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers}
+
+
+def search(tmp_path, passes_when=None, fallback=True):
+    """search_int8 with a fake gate that records which MatMuls each candidate left in float."""
+    seen: list[set[str]] = []
+
+    def evaluate(quantized):
+        seen.append(float_matmuls(quantized["decoder"]))
+        return Verdict(passed=passes_when is not None and passes_when(seen[-1]))
+
+    messages: list[str] = []
+    options = SimpleNamespace(precision="int8", target="onnxruntime", method="minmax", seed=0, smooth=False)
+    options.fallback = fallback
+    result = search_int8(
+        {"decoder": parallel_matmuls()},
+        {"decoder": calibration_feeds},
+        {"decoder": 1},
+        tmp_path,
+        options,
+        evaluate,
+        messages.append,
+        {},
+    )
+    return result, seen, messages
+
+
+def test_float_set_doubles_worst_first_and_stops_at_the_80_percent_rule(tmp_path):
+    result, seen, messages = search(tmp_path)
+    bad = list(BAD)
+    assert seen == [set(), set(bad[:1]), set(bad[:2]), set(bad[:4])]  # 1, 2, 4; 8 would break the rule
+    assert [a["float_nodes"] for a in result["attempts"]] == [sorted(s) for s in seen]
+    total = 4 * 16 + 6 * 256
+    assert [a["int8_flop_share"] for a in result["attempts"]] == pytest.approx(
+        [1.0, 1 - 16 / total, 1 - 32 / total, 1 - 64 / total]
+    )
+    # the 8 worst: the four cheap layers and four expensive ones, (1024 + 64) / 1600 of the FLOPs in float
+    assert int8_flop_share(weight_ops(parallel_matmuls(), "decoder"), set(bad + GOOD[:4]), {"decoder": 1}) < 0.8
+    assert any("keeping the 8 worst ops in float would leave less than 80%" in m for m in messages)
+    assert result["float_nodes"] == sorted(bad) and result["share"] == pytest.approx(1 - 64 / total)
+    assert [s["node"] for s in result["ranking"][:4]] == bad
+    assert result["why"][-1] == "no float fallback within the 80% int8 FLOP rule passes the gate"
+    assert result["why"][0] == "mean cosine 0.9 < 0.995"
+    assert all(a["int8_flop_share"] >= MIN_INT8_FLOP_SHARE for a in result["attempts"])
+
+
+def test_search_stops_at_the_first_candidate_that_passes(tmp_path):
+    result, seen, _ = search(tmp_path, passes_when=lambda floats: {"bad0", "bad1"} <= floats)
+    assert seen == [set(), {"bad0"}, {"bad0", "bad1"}]
+    assert result["fidelity"].passed and result["float_nodes"] == ["bad0", "bad1"] and result["why"] is None
+
+
+def test_without_fallback_one_attempt(tmp_path):
+    result, seen, _ = search(tmp_path, fallback=False)
+    assert seen == [set()] and len(result["attempts"]) == 1
+    assert result["ranking"] == [] and result["why"] is None and not result["fidelity"].passed
+
+
+@pytest.mark.parametrize(("layers", "float_nodes"), [(2, 0), (5, 1)])
+def test_exactly_80_percent_is_allowed_less_is_not(tmp_path, layers, float_nodes):
+    """Equal layers: one in float leaves 50 % (2 layers: the first failure ends the search) or exactly 80 %
+    (5 layers: allowed; two in float, 60 %, is not)."""
+    rng = np.random.default_rng(2)
+    model = make_model(
+        [helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"y{i}"], name=f"mm{i}") for i in range(layers)],
+        [float_input(f"x{i}", ["rows", K]) for i in range(layers)],
+        [f"y{i}" for i in range(layers)],
+        {f"w{i}": rng.normal(size=(K, 4)).astype(np.float32) for i in range(layers)},
+    )
+    feeds = [{f"x{i}": rng.normal(size=(8, K)).astype(np.float32) for i in range(layers)} for _ in range(2)]
+    options = SimpleNamespace(precision="int8", target="tensorrt", method="minmax", seed=0, smooth=False, fallback=True)
+    calls, messages = [], []
+    result = search_int8(
+        {"decoder": model},
+        {"decoder": lambda: feeds},
+        {"decoder": 1},
+        tmp_path,
+        options,
+        lambda quantized: calls.append(float_matmuls(quantized["decoder"])) or Verdict(passed=False),
+        messages.append,
+        {},
+    )
+    assert [len(c) for c in calls] == list(range(float_nodes + 1))
+    assert [a["int8_flop_share"] for a in result["attempts"]] == pytest.approx([1.0, 0.8][: float_nodes + 1])
+    assert len(result["float_nodes"]) == float_nodes
+    assert f"keeping the {float_nodes + 1} worst ops in float would leave less than 80%" in messages[-1]
+    assert result["why"] is not None

@@ -1,0 +1,61 @@
+"""`pue-export quantize` through the command line on the `ci` preset: a gated INT8-dynamic bundle with its lineage and
+fidelity report, and an existing output refused without --overwrite."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from pue.bundle import manifest_sha256, read_manifest, verify_files
+from pue.cli.export_app import app
+
+runner = CliRunner()  # slow (tests/conftest.py): the session's FP32 export of the ci model, then calibration, the gate
+
+
+@pytest.fixture(scope="module")
+def heldout_dir(tmp_path_factory, gate_images):
+    folder = tmp_path_factory.mktemp("heldout")
+    for path in gate_images:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def quantize(parent, out, heldout, *extra: str):
+    args = ["quantize", str(parent), "-o", str(out), "--precision", "int8-dynamic", "--num-patches", "16"]
+    return runner.invoke(app, [*args, "--heldout", str(heldout), *extra])
+
+
+def test_quantize_int8_dynamic(fp32_bundle, heldout_dir, tmp_path):
+    parent = fp32_bundle("llava_next", "ci")
+    out = tmp_path / "int8-dynamic"
+    result = quantize(parent, out, heldout_dir, "--json")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+
+    manifest = read_manifest(out)
+    verify_files(out, manifest)
+    assert manifest.precision == "int8-dynamic"
+    assert manifest.lineage.parent_sha256 == manifest_sha256(parent)
+    assert manifest.lineage.parent_precision == "fp32"
+    report = json.loads((out / "fidelity.json").read_text())
+    assert printed == report
+    assert report["precision"] == "int8-dynamic" and report["target"] == "onnxruntime"
+    gate = report["gate"]
+    assert gate["passed"] and gate["overall"]["mean_cosine"] >= 0.995 and gate["overall"]["top1"] >= 0.98
+    assert report["int8_flop_share"] >= 0.8
+    assert "fidelity.json" in manifest.files  # hashed, so verify_files checked it
+    assert not list(tmp_path.glob("*.gate-failed.json"))
+
+
+def test_existing_output_needs_overwrite(fp32_bundle, heldout_dir, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = quantize(fp32_bundle("llava_next", "ci"), out, heldout_dir)
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--overwrite" in errors[0] and "Traceback" not in result.output
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"

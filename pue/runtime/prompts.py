@@ -108,18 +108,6 @@ class PromptTokenizer:
             self._image_prompt = ids
         return list(self._image_prompt)
 
-    def text_prompt(self, text: str, index: int = 0, truncate: bool = True) -> list[int]:
-        """Ids of the text prompt around `text`; an over-long text loses its end (or raises, if not `truncate`)."""
-        encoded = self._encode(self.prompts.text, text, 0, index, truncate)
-        _warn_truncated([index] if encoded.truncated else [], 1, self.max_seq_len)
-        return encoded.ids
-
-    def composed_prompt(self, text: str, index: int = 0, truncate: bool = True) -> list[int]:
-        """Ids of the composed (image + text) prompt, the image placeholder expanded."""
-        encoded = self._encode(self.prompts.composed, text, 1, index, truncate)
-        _warn_truncated([index] if encoded.truncated else [], 1, self.max_seq_len)
-        return encoded.ids
-
     def encode(self, kind: str, text: str | None, index: int = 0, truncate: bool = True) -> tuple[list[int], bool]:
         """Ids of one row ("image", "text" or "composed") and whether its text was truncated; no warning."""
         if kind == "image":
@@ -132,14 +120,6 @@ class PromptTokenizer:
         """One warning for all rows of a call that lost the end of their text."""
         _warn_truncated(indices, total, self.max_seq_len, stacklevel=4)
 
-    def text_prompts(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
-        """`text_prompt` for each text, with one warning for the whole list."""
-        return self._encode_all(self.prompts.text, texts, 0, truncate)
-
-    def composed_prompts(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
-        """`composed_prompt` for each text, with one warning for the whole list."""
-        return self._encode_all(self.prompts.composed, texts, 1, truncate)
-
     def pad(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """input_ids and attention_mask, int64 [B, S], right-padded with pad_token_id."""
         length = max((len(row) for row in rows), default=0)
@@ -149,12 +129,6 @@ class PromptTokenizer:
             input_ids[i, : len(row)] = row
             attention_mask[i, : len(row)] = 1
         return input_ids, attention_mask
-
-    def _encode_all(self, template: str, texts: list[str], images: int, truncate: bool) -> list[list[int]]:
-        encoded = [self._encode(template, text, images, index, truncate) for index, text in enumerate(texts)]
-        truncated = [i for i, item in enumerate(encoded) if item.truncated]
-        _warn_truncated(truncated, len(texts), self.max_seq_len, stacklevel=4)
-        return [item.ids for item in encoded]
 
     def _encode(self, template: str, text: str, images: int, index: int, truncate: bool) -> _Encoded:
         if not isinstance(text, str):

@@ -12,6 +12,19 @@ from pue.bundle import Prompts
 from pue.errors import BundleError, InputError
 from pue.runtime.prompts import PromptTokenizer, PromptTruncationWarning
 
+
+def row_of(prompt_tokenizer: PromptTokenizer, kind: str, text, index: int = 0, truncate: bool = True) -> list[int]:
+    """One row through the public path the Embedder takes: encode, then one truncation warning per call."""
+    row, truncated = prompt_tokenizer.encode(kind, text, index, truncate)
+    prompt_tokenizer.warn_truncated([index] if truncated else [], 1)
+    return row
+
+
+def rows_of(prompt_tokenizer: PromptTokenizer, kind: str, texts: list[str]) -> list[list[int]]:
+    encoded = [prompt_tokenizer.encode(kind, text, index) for index, text in enumerate(texts)]
+    prompt_tokenizer.warn_truncated([i for i, (_, truncated) in enumerate(encoded) if truncated], len(texts))
+    return [row for row, _ in encoded]
+
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -149,7 +162,7 @@ def test_image_prompt_is_cached(hf_tokenizer):
 @pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
 def test_text_prompt_matches_transformers(hf_tokenizer, text):
     hf, _ = hf_tokenizer
-    ids = make(hf_tokenizer).text_prompt(text)
+    ids = row_of(make(hf_tokenizer), "text", text)
     assert ids == hf(render(hf, RECIPE["text"].replace("{text}", text)), add_special_tokens=False)["input_ids"]
     assert ids[0] == hf.bos_token_id and ids[1] != hf.bos_token_id
     assert hf.convert_tokens_to_ids("<image>") not in ids
@@ -158,7 +171,7 @@ def test_text_prompt_matches_transformers(hf_tokenizer, text):
 @pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
 def test_composed_prompt_matches_transformers(hf_tokenizer, text):
     hf, _ = hf_tokenizer
-    ids = make(hf_tokenizer).composed_prompt(text)
+    ids = row_of(make(hf_tokenizer), "composed", text)
     assert ids == hf_ids(hf, render(hf, RECIPE["composed"].replace("{text}", text)))
     assert ids.count(hf.convert_tokens_to_ids("<image>")) == TOKENS_PER_IMAGE
 
@@ -169,14 +182,14 @@ def test_special_tokens_are_not_added_again(hf_tokenizer):
     rendered = render(hf, RECIPE["text"].replace("{text}", "tumor"))
     doubled = hf(rendered, add_special_tokens=True)["input_ids"]
     assert doubled[:2] == [hf.bos_token_id, hf.bos_token_id]
-    assert make(hf_tokenizer).text_prompt("tumor") == doubled[1:]
+    assert row_of(make(hf_tokenizer), "text", "tumor") == doubled[1:]
 
 
-@pytest.mark.parametrize("method", ["text_prompt", "composed_prompt"])
+@pytest.mark.parametrize("kind", ["text", "composed"])
 @pytest.mark.parametrize("text", ["look at <image> here", "<image>", "x<image>y"])
-def test_text_with_image_placeholder_is_refused(hf_tokenizer, method, text):
+def test_text_with_image_placeholder_is_refused(hf_tokenizer, kind, text):
     with pytest.raises(InputError, match=r"item 3: .*image placeholder") as info:
-        getattr(make(hf_tokenizer), method)(text, index=3)
+        row_of(make(hf_tokenizer), kind, text, index=3)
     assert info.value.index == 3
 
 
@@ -199,19 +212,19 @@ def test_text_with_another_string_for_the_image_token_is_refused(hf_tokenizer, t
     )
     prompt_tokenizer = PromptTokenizer(alias_path, prompts, alias_id, TOKENS_PER_IMAGE, MAX_SEQ_LEN, hf.pad_token_id)
     with pytest.raises(InputError, match="item 1: .*<IMG>"):
-        prompt_tokenizer.composed_prompt("an <IMG> inside", index=1)
+        row_of(prompt_tokenizer, "composed", "an <IMG> inside", index=1)
     # The old "<image>" string is an ordinary special token here, not an image slot.
-    assert alias_id not in prompt_tokenizer.text_prompt("an <image> inside")
+    assert alias_id not in row_of(prompt_tokenizer, "text", "an <image> inside")
 
 
 def test_invalid_unicode_is_refused(hf_tokenizer):
     with pytest.raises(InputError, match="item 2: the text is not valid Unicode"):
-        make(hf_tokenizer).text_prompt("broken \ud800 surrogate", index=2)
+        row_of(make(hf_tokenizer), "text", "broken \ud800 surrogate", index=2)
 
 
 def test_non_string_is_refused(hf_tokenizer):
     with pytest.raises(InputError, match="item 0: expected a str, got int"):
-        make(hf_tokenizer).text_prompt(42)
+        row_of(make(hf_tokenizer), "text", 42)
 
 
 LONG_TEXT = " ".join(CORPUS)
@@ -225,7 +238,7 @@ def test_truncation_drops_the_end_of_the_text_and_keeps_the_suffix(hf_tokenizer,
     template = getattr(prompt_tokenizer.prompts, kind)
     prefix, suffix = template.split("{text}")
     with pytest.warns(PromptTruncationWarning, match=r"1 of 1 texts were longer than max_seq_len 64 .*items 5"):
-        ids = getattr(prompt_tokenizer, f"{kind}_prompt")(LONG_TEXT, index=5)
+        ids = row_of(prompt_tokenizer, kind, LONG_TEXT, index=5)
     assert MAX_SHORT - 3 <= len(ids) <= MAX_SHORT
     image_id = hf.convert_tokens_to_ids("<image>")
     assert ids.count(image_id) == (TOKENS_PER_IMAGE if kind == "composed" else 0)
@@ -242,32 +255,32 @@ def test_truncation_warns_once_per_call_with_the_count(hf_tokenizer):
     prompt_tokenizer = make(hf_tokenizer, max_seq_len=MAX_SHORT)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rows = prompt_tokenizer.text_prompts([LONG_TEXT, "short", LONG_TEXT + " again"])
+        rows = rows_of(prompt_tokenizer, "text", [LONG_TEXT, "short", LONG_TEXT + " again"])
     truncation = [w for w in caught if issubclass(w.category, PromptTruncationWarning)]
     assert len(truncation) == 1
     assert "2 of 3 texts" in str(truncation[0].message) and "items 0, 2" in str(truncation[0].message)
-    assert rows[1] == prompt_tokenizer.text_prompt("short")
+    assert rows[1] == row_of(prompt_tokenizer, "text", "short")
     assert all(len(row) <= MAX_SHORT for row in rows)
 
 
 def test_no_warning_without_truncation(hf_tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        make(hf_tokenizer).composed_prompts(["short", "", "also short"])
+        rows_of(make(hf_tokenizer), "composed", ["short", "", "also short"])
 
 
 @pytest.mark.parametrize("kind", ["text", "composed"])
 def test_truncate_false_raises_with_count_and_limit(hf_tokenizer, kind):
     hf, _ = hf_tokenizer
-    full = len(make(hf_tokenizer).__getattribute__(f"{kind}_prompt")(LONG_TEXT))
+    full = len(row_of(make(hf_tokenizer), kind, LONG_TEXT))
     prompt_tokenizer = make(hf_tokenizer, max_seq_len=MAX_SHORT)
     with pytest.raises(InputError, match=rf"item 7: the prompt has {full} tokens, more than .* max_seq_len 64"):
-        getattr(prompt_tokenizer, f"{kind}_prompt")(LONG_TEXT, index=7, truncate=False)
+        row_of(prompt_tokenizer, kind, LONG_TEXT, index=7, truncate=False)
 
 
 def test_prompt_longer_than_limit_without_text_is_a_bundle_error(hf_tokenizer):
     with pytest.raises(BundleError, match="without any text"):
-        make(hf_tokenizer, max_seq_len=8).text_prompt("some words to drop")
+        row_of(make(hf_tokenizer, max_seq_len=8), "text", "some words to drop")
     with pytest.raises(BundleError, match="image prompt has"):
         make(hf_tokenizer, max_seq_len=8).image_prompt()
 
@@ -275,7 +288,11 @@ def test_prompt_longer_than_limit_without_text_is_a_bundle_error(hf_tokenizer):
 def test_pad_right_pads_with_the_pad_id(hf_tokenizer):
     hf, _ = hf_tokenizer
     prompt_tokenizer = make(hf_tokenizer)
-    rows = [prompt_tokenizer.text_prompt("tumor"), prompt_tokenizer.image_prompt(), prompt_tokenizer.text_prompt("")]
+    rows = [
+        row_of(prompt_tokenizer, "text", "tumor"),
+        prompt_tokenizer.image_prompt(),
+        row_of(prompt_tokenizer, "text", ""),
+    ]
     input_ids, attention_mask = prompt_tokenizer.pad(rows)
     lengths = [len(row) for row in rows]
     assert input_ids.shape == attention_mask.shape == (3, max(lengths))
@@ -322,4 +339,4 @@ def test_tokenizer_padding_and_truncation_settings_are_ignored(hf_tokenizer, tmp
     prompt_tokenizer = PromptTokenizer(
         configured, manifest_prompts(hf), image_id, TOKENS_PER_IMAGE, MAX_SEQ_LEN, hf.pad_token_id
     )
-    assert prompt_tokenizer.text_prompt("tumor") == make(hf_tokenizer).text_prompt("tumor")
+    assert row_of(prompt_tokenizer, "text", "tumor") == row_of(make(hf_tokenizer), "text", "tumor")

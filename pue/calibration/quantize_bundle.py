@@ -336,8 +336,8 @@ def _evaluate(
 
     written = _write_graphs(models, staging)
     write_manifest(staging, _staged_manifest(parent, staging, written, options.precision, _target(options)))
-    candidate = Embedder.load(staging)
-    return measure_fidelity(gate_set.embed(candidate), reference, options.thresholds)
+    with Embedder.load(staging) as candidate:
+        return measure_fidelity(gate_set.embed(candidate), reference, options.thresholds)
 
 
 def _child_manifest(

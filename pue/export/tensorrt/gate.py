@@ -41,17 +41,11 @@ def run_engine_gate(
         f"gate: parent bundle through onnxruntime on {parent_device} ({len(gate_set.images)} patches, "
         f"{len(gate_set.texts)} texts, {len(gate_set.composed_texts)} composed)"
     )
-    parent = Embedder.load(parent_dir, backend="onnxruntime", device=parent_device)
-    try:
+    with Embedder.load(parent_dir, backend="onnxruntime", device=parent_device) as parent:
         expected = gate_set.embed(parent)
-    finally:
-        parent.backend.close()
     say(f"gate: engines through TensorRT on {device}")
-    engines = Embedder.load(engine_dir, backend="tensorrt", device=device)
-    try:
+    with Embedder.load(engine_dir, backend="tensorrt", device=device) as engines:
         got = gate_set.embed(engines)
-    finally:
-        engines.backend.close()
     report = measure_fidelity(got, expected, thresholds)
     report.extra.update(
         {

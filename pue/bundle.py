@@ -7,6 +7,7 @@ verified at load: every named file must lie inside the bundle directory and matc
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -116,6 +117,108 @@ class Lineage:
     calibration: str | None = None
 
 
+def _split_known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` as keyword arguments of dataclass `cls`: its fields, the other keys gathered in `extra`."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    known = {key: value for key, value in data.items() if key in names}
+    known["extra"] = {key: value for key, value in data.items() if key not in names}
+    return known
+
+
+def _plain(record: Any) -> dict[str, Any]:
+    """A record's fields in order (None and empty mappings left out, nested records as dicts), then its `extra`."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        if f.name == "extra" or value is None or (isinstance(value, dict) and not value):
+            continue
+        out[f.name] = value.to_dict() if hasattr(value, "to_dict") else copy.deepcopy(value)
+    out.update(copy.deepcopy(record.extra))
+    return out
+
+
+@dataclass
+class QuantizationInfo:
+    """How `pue-export quantize` made the graphs (`export.quantization`)."""
+
+    precision: str
+    target: str
+    method: str
+    activations: str
+    weights: str
+    attention: dict[str, Any] = field(default_factory=dict)  # {"mode": fused|standard, "graphs": {...}}
+    pue: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantizationInfo:
+        return cls(**_split_known(cls, data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+
+@dataclass
+class EngineBuildInfo:
+    """How `pue-export trt` built the engines (`export.tensorrt`)."""
+
+    parent_bundle: str
+    batch: str
+    max_seq: int
+    build_flags: dict[str, Any] = field(default_factory=dict)
+    built_on: dict[str, Any] = field(default_factory=dict)
+    build_seconds: dict[str, float] = field(default_factory=dict)
+    rebuild_command: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineBuildInfo:
+        return cls(**_split_known(cls, data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+
+@dataclass
+class ExportInfo:
+    """How the bundle's graphs were made (the manifest's `export`): exporter settings, the vision geometry and
+    attention layouts `pue-export onnx` recorded, and for derived bundles the quantization or the engine build.
+
+    Every field is optional (None: not recorded); keys this pue does not know are kept in `extra` and written back.
+    """
+
+    exporter: str | None = None
+    opset: int | None = None
+    dtype: str | None = None
+    num_crops: int | None = None
+    crop_size: int | None = None
+    patch_size: int | None = None  # the vision tower's patch size in pixels
+    attention: dict[str, dict[str, Any]] = field(default_factory=dict)  # per graph: kind, heads, head_dim, ...
+    decoder_last_layer: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    quantization: QuantizationInfo | None = None
+    tensorrt: EngineBuildInfo | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ExportInfo:
+        data = dict(data or {})
+        # Engine bundles written before this type nested their parent's export under "parent_export".
+        parent = data.pop("parent_export", None)
+        if isinstance(parent, dict):
+            data = {**parent, **data}
+        known = _split_known(cls, data)
+        if known.get("quantization") is not None:
+            known["quantization"] = QuantizationInfo.from_dict(known["quantization"])
+        if known.get("tensorrt") is not None:
+            known["tensorrt"] = EngineBuildInfo.from_dict(known["tensorrt"])
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+
 @dataclass
 class Manifest:
     architecture: str
@@ -140,12 +243,18 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     fidelity: dict[str, Any] = field(default_factory=dict)
-    export: dict[str, Any] = field(default_factory=dict)
+    export: ExportInfo = field(default_factory=ExportInfo)
     format: str = FORMAT
     format_version: str = FORMAT_VERSION
 
+    def __post_init__(self) -> None:
+        if isinstance(self.export, dict):  # the free dict of format 1.0/1.1 code
+            self.export = ExportInfo.from_dict(self.export)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["export"] = self.export.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
@@ -169,6 +278,7 @@ class Manifest:
                 tokenizer=TokenizerInfo(**tokenizer),
                 source_checkpoint=SourceCheckpoint(**data["source_checkpoint"]),
                 lineage=Lineage(**data.get("lineage", {})),
+                export=ExportInfo.from_dict(data.get("export")),
                 # One name per file: keyed by its path (format 1.0 keyed some by role; upgraded here).
                 files={v["path"]: FileEntry(**v) for v in data.get("files", {}).values()},
                 format_version=FORMAT_VERSION,

@@ -1,7 +1,8 @@
 """The fixed sets of values that commands and the library accept, as enums: validated once at the edge.
 
 The command line parses options into these (typer lists the values in `--help` and refuses others with exit 2);
-the library takes either an enum member or its string value. Stdlib only: the runtime may import it.
+the library takes either an enum member or its string value. What each precision and target means (its targets,
+devices, Q/DQ flavour, ...) is one table in `pue.precisions`. Stdlib only: the runtime may import it.
 """
 
 from __future__ import annotations
@@ -45,8 +46,25 @@ class QuantizePrecision(Choice):
 
 
 class Target(Choice):
+    """What `pue-export quantize --target` makes graphs for."""
+
     ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
+
+
+class BundleTarget(Choice):
+    """A manifest's `target`: a `Target`, or `any` for graphs every backend takes (FP32, FP16)."""
+
+    ANY = "any"
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+class DeviceKind(Choice):
+    """Where a backend runs: the kind of a device string ("cuda:1" is CUDA)."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
 
 
 class CalibrationMethod(Choice):

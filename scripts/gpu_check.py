@@ -351,11 +351,8 @@ def compare_backends(run: Run, workdir: Path) -> None:
 
     def runtime_row(row: Row, path: Path, **load: Any) -> Callable[[], dict]:
         def action() -> dict:
-            embedder = Embedder.load(path, **load)
-            try:
+            with Embedder.load(path, **load) as embedder:
                 return measure(run, row, embedder, gate_set, reference, latency_images, quick=load["device"] == "cpu")
-            finally:
-                embedder.backend.close()
 
         return action
 

@@ -122,7 +122,7 @@ class _BundleTarget:
             spec.path, backend=spec.backend, device=spec.device, batch_size=max(spec.batch_sizes), threads=spec.threads
         )
         manifest = self.embedder.manifest
-        self.info = {"precision": manifest.precision, "backend": manifest.backend, "threads": spec.threads}
+        self.info = {"precision": manifest.precision, "backend": self.embedder.backend_name, "threads": spec.threads}
 
     def embed(self, images: list[str]) -> Any:
         return self.embedder.embed_images(images, batch_size=len(images))

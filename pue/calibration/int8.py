@@ -14,18 +14,18 @@ from onnx import numpy_helper
 from pue.calibration.graph_ops import WeightOp
 from pue.calibration.simulate import matmul_sqnr
 from pue.calibration.stats import ChannelStats
+from pue.choices import Precision
 from pue.errors import PueError
+from pue.precisions import precision_spec
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("onnxruntime", "tensorrt")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-
-
 def activation_scheme(precision: str, target: str) -> str:
-    if precision == "int8-dynamic":
-        return "dynamic"
-    return "s8" if target == "tensorrt" else "u8"
+    """"u8", "s8" or "dynamic": the activation scheme of this precision's Q/DQ flavour for `target`."""
+    qdq = precision_spec(precision, target).qdq
+    if qdq is None:
+        raise PueError(f"{precision} graphs hold no Q/DQ nodes", "activation schemes belong to INT8 precisions")
+    return qdq.scheme
 
 
 def rank_sensitivity(model: Any, ops: list[WeightOp], stats: dict[str, ChannelStats], scheme: str) -> list[dict]:
@@ -63,11 +63,13 @@ def quantize_static_graph(
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }
-    symmetric = target == "tensorrt"
+    qdq = precision_spec(Precision.INT8, target).qdq
+    assert qdq is not None and qdq.static, f"static INT8 for {target} has static Q/DQ"
+    symmetric = qdq.symmetric
     extra = {
         "ActivationSymmetric": symmetric,
         "WeightSymmetric": True,
-        "DedicatedQDQPair": symmetric,  # TensorRT wants its own Q/DQ pair per consumer
+        "DedicatedQDQPair": qdq.dedicated_pairs,  # TensorRT wants its own Q/DQ pair per consumer
         "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
         # No CalibMaxIntermediateOutputs: in onnxruntime 1.32 it discards the collected chunk without merging its
         # ranges. MinMax augments the graph with ReduceMin/ReduceMax, so each sample keeps only scalars anyway.
@@ -85,7 +87,7 @@ def quantize_static_graph(
             op_types_to_quantize=["MatMul", "Gemm", "Conv"],
             per_channel=True,
             reduce_range=False,
-            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+            activation_type=QuantType.QInt8 if qdq.activation_type == "int8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes,
             calibrate_method=methods[method],

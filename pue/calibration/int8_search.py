@@ -36,10 +36,11 @@ def search_int8(
     from pue.calibration.stats import collect_channel_stats
 
     scheme = activation_scheme(options.precision, options.target)
+    static = options.spec.calibrated  # static Q/DQ (calibrated scales) on MatMul/Gemm/Conv; else dynamic, MatMul
     all_ops, all_stats, smoothed, float_paths = [], {}, [], {}
     started = time.perf_counter()
     for name, model in models.items():
-        ops = [op for op in weight_ops(model, name) if options.precision == "int8" or op.op_type == "MatMul"]
+        ops = [op for op in weight_ops(model, name) if static or op.op_type == "MatMul"]
         say(f"{name}: activation statistics of {len(ops)} weight-bearing ops")
         stats = collect_channel_stats(model, ops, feeds[name](), seed=options.seed)
         if options.smooth:
@@ -64,7 +65,7 @@ def search_int8(
         for name, path in float_paths.items():
             nodes = [op.node for op in all_ops if op.graph == name and op.node not in float_nodes]
             out = work / f"{name}.int8.onnx"
-            if options.precision == "int8":
+            if static:
                 reader = OrtReader(feeds[name]())
                 quantize_static_graph(
                     path,

@@ -8,6 +8,7 @@ layers with the worst simulated int8 SQNR are kept in float — never below 80 %
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -17,18 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from pue import __version__
-from pue.bundle import Manifest, file_entry, read_manifest, write_manifest
+from pue.bundle import Manifest, QuantizationInfo, file_entry, read_manifest, write_manifest
 from pue.calibration.fidelity_plot import plot_fidelity
 from pue.calibration.fp16 import convert_with_gate
 from pue.calibration.int8_search import search_int8
-from pue.choices import CalibrationMethod, QuantizePrecision, Target, parse_choice
+from pue.choices import Attention, CalibrationMethod, Precision, QuantizePrecision, parse_choice
 from pue.derive import Derivation, derive_bundle
-from pue.errors import PueError
+from pue.errors import BundleError, PueError
 from pue.fidelity import FidelityThresholds, GateReport, GateSet, measure_fidelity
+from pue.precisions import PrecisionSpec, quantize_spec
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("int8", "int8-dynamic", "fp16")
+PRECISIONS = QuantizePrecision.values()
 
 
 @dataclass
@@ -47,7 +49,12 @@ class QuantizeOptions:
     magnification: float | None = None
     mpp: float | None = None
     thresholds: FidelityThresholds = field(default_factory=FidelityThresholds)
-    attention: str | None = None  # "fused" | "standard"; None: fused for onnxruntime INT8, else standard
+    attention: str | None = None  # "fused" | "standard"; None: the precision's default (fused for onnxruntime INT8)
+
+    @property
+    def spec(self) -> PrecisionSpec:
+        """The table's entry for this precision and target (validated; fp16's graphs serve any target)."""
+        return quantize_spec(self.precision, self.target)
 
 
 @dataclass
@@ -62,24 +69,16 @@ class QuantizeResult:
 
 
 def _check_request(manifest: Manifest, options: QuantizeOptions) -> None:
-    if options.precision not in PRECISIONS:
-        raise PueError(f"unknown precision '{options.precision}'", f"choose one of: {', '.join(PRECISIONS)}")
-    if manifest.precision != "fp32":
+    parse_choice(QuantizePrecision, options.precision, "precision")
+    if manifest.precision != Precision.FP32:
         raise PueError(
             f"the bundle is already {manifest.precision} (lineage: {manifest.lineage.parent_sha256 or 'root'})",
             "quantize its FP32 parent bundle instead",
         )
-    if options.target not in ("onnxruntime", "tensorrt"):
-        raise PueError(f"unknown target '{options.target}'", "choose onnxruntime or tensorrt")
-    if options.precision == "int8-dynamic" and options.target == "tensorrt":
-        raise PueError(
-            "int8-dynamic is for onnxruntime on CPU only", "for TensorRT use --precision int8 --target tensorrt"
-        )
+    spec = options.spec
     parse_choice(CalibrationMethod, options.method, "--calibration-method")
-    parse_choice(QuantizePrecision, options.precision, "--precision")
-    parse_choice(Target, options.target, "--target")
-    if options.method != "minmax":
-        if options.precision != "int8":
+    if options.method != CalibrationMethod.MINMAX:
+        if not spec.calibrated:
             raise PueError(f"--calibration-method {options.method} only applies to static int8")
         log.warning(
             "%s calibration keeps histograms of every calibrated tensor: expect several GB of memory, and "
@@ -88,9 +87,9 @@ def _check_request(manifest: Manifest, options: QuantizeOptions) -> None:
         )
     if options.num_patches < 1:
         raise PueError(f"--num-patches must be at least 1, got {options.num_patches}")
-    if options.attention not in (None, "fused", "standard"):
-        raise PueError(f"unknown --attention '{options.attention}'", "choose fused or standard")
-    if options.attention == "fused" and (options.target != "onnxruntime" or options.precision == "fp16"):
+    if options.attention is not None:
+        parse_choice(Attention, options.attention, "--attention")
+    if options.attention is not None and options.attention not in spec.attention:
         raise PueError(
             f"--attention fused writes onnxruntime contrib ops; a {options.precision} bundle for target "
             f"'{_target(options)}' must keep standard ONNX attention",
@@ -102,13 +101,13 @@ def attention_mode(options: QuantizeOptions) -> str:
     """fused (onnxruntime's attention kernels) or standard (the exported MatMul/Softmax/MatMul)."""
     if options.attention is not None:
         return options.attention
-    return "fused" if options.target == "onnxruntime" and options.precision != "fp16" else "standard"
+    return options.spec.default_attention
 
 
 def _attention_layouts(manifest: Manifest, options: QuantizeOptions) -> dict[str, dict[str, Any]] | None:
     from pue.optimize.attention import attention_layout
 
-    if attention_mode(options) != "fused":
+    if attention_mode(options) != Attention.FUSED:
         return None
     return {name: attention_layout(manifest.export, name) for name in manifest.graphs}
 
@@ -171,7 +170,7 @@ def quantize_bundle(
             return _evaluate(candidate, child, gate_set, reference, options)
 
         child.link_from_parent(parent_manifest.tokenizer.file.path)
-        if options.precision == "fp16":
+        if options.spec.qdq is None:
             outcome = convert_with_gate(models, feeds, options, evaluate, say, timings)
         else:
             outcome = search_int8(models, feeds, tokens, work, options, evaluate, say, timings)
@@ -191,7 +190,7 @@ def quantize_bundle(
             + (
                 "; onnxruntime on CPU computes FP16 ops in FP32, so this gate cannot reveal FP16 overflow: ops whose "
                 "calibrated |activation| exceeds 16,000 were kept FP32"
-                if options.precision == "fp16"
+                if options.precision == Precision.FP16
                 else ""
             ),
         }
@@ -236,7 +235,7 @@ def _fuse(models: dict[str, Any], layouts: dict[str, dict[str, Any]], record: di
 
 
 def _target(options: QuantizeOptions) -> str:
-    return "any" if options.precision == "fp16" else options.target
+    return options.spec.target
 
 
 def _captions(options: QuantizeOptions) -> list[str]:
@@ -265,7 +264,12 @@ def _check_disjoint(gate_set: GateSet, patches: list[Any]) -> None:
 
 def _vision_tokens(manifest: Manifest) -> int:
     config = manifest.preprocessing
-    patch = int(manifest.export.get("patch_size", 14) or 14)
+    patch = manifest.export.patch_size
+    if not patch:
+        raise BundleError(
+            "the bundle's manifest does not record the vision patch size (export.patch_size)",
+            "re-export the FP32 bundle with this version of pue-export",
+        )
     return int(config.num_crops * (config.crop_size // patch) ** 2)
 
 
@@ -283,7 +287,8 @@ def _write_graphs(models: dict[str, Any], staging: Path) -> dict[str, tuple[str,
 def _staged_manifest(
     child: Derivation, written: dict[str, tuple[str, list[str]]], options: QuantizeOptions
 ) -> Manifest:
-    manifest = child.child_manifest(precision=options.precision, target=_target(options))
+    spec = options.spec
+    manifest = child.child_manifest(precision=str(spec.precision), target=str(spec.target))
     for name, (filename, data_files) in written.items():
         manifest.graphs[name].file = file_entry(child.staging, filename)
         manifest.graphs[name].external_data = [file_entry(child.staging, f) for f in data_files]
@@ -302,8 +307,8 @@ def _evaluate(
 
     written = _write_graphs(models, child.staging)
     write_manifest(child.staging, _staged_manifest(child, written, options))
-    candidate = Embedder.load(child.staging)
-    return measure_fidelity(gate_set.embed(candidate), reference, options.thresholds)
+    with Embedder.load(child.staging) as candidate:
+        return measure_fidelity(gate_set.embed(candidate), reference, options.thresholds)
 
 
 def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -> Manifest:
@@ -311,6 +316,7 @@ def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -
         name: (spec.file.path, [e.path for e in spec.external_data])
         for name, spec in read_manifest(child.staging).graphs.items()
     }
+    spec = options.spec
     manifest = _staged_manifest(child, written, options)
     manifest.lineage.calibration = "calibration.json"
     manifest.fidelity = {
@@ -325,23 +331,17 @@ def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -
         "gate_device": report["gate_device"],
     }
     parent = child.parent
-    manifest.export = dict(
+    manifest.export = dataclasses.replace(
         parent.export,
-        quantization={
-            "precision": options.precision,
-            "target": _target(options),
-            "method": options.method,
-            "activations": {
-                "int8": "uint8 asymmetric per-tensor"
-                if options.target == "onnxruntime"
-                else "int8 symmetric per-tensor",
-                "int8-dynamic": "uint8 dynamic per-tensor",
-                "fp16": "float16",
-            }[options.precision],
-            "weights": "int8 symmetric per-channel" if options.precision != "fp16" else "float16",
-            "attention": report["attention"],
-            "pue": __version__,
-        },
+        quantization=QuantizationInfo(
+            precision=str(spec.precision),
+            target=str(spec.target),
+            method=str(options.method),
+            activations=spec.activations,
+            weights=spec.weights,
+            attention=report["attention"],
+            pue=__version__,
+        ),
     )
     return manifest
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from pue import __version__
 from pue.bundle import (
+    ExportInfo,
     GraphSpec,
     Lineage,
     Manifest,
@@ -28,7 +29,7 @@ from pue.bundle import (
     file_entry,
     write_manifest,
 )
-from pue.choices import ExportDtype, parse_choice
+from pue.choices import BundleTarget, ExportDtype, Precision, parse_choice
 from pue.errors import PueError
 from pue.export.architectures import get_architecture
 from pue.export.checkpoint import checkpoint_sha256, inspect_checkpoint, load_model, load_processor
@@ -124,7 +125,7 @@ def export_onnx_bundle(
         del embedder
         timings["gate_s"] = time.perf_counter() - started
         manifest.fidelity = {"parity_gate": gate.to_dict(), "reference_dtype": dtype, "reference_device": device}
-        manifest.export["timings"] = timings
+        manifest.export.timings = timings
         write_manifest(staging, manifest)
         if not gate.passed:
             fail_gate(output, "parity gate", gate, {"timings": timings})
@@ -222,8 +223,8 @@ def _export_graphs(
     max_positions = int(getattr(text_config, "max_position_embeddings", 4096))
     return Manifest(
         architecture=info.model_type,
-        precision="fp16" if dtype == "float16" else "fp32",
-        target="any",
+        precision=Precision.FP16.value if dtype == ExportDtype.FLOAT16 else Precision.FP32.value,
+        target=BundleTarget.ANY.value,
         backend="onnxruntime",
         graphs=graphs,
         tile_size=geometry.tile_size,
@@ -244,16 +245,16 @@ def _export_graphs(
         source_checkpoint=SourceCheckpoint(name=info.name, sha256=checkpoint_sha256(info), model_type=info.model_type),
         lineage=Lineage(),
         versions=_versions(),
-        export={
-            "exporter": exporter,
-            "opset": opset or DEFAULT_OPSET[exporter],
-            "dtype": dtype,
-            "num_crops": geometry.num_crops,
-            "crop_size": geometry.crop_size,
-            "patch_size": int(model.config.vision_config.patch_size),
-            "attention": architecture.attention_layout(model),
-            "decoder_last_layer": getattr(decoder_module, "last_layer_mode", "full sequence"),
-        },
+        export=ExportInfo(
+            exporter=exporter,
+            opset=opset or DEFAULT_OPSET[exporter],
+            dtype=dtype,
+            num_crops=geometry.num_crops,
+            crop_size=geometry.crop_size,
+            patch_size=int(model.config.vision_config.patch_size),
+            attention=architecture.attention_layout(model),
+            decoder_last_layer=getattr(decoder_module, "last_layer_mode", "full sequence"),
+        ),
     )
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from pue.bundle import ExportInfo
 from pue.errors import PueError
 
 CONTRIB_DOMAIN = "com.microsoft"
@@ -178,9 +179,10 @@ def find_attention(model: Any) -> list[AttentionSite]:
     return sites
 
 
-def attention_layout(manifest_export: dict[str, Any], graph: str) -> dict[str, Any]:
-    """The heads / head_dim / kind that `pue-export onnx` recorded for `graph`, or a clear error."""
-    layout = (manifest_export.get("attention") or {}).get(graph)
+def attention_layout(export: ExportInfo, graph: str) -> dict[str, Any]:
+    """The heads / head_dim / kind that `pue-export onnx` recorded for `graph` (a manifest's `export`), or a clear
+    error."""
+    layout = export.attention.get(graph)
     if not layout:
         raise PueError(
             f"the bundle's manifest does not say how {graph}.onnx's attention is laid out (export.attention)",

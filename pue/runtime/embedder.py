@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,13 +13,12 @@ import numpy as np
 
 from pue.bundle import Manifest, read_manifest, verify_files
 from pue.errors import InputError, PueError
+from pue.runtime.backends.registry import open_backend
 from pue.runtime.images import fit_to_tile, load_image, load_tiles
 from pue.runtime.preprocess import ImagePreprocessor
 from pue.runtime.prompts import PromptTokenizer
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class Query:
 
 
 class Embedder:
-    """Embeds from a bundle with onnxruntime (or TensorRT engines). Every bad item raises a PueError naming it."""
+    """Embeds from a bundle with the backend the registry chose. Every bad item raises a PueError naming it."""
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Any, batch_size: int | None = None) -> None:
         self.bundle_dir = bundle_dir
@@ -53,6 +52,8 @@ class Embedder:
         self.preprocessor = ImagePreprocessor(manifest.preprocessing)
         self.prompts = PromptTokenizer.for_bundle(bundle_dir, manifest)
         self.stage_seconds: dict[str, float] = {"load": 0.0, "preprocess": 0.0, "tokenize": 0.0}
+        self.backend_name = getattr(backend, "name", type(backend).__name__)
+        self.closed = False
 
     @classmethod
     def load(
@@ -63,29 +64,40 @@ class Embedder:
         batch_size: int | None = None,
         verify_hashes: bool = True,
         threads: int | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> Embedder:
         """Open a bundle: manifest and format checked, every file inside the bundle and matching its sha256
-        (`verify_hashes=False` skips hashing for very large bundles, and says so in the log)."""
+        (`verify_hashes=False` skips hashing for very large bundles, and says so in the log).
+
+        `backend` is "auto" (the first registered backend that runs this bundle on `device` and is installed) or a
+        registered name (`pue.runtime.backends.registry`); a bundle it cannot run is refused with the reason and the
+        backends that can. `options` pass through to the backend (e.g. onnxruntime's `session_options`,
+        `profile_dir`); `threads` goes to backends that run on CPU threads. Close it (`close()`, or `with
+        Embedder.load(...) as emb:`) to release sessions and device memory at once.
+        """
         bundle_dir = Path(path)
         manifest = read_manifest(bundle_dir)
         verify_files(bundle_dir, manifest, check_hashes=verify_hashes)
-        if backend not in BACKENDS:
-            raise PueError(f"unknown backend '{backend}'", f"choose one of: {', '.join(BACKENDS)}")
-        chosen = manifest.backend if backend == "auto" else backend
-        if chosen == "tensorrt" or manifest.backend == "tensorrt":
-            if manifest.backend != "tensorrt":
-                raise PueError(
-                    f"bundle {bundle_dir} holds ONNX graphs, not TensorRT engines",
-                    f"build engines with: pue-export trt {bundle_dir} -o ENGINE_BUNDLE",
-                )
-            from pue.runtime.backends.tensorrt import TensorRTBackend  # type: ignore[import-not-found]
+        spec, runner = open_backend(bundle_dir, manifest, backend, device, options=options, threads=threads)
+        try:
+            embedder = cls(bundle_dir, manifest, runner, batch_size)
+        except BaseException:
+            runner.close()
+            raise
+        embedder.backend_name = spec.name
+        return embedder
 
-            runner = TensorRTBackend(bundle_dir, manifest, device=device)
-        else:
-            from pue.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    def __enter__(self) -> Embedder:
+        return self
 
-            runner = OnnxRuntimeBackend(bundle_dir, manifest, device=device, threads=threads)
-        return cls(bundle_dir, manifest, runner, batch_size)
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the backend's sessions or engines and their device memory; a second call does nothing."""
+        if not self.closed:
+            self.closed = True
+            self.backend.close()
 
     @property
     def dimension(self) -> int:
@@ -117,6 +129,7 @@ class Embedder:
 
     def embed(self, queries: Sequence[Query], truncate: bool = True, batch_size: int | None = None) -> np.ndarray:
         """Any mix of image, text and composed rows; they may share a batch."""
+        self._require_open()
         queries = list(queries)
         if not queries:
             return np.zeros((0, self.dimension), np.float32)
@@ -147,6 +160,7 @@ class Embedder:
 
     def image_features(self, images: Sequence[Any]) -> np.ndarray:
         """`vision.onnx`'s output for these images (used by the parity gate and calibration)."""
+        self._require_open()
         outputs = []
         items = list(images)
         for start in range(0, len(items), self.batch_size):
@@ -163,6 +177,10 @@ class Embedder:
         return {**self.stage_seconds, **self.backend.stage_times()}
 
     # --- internals --------------------------------------------------------------------------------------
+    def _require_open(self) -> None:
+        if self.closed:
+            raise PueError(f"the Embedder of {self.bundle_dir} was closed", "load the bundle again to embed with it")
+
     def _run_batch(self, queries: list[Query], rows: list[list[int]], indices: list[int]) -> np.ndarray:
         image_rows = [row for row, query in enumerate(queries) if query.image is not None]
         pixels = None

@@ -56,7 +56,7 @@ def test_precisions_pass_the_gate_and_run(fp32_bundle, heldout_dir, tmp_path, pr
     decoder_ops, vision_ops = op_types(out, "decoder"), op_types(out, "vision")
     fused = precision != "fp16" and target == "onnxruntime"  # the default --attention
     assert report["attention"]["mode"] == ("fused" if fused else "standard")
-    assert manifest.export["quantization"]["attention"] == report["attention"]
+    assert manifest.export.quantization.attention == report["attention"]
     if fused:
         assert "GroupQueryAttention" in decoder_ops and "MultiHeadAttention" in vision_ops
         assert "Softmax" not in vision_ops  # the decoder keeps its pooled token's single-row softmax
@@ -124,7 +124,7 @@ def test_refusals(fp32_bundle, heldout_dir, tmp_path):
     old = tmp_path / "old-export"  # a bundle from before export.attention existed
     shutil.copytree(parent, old)
     manifest = read_manifest(old)
-    manifest.export.pop("attention")
+    manifest.export.attention = {}
     write_manifest(old, manifest)
     with pytest.raises(PueError, match="re-export"):
         run(old, tmp_path / "a", heldout_dir, precision="int8-dynamic")

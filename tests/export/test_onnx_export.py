@@ -41,7 +41,7 @@ def test_export_passes_parity_gate(fp32_bundle, arch, preset, exporter):
     assert checks[("vision features", "max abs diff")]["value"] <= 1e-5
     assert manifest.architecture == arch
     assert manifest.precision == "fp32"
-    assert manifest.export["exporter"] == exporter
+    assert manifest.export.exporter == exporter
     expected_tokens = {("llava_next", "ci"): 528, ("llava_next", "e5v"): 1176, ("llava", "ci"): 256}[(arch, preset)]
     assert manifest.tokens_per_image == expected_tokens
     vision = onnx.load(str(bundle / "vision.onnx"), load_external_data=False)

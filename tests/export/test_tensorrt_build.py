@@ -59,9 +59,10 @@ def test_engine_bundle(monkeypatch, parent, gate_set, tmp_path):
     assert manifest.versions["tensorrt"] == "10.14.1.48" and manifest.versions["cuda_runtime"] == "12.8"
     assert manifest.fidelity["gate"]["passed"] and manifest.fidelity["gate"]["overall"]["mean_cosine"] > 0.9999
     assert json.loads((bundle / "fidelity.json").read_text())["passed"]
-    summary = manifest.export["tensorrt"]
-    assert summary["batch"] == "1:8:32" and summary["max_seq"] == 128
-    assert summary["rebuild_command"].startswith(f"pue-export trt {parent.resolve()} -o {bundle.resolve()} ")
+    summary = manifest.export.tensorrt
+    assert summary.batch == "1:8:32" and summary.max_seq == 128
+    assert manifest.export.patch_size == read_manifest(parent).export.patch_size  # the parent's record, kept
+    assert summary.rebuild_command.startswith(f"pue-export trt {parent.resolve()} -o {bundle.resolve()} ")
 
     vision = EngineMetadata.read(bundle / "engines" / "vision.json")
     assert vision.engine == "engines/vision.plan" and vision.engine_bytes == manifest.graphs["vision"].file.size
@@ -122,7 +123,7 @@ def test_build_flags_reach_tensorrt_and_the_metadata(monkeypatch, parent, gate_s
     assert (flags.version_compatible, flags.hardware_compat, flags.workspace_bytes) == (True, "ampere_plus", 2 << 30)
     assert result.engines["decoder"].profiles["input_ids"].max == (16, 96)
     assert read_manifest(result.bundle).default_batch_size == 4
-    command = read_manifest(result.bundle).export["tensorrt"]["rebuild_command"]
+    command = read_manifest(result.bundle).export.tensorrt.rebuild_command
     assert "--batch 2:4:16 --max-seq 96 --workspace 2 --version-compatible --hardware-compat ampere_plus" in command
 
 

@@ -22,9 +22,9 @@ from pue.runtime.backends import Device, OnnxRuntimeBackend, OnnxRuntimeRunner, 
 from pue.runtime.backends.onnxruntime import (
     INT8_ON_CUDA_ADVICE,
     SESSION_CONFIG,
-    physical_core_count,
     providers_for,
 )
+from pue.runtime.cpu import physical_core_count
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")

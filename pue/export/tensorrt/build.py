@@ -38,9 +38,10 @@ from pue.export.tensorrt.metadata import (
 )
 from pue.export.tensorrt.profiles import DEFAULT_BATCH, BatchRange, engine_profiles, parse_batch, resolve_max_seq
 from pue.fidelity import FidelityThresholds, GateReport, GateSet
+from pue.precisions import engine_precisions, engine_source_for, lookup
 from pue.runtime.backends.base import parse_device
 from pue.runtime.backends.cuda_device import CudaDevice, import_cudart
-from pue.runtime.backends.tensorrt import GRAPHS, import_tensorrt, make_logger, platform_info
+from pue.runtime.backends.tensorrt import GRAPHS, TensorRTBackend, import_tensorrt, make_logger, platform_info
 from pue.runtime.backends.tensorrt_compat import (
     AMPERE,
     HARDWARE_COMPAT_LEVELS,
@@ -53,8 +54,6 @@ from pue.runtime.backends.tensorrt_compat import (
 
 log = logging.getLogger(__name__)
 
-SUITABLE_PRECISIONS = ("fp32", "fp16", "int8")
-SUITABLE_TARGETS = ("any", "tensorrt")
 # our level names -> tensorrt.HardwareCompatibilityLevel members
 HARDWARE_LEVEL_MEMBERS = {
     "none": "NONE",
@@ -106,22 +105,27 @@ def normalise_hardware_compat(level: str) -> str:
 
 def check_parent(manifest: Manifest, parent: Path) -> None:
     """Refuse bundles TensorRT should not be built from, with the command that makes a suitable one."""
-    if manifest.backend == "tensorrt":
+    if manifest.backend == TensorRTBackend.name:
         raise PueError(
             f"{parent} already holds TensorRT engines",
             "build engines from the ONNX bundle it was made from (its lineage names it)",
         )
     precision, target = manifest.precision, manifest.target
-    if precision not in (*SUITABLE_PRECISIONS, "int8-dynamic"):
-        raise PueError(f"{parent} has precision '{precision}'; pue-export trt takes fp32, fp16 or int8 bundles")
-    if precision not in SUITABLE_PRECISIONS or target not in SUITABLE_TARGETS:
-        if precision == "int8-dynamic":
-            reason = "dynamic INT8 (activations quantized at run time) runs only in onnxruntime on CPU"
+    source = engine_source_for(precision)
+    if source is None:
+        takes = engine_precisions()
+        raise PueError(
+            f"{parent} has precision '{precision}'; pue-export trt takes {', '.join(takes[:-1])} or {takes[-1]} bundles"
+        )
+    spec = lookup(precision, target)  # the manifest's own target: graphs made for onnxruntime stay refused
+    if spec is None or not spec.engine_source:
+        if spec is not None and spec.precision != source.precision:
+            reason = spec.note
         else:
             reason = f"its graphs were made for target '{target}'"
-            if precision == "int8":
-                reason += " (unsigned activations, for onnxruntime on x86 CPUs)"
-        wanted = "int8" if precision.startswith("int8") else precision
+            if spec is not None and spec.note:
+                reason += f" ({spec.note})"
+        wanted = source.precision
         raise PueError(
             f"{parent} is a {precision} bundle for target '{target}': {reason}; TensorRT needs a bundle quantized "
             "with --target tensorrt",
@@ -354,6 +358,6 @@ def _finish_bundle(
     child.gate(report, "fidelity gate (TensorRT engines vs parent)", details)
     child.write_json("fidelity.json", report.to_dict())
     manifest.fidelity = {"gate": report.to_dict()}
-    manifest.export["tensorrt"]["timings"] = timings
+    manifest.export.tensorrt.timings = timings
     child.commit(manifest, ["fidelity.json"])
     return report, manifest

@@ -38,17 +38,11 @@ def run_engine_gate(
     say = progress or log.info
     parent_device = parent_device_for(device)
     say(f"fidelity gate: parent bundle through onnxruntime on {parent_device} ({gate_set.counts()})")
-    parent = Embedder.load(parent_dir, backend="onnxruntime", device=parent_device)
-    try:
+    with Embedder.load(parent_dir, backend="onnxruntime", device=parent_device) as parent:
         expected = gate_set.embed(parent)
-    finally:
-        parent.backend.close()
     say(f"fidelity gate: engines through TensorRT on {device}")
-    engines = Embedder.load(engine_dir, backend="tensorrt", device=device)
-    try:
+    with Embedder.load(engine_dir, backend="tensorrt", device=device) as engines:
         got = gate_set.embed(engines)
-    finally:
-        engines.backend.close()
     report = measure_fidelity(got, expected, thresholds, compared="TensorRT engines vs parent bundle (onnxruntime)")
     report.extra.update({"engine_device": device, "parent_device": parent_device})
     if parent_device == "cpu" and device != "cpu":

@@ -1,20 +1,23 @@
 """What an engine bundle records: the metadata beside each engine and the bundle's manifest.
 
 The engine bundle's manifest is its parent's, with `backend` "tensorrt", `target` "tensorrt", the engines as
-its graphs (`engines/<graph>.plan`, with sha256), their metadata and `fidelity.json` as files, and lineage
-pointing at the parent's manifest sha256.
+its graphs (`engines/<graph>.plan`, with sha256), their metadata and `fidelity.json` as files, lineage pointing at
+the parent's manifest sha256, and the parent's `export` record with the build added (`export.tensorrt`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shlex
 from pathlib import Path
 from typing import Any
 
 from pue import __version__
-from pue.bundle import FileEntry, GraphSpec, Lineage, Manifest, manifest_sha256
+from pue.bundle import EngineBuildInfo, FileEntry, GraphSpec, Lineage, Manifest, manifest_sha256
+from pue.choices import BundleTarget
 from pue.export.tensorrt.profiles import BatchRange
+from pue.runtime.backends.tensorrt import TensorRTBackend
 from pue.runtime.backends.tensorrt_compat import BuildFlags, EngineMetadata, PlatformInfo, ShapeRange
 
 ENGINE_DIR = "engines"
@@ -77,8 +80,8 @@ def engine_manifest(
 ) -> Manifest:
     """The engine bundle's manifest (fidelity is filled in once the gate has run)."""
     manifest = copy.deepcopy(parent)
-    manifest.backend = "tensorrt"
-    manifest.target = "tensorrt"
+    manifest.backend = TensorRTBackend.name
+    manifest.target = BundleTarget.TENSORRT.value
     manifest.graphs = {
         name: GraphSpec(file=entry, inputs=parent.graphs[name].inputs, outputs=parent.graphs[name].outputs)
         for name, entry in engines.items()
@@ -99,5 +102,6 @@ def engine_manifest(
         "cuda_driver": built_on.cuda_driver_version,
     }
     manifest.fidelity = {}
-    manifest.export = {"parent_export": parent.export, "tensorrt": summary}
+    # the parent's export record (exporter, geometry, quantization) describes the engines' graphs too
+    manifest.export = dataclasses.replace(manifest.export, tensorrt=EngineBuildInfo.from_dict(summary))
     return manifest

@@ -181,8 +181,13 @@ class Runner(abc.ABC):
 
 
 class Backend(abc.ABC):
-    """The two graphs of a bundle. Subclasses create and activate `vision` and `decoder` in `__init__`."""
+    """The two graphs of a bundle. Subclasses create and activate `vision` and `decoder` in `__init__`.
 
+    A backend is registered by name with what it runs in `pue.runtime.backends.registry`; `close()` (or leaving a
+    `with` block) releases both runners, and a second call does nothing.
+    """
+
+    name = "backend"  # the registry's name for it
     vision: Runner
     decoder: Runner
 

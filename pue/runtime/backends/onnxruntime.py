@@ -7,11 +7,10 @@ library is missing, and the vision output stays on the GPU (IO binding) when eve
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import time
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,6 +19,8 @@ import numpy as np
 
 from pue.bundle import Manifest, TensorSpec, resolve_inside
 from pue.errors import BundleError, MissingDependencyError, ProviderError, PueError
+from pue.extras import package_versions
+from pue.precisions import CPU_INT8_ADVICE, bundle_spec
 from pue.runtime.backends.base import (
     ATTENTION_MASK,
     IMAGE_FEATURES,
@@ -33,6 +34,7 @@ from pue.runtime.backends.base import (
     check_feed,
     parse_device,
 )
+from pue.runtime.cpu import physical_core_count
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -68,10 +70,7 @@ SESSION_CONFIG = {
     "session.use_device_allocator_for_initializers": "1",
 }
 
-INT8_ON_CUDA_ADVICE = (
-    "this INT8 bundle was quantized for onnxruntime on CPU; on a GPU, INT8 runs through TensorRT: re-quantize with "
-    "`pue-export quantize FP32_BUNDLE -o OUT --precision int8 --target tensorrt`, then `pue-export trt`"
-)
+INT8_ON_CUDA_ADVICE = CPU_INT8_ADVICE
 
 
 def import_onnxruntime(device: Device | None = None) -> ModuleType:
@@ -89,24 +88,16 @@ def import_onnxruntime(device: Device | None = None) -> ModuleType:
     return onnxruntime
 
 
-def physical_core_count() -> int:
-    """Physical cores this process may run on (hyper-threads share a core's matmul units)."""
-    try:
-        allowed = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-    cores = set()
-    for cpu in allowed:
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
-        except OSError:
-            return max(1, len(allowed))
-    return max(1, len(cores))
+def default_session_options(
+    threads: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    config: Mapping[str, str] | None = None,
+) -> Any:
+    """Session options for latency on this machine: full graph optimisation, one thread per physical core.
 
-
-def default_session_options(threads: int | None = None) -> Any:
-    """Session options for latency on this machine: full graph optimisation, one thread per physical core."""
+    `overrides` then sets `SessionOptions` attributes (e.g. {"enable_profiling": True}); `config` adds session
+    config entries (onnxruntime_session_options_config_keys.h), replacing pue's own where keys are equal.
+    """
     ort = import_onnxruntime()
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise PueError(f"threads must be a positive integer, got {threads!r}")
@@ -119,8 +110,16 @@ def default_session_options(threads: int | None = None) -> Any:
     options.enable_mem_pattern = True
     # Errors only: node-placement notes on CUDA ("Memcpy nodes added") are expected; pue checks providers itself.
     options.log_severity_level = 3
-    for key, value in SESSION_CONFIG.items():
-        options.add_session_config_entry(key, value)
+    for key, value in {**SESSION_CONFIG, **(config or {})}.items():
+        options.add_session_config_entry(key, str(value))
+    for name, value in (overrides or {}).items():
+        if name.startswith("_") or not hasattr(options, name) or callable(getattr(options, name)):
+            known = sorted(n for n in dir(options) if not n.startswith("_") and not callable(getattr(options, n)))
+            raise PueError(f"onnxruntime's SessionOptions has no setting {name!r}", f"its settings: {', '.join(known)}")
+        try:
+            setattr(options, name, value)
+        except TypeError as exc:
+            raise PueError(f"SessionOptions.{name} cannot be set to {value!r}: {exc}") from exc
     return options
 
 
@@ -163,14 +162,8 @@ def _provider_names(providers: list[str | tuple[str, dict[str, Any]]]) -> list[s
 
 
 def _installed_onnxruntime_packages() -> list[str]:
-    found = []
-    for name in ("onnxruntime", "onnxruntime-gpu"):
-        try:
-            found.append(f"{name} {importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return found
-
+    versions = package_versions(("onnxruntime", "onnxruntime-gpu"))
+    return [f"{name} {version}" for name, version in versions.items()]
 
 def check_providers(asked: list[str], got: list[str], available: list[str]) -> None:
     """Raise ProviderError when the session lacks a provider that was asked for (no silent CPU fallback)."""
@@ -315,8 +308,8 @@ class OnnxRuntimeRunner(Runner):
 
 
 def refuse_cpu_int8_on_cuda(manifest: Manifest, device: Device) -> None:
-    if device.is_cuda and manifest.precision.startswith("int8") and manifest.target == "onnxruntime":
-        raise PueError(INT8_ON_CUDA_ADVICE)
+    """Refuse a bundle whose graphs are meant for other devices (CPU-target INT8 on CUDA), with the table's advice."""
+    bundle_spec(manifest.precision, manifest.target).check_device(device)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -326,7 +319,13 @@ class OnnxRuntimeBackend(Backend):
     when every row of a batch carries an image; it defaults to on for CUDA and off for CPU. On CUDA,
     `gpu_provider="tensorrt"` (or $PUE_ORT_GPU_PROVIDER=tensorrt) puts onnxruntime's TensorRT provider in front of
     CUDA; like CUDA, it must be in the session's providers or loading fails.
+
+    `session_options` sets `SessionOptions` attributes over pue's defaults and `session_config` adds config
+    entries (see `default_session_options`); `profile_dir` turns on onnxruntime's profiler, one file per graph in
+    that directory (`end_profiling()` returns them).
     """
+
+    name = "onnxruntime"
 
     def __init__(
         self,
@@ -336,6 +335,9 @@ class OnnxRuntimeBackend(Backend):
         threads: int | None = None,
         use_io_binding: bool | None = None,
         gpu_provider: str | None = None,
+        session_options: Mapping[str, Any] | None = None,
+        session_config: Mapping[str, str] | None = None,
+        profile_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(manifest)
         self.bundle_dir = Path(bundle_dir)
@@ -354,7 +356,9 @@ class OnnxRuntimeBackend(Backend):
                 resolve_inside(self.bundle_dir, manifest.graphs[name].file.path),
                 self.device,
                 providers=providers_for(self.device, gpu_provider),
-                threads=threads,
+                session_options=default_session_options(
+                    threads, _profiled(session_options, profile_dir, name), session_config
+                ),
                 name=name,
             )
             for name in ("vision", "decoder")
@@ -367,6 +371,17 @@ class OnnxRuntimeBackend(Backend):
         except BaseException:
             self.close()
             raise
+
+    def end_profiling(self) -> dict[str, Path]:
+        """Stop onnxruntime's profiler (`profile_dir`) and return each graph's profile file."""
+        files = {}
+        for runner in (self.vision, self.decoder):
+            runner._require_active()
+            if runner.session_options.enable_profiling:
+                files[runner.name] = Path(runner.session.end_profiling())
+        if not files:
+            raise PueError("onnxruntime's profiler is off for this bundle", "load it with options={'profile_dir': DIR}")
+        return files
 
     def _run_checked(
         self,
@@ -389,3 +404,15 @@ class OnnxRuntimeBackend(Backend):
         """The vision output can be bound as is only when its dtype is the one the decoder takes."""
         produced = {spec.name: spec.dtype for spec in self.vision.output_metadata()}.get(IMAGE_FEATURES)
         return produced is not None and np.dtype(produced) == self._input_dtype(self.decoder, IMAGE_FEATURES)
+
+
+def _profiled(
+    overrides: Mapping[str, Any] | None, profile_dir: str | os.PathLike[str] | None, graph: str
+) -> dict[str, Any]:
+    """`overrides` plus, with a profile directory, onnxruntime's profiler on with a file prefix of this graph's own
+    (two sessions started within a second would otherwise write the same file)."""
+    settings = dict(overrides or {})
+    if profile_dir is not None:
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        settings.update(enable_profiling=True, profile_file_prefix=str(Path(profile_dir) / graph))
+    return settings

@@ -147,8 +147,8 @@ def load_metadata(bundle_dir: Path, manifest: Manifest, graph: str) -> EngineMet
 
 def recorded_command(manifest: Manifest) -> str:
     """The `pue-export trt` command that built this bundle (recorded at build time)."""
-    recorded = manifest.export.get("tensorrt", {}).get("rebuild_command")
-    return recorded or "pue-export trt PARENT_BUNDLE -o ENGINE_BUNDLE"
+    build = manifest.export.tensorrt
+    return (build.rebuild_command if build is not None else None) or "pue-export trt PARENT_BUNDLE -o ENGINE_BUNDLE"
 
 
 def rebuild_hint(manifest: Manifest) -> str:
@@ -334,6 +334,8 @@ class TensorRTRunner(Runner):
 class TensorRTBackend(Backend):
     """The engine bundle's vision and decoder engines on one GPU, checked and activated at construction."""
 
+    name = "tensorrt"
+
     def __init__(self, bundle_dir: str | os.PathLike[str], manifest: Manifest, device: str = "cuda") -> None:
         super().__init__(manifest)
         self.bundle_dir = Path(bundle_dir)
@@ -344,7 +346,7 @@ class TensorRTBackend(Backend):
                 f"device {device!r} was asked for",
                 "use device='cuda' (or 'cuda:N'), or load the parent ONNX bundle with backend='onnxruntime' on CPU",
             )
-        if manifest.backend != "tensorrt":
+        if manifest.backend != self.name:
             raise BundleError(
                 f"bundle {self.bundle_dir} holds ONNX graphs, not TensorRT engines",
                 f"build engines with: pue-export trt {self.bundle_dir} -o ENGINE_BUNDLE",

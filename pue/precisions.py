@@ -1,0 +1,265 @@
+"""What each precision means for each target: one table of frozen entries, read by every package.
+
+A bundle's manifest names a `precision` and a `target`; together they select one `PrecisionSpec`: what the graphs
+hold (weights, activations, the Q/DQ flavour), whether making them needs calibration data, which attention layouts
+they may use, which devices their kernels are meant for, and whether `pue-export trt` builds engines from them.
+Values are validated here, once, where they enter (a command's options, a manifest read by a command or the
+runtime); everything downstream reads the entry's fields instead of comparing strings.
+
+Which backends run an entry is what each backend declares when it registers (`pue.runtime.backends.registry`),
+so a new backend is one module and one registration, and a new precision or target is one entry here (plus its
+name in `pue.choices`; tests/test_precisions.py checks that the two agree). Stdlib only: the runtime imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pue.choices import Attention, BundleTarget, Choice, DeviceKind, Precision, QuantizePrecision, Target, parse_choice
+from pue.errors import BundleError, PueError
+
+
+class PrecisionKind(Choice):
+    """Where a precision lives."""
+
+    WEIGHT = "weight"  # in the graphs (casts, Q/DQ nodes, int8 weights): any backend that runs the graphs runs it
+    RUNTIME = "runtime"  # set on the backend at inference (e.g. bf16): it must honour it, never run another silently
+
+
+class ActivationScheme(Choice):
+    """How a Q/DQ flavour quantizes activations (the names the smoothing and SQNR simulation take)."""
+
+    U8 = "u8"  # static, unsigned, asymmetric: x86 CPUs' u8×s8 kernels (s8×s8 is about 15× slower there)
+    S8 = "s8"  # static, signed, symmetric: what TensorRT's explicit quantization expects
+    DYNAMIC = "dynamic"  # uint8, scale computed per run by the kernel: onnxruntime on CPU
+
+
+@dataclass(frozen=True)
+class QdqFlavour:
+    """The Q/DQ nodes an INT8 bundle's graphs carry."""
+
+    scheme: ActivationScheme
+    activation_type: str  # element type of quantized activations: "uint8" or "int8"
+    symmetric: bool  # symmetric activation scales (zero point 0)
+    static: bool  # scales fixed from calibration data (`--calibration-method` applies); else computed per run
+    dedicated_pairs: bool  # one Q/DQ pair per consumer (TensorRT fuses each into its consumer)
+    description: str  # as the manifest records it (export.quantization.activations)
+
+
+U8_ASYMMETRIC = QdqFlavour(ActivationScheme.U8, "uint8", False, True, False, "uint8 asymmetric per-tensor")
+S8_SYMMETRIC = QdqFlavour(ActivationScheme.S8, "int8", True, True, True, "int8 symmetric per-tensor")
+U8_DYNAMIC = QdqFlavour(ActivationScheme.DYNAMIC, "uint8", False, False, False, "uint8 dynamic per-tensor")
+
+INT8_WEIGHTS = "int8 symmetric per-channel"
+CPU_INT8_ADVICE = (
+    "this INT8 bundle was quantized for onnxruntime on CPU; on a GPU, INT8 runs through TensorRT: re-quantize with "
+    "`pue-export quantize FP32_BUNDLE -o OUT --precision int8 --target tensorrt`, then `pue-export trt`"
+)
+TARGET_NAMES = {
+    BundleTarget.ANY: "any target",
+    BundleTarget.ONNXRUNTIME: "onnxruntime",
+    BundleTarget.TENSORRT: "TensorRT",
+}
+DEVICE_NAMES = {DeviceKind.CPU: "CPU", DeviceKind.CUDA: "CUDA GPUs"}
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """One precision as made for one target: a row of `PRECISION_TABLE`."""
+
+    precision: Precision
+    target: BundleTarget  # `any`: the graphs serve every target, and a request for any target resolves to them
+    kind: PrecisionKind
+    weights: str  # as the manifest records it (export.quantization.weights)
+    activations: str  # as the manifest records it (export.quantization.activations)
+    qdq: QdqFlavour | None  # None: no Q/DQ nodes (float graphs)
+    parent: Precision | None  # what `pue-export quantize` derives it from; None: only exported from a checkpoint
+    calibration_data: bool  # making it reads calibration patches (scales, activation ranges or sensitivity)
+    attention: tuple[Attention, ...]  # layouts its graphs may use, the default first
+    devices: tuple[DeviceKind, ...]  # where its graphs are meant to run, whatever the backend
+    engine_source: bool  # `pue-export trt` builds TensorRT engines from it
+    note: str = ""  # why it is tied to its target or devices, said when it is refused
+    device_advice: str = ""  # said when it is asked to run on another device
+
+    @property
+    def calibrated(self) -> bool:
+        """Static activation scales from calibration data: `--calibration-method` applies."""
+        return self.qdq is not None and self.qdq.static
+
+    @property
+    def default_attention(self) -> Attention:
+        return self.attention[0]
+
+    def runs_on(self, device: object) -> bool:
+        """Whether `device` ("cpu", "cuda", "cuda:1") is one this entry's graphs are meant for."""
+        return str(device).partition(":")[0] in self.devices
+
+    def check_device(self, device: object) -> None:
+        """Refuse a device this entry's graphs are not meant for, with the entry's advice."""
+        if not self.runs_on(device):
+            where = " or ".join(DEVICE_NAMES[kind] for kind in self.devices)
+            raise PueError(self.device_advice or f"{self.precision} bundles for {self.target} run on {where} only")
+
+
+PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
+    PrecisionSpec(
+        Precision.FP32,
+        BundleTarget.ANY,
+        PrecisionKind.WEIGHT,
+        weights="float32",
+        activations="float32",
+        qdq=None,
+        parent=None,
+        calibration_data=False,
+        attention=(Attention.STANDARD,),
+        devices=(DeviceKind.CPU, DeviceKind.CUDA),
+        engine_source=True,
+    ),
+    PrecisionSpec(
+        Precision.FP16,
+        BundleTarget.ANY,
+        PrecisionKind.WEIGHT,
+        weights="float16",
+        activations="float16",
+        qdq=None,
+        parent=Precision.FP32,
+        calibration_data=True,  # activation ranges decide which ops stay FP32 (|x| > 16,000)
+        attention=(Attention.STANDARD,),
+        devices=(DeviceKind.CPU, DeviceKind.CUDA),
+        engine_source=True,
+    ),
+    PrecisionSpec(
+        Precision.INT8,
+        BundleTarget.ONNXRUNTIME,
+        PrecisionKind.WEIGHT,
+        weights=INT8_WEIGHTS,
+        activations=U8_ASYMMETRIC.description,
+        qdq=U8_ASYMMETRIC,
+        parent=Precision.FP32,
+        calibration_data=True,
+        attention=(Attention.FUSED, Attention.STANDARD),
+        devices=(DeviceKind.CPU,),
+        engine_source=False,
+        note="unsigned activations, for onnxruntime on x86 CPUs",
+        device_advice=CPU_INT8_ADVICE,
+    ),
+    PrecisionSpec(
+        Precision.INT8,
+        BundleTarget.TENSORRT,
+        PrecisionKind.WEIGHT,
+        weights=INT8_WEIGHTS,
+        activations=S8_SYMMETRIC.description,
+        qdq=S8_SYMMETRIC,
+        parent=Precision.FP32,
+        calibration_data=True,
+        attention=(Attention.STANDARD,),
+        devices=(DeviceKind.CPU, DeviceKind.CUDA),
+        engine_source=True,
+    ),
+    PrecisionSpec(
+        Precision.INT8_DYNAMIC,
+        BundleTarget.ONNXRUNTIME,
+        PrecisionKind.WEIGHT,
+        weights=INT8_WEIGHTS,
+        activations=U8_DYNAMIC.description,
+        qdq=U8_DYNAMIC,
+        parent=Precision.FP32,
+        calibration_data=True,  # smoothing and the sensitivity ranking read activation statistics
+        attention=(Attention.FUSED, Attention.STANDARD),
+        devices=(DeviceKind.CPU,),
+        engine_source=False,
+        note="dynamic INT8 (activations quantized at run time) runs only in onnxruntime on CPU",
+        device_advice=CPU_INT8_ADVICE,
+    ),
+)
+
+_BY_KEY = {(spec.precision, spec.target): spec for spec in PRECISION_TABLE}
+
+
+def lookup(precision: str, target: str) -> PrecisionSpec | None:
+    """The entry made for exactly this precision and target (no `any` fallback), or None."""
+    return _BY_KEY.get((str(precision), str(target)))
+
+
+def specs_of(precision: str) -> tuple[PrecisionSpec, ...]:
+    """Every entry of `precision`, in table order."""
+    return tuple(spec for spec in PRECISION_TABLE if spec.precision == precision)
+
+
+def precision_spec(precision: str, target: str) -> PrecisionSpec:
+    """The entry for `precision` made for `target`: the exact one, else the precision's `any` entry; refused with
+    the targets it has and the precision that does have `target` otherwise. Validates both names."""
+    parsed = parse_choice(Precision, precision, "precision")
+    wanted = parse_choice(BundleTarget, target, "target")
+    spec = lookup(parsed, wanted) or lookup(parsed, BundleTarget.ANY)
+    if spec is not None:
+        return spec
+    own = specs_of(parsed)
+    devices = {device for entry in own for device in entry.devices}
+    where = " or ".join(TARGET_NAMES[entry.target] for entry in own)
+    if len(devices) == 1:
+        where += f" on {DEVICE_NAMES[next(iter(devices))].removesuffix('s')}"
+    alternatives = [entry for entry in PRECISION_TABLE if entry.target == wanted and entry.weights == own[0].weights]
+    hint = (
+        f"for {TARGET_NAMES[wanted]} use --precision {alternatives[0].precision} --target {wanted}"
+        if alternatives
+        else f"choose a target among: {', '.join(str(entry.target) for entry in own)}"
+    )
+    raise PueError(f"{parsed} is for {where} only", hint)
+
+
+def quantize_spec(precision: str, target: str) -> PrecisionSpec:
+    """What `pue-export quantize --precision P --target T` makes (both validated as that command's choices)."""
+    parse_choice(QuantizePrecision, precision, "precision")
+    return precision_spec(precision, parse_choice(Target, target, "target"))
+
+
+def bundle_spec(precision: str, target: str) -> PrecisionSpec:
+    """The entry of a bundle's manifest; precisions and targets this pue does not know are a BundleError."""
+    try:
+        return precision_spec(precision, target)
+    except PueError as exc:
+        known = bool(specs_of(precision)) and str(target) in BundleTarget.values()
+        raise BundleError(
+            f"the bundle's manifest names precision '{precision}' for target '{target}': {exc.message}",
+            exc.hint if known else f"{exc.hint}; a newer pue may have written it: install the pue that did",
+        ) from None
+
+
+def engine_precisions() -> tuple[Precision, ...]:
+    """Precisions `pue-export trt` builds engines from, in table order."""
+    return tuple(dict.fromkeys(spec.precision for spec in PRECISION_TABLE if spec.engine_source))
+
+
+def engine_source_for(precision: str) -> PrecisionSpec | None:
+    """The entry `pue-export trt` takes that holds the same weights as `precision` (int8-dynamic → int8/tensorrt)."""
+    own = specs_of(precision)
+    if not own:
+        return None
+    return next(
+        (spec for spec in PRECISION_TABLE if spec.engine_source and spec.weights == own[0].weights),
+        None,
+    )
+
+
+def quantized_precisions() -> tuple[Precision, ...]:
+    """Precisions `pue-export quantize` derives, in table order."""
+    return tuple(dict.fromkeys(spec.precision for spec in PRECISION_TABLE if spec.parent is not None))
+
+
+__all__ = [
+    "ActivationScheme",
+    "CPU_INT8_ADVICE",
+    "PRECISION_TABLE",
+    "PrecisionKind",
+    "PrecisionSpec",
+    "QdqFlavour",
+    "bundle_spec",
+    "engine_precisions",
+    "engine_source_for",
+    "lookup",
+    "precision_spec",
+    "quantize_spec",
+    "quantized_precisions",
+    "specs_of",
+]

@@ -152,7 +152,7 @@ class Embedder:
         return output
 
     def pixel_values(self, images: Sequence[Any], first_index: int = 0) -> np.ndarray:
-        """Preprocessed pixels as `vision.onnx` takes them (tile-size policy of DESIGN.md applied first)."""
+        """Preprocessed pixels as `vision.onnx` takes them (the tile-size policy, README `--tile-size`, first)."""
         started = time.perf_counter()
         pixels = self.preprocessor(load_tiles(images, self.manifest.tile_size, first_index))
         self.stage_seconds["preprocess"] += time.perf_counter() - started

@@ -215,7 +215,7 @@ def test_malformed_spec_is_a_bundle_error():
 
 
 def test_modules_import_no_heavy_packages():
-    """The runtime's image path needs only numpy and Pillow (DESIGN.md: no torch, transformers or onnx)."""
+    """The runtime's image path needs only numpy and Pillow (docs/architecture.md: no torch, transformers or onnx)."""
     import subprocess
     import sys
 

@@ -20,7 +20,7 @@ import numpy as np
 from pue.bundle import Manifest, TensorSpec
 from pue.errors import PueError
 
-# Names fixed by the graph contract (DESIGN.md).
+# Names fixed by the graph contract (README "Bundle", docs/architecture.md).
 PIXEL_VALUES = "pixel_values"
 IMAGE_FEATURES = "image_features"
 INPUT_IDS = "input_ids"

@@ -11,7 +11,11 @@ Presets (`ARCHITECTURES` x `PRESETS`):
   224 tile) or SigLIP-224 (llava: 256 image tokens).
 - ``e5v``: llava_next only, about 1 M parameters in the E5-V geometry (CLIP-336, LLaVA-1.6 pinpoints: a 224
   tile becomes 3 crops and 1,176 image tokens).
-- ``outliers``: ``ci`` with planted activation outliers in every decoder block (see `_plant_outliers`).
+- ``outliers``: ``ci`` with compensated activation outliers in every decoder block (norm gains divided out of the
+  next projections: the function is unchanged, and smoothing undoes them exactly).
+- ``gains-few``, ``gains-all``, ``massive``, ``vit-highnorm``: ``ci`` with outliers that change the function, as
+  trained models carry them (uncompensated norm gains of 20/100/1000 in two or all blocks; massive activations on
+  fixed tokens; high-norm vision tokens): see `pue.export.tiny_outliers`.
 - ``bench``: 50-60 M parameters; llava_next in the E5-V geometry, llava with SigLIP-384 (729 image tokens).
 """
 
@@ -29,7 +33,14 @@ from pue.errors import OutputExistsError, PueError
 from pue.export.tiny_tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, make_tokenizer
 
 ARCHITECTURES = ("llava_next", "llava")
-PRESETS = ("ci", "e5v", "outliers", "bench")
+OUTLIER_PRESETS = {
+    "outliers": "compensated",
+    "gains-few": "gains-few",
+    "gains-all": "gains-all",
+    "massive": "massive",
+    "vit-highnorm": "vit-highnorm",
+}
+PRESETS = ("ci", "e5v", "bench", *OUTLIER_PRESETS)
 
 #: (arch, preset) pairs that are refused, with the reason.
 UNSUPPORTED = {
@@ -60,7 +71,7 @@ class _Spec:
     pinpoints: list = field(default_factory=list)  # llava_next only
     patch_size: int = 14
     max_position_embeddings: int = 4096
-    outliers: bool = False
+    outliers: str | None = None  # a kind of pue.export.tiny_outliers
 
 
 _TINY = {
@@ -89,17 +100,15 @@ _BENCH = {
 _SPECS: dict[tuple[str, str], _Spec] = {
     ("llava_next", "ci"): _Spec(image_size=224, pinpoints=[[224, 224]], **_TINY),
     ("llava_next", "e5v"): _Spec(image_size=336, pinpoints=LLAVA_16_PINPOINTS, **_TINY),
-    ("llava_next", "outliers"): _Spec(image_size=224, pinpoints=[[224, 224]], outliers=True, **_TINY),
     ("llava_next", "bench"): _Spec(image_size=336, pinpoints=LLAVA_16_PINPOINTS, **_BENCH),
     ("llava", "ci"): _Spec(image_size=224, **_TINY),
-    ("llava", "outliers"): _Spec(image_size=224, outliers=True, **_TINY),
     ("llava", "bench"): _Spec(image_size=384, **_BENCH),
+    **{
+        ("llava_next", preset): _Spec(image_size=224, pinpoints=[[224, 224]], outliers=kind, **_TINY)
+        for preset, kind in OUTLIER_PRESETS.items()
+    },
+    **{("llava", preset): _Spec(image_size=224, outliers=kind, **_TINY) for preset, kind in OUTLIER_PRESETS.items()},
 }
-
-#: Planted outliers: these many residual-stream channels, each with a norm-weight gain drawn log-uniformly from
-#: this range per block and per norm (input_layernorm, post_attention_layernorm).
-OUTLIER_CHANNELS = 3
-OUTLIER_GAIN_RANGE = (100.0, 400.0)
 
 
 def _check_names(arch: str, preset: str) -> _Spec:
@@ -208,7 +217,9 @@ def _build(arch: str, preset: str, spec: _Spec, seed: int):
 
     outlier_info = None
     if spec.outliers:
-        outlier_info = _plant_outliers(model, seed)
+        from pue.export.tiny_outliers import plant
+
+        outlier_info = plant(spec.outliers, model, tokenizer, seed)
 
     processor = _make_processor(arch, spec, tokenizer)
     params = {id(p): p.numel() for p in model.parameters()}
@@ -344,44 +355,3 @@ def _make_processor(arch: str, spec: _Spec, tokenizer):
         chat_template=CHAT_TEMPLATE,
         image_token=IMAGE_TOKEN,
     )
-
-
-# ----------------------------------------------------------------------------------------------------- outliers
-
-
-def _plant_outliers(model, seed: int) -> dict:
-    """Plant the per-channel activation outliers that trained LLMs carry (LLM.int8(), SmoothQuant).
-
-    In trained decoders a few fixed residual-stream channels come out of the RMSNorms one to three orders of
-    magnitude larger than the rest, in every block and for every token, because the norms' learned gains on
-    those channels are huge while the weights that read them are correspondingly small. This plants exactly
-    that: the same `OUTLIER_CHANNELS` channels of every block's input_layernorm and post_attention_layernorm get
-    a gain of 100-400 (log-uniform, per block and norm), and the input columns of the projections that read
-    them (q/k/v_proj, gate/up_proj) are divided by the same gain. The model computes the same function (up to
-    float rounding) and stays finite, but every q/k/v and gate/up input carries channels ~100x the median one:
-    per-tensor INT8 activation scales are set by them and flatten all other channels to a few levels, in every
-    block, so keeping a layer or two in float cannot help (per-channel smoothing or dynamic quantization can).
-    """
-    import torch
-
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    text = model.model.language_model
-    hidden = text.config.hidden_size
-    channels = sorted(torch.randperm(hidden, generator=gen)[:OUTLIER_CHANNELS].tolist())
-    idx = torch.tensor(channels)
-    lo, hi = (torch.log(torch.tensor(v)) for v in OUTLIER_GAIN_RANGE)
-    gains = []
-    with torch.no_grad():
-        for layer in text.layers:
-            layer_gains = []
-            for norm, readers in (
-                (layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)),
-                (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj)),
-            ):
-                gain = torch.exp(lo + (hi - lo) * torch.rand(len(channels), generator=gen))
-                norm.weight[idx] *= gain
-                for linear in readers:
-                    linear.weight[:, idx] /= gain
-                layer_gains.append([round(float(g), 1) for g in gain])
-            gains.append(layer_gains)
-    return {"channels": channels, "mechanism": "rmsnorm-gain", "gains": gains}

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -15,6 +14,7 @@ from onnx_graphs import float_input, make_model
 from pue.calibration.graph_ops import int8_flop_share, weight_ops
 from pue.calibration.int8 import rank_sensitivity
 from pue.calibration.int8_search import MIN_INT8_FLOP_SHARE, search_int8
+from pue.calibration.quantize_bundle import QuantizeOptions
 from pue.calibration.simulate import matmul_sqnr
 from pue.calibration.stats import collect_channel_stats
 
@@ -119,8 +119,7 @@ def search(tmp_path, passes_when=None, fallback=True):
         return Verdict(passed=passes_when is not None and passes_when(seen[-1]))
 
     messages: list[str] = []
-    options = SimpleNamespace(precision="int8", target="onnxruntime", method="minmax", seed=0, smooth=False)
-    options.fallback = fallback
+    options = QuantizeOptions(precision="int8", target="onnxruntime", smooth=False, fallback=fallback)
     result = search_int8(
         {"decoder": parallel_matmuls()},
         {"decoder": calibration_feeds},
@@ -177,7 +176,7 @@ def test_exactly_80_percent_is_allowed_less_is_not(tmp_path, layers, float_nodes
         {f"w{i}": rng.normal(size=(K, 4)).astype(np.float32) for i in range(layers)},
     )
     feeds = [{f"x{i}": rng.normal(size=(8, K)).astype(np.float32) for i in range(layers)} for _ in range(2)]
-    options = SimpleNamespace(precision="int8", target="tensorrt", method="minmax", seed=0, smooth=False, fallback=True)
+    options = QuantizeOptions(precision="int8", target="tensorrt", smooth=False, fallback=True)
     calls, messages = [], []
     result = search_int8(
         {"decoder": model},

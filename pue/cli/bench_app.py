@@ -98,7 +98,7 @@ def latency(
 @app.command("pmeb")
 @handle_errors
 def pmeb(
-    bundles: list[Path] = typer.Argument(..., help="Bundle directories to evaluate."),
+    bundles: list[Path] = typer.Argument(None, help="Bundle directories to evaluate."),
     data: Path = typer.Option(
         ..., "--data", help="Folder with one sub-folder (task.json + data) per task, or 'pmeb-mini' (shipped)."
     ),
@@ -106,12 +106,29 @@ def pmeb(
     tasks: str = typer.Option(None, "--tasks", help="Comma-separated task names (default: every task found)."),
     report: Path = typer.Option(None, "--report", help="Directory for report.json, report.md and pmeb.png."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Where embeddings are cached between runs."),
+    embeddings: list[Path] = typer.Option(
+        None, "--embeddings", help="Score saved embeddings (HOMIE's npz layout) instead of bundles; repeatable."
+    ),
+    embeddings_output: Path = typer.Option(
+        None, "--embeddings-output", help="Save every run's embeddings as DIR/<run>/<task>.npz (HOMIE's layout)."
+    ),
+    homie_ties: str = typer.Option(
+        "cuda", "--homie-ties", help="torch.topk's tie order for HOMIE's metrics: cuda (HOMIE's runs) or cpu."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty report directory."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing, non-empty report or embeddings-output directory."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """PMEB retrieval, zero-shot classification and composed retrieval: each bundle next to the reference."""
-    _require_extras("pue-bench pmeb", report, reference)
+    """PMEB retrieval, zero-shot, composed retrieval and multiple choice: each bundle next to the reference,
+    pue's metrics and HOMIE's; or saved embeddings (--embeddings FILE.npz) scored the same way."""
+    if embeddings:
+        from pue.extras import require_extras
+
+        require_extras(["bench"] if report is not None else [], "pue-bench pmeb --embeddings")
+    else:
+        _require_extras("pue-bench pmeb", report, reference)
     try:
         from pue.benchmarks.pmeb.runner import run_pmeb
     except ImportError as exc:
@@ -120,6 +137,8 @@ def pmeb(
 
     if report is not None:
         check_report_dir(report, overwrite)
+    if embeddings_output is not None:
+        check_report_dir(embeddings_output, overwrite)
     if str(data) == "pmeb-mini" and not data.exists():
         from pue.benchmarks.pmeb import pmeb_mini_dir
 
@@ -128,7 +147,7 @@ def pmeb(
     # With a report directory the harness rewrites report.json / report.md after every finished task (a
     # failed or interrupted run keeps what finished) and writes the full report with pmeb.png at the end.
     result = run_pmeb(
-        list(bundles),
+        list(bundles or []),
         data,
         reference=reference,
         tasks=_str_list(tasks) if tasks else None,
@@ -136,9 +155,14 @@ def pmeb(
         cache_dir=cache_dir,
         device=device,
         progress=progress_printer(err),
+        embeddings=list(embeddings or []),
+        embeddings_output=embeddings_output,
+        tie_order=homie_ties,
     )
     if report is not None:
         err.print(f"wrote the PMEB report to {report}")
+    if embeddings_output is not None:
+        err.print(f"wrote the embeddings to {embeddings_output}")
     if as_json:
         print_json(result)
     else:
@@ -290,6 +314,7 @@ def _print_pmeb(result: dict[str, Any]) -> None:
         "task",
         "meta_task",
         "metric",
+        "homie_name",
         "value",
         "reference_value",
         "delta",
@@ -297,7 +322,9 @@ def _print_pmeb(result: dict[str, Any]) -> None:
         "mean_cosine_vs_reference",
     )
     for column in columns:
-        table.add_column(column, justify="right" if column not in ("name", "task", "meta_task", "metric") else "left")
+        table.add_column(
+            column, justify="right" if column not in ("name", "task", "meta_task", "metric", "homie_name") else "left"
+        )
     for row in rows:
         table.add_row(*[_cell(row.get(column)) for column in columns])
     console(stderr=False).print(table)

@@ -177,7 +177,14 @@ def test_evaluate_task_scores_and_keeps_embeddings(data_dir):
     results = {t.name: evaluate_task(t, FakeEmbedder()) for t in discover_tasks(data_dir)}
     retrieval = results["colour_retrieval"]
     # 3 distinct captions and 4 images: recall@k only for k below the gallery size
-    assert retrieval.metrics == {"image_to_text_recall@1": 1.0, "text_to_image_recall@1": 1.0}
+    assert retrieval.metrics == {
+        "image_to_text_recall@1": 1.0,
+        "text_to_image_recall@1": 1.0,
+        # HOMIE's record-level pairs: red_2's caption duplicates red_1's (a negative), and the tie goes to record 0
+        "homie_text_to_image_recall@1": 0.75,
+        "homie_image_to_text_recall@1": 0.75,
+    }
+    assert retrieval.homie_names["homie_text_to_image_recall@1"] == "image_retrieval_recall@1"
     assert retrieval.predictions["image_to_text"].tolist() == [0, 0, 1, 2]
     assert retrieval.embeddings["images"].shape == (4, DIM) and retrieval.embeddings["captions"].shape == (3, DIM)
     zeroshot = results["colour_zeroshot"]
@@ -185,7 +192,9 @@ def test_evaluate_task_scores_and_keeps_embeddings(data_dir):
     assert zeroshot.predictions["class"].tolist() == [0, 0, 1, 2]
     assert zeroshot.embeddings["prompts"].shape == (12, DIM)  # 3 classes × 2 synonyms × 2 templates
     vqa = results["colour_vqa"]
-    assert vqa.metrics == {"recall@1": 1.0} and vqa.predictions["target"].tolist() == [0, 0, 1, 2]
+    assert vqa.metrics["recall@1"] == 1.0 and vqa.predictions["target"].tolist() == [0, 0, 1, 2]
+    # answer → query: "red" has two correct queries (pue); HOMIE's record 1 loses its tie to record 0
+    assert vqa.metrics["answer_to_query_recall@1"] == 1.0 and vqa.metrics["homie_answer_to_query_recall@1"] == 0.75
 
 
 def test_broken_embeddings_are_refused(data_dir):

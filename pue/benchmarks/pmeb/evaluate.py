@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from pue.benchmarks.pmeb import metrics
-from pue.benchmarks.pmeb.tasks import ClassificationData, ComposedData, RetrievalData, Task
+from pue.benchmarks.pmeb.homie import homie_scores, pairwise_scores, record_layout
+from pue.benchmarks.pmeb.tasks import ClassificationData, ComposedData, MultipleChoiceData, RetrievalData, Task
 from pue.errors import PueError
 
 CHUNK = 256  # items per embedder call: bounds memory (the reference loads a call's images at once) and shows progress
@@ -32,6 +33,7 @@ class TaskResult:
     metric_predictions: dict[str, str] = field(default_factory=dict)  # metric → the predictions it scores
     queries: dict[str, int] = field(default_factory=dict)  # predictions key → number of queries
     margins: dict[str, np.ndarray] = field(default_factory=dict)  # predictions key → top-1 minus top-2 score
+    homie_names: dict[str, str] = field(default_factory=dict)  # metric → HOMIE's name, where it is HOMIE's metric
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ def embedding_requests(task: Task) -> dict[str, Request]:
         return {"images": Request("image", images=path(data.images)), "captions": Request("text", texts=data.captions)}
     if isinstance(data, ClassificationData):
         return {"images": Request("image", images=path(data.images)), "prompts": Request("text", texts=data.prompts)}
+    if isinstance(data, MultipleChoiceData):
+        return {
+            "queries": Request("composed", images=path(data.query_images), texts=data.questions),
+            "options": Request("text", texts=data.distinct_options()),
+        }
     assert isinstance(data, ComposedData)
     gallery = (
         Request("image", images=path(data.gallery))
@@ -86,18 +93,39 @@ def embed_task(
     return out
 
 
-def score_task(task: Task, embeddings: dict[str, np.ndarray]) -> TaskResult:
-    """Metrics and predictions from the embeddings `embed_task` returned (or the cache held)."""
+def score_task(
+    task: Task,
+    embeddings: dict[str, np.ndarray],
+    records: tuple[np.ndarray, np.ndarray] | None = None,
+    tie_order: str = "cuda",
+) -> TaskResult:
+    """pue's metrics from the distinct-item embeddings `embed_task` returned (or the cache held), then HOMIE's
+    from `records` (record-level query and candidate embeddings, e.g. a saved HOMIE npz) or, without them, from
+    the distinct ones expanded to records. `tie_order` is torch.topk's ("cuda" or "cpu", see topk.py)."""
     data = task.data
     if isinstance(data, RetrievalData):
-        return _score_retrieval(task, data, embeddings)
-    if isinstance(data, ClassificationData):
-        return _score_classification(task, data, embeddings)
-    return _score_composed(task, data, embeddings)
+        result = _score_retrieval(task, data, embeddings)
+    elif isinstance(data, ClassificationData):
+        result = _score_classification(task, data, embeddings)
+        result.homie_names = {"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy"}  # same definitions
+    elif isinstance(data, MultipleChoiceData):
+        result = _score_multiple_choice(task, data, embeddings)
+    else:
+        result = _score_composed(task, data, embeddings)
+    homie = homie_scores(task, *(records if records is not None else record_layout(task, embeddings)), tie_order)
+    result.metrics.update(homie.metrics)
+    result.homie_names.update(homie.homie_names)
+    result.metric_predictions.update(homie.metric_predictions)
+    result.predictions.update(homie.predictions)
+    result.queries.update(homie.queries)
+    result.margins.update(homie.margins)
+    return result
 
 
-def evaluate_task(task: Task, embedder: Any, progress: Callable[[str], None] | None = None) -> TaskResult:
-    return score_task(task, embed_task(task, embedder, progress))
+def evaluate_task(
+    task: Task, embedder: Any, progress: Callable[[str], None] | None = None, tie_order: str = "cuda"
+) -> TaskResult:
+    return score_task(task, embed_task(task, embedder, progress), tie_order=tie_order)
 
 
 def disagreement_margins(result: TaskResult, reference: TaskResult) -> dict[str, dict[str, Any]]:
@@ -184,7 +212,7 @@ def _score_classification(task: Task, data: ClassificationData, emb: dict[str, n
 def _score_composed(task: Task, data: ComposedData, emb: dict[str, np.ndarray]) -> TaskResult:
     scores = emb["queries"] @ emb["gallery"].T
     values = {f"recall@{k}": v for k, v in _recalls(scores, [[t] for t in data.targets]).items()}
-    return TaskResult(
+    result = TaskResult(
         task.name,
         task.meta_task,
         values,
@@ -193,6 +221,47 @@ def _score_composed(task: Task, data: ComposedData, emb: dict[str, np.ndarray]) 
         {metric: "target" for metric in values},
         {"target": scores.shape[0]},
         {"target": metrics.top2_margin(scores)},
+    )
+    if data.form == "question":  # the other direction, HOMIE's: each distinct answer retrieves its distinct queries
+        keys = list(zip(data.query_images, data.query_texts, strict=True))
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}
+        distinct = list(dict.fromkeys(keys))
+        relevant: list[list[int]] = [[] for _ in data.gallery]
+        for column, key in enumerate(distinct):
+            for answer in dict.fromkeys(t for k, t in zip(keys, data.targets, strict=True) if k == key):
+                relevant[answer].append(column)
+        backward = emb["gallery"] @ emb["queries"][[first[key] for key in distinct]].T
+        for k, value in _recalls(backward, relevant).items():
+            result.metrics[f"answer_to_query_recall@{k}"] = value
+            result.metric_predictions[f"answer_to_query_recall@{k}"] = "answer_to_query"
+        result.predictions["answer_to_query"] = metrics.top1(backward)
+        result.queries["answer_to_query"] = backward.shape[0]
+        result.margins["answer_to_query"] = metrics.top2_margin(backward)
+    return result
+
+
+def _score_multiple_choice(task: Task, data: MultipleChoiceData, emb: dict[str, np.ndarray]) -> TaskResult:
+    """A record is right when its answer's option scores strictly above every other option (ties count against,
+    as in pue's recall); the prediction is the best option, the first of equal ones."""
+    index = {text: i for i, text in enumerate(data.distinct_options())}
+    scores = pairwise_scores(emb["queries"], emb["options"])
+    right, predicted, margins = [], [], []
+    for record, options in enumerate(data.options):
+        own = scores[record, [index[text] for text in options]]
+        correct = np.zeros(len(options), dtype=bool)
+        correct[data.correct(record)] = True
+        right.append(own[correct].max() > own[~correct].max() if (~correct).any() else True)
+        predicted.append(int(own.argmax()))
+        margins.append(metrics.top2_margin(own[None, :])[0])
+    return TaskResult(
+        task.name,
+        task.meta_task,
+        {"accuracy": float(np.mean(right))},
+        {"option": np.array(predicted)},
+        emb,
+        {"accuracy": "option"},
+        {"option": len(predicted)},
+        {"option": np.array(margins)},
     )
 
 

@@ -5,6 +5,8 @@ wrong gallery items scoring at least as high as its best correct item. So a hit 
 order, and a model that gives everything the same score gets no credit. Correct items tied with each other
 do not push each other down (any correct item in the top k is a hit, as in HOMIE's `recall_at_k`).
 Top-1 *predictions* (what prediction agreement compares) take the lowest gallery index among equal scores.
+Balanced accuracy and weighted F1 equal scikit-learn's (tests/benchmarks/test_pmeb_homie.py checks them), which
+pue does not need at run time. HOMIE's record-level metrics and torch.topk's tie rule: homie.py and topk.py.
 """
 
 from __future__ import annotations

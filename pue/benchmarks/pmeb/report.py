@@ -74,8 +74,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     for backend in backends:
         header += [backend, "Δ"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    homie = {(r["task"], r["metric"]): r.get("homie_name") for r in rows}
     for task, metric in keys:
-        line = [task, metric]
+        line = [task, metric + (f" (HOMIE `{homie[(task, metric)]}`)" if homie[(task, metric)] else "")]
         line += [_number(cells.get((task, metric, c), {}).get("value")) for c in references]
         for backend in backends:
             row = cells.get((task, metric, backend), {})
@@ -103,8 +104,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "Recall@k is left out where k is not below the gallery size (it would be 1 by definition); ties "
-        "count against the correct item (docs/pmeb.md).",
+        "Recall@k is left out where k is not below the gallery size (it would be 1 by definition). pue's metrics "
+        "score distinct items and count ties against the correct item; `homie_*` rows are HOMIE's (record-level "
+        "pairs, torch.topk's tie order), named as HOMIE reports them (docs/pmeb.md).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -4,7 +4,9 @@ Order of work: tasks are all read and checked first (a bad task fails before any
 `reference`, its recorded sha256 is checked against every bundle's `source_checkpoint`, then the reference's
 embeddings come from the cache or are computed (torch is imported only on a cache miss, and freed before
 the bundles run); then each bundle runs every task. After each finished task the report so far is written
-(report.json and report.md, atomically), so an interrupted run keeps what finished.
+(report.json and report.md, atomically), so an interrupted run keeps what finished. With `embeddings_output`
+every run's embeddings of every task are saved in HOMIE's npz layout (saved.py); `embeddings=` scores such
+files instead of running bundles.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from pue.benchmarks.pmeb.evaluate import (
     evaluate_task,
     score_task,
 )
+from pue.benchmarks.pmeb.homie import distinct_embeddings
 from pue.benchmarks.pmeb.report import require_matplotlib, write_partial_report, write_pmeb_report
+from pue.benchmarks.pmeb.saved import match_task, read_saved_embeddings, write_saved_embeddings
 from pue.benchmarks.pmeb.tasks import Task, discover_tasks
+from pue.benchmarks.pmeb.topk import TIE_ORDERS
 from pue.bundle import manifest_sha256, read_manifest
 from pue.errors import PueError
 
@@ -113,16 +118,27 @@ def run_pmeb(
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
     reference_dtype: str = "float32",
+    embeddings: list[Path] | None = None,
+    embeddings_output: Path | None = None,
+    tie_order: str = "cuda",
 ) -> dict[str, Any]:
-    """Run the PMEB tasks under `data_dir` on every bundle (and the reference); return the report dict."""
+    """Run the PMEB tasks under `data_dir` on every bundle (and the reference), or score saved `embeddings`
+    (HOMIE-layout npz files, no bundles); return the report dict. `embeddings_output` saves each run's
+    embeddings as `DIR/<run name>/<task>.npz`; `tie_order` is the torch.topk tie rule of HOMIE's metrics."""
     say = progress or (lambda _message: None)
-    if not bundles:
-        raise PueError("no bundle to benchmark", "pass one or more bundle directories")
+    if embeddings and (bundles or reference is not None):
+        raise PueError("saved embeddings are scored on their own", "pass either bundles or --embeddings, not both")
+    if not bundles and not embeddings:
+        raise PueError("no bundle to benchmark", "pass one or more bundle directories (or --embeddings FILE.npz)")
     if reference_dtype not in REFERENCE_PRECISION:
         raise PueError(f"unknown reference dtype {reference_dtype!r}", f"use one of: {', '.join(REFERENCE_PRECISION)}")
+    if tie_order not in TIE_ORDERS:
+        raise PueError(f"unknown tie order {tie_order!r}", f"use one of: {', '.join(TIE_ORDERS)}")
     if report_dir is not None:
         require_matplotlib()
     task_list = discover_tasks(Path(data_dir), tasks)
+    saved = [read_saved_embeddings(Path(path)) for path in embeddings or []]
+    saved_tasks = [match_task(s, task_list) for s in saved]
     infos = [read_bundle_info(Path(b)) for b in bundles]
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -132,9 +148,11 @@ def run_pmeb(
         "config": {
             "data_dir": str(data_dir),
             "device": device,
+            "tie_order": tie_order,
             "tasks": [
                 {"name": t.name, "meta_task": t.meta_task, "folder": str(t.folder), "size": t.size} for t in task_list
             ],
+            "embeddings": [str(s.path) for s in saved],
             "bundles": [
                 {
                     "name": b.name,
@@ -164,8 +182,29 @@ def run_pmeb(
             "dtype": reference_dtype,
             "precision": REFERENCE_PRECISION[reference_dtype],
         }
+
+    def finished(
+        result: TaskResult, task: Task, name: str, backend: str, precision: str, ref: TaskResult | None
+    ) -> None:
+        _add_rows(report, result, name, backend, precision, ref)
+        if embeddings_output is not None:
+            write_saved_embeddings(
+                Path(embeddings_output) / _safe(name) / f"{_safe(task.name)}.npz",
+                task,
+                result.embeddings,
+                name,
+                backend,
+                precision,
+            )
+        save()
+
     try:
-        _run(report, task_list, infos, reference, cache_dir, device, reference_dtype, say, save)
+        for entry, task in zip(saved, saved_tasks, strict=True):
+            say(f"{entry.name}: scoring {entry.path.name} on {task.name}")
+            records = (entry.query, entry.candidate)
+            result = score_task(task, distinct_embeddings(task, *records), records, tie_order)
+            finished(result, task, entry.name, entry.backend, entry.precision, None)
+        _run(report, task_list, infos, reference, cache_dir, device, reference_dtype, say, finished, tie_order)
     except BaseException as exc:  # keep what finished, and say why the rest is missing
         report["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         report["error"] = f"{type(exc).__name__}: {exc}"
@@ -186,7 +225,8 @@ def _run(
     device: str,
     dtype: str,
     say: Callable[[str], None],
-    save: Callable[[], None],
+    finished: Callable[..., None],
+    tie_order: str,
 ) -> None:
     references: dict[tuple[str, str], TaskResult] = {}
     if reference is not None:
@@ -196,13 +236,22 @@ def _run(
         for setup, bundle in setups.items():
             label = name if len(setups) == 1 else f"{name} @{bundle.tile_size}px/{bundle.recipe.get('name', '?')}"
 
-            def finished(result: TaskResult, label: str = label) -> None:
-                _add_rows(report, result, label, "pytorch", REFERENCE_PRECISION[dtype], result)
-                save()
+            def reference_finished(result: TaskResult, task: Task, label: str = label) -> None:
+                finished(result, task, label, "pytorch", REFERENCE_PRECISION[dtype], result)
 
             references.update(
                 _reference_results(
-                    task_list, Path(reference), sha256, bundle, setup, cache, device, dtype, say, finished
+                    task_list,
+                    Path(reference),
+                    sha256,
+                    bundle,
+                    setup,
+                    cache,
+                    device,
+                    dtype,
+                    say,
+                    reference_finished,
+                    tie_order,
                 )
             )
     for bundle in infos:
@@ -210,16 +259,9 @@ def _run(
         embedder = open_embedder(bundle.path, device)
         try:
             for task in task_list:
-                result = score_task(task, embed_task(task, embedder, say, f"{bundle.name}: "))
-                _add_rows(
-                    report,
-                    result,
-                    bundle.name,
-                    bundle.backend,
-                    bundle.precision,
-                    references.get((bundle.reference_setup, task.name)),
-                )
-                save()
+                result = score_task(task, embed_task(task, embedder, say, f"{bundle.name}: "), tie_order=tie_order)
+                reference_result = references.get((bundle.reference_setup, task.name))
+                finished(result, task, bundle.name, bundle.backend, bundle.precision, reference_result)
         finally:
             _close(embedder)
 
@@ -247,7 +289,8 @@ def _reference_results(
     device: str,
     dtype: str,
     say: Callable[[str], None],
-    finished: Callable[[TaskResult], None],
+    finished: Callable[[TaskResult, Task], None],
+    tie_order: str,
 ) -> dict[tuple[str, str], TaskResult]:
     results: dict[tuple[str, str], TaskResult] = {}
     embedder = None
@@ -263,8 +306,8 @@ def _reference_results(
                 cache.save(task.name, key, embeddings)
             else:
                 say(f"reference: {task.name} (cached)")
-            results[(setup, task.name)] = score_task(task, embeddings)
-            finished(results[(setup, task.name)])
+            results[(setup, task.name)] = score_task(task, embeddings, tie_order=tie_order)
+            finished(results[(setup, task.name)], task)
     finally:
         if embedder is not None:
             _close(embedder)
@@ -287,6 +330,7 @@ def _add_rows(
                 "task": result.task,
                 "meta_task": result.meta_task,
                 "metric": metric,
+                "homie_name": result.homie_names.get(metric),
                 "value": value,
                 "reference_value": reference_value,
                 "delta": None if reference_value is None else value - reference_value,
@@ -298,6 +342,10 @@ def _add_rows(
                 **margins.get(key, {}),
             }
         )
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in name)
 
 
 def _close(embedder: Any) -> None:

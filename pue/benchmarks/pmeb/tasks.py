@@ -10,6 +10,8 @@ optional `image_root` (relative to the task folder; default the folder itself):
 * `composed_retrieval`: `"data"`: a JSON list (or JSONL) of `{"source_image", "modifier", "target_image"}`
   (or `"target_text"`), or of `{"image", "question", "answer"}` (`"key_finding_text"` accepted for
   `"answer"`, as in PathVQA's files).
+* `multiple_choice`: `"data"`: a JSON list (or JSONL) of PathMMU-style `{"No", "img", "question", "options",
+  "answer"}`; `options` a list of texts (records may have different numbers), `answer` the text of one of them.
 
 Everything is checked at load, before any model runs: a problem raises `TaskError` naming the file (and the
 item or line), what was expected and what to do. See docs/pmeb.md.
@@ -26,7 +28,7 @@ from typing import Any
 
 from pue.errors import PueError
 
-META_TASKS = ("retrieval", "classification", "composed_retrieval")
+META_TASKS = ("retrieval", "classification", "composed_retrieval", "multiple_choice")
 TASK_FILE = "task.json"
 CLASSNAME = "CLASSNAME"
 _COMMON_KEYS = {"name", "meta_task", "image_root", "description"}
@@ -34,6 +36,7 @@ _KEYS = {
     "retrieval": {"data"},
     "classification": {"labels", "prompts", "prompt_set"},
     "composed_retrieval": {"data"},
+    "multiple_choice": {"data"},
 }
 _SHOWN = 5  # how many offending names an error lists
 
@@ -61,11 +64,13 @@ class MissingImagesError(TaskError):
 
 @dataclass
 class RetrievalData:
-    """Distinct images and captions (in order of first appearance) and the (image, caption) pairs that match."""
+    """Distinct images and captions (in order of first appearance) and the (image, caption) pairs that match;
+    `records` keeps every record of the file, in order, duplicates included (HOMIE scores records)."""
 
     images: list[str]
     captions: list[str]
     pairs: list[tuple[int, int]]
+    records: list[tuple[int, int]] = field(default_factory=list)
 
     def captions_of_image(self) -> list[list[int]]:
         found: list[list[int]] = [[] for _ in self.images]
@@ -108,7 +113,26 @@ class ComposedData:
     form: str  # "modifier" ({source_image, modifier, target_*}) or "question" ({image, question, answer})
 
 
-TaskData = RetrievalData | ClassificationData | ComposedData
+@dataclass
+class MultipleChoiceData:
+    """One query (image + question) per record with its own options; `answers[r]` indexes `options[r]`."""
+
+    query_images: list[str]
+    questions: list[str]
+    options: list[list[str]]
+    answers: list[int]
+
+    def distinct_options(self) -> list[str]:
+        """Every option text once, in order of first appearance (what is embedded)."""
+        return list(dict.fromkeys(text for record in self.options for text in record))
+
+    def correct(self, record: int) -> list[int]:
+        """The record's options whose text is its answer (HOMIE: `options[prediction] == answer`)."""
+        answer = self.options[record][self.answers[record]]
+        return [i for i, text in enumerate(self.options[record]) if text == answer]
+
+
+TaskData = RetrievalData | ClassificationData | ComposedData | MultipleChoiceData
 
 
 @dataclass
@@ -126,6 +150,8 @@ class Task:
         data = self.data
         if isinstance(data, ComposedData):
             names = list(data.query_images) + (data.gallery if data.gallery_kind == "image" else [])
+        elif isinstance(data, MultipleChoiceData):
+            names = list(data.query_images)
         else:
             names = list(data.images)
         return list(dict.fromkeys(names))
@@ -142,6 +168,12 @@ class Task:
         if isinstance(data, ClassificationData):
             return len(data.images)
         return len(data.query_images)
+
+    @property
+    def form(self) -> str:
+        """`meta_task`, or for composed retrieval `composed_question` / `composed_modifier` (they score apart)."""
+        data = self.data
+        return f"composed_{data.form}" if isinstance(data, ComposedData) else self.meta_task
 
 
 def load_task(folder: Path) -> Task:
@@ -184,6 +216,10 @@ def load_task(folder: Path) -> Task:
         prompts_path = _data_file(folder, spec, "prompts", spec_path)
         data = _read_classification(labels_path, prompts_path, spec.get("prompt_set"))
         files += [labels_path, prompts_path]
+    elif meta_task == "multiple_choice":
+        data_path = _data_file(folder, spec, "data", spec_path)
+        data = _read_multiple_choice(data_path)
+        files.append(data_path)
     else:
         data_path = _data_file(folder, spec, "data", spec_path)
         data = _read_composed(data_path)
@@ -250,12 +286,36 @@ def _read_retrieval(path: Path) -> RetrievalData:
     images: dict[str, int] = {}
     captions: dict[str, int] = {}
     pairs: dict[tuple[int, int], None] = {}
+    in_order = []
     for where, record in records:
         image = _field(record, ("img", "image"), path, where)
         caption = _field(record, ("caption", "text"), path, where)
         pair = (images.setdefault(image, len(images)), captions.setdefault(caption, len(captions)))
         pairs[pair] = None
-    return RetrievalData(images=list(images), captions=list(captions), pairs=list(pairs))
+        in_order.append(pair)
+    return RetrievalData(images=list(images), captions=list(captions), pairs=list(pairs), records=in_order)
+
+
+def _read_multiple_choice(path: Path) -> MultipleChoiceData:
+    images, questions, options, answers = [], [], [], []
+    for where, record in _read_records(path):
+        images.append(_field(record, ("img", "image"), path, where))
+        questions.append(_field(record, ("question",), path, where))
+        choices = record.get("options")
+        if not isinstance(choices, list) or len(choices) < 2:
+            raise TaskError(path, f"{where}: 'options' must be a list of at least 2 texts, found {choices!r}")
+        if not all(isinstance(c, str) and c.strip() for c in choices):
+            raise TaskError(path, f"{where}: every option must be a non-empty string, found {choices!r}")
+        answer = _field(record, ("answer",), path, where)
+        if answer not in choices:
+            raise TaskError(
+                path,
+                f"{where}: answer {answer!r} is not one of its options {choices!r}",
+                "the answer is the text of the correct option (a letter like 'B' is not resolved)",
+            )
+        options.append(list(choices))
+        answers.append(choices.index(answer))
+    return MultipleChoiceData(query_images=images, questions=questions, options=options, answers=answers)
 
 
 def _read_composed(path: Path) -> ComposedData:

@@ -19,14 +19,20 @@ item or line), what was expected and what to do. See docs/pmeb.md.
 
 from __future__ import annotations
 
-import csv
-import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pue.errors import PueError
+from pue.benchmarks.pmeb.files import (
+    MissingImagesError,
+    TaskError,
+    data_file,
+    field_text,
+    listing,
+    read_csv,
+    read_json,
+    read_records,
+)
 
 META_TASKS = ("retrieval", "classification", "composed_retrieval", "multiple_choice")
 TASK_FILE = "task.json"
@@ -38,28 +44,6 @@ _KEYS = {
     "composed_retrieval": {"data"},
     "multiple_choice": {"data"},
 }
-_SHOWN = 5  # how many offending names an error lists
-
-
-class TaskError(PueError):
-    """A PMEB task that cannot be read: `where` is the file (or folder), the message what is wrong."""
-
-    def __init__(self, where: str | Path, message: str, hint: str | None = None) -> None:
-        self.where = str(where)
-        super().__init__(f"{where}: {message}", hint)
-
-
-class MissingImagesError(TaskError):
-    """Images a task names that do not exist; `missing` lists them all (the message shows the first few)."""
-
-    def __init__(self, where: str | Path, missing: list[str], total: int, image_root: Path) -> None:
-        self.missing = missing
-        self.total = total
-        super().__init__(
-            where,
-            f"{len(missing)} of {total} images do not exist under image_root {image_root}: {_listing(missing)}",
-            "fix the names or `image_root` in task.json (relative to the task folder)",
-        )
 
 
 @dataclass
@@ -186,7 +170,7 @@ def load_task(folder: Path) -> Task:
         raise TaskError(
             folder, f"has no {TASK_FILE}", "a task folder holds task.json and its data files (docs/pmeb.md)"
         )
-    spec = _read_json(spec_path)
+    spec = read_json(spec_path)
     if not isinstance(spec, dict):
         raise TaskError(spec_path, f"must hold a JSON object, found {type(spec).__name__}")
     meta_task = spec.get("meta_task")
@@ -208,20 +192,20 @@ def load_task(folder: Path) -> Task:
         )
     files = [spec_path]
     if meta_task == "retrieval":
-        data_path = _data_file(folder, spec, "data", spec_path)
+        data_path = data_file(folder, spec, "data", spec_path)
         data: TaskData = _read_retrieval(data_path)
         files.append(data_path)
     elif meta_task == "classification":
-        labels_path = _data_file(folder, spec, "labels", spec_path)
-        prompts_path = _data_file(folder, spec, "prompts", spec_path)
+        labels_path = data_file(folder, spec, "labels", spec_path)
+        prompts_path = data_file(folder, spec, "prompts", spec_path)
         data = _read_classification(labels_path, prompts_path, spec.get("prompt_set"))
         files += [labels_path, prompts_path]
     elif meta_task == "multiple_choice":
-        data_path = _data_file(folder, spec, "data", spec_path)
+        data_path = data_file(folder, spec, "data", spec_path)
         data = _read_multiple_choice(data_path)
         files.append(data_path)
     else:
-        data_path = _data_file(folder, spec, "data", spec_path)
+        data_path = data_file(folder, spec, "data", spec_path)
         data = _read_composed(data_path)
         files.append(data_path)
     task = Task(
@@ -282,14 +266,14 @@ def discover_tasks(data_dir: Path, names: list[str] | None = None) -> list[Task]
 
 # --- formats --------------------------------------------------------------------------------------------
 def _read_retrieval(path: Path) -> RetrievalData:
-    records = _read_records(path)
+    records = read_records(path)
     images: dict[str, int] = {}
     captions: dict[str, int] = {}
     pairs: dict[tuple[int, int], None] = {}
     in_order = []
     for where, record in records:
-        image = _field(record, ("img", "image"), path, where)
-        caption = _field(record, ("caption", "text"), path, where)
+        image = field_text(record, ("img", "image"), path, where)
+        caption = field_text(record, ("caption", "text"), path, where)
         pair = (images.setdefault(image, len(images)), captions.setdefault(caption, len(captions)))
         pairs[pair] = None
         in_order.append(pair)
@@ -298,15 +282,15 @@ def _read_retrieval(path: Path) -> RetrievalData:
 
 def _read_multiple_choice(path: Path) -> MultipleChoiceData:
     images, questions, options, answers = [], [], [], []
-    for where, record in _read_records(path):
-        images.append(_field(record, ("img", "image"), path, where))
-        questions.append(_field(record, ("question",), path, where))
+    for where, record in read_records(path):
+        images.append(field_text(record, ("img", "image"), path, where))
+        questions.append(field_text(record, ("question",), path, where))
         choices = record.get("options")
         if not isinstance(choices, list) or len(choices) < 2:
             raise TaskError(path, f"{where}: 'options' must be a list of at least 2 texts, found {choices!r}")
         if not all(isinstance(c, str) and c.strip() for c in choices):
             raise TaskError(path, f"{where}: every option must be a non-empty string, found {choices!r}")
-        answer = _field(record, ("answer",), path, where)
+        answer = field_text(record, ("answer",), path, where)
         if answer not in choices:
             raise TaskError(
                 path,
@@ -319,7 +303,7 @@ def _read_multiple_choice(path: Path) -> MultipleChoiceData:
 
 
 def _read_composed(path: Path) -> ComposedData:
-    records = _read_records(path)
+    records = read_records(path)
     forms = {"question" if "question" in record else "modifier" for _, record in records}
     if len(forms) > 1:
         raise TaskError(
@@ -331,15 +315,15 @@ def _read_composed(path: Path) -> ComposedData:
     query_images, query_texts, target_names, kinds = [], [], [], set()
     for where, record in records:
         if form == "question":
-            query_images.append(_field(record, ("image", "img"), path, where))
-            query_texts.append(_field(record, ("question",), path, where))
-            target_names.append(_field(record, ("answer", "key_finding_text"), path, where))
+            query_images.append(field_text(record, ("image", "img"), path, where))
+            query_texts.append(field_text(record, ("question",), path, where))
+            target_names.append(field_text(record, ("answer", "key_finding_text"), path, where))
             kinds.add("text")
         else:
-            query_images.append(_field(record, ("source_image",), path, where))
-            query_texts.append(_field(record, ("modifier",), path, where))
+            query_images.append(field_text(record, ("source_image",), path, where))
+            query_texts.append(field_text(record, ("modifier",), path, where))
             kind = "image" if "target_image" in record else "text"
-            target_names.append(_field(record, ("target_image", "target_text"), path, where))
+            target_names.append(field_text(record, ("target_image", "target_text"), path, where))
             kinds.add(kind)
     if len(kinds) > 1:
         raise TaskError(path, "mixes target_image and target_text records", "one gallery kind per task")
@@ -357,7 +341,7 @@ def _read_composed(path: Path) -> ComposedData:
 
 def _read_classification(labels_path: Path, prompts_path: Path, prompt_set: Any) -> ClassificationData:
     images, labels = [], []
-    for line, row in _read_csv(labels_path, ("image_name", "label")):
+    for line, row in read_csv(labels_path, ("image_name", "label")):
         image, label = (row.get("image_name") or "").strip(), (row.get("label") or "").strip()
         if not image or not label:
             raise TaskError(labels_path, f"line {line} has an empty image_name or label")
@@ -368,8 +352,8 @@ def _read_classification(labels_path: Path, prompts_path: Path, prompt_set: Any)
     if missing:
         raise TaskError(
             labels_path,
-            f"label(s) without prompts in {prompts_path.name}: {_listing(missing)}",
-            f"add them to 'classnames' (known: {_listing(list(classnames))})",
+            f"label(s) without prompts in {prompts_path.name}: {listing(missing)}",
+            f"add them to 'classnames' (known: {listing(list(classnames))})",
         )
     classes, prompts, prompt_class = [], [], []
     for class_index, (label, synonyms) in enumerate(classnames.items()):
@@ -382,7 +366,7 @@ def _read_classification(labels_path: Path, prompts_path: Path, prompt_set: Any)
 
 
 def _read_prompts(path: Path, prompt_set: Any) -> tuple[dict[str, list[str]], list[str]]:
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict) or not data:
         raise TaskError(path, "must hold {set_name: {classnames: {label: [synonyms]}, templates: [...]}}")
     if prompt_set is None:
@@ -404,7 +388,7 @@ def _read_prompts(path: Path, prompt_set: Any) -> tuple[dict[str, list[str]], li
     if without:
         raise TaskError(
             path,
-            f"template(s) without the {CLASSNAME} placeholder: {_listing(without)}",
+            f"template(s) without the {CLASSNAME} placeholder: {listing(without)}",
             f"every template names the class as {CLASSNAME}",
         )
     cleaned: dict[str, list[str]] = {}
@@ -415,96 +399,3 @@ def _read_prompts(path: Path, prompt_set: Any) -> tuple[dict[str, list[str]], li
             raise TaskError(path, f"class {label!r} needs a non-empty list of synonyms (strings)")
         cleaned[str(label).strip()] = synonyms
     return cleaned, templates
-
-
-# --- readers --------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as exc:
-        raise TaskError(path, f"is not valid JSON: {exc}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TaskError(path, f"cannot be read: {exc}") from exc
-
-
-def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """A JSON list of objects, or JSONL (one object per line): [(where, record)], never empty."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TaskError(path, f"cannot be read: {exc}") from exc
-    records: list[tuple[str, Any]]
-    if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append((f"line {number}", json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise TaskError(
-                        path,
-                        f"line {number} is not valid JSON: {exc}",
-                        "expected a JSON list of objects, or JSONL (one object per line)",
-                    ) from exc
-    else:
-        try:
-            loaded = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TaskError(path, f"is not valid JSON: {exc}") from exc
-        records = [(f"item {i}", item) for i, item in enumerate(loaded)]
-    if not records:
-        raise TaskError(path, "holds no records: the task is empty")
-    for where, record in records:
-        if not isinstance(record, dict):
-            raise TaskError(path, f"{where} is a {type(record).__name__}, expected a JSON object")
-    return records
-
-
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            rows = [(reader.line_num, {(k or "").strip(): v for k, v in row.items()}) for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise TaskError(path, f"cannot be read as CSV: {exc}") from exc
-    absent = [c for c in required if c not in columns]
-    if absent:
-        raise TaskError(
-            path,
-            f"needs the column(s) {', '.join(absent)}; found {', '.join(columns) or 'no header'}",
-            f"the first line is the header: {','.join(required)}",
-        )
-    if not rows:
-        raise TaskError(path, "has a header but no rows: the task is empty")
-    return rows
-
-
-def _data_file(folder: Path, spec: dict[str, Any], key: str, spec_path: Path) -> Path:
-    value = spec.get(key)
-    if not isinstance(value, str) or not value:
-        raise TaskError(spec_path, f"needs {key!r}: the name of the {key} file (relative to the task folder)")
-    path = folder / value
-    if not path.is_file():
-        raise TaskError(
-            path,
-            f"does not exist (named by {key!r} in {spec_path.name})",
-            "fix the file name in task.json, or add the file",
-        )
-    return path
-
-
-def _field(record: dict[str, Any], keys: tuple[str, ...], path: Path, where: str) -> str:
-    for key in keys:
-        if key in record:
-            value = record[key]
-            if not isinstance(value, str) or not value.strip():
-                raise TaskError(path, f"{where}: {key!r} must be a non-empty string, found {value!r}")
-            return value
-    raise TaskError(path, f"{where} has no {' or '.join(repr(k) for k in keys)} (keys: {', '.join(record) or 'none'})")
-
-
-def _listing(names: Iterable[str]) -> str:
-    names = list(names)
-    shown = ", ".join(repr(n) for n in names[:_SHOWN])
-    return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")

@@ -223,14 +223,16 @@ def _score_composed(task: Task, data: ComposedData, emb: dict[str, np.ndarray]) 
         {"target": metrics.top2_margin(scores)},
     )
     if data.form == "question":  # the other direction, HOMIE's: each distinct answer retrieves its distinct queries
-        keys = list(zip(data.query_images, data.query_texts, strict=True))
-        first = {key: i for i, key in reversed(list(enumerate(keys)))}
-        distinct = list(dict.fromkeys(keys))
-        relevant: list[list[int]] = [[] for _ in data.gallery]
-        for column, key in enumerate(distinct):
-            for answer in dict.fromkeys(t for k, t in zip(keys, data.targets, strict=True) if k == key):
-                relevant[answer].append(column)
-        backward = emb["gallery"] @ emb["queries"][[first[key] for key in distinct]].T
+        column_of: dict[tuple[str, str], int] = {}  # distinct (image, question) → its column
+        rows: list[int] = []  # column → its first record
+        answers: list[dict[int, None]] = [{} for _ in data.gallery]  # answer → the columns it answers
+        for record, key in enumerate(zip(data.query_images, data.query_texts, strict=True)):
+            if key not in column_of:
+                column_of[key] = len(rows)
+                rows.append(record)
+            answers[data.targets[record]][column_of[key]] = None
+        backward = emb["gallery"] @ emb["queries"][rows].T
+        relevant = [list(columns) for columns in answers]
         for k, value in _recalls(backward, relevant).items():
             result.metrics[f"answer_to_query_recall@{k}"] = value
             result.metric_predictions[f"answer_to_query_recall@{k}"] = "answer_to_query"

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 TIE_ORDERS = ("cuda", "cpu")
+_CHUNK = 1024  # rows per step
 
 
 def topk_hits(scores: np.ndarray, positives: np.ndarray, k: int, tie_order: str = "cuda") -> np.ndarray:
@@ -33,16 +34,20 @@ def topk_hits(scores: np.ndarray, positives: np.ndarray, k: int, tie_order: str 
         raise ValueError(f"unknown tie order {tie_order!r}; use one of {TIE_ORDERS}")
     if not 1 <= k <= scores.shape[1]:
         raise ValueError(f"k = {k} is outside 1..{scores.shape[1]} (torch.topk refuses it)")
-    rows = np.arange(scores.shape[0])
-    own = scores[rows, positives][:, None]
-    greater = (scores > own).sum(axis=1)
-    equal = scores == own
-    if tie_order == "cuda":
-        before = (equal & (np.arange(scores.shape[1])[None, :] < positives[:, None])).sum(axis=1)
-        return greater + before < k
-    hits = greater + equal.sum(axis=1) <= k  # every tied item fits: no choice to make
-    for row in np.flatnonzero((greater < k) & ~hits):  # the positive ties at the k-th place: replay libstdc++
-        hits[row] = positives[row] in _libstdcxx_top_k(scores[row].tolist(), k)
+    hits = np.empty(scores.shape[0], dtype=bool)
+    columns = np.arange(scores.shape[1])[None, :]
+    for start in range(0, scores.shape[0], _CHUNK):  # bounds the memory of the boolean masks
+        block, own_index = scores[start : start + _CHUNK], positives[start : start + _CHUNK]
+        own = block[np.arange(len(block)), own_index][:, None]
+        greater = (block > own).sum(axis=1)
+        equal = block == own
+        if tie_order == "cuda":
+            hits[start : start + len(block)] = greater + (equal & (columns < own_index[:, None])).sum(axis=1) < k
+            continue
+        fits = greater + equal.sum(axis=1) <= k  # every tied item fits: no choice to make
+        for row in np.flatnonzero((greater < k) & ~fits):  # the positive ties at the k-th place: replay libstdc++
+            fits[row] = own_index[row] in _libstdcxx_top_k(block[row].tolist(), k)
+        hits[start : start + len(block)] = fits
     return hits
 
 

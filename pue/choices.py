@@ -110,6 +110,14 @@ class TinyPreset(Choice):
     VIT_HIGHNORM = "vit-highnorm"
 
 
+class OutlierGain(Choice):
+    """The fixed norm gains of the `gains-few` / `gains-all` tiny presets."""
+
+    G20 = "20"
+    G100 = "100"
+    G1000 = "1000"
+
+
 C = TypeVar("C", bound=Choice)
 
 

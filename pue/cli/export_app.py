@@ -13,6 +13,7 @@ from pue.choices import (
     ExportDtype,
     Exporter,
     HardwareCompat,
+    OutlierGain,
     QuantizePrecision,
     Target,
     TinyArchitecture,
@@ -40,12 +41,17 @@ def tiny_model(
     arch: TinyArchitecture = typer.Option(TinyArchitecture.LLAVA_NEXT.value, "--arch", help="Architecture."),
     preset: TinyPreset = typer.Option(TinyPreset.CI.value, "--preset", help="Size and geometry preset."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+    outlier_gain: OutlierGain = typer.Option(
+        OutlierGain.G100.value, "--outlier-gain", help="Norm gain of the gains-few / gains-all presets."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Build a tiny real HF checkpoint (random weights, trained tokenizer) for tests and demos."""
     from pue.export.tiny_models import build_tiny_model
 
-    path = build_tiny_model(out, arch=arch.value, preset=preset.value, seed=seed, overwrite=overwrite)
+    path = build_tiny_model(
+        out, arch=arch.value, preset=preset.value, seed=seed, overwrite=overwrite, outlier_gain=float(outlier_gain)
+    )
     console().print(f"wrote {arch}/{preset} checkpoint to {path}")
 
 

@@ -131,12 +131,19 @@ def build_tiny_model(
     preset: str = "ci",
     seed: int = 0,
     overwrite: bool = False,
+    outlier_gain: float = 100.0,
 ) -> Path:
     """Write a tiny `arch` checkpoint for `preset` to `output` (atomically) and return its path.
 
     The same `seed` gives byte-identical weights. An existing `output` is refused unless `overwrite`.
+    `outlier_gain` (20, 100 or 1000) is the norm gain of the `gains-few` / `gains-all` presets.
     """
     spec = _check_names(arch, preset)
+    from pue.export.tiny_outliers import NORM_GAINS
+
+    if outlier_gain not in NORM_GAINS:
+        offered = ", ".join(f"{g:g}" for g in NORM_GAINS)
+        raise PueError(f"outlier gain {outlier_gain:g} is not offered", f"choose one of {offered}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise PueError(f"seed must be a non-negative integer, got {seed!r}")
     output = Path(output)
@@ -146,7 +153,7 @@ def build_tiny_model(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        model, processor, info = _build(arch, preset, spec, seed)
+        model, processor, info = _build(arch, preset, spec, seed, outlier_gain)
         with _quiet_progress():
             model.save_pretrained(tmp, safe_serialization=True)
             processor.save_pretrained(tmp)
@@ -195,7 +202,7 @@ def _replace(tmp: Path, output: Path, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------------------------------- building
 
 
-def _build(arch: str, preset: str, spec: _Spec, seed: int):
+def _build(arch: str, preset: str, spec: _Spec, seed: int, outlier_gain: float = 100.0):
     import torch
     import transformers
 
@@ -219,7 +226,7 @@ def _build(arch: str, preset: str, spec: _Spec, seed: int):
     if spec.outliers:
         from pue.export.tiny_outliers import plant
 
-        outlier_info = plant(spec.outliers, model, tokenizer, seed)
+        outlier_info = plant(spec.outliers, model, tokenizer, seed, gain=outlier_gain)
 
     processor = _make_processor(arch, spec, tokenizer)
     params = {id(p): p.numel() for p in model.parameters()}

@@ -5,7 +5,7 @@ Trained LLMs and ViTs carry outliers that are part of their function, and they a
 - ``outliers`` (the compensated case, kept for comparison): a few residual channels get RMSNorm gains of 100-400 in
   every block and the projections that read them are divided by the same gains. The function is unchanged, so
   smoothing recovers it exactly; real models are not like that.
-- ``gains-few`` / ``gains-all``: three residual channels get fixed RMSNorm gains of 20, 100 and 1000 (input and
+- ``gains-few`` / ``gains-all``: three residual channels get a fixed RMSNorm gain of 20, 100 or 1000 (input and
   post-attention norms) in two blocks / in every block, read by the ordinary, uncompensated projections: the
   function changes, as in trained models whose outlier channels carry information.
 - ``massive``: "massive activations" (Sun et al. 2024): the MLP of one early block writes one residual channel at
@@ -26,7 +26,8 @@ from typing import Any
 
 COMPENSATED_CHANNELS = 3
 COMPENSATED_GAIN_RANGE = (100.0, 400.0)
-NORM_GAINS = (20.0, 100.0, 1000.0)
+NORM_GAINS = (20.0, 100.0, 1000.0)  # the values a `gains-*` fixture takes (`--outlier-gain`), fixed for comparison
+NORM_GAIN_CHANNELS = 3
 MASSIVE_RATIO = 2000.0  # trigger tokens' value on the massive channel / median |residual| at the writing block
 MASSIVE_TRIGGERS = ("<s>", ":")
 HIGH_NORM_POSITIONS = 3
@@ -35,12 +36,12 @@ HIGH_NORM_RATIO = 100.0  # high-norm tokens' hidden-state norm / median token no
 KINDS = ("compensated", "gains-few", "gains-all", "massive", "vit-highnorm")
 
 
-def plant(kind: str, model: Any, tokenizer: Any, seed: int) -> dict[str, Any]:
-    """Plant outliers of `kind` into `model` in place; return what was planted."""
+def plant(kind: str, model: Any, tokenizer: Any, seed: int, gain: float = 100.0) -> dict[str, Any]:
+    """Plant outliers of `kind` into `model` in place; return what was planted (`gain`: `gains-*` only)."""
     if kind == "compensated":
         return plant_compensated(model, seed)
     if kind in ("gains-few", "gains-all"):
-        return plant_norm_gains(model, seed, every_block=kind == "gains-all")
+        return plant_norm_gains(model, seed, every_block=kind == "gains-all", gain=gain)
     if kind == "massive":
         return plant_massive_activations(model, tokenizer, seed)
     if kind == "vit-highnorm":
@@ -84,24 +85,25 @@ def plant_compensated(model: Any, seed: int) -> dict[str, Any]:
     return {"kind": "compensated", "mechanism": "rmsnorm-gain, compensated", "channels": channels, "gains": gains}
 
 
-def plant_norm_gains(model: Any, seed: int, every_block: bool) -> dict[str, Any]:
-    """Fixed gains (20, 100, 1000) on three residual channels of the norms of two blocks or of every block."""
+def plant_norm_gains(model: Any, seed: int, every_block: bool, gain: float = 100.0) -> dict[str, Any]:
+    """A fixed gain (20, 100 or 1000) on three residual channels of the norms of two blocks or of every block."""
     import torch
 
+    if gain not in NORM_GAINS:
+        raise ValueError(f"outlier gain {gain} is not one of the fixed values {NORM_GAINS}")
     gen = _generator(seed, 2)
     text = model.model.language_model
-    channels = _pick(len(NORM_GAINS), text.config.hidden_size, gen)
+    channels = _pick(NORM_GAIN_CHANNELS, text.config.hidden_size, gen)
     layers = list(range(len(text.layers))) if every_block else [1, len(text.layers) // 2 + 1]
-    gains = torch.tensor(NORM_GAINS)
     with torch.no_grad():
         for index in layers:
             for norm, _ in _norms_and_readers(text.layers[index]):
-                norm.weight[torch.tensor(channels)] *= gains
+                norm.weight[torch.tensor(channels)] *= gain
     return {
         "kind": "gains-all" if every_block else "gains-few",
         "mechanism": "rmsnorm-gain, uncompensated",
         "channels": channels,
-        "gains": list(NORM_GAINS),
+        "gain": gain,
         "layers": layers,
         "norms": ["input_layernorm", "post_attention_layernorm"],
     }
@@ -110,9 +112,11 @@ def plant_norm_gains(model: Any, seed: int, every_block: bool) -> dict[str, Any]
 def plant_massive_activations(model: Any, tokenizer: Any, seed: int) -> dict[str, Any]:
     """One early block's MLP writes one residual channel at ~MASSIVE_RATIO x the median on trigger tokens.
 
-    The trigger tokens' embeddings get a shared direction d; one intermediate unit of block 1's MLP reads d through
-    gate and up (SiLU(b s) * b s is large only where s = x.d is large), and its down_proj column writes channel c.
-    Its scale is set from a probe pass so that the trigger tokens reach the ratio; other tokens stay near normal.
+    The token embeddings get a reserved direction d (as trained models keep one for their attention sinks): only
+    the trigger tokens carry it; the other embeddings and the projector's image features have none. One
+    intermediate unit of block 1's MLP reads d through gate and up, so SiLU(b s) * b s is large on the trigger
+    tokens only; its down_proj column writes channel c, scaled from a probe pass so that the trigger tokens reach
+    the ratio.
     """
     import torch
 
@@ -126,21 +130,24 @@ def plant_massive_activations(model: Any, tokenizer: Any, seed: int) -> dict[str
     direction /= direction.norm()
     triggers = [tokenizer.convert_tokens_to_ids(t) for t in MASSIVE_TRIGGERS]
     embed = text.embed_tokens.weight
+    projector = model.model.multi_modal_projector.linear_2
     mlp = text.layers[writer].mlp
     with torch.no_grad():
         typical = float(embed.norm(dim=1).median())
-        for token in triggers:
-            embed[token] += direction * 4.0 * typical
+        embed -= torch.outer(embed @ direction, direction)
+        embed[torch.tensor(triggers)] += direction * 5.0 * typical
+        projector.weight -= torch.outer(direction, direction @ projector.weight)
+        projector.bias -= direction * float(projector.bias @ direction)
         mlp.gate_proj.weight[unit] = direction * 4.0
         mlp.up_proj.weight[unit] = direction * 4.0
         mlp.down_proj.weight[:, unit] = 0.0
         mlp.down_proj.weight[channel, unit] = 1.0
         probe = _probe_ids(tokenizer)
-        residual, value = _residual_after(model, probe, writer, channel)
         is_trigger = torch.isin(probe, torch.tensor(triggers))
-        median = float(residual.abs().median())
-        current = float(value[is_trigger].abs().mean())
-        mlp.down_proj.weight[channel, unit] = MASSIVE_RATIO * median / current
+        residual, value = _residual_after(model, probe, writer, channel)
+        mlp.down_proj.weight[channel, unit] = (
+            MASSIVE_RATIO * float(residual.abs().median()) / float(value[is_trigger].abs().mean())
+        )
         residual, value = _residual_after(model, probe, writer, channel)
         median = float(residual.abs().median())
         reached = [round(float(v) / median, 1) for v in value[is_trigger].abs()]
@@ -159,36 +166,65 @@ def plant_massive_activations(model: Any, tokenizer: Any, seed: int) -> dict[str
 
 
 def plant_vision_high_norm_tokens(model: Any, seed: int) -> dict[str, Any]:
-    """A large shared vector on a few patch positions' position embeddings: those tokens' hidden states stay
-    ~HIGH_NORM_RATIO x the median norm up to the layer the projector reads (a pre-LN residual stream keeps them)."""
+    """High-norm tokens at a few patch positions of the vision tower, from its layer-1 MLP.
+
+    A marker direction d is added to those positions' position embeddings; one fc1 unit of encoder layer 1 reads d
+    with a threshold (its bias), so it fires on the marked positions only, and its fc2 column writes a large vector
+    u into their residual stream, which carries it to the layer the projector reads (un-normalised in LLaVA). The
+    scale comes from a probe pass, so that those tokens' norms reach HIGH_NORM_RATIO x the median token norm.
+    """
     import torch
 
     gen = _generator(seed, 4)
-    vision = model.model.vision_tower.vision_model
-    embeddings = vision.embeddings
-    positions_total = embeddings.position_embedding.weight.shape[0]
+    tower = model.model.vision_tower
+    embeddings = tower.embeddings
+    width = embeddings.position_embedding.weight.shape[1]
     has_cls = getattr(embeddings, "class_embedding", None) is not None
-    positions = _pick(HIGH_NORM_POSITIONS, positions_total, gen, exclude=(0,) if has_cls else ())
-    direction = torch.randn(embeddings.position_embedding.weight.shape[1], generator=gen)
-    direction /= direction.norm()
+    positions = _pick(HIGH_NORM_POSITIONS, embeddings.position_embedding.weight.shape[0], gen, (0,) if has_cls else ())
+    marker = torch.randn(width, generator=gen)
+    marker /= marker.norm()
+    target = torch.randn(width, generator=gen)
+    target /= target.norm()
+    writer = 1
+    mlp = tower.encoder.layers[writer].mlp
+    unit = _pick(1, mlp.fc1.weight.shape[0], gen)[0]
     layer = model.config.vision_feature_layer
     size = model.config.vision_config.image_size
-    probe = torch.randn(2, 3, size, size, generator=gen)
+    probe = torch.rand(2, 3, size, size, generator=gen) * 2 - 1
+    index = torch.tensor(positions)
     with torch.no_grad():
+        hidden = _vision_hidden(model, probe, 0)
+        embeddings.position_embedding.weight[index] += marker * 3.0 * float(hidden.norm(dim=-1).median())
+        mlp.fc2.weight[:, unit] = target
+        reads = _fc1_inputs(model, mlp, probe) @ marker  # what the unit would read, per token
+        marked = torch.zeros(reads.shape[1], dtype=torch.bool)
+        marked[index] = True  # a position's index is its token's (CLIP's CLS is position 0 and token 0)
+        threshold = (float(reads[:, marked].min()) + float(reads[:, ~marked].max())) / 2
+        mlp.fc1.weight[unit] = marker * 4.0
+        mlp.fc1.bias[unit] = -4.0 * threshold
         norms = _vision_norms(model, probe, layer)
-        scale = HIGH_NORM_RATIO * float(norms.median())
-        embeddings.position_embedding.weight[torch.tensor(positions)] += direction * scale
-        norms = _vision_norms(model, probe, layer)
+        for _ in range(2):  # the written vector dominates the marked tokens' norms: near-linear, two steps
+            ratio = _marked(norms, positions) / float(norms.median())
+            mlp.fc2.weight[:, unit] *= HIGH_NORM_RATIO / ratio
+            norms = _vision_norms(model, probe, layer)
         median = float(norms.median())
         reached = [round(float(norms[:, p].mean()) / median, 1) for p in positions]
+        others = float(norms[:, ~marked].max()) / median
     return {
         "kind": "vit-highnorm",
-        "mechanism": "large position-embedding vector on a few patch positions",
+        "mechanism": "vision layer-1 MLP writes a large vector on a few patch positions",
         "positions": positions,
         "position_includes_cls": has_cls,
+        "layer": writer,
+        "intermediate_unit": unit,
         "vision_feature_layer": layer,
         "ratio_to_median_token_norm": reached,
+        "max_ratio_at_other_tokens": round(others, 1),
     }
+
+
+def _marked(norms: Any, positions: list[int]) -> float:
+    return float(norms[:, positions].mean())
 
 
 # ----------------------------------------------------------------------------------------------------- probes
@@ -221,7 +257,21 @@ def _residual_after(model: Any, ids: Any, layer: int, channel: int) -> tuple[Any
     return residual, residual[:, channel]
 
 
+def _vision_hidden(model: Any, pixels: Any, layer: int) -> Any:
+    """Hidden states at `layer` of the vision tower (-2: what the projector reads)."""
+    return model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer]
+
+
 def _vision_norms(model: Any, pixels: Any, layer: int) -> Any:
-    """Per-token hidden-state norms at `layer` of the vision tower (what the projector reads)."""
-    out = model.model.vision_tower(pixels, output_hidden_states=True)
-    return out.hidden_states[layer].norm(dim=-1)
+    return _vision_hidden(model, pixels, layer).norm(dim=-1)
+
+
+def _fc1_inputs(model: Any, mlp: Any, pixels: Any) -> Any:
+    """What an MLP's fc1 reads (its layer norm's output) for `pixels`, per token."""
+    captured = []
+    handle = mlp.fc1.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+    try:
+        model.model.vision_tower(pixels)
+    finally:
+        handle.remove()
+    return captured[0]

@@ -1,0 +1,96 @@
+"""Tiny checkpoints whose outliers behave like trained models' (issue 13): each fixture class plants what it says,
+keeps its embeddings distinguishable, and its outliers matter to the function (removing them moves embeddings)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pue.data import patch_set  # noqa: E402
+from pue.export import ReferenceEmbedder  # noqa: E402
+from pue.export.tiny_models import build_tiny_model  # noqa: E402
+
+pytestmark = pytest.mark.slow
+TEXTS = ["tumor", "benign stroma", "Lymph node with metastatic carcinoma in the subcapsular sinus."]
+CLASSES = ("gains-few", "gains-all", "massive", "vit-highnorm")
+FIXTURES = [(arch, preset) for arch in ("llava_next", "llava") for preset in CLASSES]
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache: dict[tuple[str, str], tuple] = {}
+
+    def get(arch: str, preset: str):
+        if (arch, preset) not in cache:
+            out = build_tiny_model(tmp_path_factory.mktemp("outliers") / f"{arch}-{preset}", arch=arch, preset=preset)
+            info = json.loads((out / "pue_tiny.json").read_text())["outliers"]
+            reference = ReferenceEmbedder.load(out, tile_size=224)
+            images = patch_set("heldout")
+            cache[(arch, preset)] = (info, reference, images)
+        return cache[(arch, preset)]
+
+    return get
+
+
+def embed(reference, images) -> np.ndarray:
+    return unit(np.concatenate([reference.embed_images(images), reference.embed_texts(TEXTS)]))
+
+
+def remove_outliers(model, info: dict) -> None:
+    """Undo what the fixture planted, leaving everything else: gains back to 1, the writing unit silenced."""
+    with torch.no_grad():
+        if info["kind"] in ("gains-few", "gains-all"):
+            text, channels = model.model.language_model, torch.tensor(info["channels"])
+            for layer in info["layers"]:
+                text.layers[layer].input_layernorm.weight[channels] /= info["gain"]
+                text.layers[layer].post_attention_layernorm.weight[channels] /= info["gain"]
+        elif info["kind"] == "massive":
+            model.model.language_model.layers[info["layer"]].mlp.down_proj.weight[:, info["intermediate_unit"]] = 0
+        elif info["kind"] == "vit-highnorm":
+            mlp = model.model.vision_tower.encoder.layers[info["layer"]].mlp
+            mlp.fc2.weight[:, info["intermediate_unit"]] = 0
+
+
+@pytest.mark.parametrize(("arch", "preset"), FIXTURES, ids=[f"{a}-{p}" for a, p in FIXTURES])
+def test_fixture_plants_its_outliers_and_stays_distinguishable(built, arch, preset):
+    info, reference, images = built(arch, preset)
+    assert info["kind"] == preset
+    if preset == "massive":  # >= 1000x the median residual value on the trigger tokens, written by one block
+        assert min(info["ratio_to_median_at_trigger_tokens"]) >= 1000
+    if preset == "vit-highnorm":
+        assert min(info["ratio_to_median_token_norm"]) >= 50 and info["max_ratio_at_other_tokens"] < 5
+    if preset.startswith("gains"):
+        assert info["gain"] == 100.0 and len(info["channels"]) == 3
+    patches = unit(reference.embed_images(images))
+    pairwise = patches @ patches.T
+    n = len(patches)
+    assert (pairwise.sum() - n) / (n * (n - 1)) < 0.95  # held-out patches stay distinguishable
+
+
+@pytest.mark.parametrize(("arch", "preset"), FIXTURES, ids=[f"{a}-{p}" for a, p in FIXTURES])
+def test_outliers_matter_to_the_function(built, arch, preset, request):
+    if preset == "vit-highnorm":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="issue 13: the LLM does not attend to the 3 high-norm visual tokens; removing them moves "
+                "embeddings by ~2e-4 only (an attention-sink mechanism in the decoder is still to build)",
+            )
+        )
+    info, reference, images = built(arch, preset)
+    before = embed(reference, images)
+    saved = {k: v.clone() for k, v in reference.model.state_dict().items()}
+    try:
+        remove_outliers(reference.model, info)
+        after = embed(reference, images)
+    finally:
+        reference.model.load_state_dict(saved)
+    assert np.sum(before * after, axis=1).min() < 0.99

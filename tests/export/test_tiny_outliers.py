@@ -34,7 +34,7 @@ def built(tmp_path_factory):
             info = json.loads((out / "pue_tiny.json").read_text())["outliers"]
             reference = ReferenceEmbedder.load(out, tile_size=224)
             images = patch_set("heldout")
-            cache[(arch, preset)] = (info, reference, images)
+            cache[(arch, preset)] = (info, reference, images, unit(reference.embed_images(images)))
         return cache[(arch, preset)]
 
     return get
@@ -42,6 +42,12 @@ def built(tmp_path_factory):
 
 def embed(reference, images) -> np.ndarray:
     return unit(np.concatenate([reference.embed_images(images), reference.embed_texts(TEXTS)]))
+
+
+def ablation_subset(images: list) -> list:
+    """Both stains, fewer tiles: the ablated model embeds these again."""
+    ihc = [p for p in images if p.name.startswith("ihc")]
+    return [p for p in images if not p.name.startswith("ihc")][:6] + ihc[:4]
 
 
 def remove_outliers(model, info: dict) -> None:
@@ -61,7 +67,7 @@ def remove_outliers(model, info: dict) -> None:
 
 @pytest.mark.parametrize(("arch", "preset"), FIXTURES, ids=[f"{a}-{p}" for a, p in FIXTURES])
 def test_fixture_plants_its_outliers_and_stays_distinguishable(built, arch, preset):
-    info, reference, images = built(arch, preset)
+    info, reference, images, patches = built(arch, preset)
     assert info["kind"] == preset
     if preset == "massive":  # >= 1000x the median residual value on the trigger tokens, written by one block
         assert min(info["ratio_to_median_at_trigger_tokens"]) >= 1000
@@ -69,7 +75,6 @@ def test_fixture_plants_its_outliers_and_stays_distinguishable(built, arch, pres
         assert min(info["ratio_to_median_token_norm"]) >= 50 and info["max_ratio_at_other_tokens"] < 5
     if preset.startswith("gains"):
         assert info["gain"] == 100.0 and len(info["channels"]) == 3
-    patches = unit(reference.embed_images(images))
     pairwise = patches @ patches.T
     n = len(patches)
     assert (pairwise.sum() - n) / (n * (n - 1)) < 0.95  # held-out patches stay distinguishable
@@ -85,7 +90,8 @@ def test_outliers_matter_to_the_function(built, arch, preset, request):
                 "embeddings by ~2e-4 only (an attention-sink mechanism in the decoder is still to build)",
             )
         )
-    info, reference, images = built(arch, preset)
+    info, reference, images, _ = built(arch, preset)
+    images = ablation_subset(images)
     before = embed(reference, images)
     saved = {k: v.clone() for k, v in reference.model.state_dict().items()}
     try:

@@ -35,7 +35,8 @@ class ChannelStats:
         return float(absmax.max() / max(float(np.median(absmax)), 1e-12))
 
 
-def _session(model: Any, outputs: list[str]) -> Any:
+def activation_session(model: Any, outputs: list[str]) -> Any:
+    """An onnxruntime session on `model` that also returns the named intermediate tensors (no graph fusions)."""
     import onnxruntime as ort
 
     augmented = copy.deepcopy(model)
@@ -55,7 +56,7 @@ def collect_channel_stats(
     """Per-channel min/max of every weight op's activation input over all feeds (last axis = channels)."""
     names = sorted({op.activation for op in ops})
     channel_axis = {op.activation: (1 if op.op_type == "Conv" else -1) for op in ops}
-    session = _session(model, names)
+    session = activation_session(model, names)
     rng = np.random.default_rng(seed)
     stats: dict[str, ChannelStats] = {}
     for sample_index, feed in enumerate(feeds):
@@ -89,7 +90,7 @@ def collect_tensor_absmax(model: Any, feeds: Iterable[dict[str, np.ndarray]], ch
     absmax: dict[str, float] = {}
     for start in range(0, len(names), chunk):
         group = names[start : start + chunk]
-        session = _session(model, group)
+        session = activation_session(model, group)
         for feed in feeds:
             for name, value in zip(group, session.run(group, feed), strict=True):
                 finite = np.abs(value[np.isfinite(value)]) if value.size else np.zeros(1)

@@ -216,6 +216,70 @@ def _print_fidelity(out: object, report: dict) -> None:
     print_gate(out, report["gate"], title=title, extra_rows=extra)
 
 
+@app.command("outliers")
+@handle_errors
+def outliers(
+    bundle: Path = typer.Argument(..., help="FP32 bundle to examine (before quantizing it)."),
+    calib: list[Path] = typer.Option(
+        None, "--calib", help="Calibration folder or slide (repeat for several); default: the shipped patches."
+    ),
+    num_patches: int = typer.Option(16, "--num-patches", help="Calibration patches to run."),
+    magnification: float = typer.Option(None, "--magnification", help="Slides: target magnification (e.g. 20)."),
+    mpp: float = typer.Option(None, "--mpp", help="Slides: target microns per pixel (e.g. 0.5)."),
+    top: int = typer.Option(12, "--top", help="Tensors shown (the worst first)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print every tensor's measurements as JSON."),
+) -> None:
+    """Where the bundle's activation outliers are, at the inputs INT8 would quantize (channels and tokens)."""
+    from pue.extras import needs_openslide, require_extras
+
+    require_extras(["export", "cpu"], "pue-export outliers", only={"export": ("onnx",)})
+    if slides := needs_openslide(calib or []):
+        require_extras(["slides"], f"reading {slides[0]} (a whole-slide format only openslide reads)")
+    from rich.table import Table
+
+    from pue.calibration.outliers import bundle_outliers
+
+    out = console()
+    report = bundle_outliers(
+        bundle,
+        list(calib) if calib else None,
+        num_patches=num_patches,
+        seed=seed,
+        magnification=magnification,
+        mpp=mpp,
+        progress=progress_printer(out),
+    )
+    if as_json:
+        print_json({graph: [t.to_dict() for t in tensors] for graph, tensors in report.items()})
+        return
+    ranked = sorted((t for tensors in report.values() for t in tensors), key=lambda t: t.worst_ratio, reverse=True)
+    table = Table(title="activation outliers at the inputs of weight-bearing ops (max / median)")
+    for column in ("graph", "read by", "channels", "channel ratio", "top channels", "token ratio", "top positions"):
+        table.add_column(column, justify="right" if "ratio" in column or column == "channels" else "left")
+    for tensor in ranked[:top]:
+        table.add_row(
+            tensor.graph,
+            _readers(tensor.readers),
+            str(tensor.channels),
+            f"{tensor.channel_ratio:.1f}",
+            ", ".join(map(str, tensor.top_channels)),
+            f"{tensor.token_ratio:.1f}",
+            ", ".join(map(str, tensor.top_positions)),
+        )
+    out.print(table)
+    out.print(
+        f"{len(ranked)} tensors; {sum(t.channel_ratio >= 20 for t in ranked)} with a channel ratio >= 20, "
+        f"{sum(t.token_ratio >= 20 for t in ranked)} with a token ratio >= 20 (a per-tensor INT8 scale set by the "
+        "largest value leaves the rest a few levels)"
+    )
+
+
+def _readers(names: list[str]) -> str:
+    shown = names[0] if names else "-"
+    return shown if len(names) < 2 else f"{shown} (+{len(names) - 1})"
+
+
 @app.command("inspect")
 @handle_errors
 def inspect(

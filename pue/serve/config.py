@@ -6,12 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pue.bundle import Manifest
+from pue.precisions import lookup
 from pue.serve.limits import Limits
 from pue.serve.security import LOOPBACK_NAMES
 
-# Precisions whose results depend on a row's batch companions (int8-dynamic: activation scales computed per
-# batch; `ci` preset: min cosine 0.99974 alone vs batched). Their rows are batched per request only.
-BATCH_DEPENDENT_PRECISIONS = frozenset({"int8-dynamic"})
 
 
 @dataclass(frozen=True)
@@ -38,9 +36,16 @@ class ServeSettings:
             )
 
 
+def batch_dependent(manifest: Manifest) -> bool:
+    """Whether a row's vector depends on its batch companions: activation scales computed per run (int8-dynamic;
+    `ci` preset: min cosine 0.99974 alone vs batched). Unknown precisions are treated as dependent (the safe side)."""
+    spec = lookup(manifest.precision, manifest.target)
+    return spec is None or (spec.qdq is not None and not spec.qdq.static)
+
+
 def batching_policy(manifest: Manifest) -> tuple[bool, str]:
     """(per_request, a sentence for the start-up log) for this bundle's precision."""
-    if manifest.precision in BATCH_DEPENDENT_PRECISIONS:
+    if batch_dependent(manifest):
         return True, (
             f"precision {manifest.precision}: a row's vector depends on its batch companions, so each request "
             "is its own batch (never mixed with other clients' rows); vectors equal Embedder.embed(that request)"

@@ -93,9 +93,7 @@ def serve(embedder: Embedder, settings: ServeSettings, listen: Listen) -> None:
     try:
         server.run()
     finally:
-        close = getattr(embedder, "close", None)
-        if callable(close):
-            close()
+        embedder.close()
     if not server.started:
         raise PueError(f"the server did not start on {listen.host}:{listen.port} (see the log above)")
     log.info("stopped")

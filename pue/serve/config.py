@@ -11,7 +11,6 @@ from pue.serve.limits import Limits
 from pue.serve.security import LOOPBACK_NAMES
 
 
-
 @dataclass(frozen=True)
 class ServeSettings:
     """Everything `create_app` needs besides the Embedder."""

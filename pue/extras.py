@@ -38,6 +38,7 @@ EXTRAS: dict[str, Extra] = {
         Extra("tensorrt", ("tensorrt", "cuda"), "TensorRT engines"),
         Extra("slides", ("openslide",), "whole-slide images through openslide"),
         Extra("bench", ("matplotlib",), "benchmark reports and plots"),
+        Extra("serve", ("fastapi", "uvicorn", "prometheus_client"), "the embeddings server"),
     )
 }
 

@@ -18,5 +18,7 @@ done
 MINI=pmeb-mini
 pue-bench pmeb "$WORK/fp32" "$WORK/int8" "$WORK/int8-dynamic" "$WORK/fp16" --data "$MINI" \
   --reference "$WORK/checkpoint" --report "$WORK/pmeb" --cache-dir "$WORK/cache" --overwrite
+python "$ROOT/scripts/bench_serve.py" "$WORK/fp32" --batch-size 8 --concurrency 1,8,32 --requests 96 \
+  --json "$WORK/serve.json"
 python "$ROOT/scripts/write_benchmarks.py" "$WORK" > "$ROOT/BENCHMARKS.md"
 echo "wrote $ROOT/BENCHMARKS.md"

@@ -113,6 +113,7 @@ def main(work: Path) -> None:
                 f"{fmt(report.get('int8_flop_share'))} | {len(report.get('float_nodes', []))} | "
                 f"{len(report.get('smoothed', []))} |"
             )
+    serve_section(work)
     print("\nGPU tables appear here only when measured on a GPU (`scripts/gpu_check.sh`).")
 
 
@@ -202,6 +203,24 @@ def gap_section(work: Path, latency: dict) -> None:
             "multiplies, then the mask and softmax that the fused kernels avoid), so it needs a fused kernel "
             "(not tried).\n"
         )
+
+
+def serve_section(work: Path) -> None:
+    """`pue-serve` against offline `Embedder` at the same batch size, from `scripts/bench_serve.py --json`."""
+    path = work / "serve.json"
+    if not path.exists():
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_serve import markdown_table
+
+    report = json.loads(path.read_text())
+    print("\n## Serving (`pue-serve`, many concurrent clients)\n")
+    print(
+        f"`scripts/bench_serve.py` on `{Path(report['bundle']).name}`: the server in its own process, the clients "
+        "(asyncio + httpx, one row per request, images as PNG data URLs) on the same machine; the offline run "
+        "ends before the server starts.\n"
+    )
+    print(markdown_table(report))
 
 
 def profile_table(work: Path, name: str) -> None:

@@ -158,6 +158,12 @@ def quantize_bundle(
             "decoder": lambda limit=None: DecoderFeeds(parent, plan, limit),
         }
         tokens = {"vision": _vision_tokens(parent_manifest), "decoder": len(parent.prompts.image_prompt())}
+        outliers = _outliers(models, feeds)
+        threshold = outliers["threshold"]
+        say(
+            f"outliers: {outliers['channel_outlier_tensors']} activations with a channel ratio >= {threshold:g}, "
+            f"{outliers['token_outlier_tensors']} with a token ratio >= {threshold:g}"
+        )
         fusion: dict[str, dict] = {}
 
         def evaluate(candidate: dict[str, Any]) -> GateReport:
@@ -186,6 +192,7 @@ def quantize_bundle(
             "attention": {"mode": attention_mode(options), "graphs": fusion},
             "sensitivity": outcome.get("ranking", [])[:20],
             "fp16_kept_fp32": outcome.get("fp16_blocked", []),
+            "outliers": outliers,
             "gate_device": "cpu (onnxruntime)"
             + (
                 "; onnxruntime on CPU computes FP16 ops in FP32, so this gate cannot reveal FP16 overflow: ops whose "
@@ -222,6 +229,20 @@ def quantize_bundle(
         attempts,
         timings,
     )
+
+
+OUTLIER_SAMPLES = 8  # calibration rows per graph for the outlier report (fidelity.json, inspect)
+
+
+def _outliers(models: dict[str, Any], feeds: dict[str, Callable[..., Any]]) -> dict[str, Any]:
+    """Where the FP32 graphs' activation outliers are, on the first calibration rows (before any rewrite)."""
+    from pue.calibration.graph_ops import weight_ops
+    from pue.calibration.outliers import collect_outliers, summarize
+
+    tensors = []
+    for name, model in models.items():
+        tensors += collect_outliers(model, weight_ops(model, name), feeds[name](OUTLIER_SAMPLES))
+    return summarize(tensors)
 
 
 def _fuse(models: dict[str, Any], layouts: dict[str, dict[str, Any]], record: dict[str, dict]) -> dict[str, Any]:
@@ -329,6 +350,7 @@ def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -
         "float_nodes": report["float_nodes"],
         "smoothed_groups": len(report["smoothed"]),
         "gate_device": report["gate_device"],
+        "outliers": {k: v for k, v in report["outliers"].items() if k != "worst"},
     }
     parent = child.parent
     manifest.export = dataclasses.replace(

@@ -8,6 +8,15 @@ from typing import Any
 from pue.bundle import manifest_sha256, read_manifest, verify_files
 
 
+def _outliers(root: Path, manifest: Any) -> dict[str, Any] | None:
+    """The outlier report a quantized bundle carries in fidelity.json (None for bundles without one)."""
+    import json
+
+    if "fidelity.json" not in manifest.files:
+        return None
+    return json.loads((root / "fidelity.json").read_text()).get("outliers")
+
+
 def describe_bundle(bundle: str | Path) -> dict[str, Any]:
     root = Path(bundle)
     manifest = read_manifest(root)
@@ -46,6 +55,7 @@ def describe_bundle(bundle: str | Path) -> dict[str, Any]:
         "source_checkpoint": vars(manifest.source_checkpoint),
         "lineage": vars(manifest.lineage),
         "fidelity": {"passed": gate.get("passed"), "checks": gate.get("checks", [])},
+        "outliers": _outliers(root, manifest),
         "versions": manifest.versions,
     }
 
@@ -96,5 +106,18 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
                 check["name"], check["metric"], f"{check['value']:.3g}", "pass" if check["passed"] else "FAIL"
             )
         console.print(table)
+    outliers = summary.get("outliers")
+    if outliers:
+        console.print(
+            f"activation outliers of the FP32 parent ({outliers['tensors']} quantizable activations): "
+            f"{outliers['channel_outlier_tensors']} with a channel ratio >= {outliers['threshold']:g}, "
+            f"{outliers['token_outlier_tensors']} with a token ratio >= {outliers['threshold']:g}"
+        )
+        for tensor in outliers["worst"][:3]:
+            console.print(
+                f"  {tensor['graph']} {tensor['readers'][0]}: channels {tensor['channel_ratio']:.0f}x "
+                f"(top {tensor['top_channels']}), tokens {tensor['token_ratio']:.0f}x "
+                f"(positions {tensor['top_positions']})"
+            )
     passed = summary["fidelity"]["passed"]
     console.print("fidelity: " + ("PASSED" if passed else "FAILED" if passed is False else "not recorded"))

@@ -74,3 +74,27 @@ def test_report_finds_the_high_norm_vision_tokens(fp32_bundle, tiny_checkpoint, 
     offset = 1 if info["position_includes_cls"] else 0  # CLIP's CLS token is dropped before the projector
     assert first.token_ratio >= 20
     assert sorted(first.top_positions) == [p - offset for p in info["positions"]]
+
+
+@pytest.mark.slow
+def test_quantized_bundles_carry_the_report_and_inspect_shows_it(fp32_bundle, tiny_checkpoint, gate_images, tmp_path):
+    from typer.testing import CliRunner
+
+    from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
+    from pue.cli.export_app import app
+    from pue.errors import GateFailedError
+
+    info = json.loads((tiny_checkpoint("llava_next", "gains-few") / "pue_tiny.json").read_text())["outliers"]
+    out = tmp_path / "int8-dynamic"
+    options = QuantizeOptions(precision="int8-dynamic", num_patches=8, num_captions=4, heldout=gate_images)
+    try:
+        quantize_bundle(fp32_bundle("llava_next", "gains-few"), out, options)
+        report = json.loads((out / "fidelity.json").read_text())
+    except GateFailedError as failure:  # the measurements travel with a failed gate too
+        report = failure.report
+    outliers = report["outliers"]
+    assert outliers["channel_outlier_tensors"] >= 1
+    assert set(outliers["worst"][0]["top_channels"]) == set(info["channels"])
+    if out.exists():
+        shown = CliRunner().invoke(app, ["inspect", str(out)])
+        assert shown.exit_code == 0 and "activation outliers of the FP32 parent" in shown.output

@@ -1,0 +1,61 @@
+"""A real int8-dynamic bundle behind the server: its rows depend on their batch companions, so each request is its
+own batch and every client gets exactly what `Embedder.embed(its request)` gives, however many clients share it."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import openai
+import pytest
+from serve_helpers import API_KEY, start_server
+
+from pue.runtime import Embedder, Query
+from pue.serve import ServeSettings
+from pue.serve.config import batching_policy
+
+MODEL = "ci-int8-dynamic"
+TEXTS = [f"tissue sample {i}: {'glands ' * (i % 5)}stroma with {'lymphocytes ' * (i % 3)}" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def dynamic_bundle(serve_bundle, gate_images, tmp_path_factory):
+    from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
+
+    out = tmp_path_factory.mktemp("serve-int8") / "int8-dynamic"
+    options = QuantizeOptions(precision="int8-dynamic", num_patches=8, num_captions=4, heldout=gate_images)
+    quantize_bundle(serve_bundle, out, options)
+    return out
+
+
+def test_int8_dynamic_is_batched_per_request_and_matches_the_request_alone(dynamic_bundle):
+    embedder = Embedder.load(dynamic_bundle)
+    per_request, sentence = batching_policy(embedder.manifest)
+    assert per_request and "depends on its batch companions" in sentence
+    alone = np.stack([embedder.embed([Query(text=text)])[0] for text in TEXTS])
+    together = embedder.embed([Query(text=text) for text in TEXTS], batch_size=len(TEXTS))
+    assert np.abs(alone - together).max() > 1e-6  # companions do move int8-dynamic rows: the check below can fail
+
+    settings = ServeSettings(model_name=MODEL, api_key=API_KEY, max_batch=8, max_wait_ms=50, per_request=per_request)
+    running = start_server(embedder, settings)
+    results: dict[int, np.ndarray] = {}
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        api = openai.OpenAI(base_url=running.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+        response = api.embeddings.create(model=MODEL, input=TEXTS[index], encoding_format="float")
+        with lock:
+            results[index] = np.asarray(response.data[0].embedding, dtype=np.float32)
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(TEXTS))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        running.stop()
+        embedder.close()
+    assert sorted(results) == list(range(len(TEXTS)))
+    got = np.stack([results[i] for i in range(len(TEXTS))])
+    assert np.abs(got - alone).max() <= 1e-6  # what Embedder.embed(that request) gives, never the batched value

@@ -27,6 +27,7 @@ from pue.runtime.prompts import PromptTokenizer
 from pue.serve.batcher import Batcher, Draining, QueueFull
 from pue.serve.config import ServeSettings
 from pue.serve.errors import AUTHENTICATION, SERVER_ERROR, ApiError, bad_request, too_large, unavailable
+from pue.serve.grouping import embed_grouped_by_length
 from pue.serve.metrics import ServeMetrics
 from pue.serve.responses import embeddings_body, model_card
 from pue.serve.rows import prepare_rows
@@ -48,8 +49,14 @@ class ServerState:
         self.metrics = metrics
         # Validation tokenizes in request threads; its own tokenizer keeps it off the Embedder's state.
         self.prompts = PromptTokenizer.for_bundle(embedder.bundle_dir, embedder.manifest)
+        def embed(queries: list[Query]) -> np.ndarray:
+            return embedder.embed(queries, batch_size=settings.max_batch)
+
+        if not settings.per_request:  # a per-request batch must stay exactly `Embedder.embed(that request)`
+            # the worker thread's own tokenizer: request threads keep using self.prompts
+            embed = embed_grouped_by_length(embed, PromptTokenizer.for_bundle(embedder.bundle_dir, embedder.manifest))
         self.batcher = Batcher(
-            lambda queries: embedder.embed(queries, batch_size=settings.max_batch),
+            embed,
             max_batch=settings.max_batch,
             max_wait_s=settings.max_wait_ms / 1000.0,
             max_queue=settings.max_queue,

@@ -51,7 +51,7 @@ def batching_policy(manifest: Manifest) -> tuple[bool, str]:
         )
     return False, (
         f"precision {manifest.precision}: rows of concurrent requests share batches; a row's vector does not "
-        "depend on its companions beyond float rounding (fp32 on CPU: within 1e-6 of the row alone)"
+        "depend on its companions: rows share a batch only with rows of the same prompt length"
     )
 
 

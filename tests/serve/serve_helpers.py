@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import numpy as np
 from PIL import Image
 
 from pue.runtime import Embedder
@@ -92,3 +93,32 @@ def alone(offline: Embedder, queries: list) -> Any:
     import numpy as np
 
     return np.stack([offline.embed([query])[0] for query in queries])
+
+
+def concurrent_embeddings(running: RunningServer, model: str, items: list[object]) -> np.ndarray:
+    """One client thread per item, all at once (the official `openai` client, float encoding); the vectors in the
+    items' order. An item is a text, or `{"image": data_url}` sent as an Infinity-style image input."""
+    import openai
+
+    results: dict[int, np.ndarray] = {}
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        api = openai.OpenAI(base_url=running.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+        item = items[index]
+        if isinstance(item, dict):
+            response = api.embeddings.create(
+                model=model, input=[item["image"]], encoding_format="float", extra_body={"modality": "image"}
+            )
+        else:
+            response = api.embeddings.create(model=model, input=item, encoding_format="float")
+        with lock:
+            results[index] = np.asarray(response.data[0].embedding, dtype=np.float32)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(items))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(results) == list(range(len(items))), "a request got no answer"
+    return np.stack([results[i] for i in range(len(items))])

@@ -3,11 +3,8 @@ bitwise the one `Embedder.embed([row])` gives, wherever the runtime's kernels do
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
-import openai
-from serve_helpers import API_KEY, MODEL, data_url, start_server
+from serve_helpers import API_KEY, MODEL, concurrent_embeddings, data_url, start_server
 
 from pue.runtime import Query
 from pue.serve import ServeSettings
@@ -41,29 +38,10 @@ def test_fp32_rows_are_bitwise_what_they_are_alone(embedder, offline, patches):
     settings = ServeSettings(model_name=MODEL, api_key=API_KEY, max_batch=8, max_wait_ms=50)
     running = start_server(embedder, settings)
     wire = list(TEXTS) + [{"image": data_url(p)} for p in patches]
-    results: dict[int, np.ndarray] = {}
-    lock = threading.Lock()
-
-    def client(index: int) -> None:
-        api = openai.OpenAI(base_url=running.base_url, api_key=API_KEY, max_retries=0, timeout=120)
-        item = wire[index]
-        body = {"input": [item["image"]], "extra_body": {"modality": "image"}} if isinstance(item, dict) else {}
-        if body:
-            response = api.embeddings.create(model=MODEL, input=body["input"], extra_body=body["extra_body"])
-        else:
-            response = api.embeddings.create(model=MODEL, input=item, encoding_format="float")
-        with lock:
-            results[index] = np.asarray(response.data[0].embedding, dtype=np.float32)
-
     try:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(wire))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
+        got = concurrent_embeddings(running, MODEL, wire)
     finally:
         running.stop()
-    got = np.stack([results[i] for i in range(len(wire))])
     if kernels_batch_invariant:
         assert np.array_equal(got, alone), np.abs(got - alone).max()
     else:  # this CPU's kernels change with the batch size itself: float rounding is all that can be promised

@@ -3,12 +3,9 @@ own batch and every client gets exactly what `Embedder.embed(its request)` gives
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
-import openai
 import pytest
-from serve_helpers import API_KEY, start_server
+from serve_helpers import API_KEY, concurrent_embeddings, start_server
 
 from pue.runtime import Embedder, Query
 from pue.serve import ServeSettings
@@ -38,24 +35,9 @@ def test_int8_dynamic_is_batched_per_request_and_matches_the_request_alone(dynam
 
     settings = ServeSettings(model_name=MODEL, api_key=API_KEY, max_batch=8, max_wait_ms=50, per_request=per_request)
     running = start_server(embedder, settings)
-    results: dict[int, np.ndarray] = {}
-    lock = threading.Lock()
-
-    def client(index: int) -> None:
-        api = openai.OpenAI(base_url=running.base_url, api_key=API_KEY, max_retries=0, timeout=120)
-        response = api.embeddings.create(model=MODEL, input=TEXTS[index], encoding_format="float")
-        with lock:
-            results[index] = np.asarray(response.data[0].embedding, dtype=np.float32)
-
     try:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(TEXTS))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
+        got = concurrent_embeddings(running, MODEL, TEXTS)
     finally:
         running.stop()
         embedder.close()
-    assert sorted(results) == list(range(len(TEXTS)))
-    got = np.stack([results[i] for i in range(len(TEXTS))])
     assert np.abs(got - alone).max() <= 1e-6  # what Embedder.embed(that request) gives, never the batched value

@@ -33,7 +33,7 @@ class DemoResult:
         for row in latency_rows:
             name = row["name"]
             task_rows = [r for r in pmeb_rows if r.get("name") == name and r.get("prediction_agreement") is not None]
-            agreement = _mean([r["prediction_agreement"] for r in task_rows])
+            agreement = item_agreement(task_rows)
             deltas = [abs(r["delta"]) for r in task_rows if r.get("delta") is not None]
             rows.append(
                 {
@@ -53,8 +53,19 @@ class DemoResult:
         return rows
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def item_agreement(rows: list[dict[str, Any]]) -> float | None:
+    """Share of items whose prediction agrees with the reference's, over pue's own prediction lists: one list per
+    (task, predictions), weighted by its queries; several metrics of one list (recall@1/5/10, accuracy/F1) and
+    HOMIE's re-scoring of the same records (`homie_*`) are not counted again."""
+    lists = {
+        (r["task"], r["predictions"]): r
+        for r in rows
+        if r.get("predictions") and r.get("queries") and not str(r.get("metric", "")).startswith("homie_")
+    }
+    items = sum(r["queries"] for r in lists.values())
+    if not items:
+        return None
+    return sum(r["prediction_agreement"] * r["queries"] for r in lists.values()) / items
 
 
 def run_demo(

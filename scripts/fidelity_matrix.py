@@ -1,0 +1,188 @@
+"""Fidelity matrix: every trained-like outlier fixture x seed x INT8 mode x calibration set, judged on the shipped
+held-out patches by `pue-export quantize`'s own fidelity gate (issue 13). Not run by CI (minutes per seed).
+
+    python scripts/fidelity_matrix.py --work /tmp/matrix [--seeds 0,1,2] [--archs llava_next,llava]
+        [--fixtures gains-few,gains-all,massive,vit-highnorm] [--json matrix.json] [--markdown matrix.md]
+
+Calibration sets: `shipped` (the 64-patch default) and `svs8`: 8 tissue tiles cut from
+`../shared/data/cmu_small_region.svs` at its native resolution, chosen spatially disjoint from the shipped held-out
+patches of the same slide (checked by level-0 rectangles against `pue/data/patches/index.json`). Each quantize runs
+as its own `pue-export quantize` process: wall time and that process's peak RSS (os.wait4) are recorded; a failed
+gate (exit 3) is read from `OUT.gate-failed.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SLIDE = ROOT.parent / "shared" / "data" / "cmu_small_region.svs"
+MODES = (("int8", "onnxruntime"), ("int8", "tensorrt"), ("int8-dynamic", "onnxruntime"))
+
+
+def pue_export(*args: str) -> tuple[int, float, float]:
+    """Run `pue-export ARGS` as a child process: (exit code, seconds, peak RSS in MB of that child)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pue.cli.export_app", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024
+
+
+def heldout_rectangles() -> list[tuple[int, int, int, int]]:
+    index = json.loads((ROOT / "pue" / "data" / "patches" / "index.json").read_text())
+    return [
+        (p["x"], p["y"], p["x"] + p["size"], p["y"] + p["size"])
+        for p in index["patches"]
+        if p["set"] == "heldout" and p["source"] == SLIDE.name
+    ]
+
+
+def overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def svs_calibration(folder: Path, count: int = 8, seed: int = 0) -> list[dict]:
+    """`count` tissue tiles of the slide, none overlapping a held-out patch; written as PNGs into `folder`."""
+    import numpy as np
+
+    from pue.calibration.sources import SlideSource
+
+    folder.mkdir(parents=True, exist_ok=True)
+    source = SlideSource(SLIDE, patch_size=224)
+    heldout = heldout_rectangles()
+    candidates = [
+        p
+        for p in source.candidates()
+        if not any(overlaps((p.x, p.y, p.x + p.extent, p.y + p.extent), h) for h in heldout)
+    ]
+    if len(candidates) < count:
+        raise SystemExit(f"only {len(candidates)} tissue tiles of {SLIDE.name} avoid the held-out patches")
+    chosen = sorted(np.random.default_rng(seed).choice(len(candidates), size=count, replace=False))
+    records = []
+    for number in chosen:
+        patch = candidates[int(number)]
+        name = f"svs_x{patch.x:05d}_y{patch.y:05d}.png"
+        patch.load().save(folder / name)
+        records.append({"file": name, "x": patch.x, "y": patch.y, "size": patch.extent})
+    return records
+
+
+def gate_row(out: Path, code: int) -> dict:
+    report_path = out / "fidelity.json" if code == 0 else Path(str(out) + ".gate-failed.json")
+    if not report_path.is_file():
+        return {"passed": False, "error": f"exit {code}, no report"}
+    report = json.loads(report_path.read_text())
+    overall = report["gate"]["overall"]
+    return {
+        "passed": bool(report["gate"]["passed"]),
+        "mean_cosine": overall["mean_cosine"],
+        "min_cosine": overall["min_cosine"],
+        "top1": overall["top1"],
+        "int8_flop_share": report.get("int8_flop_share"),
+        "float_nodes": len(report.get("float_nodes", [])),
+        "smoothed_groups": len(report.get("smoothed", [])),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--archs", default="llava_next,llava")
+    parser.add_argument("--fixtures", default="gains-few,gains-all,massive,vit-highnorm")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    work = args.work
+    svs_folder = work / "svs8"
+    svs_tiles = svs_calibration(svs_folder) if not svs_folder.is_dir() else json.loads((work / "svs8.json").read_text())
+    (work / "svs8.json").write_text(json.dumps(svs_tiles, indent=2) + "\n")
+    rows = []
+    for arch in args.archs.split(","):
+        for fixture in args.fixtures.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                model = work / f"{arch}-{fixture}-{seed}"
+                fp32 = Path(str(model) + "-fp32")
+                if not fp32.is_dir():
+                    pue_export(
+                        "tiny-model",
+                        str(model),
+                        "--arch",
+                        arch,
+                        "--preset",
+                        fixture,
+                        "--seed",
+                        str(seed),
+                        "--overwrite",
+                    )
+                    pue_export("onnx", str(model), "-o", str(fp32), "--overwrite")
+                for precision, target in MODES:
+                    for calib in ("shipped", "svs8"):
+                        out = work / f"{fp32.name}-{precision}-{target}-{calib}"
+                        extra = ["--calib", str(svs_folder), "--num-patches", "8"] if calib == "svs8" else []
+                        code, seconds, peak_mb = pue_export(
+                            "quantize",
+                            str(fp32),
+                            "-o",
+                            str(out),
+                            "--precision",
+                            precision,
+                            "--target",
+                            target,
+                            "--overwrite",
+                            *extra,
+                        )
+                        row = {
+                            "arch": arch,
+                            "fixture": fixture,
+                            "seed": seed,
+                            "precision": precision,
+                            "target": target,
+                            "calibration": calib,
+                            "exit": code,
+                            "seconds": round(seconds, 1),
+                            "peak_mb": round(peak_mb),
+                            **gate_row(out, code),
+                        }
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+    result = {"svs8_tiles": svs_tiles, "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(rows)
+    if args.markdown:
+        args.markdown.write_text(table)
+    print(table)
+
+
+def markdown(rows: list[dict]) -> str:
+    def fmt(value: object, digits: int = 4) -> str:
+        return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    lines = [
+        "| arch | fixture | seed | mode | calibration | gate | mean cos | min cos | top-1 | int8 FLOPs | float ops "
+        "| smoothed | s | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mode = r["precision"] + ("" if r["precision"] == "int8-dynamic" else f" ({r['target']})")
+        lines.append(
+            f"| {r['arch']} | {r['fixture']} | {r['seed']} | {mode} | {r['calibration']} | "
+            f"{'pass' if r.get('passed') else 'FAIL'} | {fmt(r.get('mean_cosine'))} | {fmt(r.get('min_cosine'))} | "
+            f"{fmt(r.get('top1'), 3)} | {fmt(r.get('int8_flop_share'), 2)} | {fmt(r.get('float_nodes'))} | "
+            f"{fmt(r.get('smoothed_groups'))} | {r['seconds']} | {r['peak_mb']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

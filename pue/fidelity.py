@@ -287,6 +287,9 @@ class GateSet:
     def counts(self) -> str:
         return f"{len(self.images)} patches, {len(self.texts)} texts, {len(self.composed_texts)} composed"
 
+    def item_count(self) -> int:
+        return len(self.images) + len(self.texts) + len(self.composed_texts)
+
 
 # ------------------------------------------------------------------------------------------------ failure file
 

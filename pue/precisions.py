@@ -44,13 +44,28 @@ class QdqFlavour:
     static: bool  # scales fixed from calibration data (`--calibration-method` applies); else computed per run
     dedicated_pairs: bool  # one Q/DQ pair per consumer (TensorRT fuses each into its consumer)
     description: str  # as the manifest records it (export.quantization.activations)
+    weight_qmax: int  # int8 weights span [-weight_qmax, weight_qmax]: 64 (7 bits) where u8×s8 kernels could saturate
+    weights: str  # as the manifest records it (export.quantization.weights)
+
+    @property
+    def reduced_weight_range(self) -> bool:
+        return self.weight_qmax < 127
 
 
-U8_ASYMMETRIC = QdqFlavour(ActivationScheme.U8, "uint8", False, True, False, "uint8 asymmetric per-tensor")
-S8_SYMMETRIC = QdqFlavour(ActivationScheme.S8, "int8", True, True, True, "int8 symmetric per-tensor")
-U8_DYNAMIC = QdqFlavour(ActivationScheme.DYNAMIC, "uint8", False, False, False, "uint8 dynamic per-tensor")
-
+# x86 CPUs without VNNI (AVX2, AVX-512F) multiply u8 activations by s8 weights with vpmaddubsw, which adds pairs of
+# products into int16: 255·127·2 overflows it and the result saturates, silently (measured on an AVX2 EPYC: the ci
+# preset's static int8 gate fell from mean cosine 0.9994 to 0.9932, top-1 0.75). 7-bit weights (255·64·2 < 32,767)
+# cannot saturate, so the onnxruntime flavours keep them on every CPU: a bundle's gate then holds wherever it runs.
+# TensorRT's s8×s8 on GPUs has no such limit.
 INT8_WEIGHTS = "int8 symmetric per-channel"
+INT8_WEIGHTS_7BIT = "int8 symmetric per-channel, 7-bit range (no u8×s8 saturation on CPUs without VNNI)"
+U8_ASYMMETRIC = QdqFlavour(
+    ActivationScheme.U8, "uint8", False, True, False, "uint8 asymmetric per-tensor", 64, INT8_WEIGHTS_7BIT
+)
+S8_SYMMETRIC = QdqFlavour(ActivationScheme.S8, "int8", True, True, True, "int8 symmetric per-tensor", 127, INT8_WEIGHTS)
+U8_DYNAMIC = QdqFlavour(
+    ActivationScheme.DYNAMIC, "uint8", False, False, False, "uint8 dynamic per-tensor", 64, INT8_WEIGHTS_7BIT
+)
 CPU_INT8_ADVICE = (
     "this INT8 bundle was quantized for onnxruntime on CPU; on a GPU, INT8 runs through TensorRT: re-quantize with "
     "`pue-export quantize FP32_BUNDLE -o OUT --precision int8 --target tensorrt`, then `pue-export trt`"
@@ -85,6 +100,11 @@ class PrecisionSpec:
     def calibrated(self) -> bool:
         """Static activation scales from calibration data: `--calibration-method` applies."""
         return self.qdq is not None and self.qdq.static
+
+    @property
+    def weight_type(self) -> str:
+        """What the weights are stored as (int8, float16, float32), whatever their range or scales."""
+        return "int8" if self.qdq is not None else self.weights
 
     @property
     def default_attention(self) -> Attention:
@@ -132,7 +152,7 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
         Precision.INT8,
         BundleTarget.ONNXRUNTIME,
         PrecisionKind.WEIGHT,
-        weights=INT8_WEIGHTS,
+        weights=U8_ASYMMETRIC.weights,
         activations=U8_ASYMMETRIC.description,
         qdq=U8_ASYMMETRIC,
         parent=Precision.FP32,
@@ -147,7 +167,7 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
         Precision.INT8,
         BundleTarget.TENSORRT,
         PrecisionKind.WEIGHT,
-        weights=INT8_WEIGHTS,
+        weights=S8_SYMMETRIC.weights,
         activations=S8_SYMMETRIC.description,
         qdq=S8_SYMMETRIC,
         parent=Precision.FP32,
@@ -160,7 +180,7 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
         Precision.INT8_DYNAMIC,
         BundleTarget.ONNXRUNTIME,
         PrecisionKind.WEIGHT,
-        weights=INT8_WEIGHTS,
+        weights=U8_DYNAMIC.weights,
         activations=U8_DYNAMIC.description,
         qdq=U8_DYNAMIC,
         parent=Precision.FP32,
@@ -199,7 +219,9 @@ def precision_spec(precision: str, target: str) -> PrecisionSpec:
     where = " or ".join(TARGET_NAMES[entry.target] for entry in own)
     if len(devices) == 1:
         where += f" on {DEVICE_NAMES[next(iter(devices))].removesuffix('s')}"
-    alternatives = [entry for entry in PRECISION_TABLE if entry.target == wanted and entry.weights == own[0].weights]
+    alternatives = [
+        entry for entry in PRECISION_TABLE if entry.target == wanted and entry.weight_type == own[0].weight_type
+    ]
     hint = (
         f"for {TARGET_NAMES[wanted]} use --precision {alternatives[0].precision} --target {wanted}"
         if alternatives
@@ -237,7 +259,7 @@ def engine_source_for(precision: str) -> PrecisionSpec | None:
     if not own:
         return None
     return next(
-        (spec for spec in PRECISION_TABLE if spec.engine_source and spec.weights == own[0].weights),
+        (spec for spec in PRECISION_TABLE if spec.engine_source and spec.weight_type == own[0].weight_type),
         None,
     )
 

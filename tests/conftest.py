@@ -34,6 +34,17 @@ def gate_images() -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def heldout_dir(tmp_path_factory: pytest.TempPathFactory, gate_images: list[Path]) -> Path:
+    """The gate subset as a folder, for `--heldout`."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("heldout")
+    for path in gate_images:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """tiny_checkpoint(arch, preset) → path of a checkpoint built once per session."""
     cache: dict[tuple[str, str], Path] = {}

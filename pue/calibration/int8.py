@@ -16,7 +16,7 @@ from pue.calibration.simulate import matmul_sqnr
 from pue.calibration.stats import ChannelStats
 from pue.choices import Precision
 from pue.errors import PueError
-from pue.precisions import precision_spec
+from pue.precisions import U8_DYNAMIC, precision_spec
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def quantize_static_graph(
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["MatMul", "Gemm", "Conv"],
             per_channel=True,
-            reduce_range=False,
+            reduce_range=qdq.reduced_weight_range,  # weights only: 7 bits where u8×s8 could saturate
             activation_type=QuantType.QInt8 if qdq.activation_type == "int8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes,
@@ -108,7 +108,7 @@ def quantize_dynamic_graph(model_path: Path, output_path: Path, nodes: list[str]
             str(output_path),
             op_types_to_quantize=["MatMul"],
             per_channel=True,
-            reduce_range=False,
+            reduce_range=U8_DYNAMIC.reduced_weight_range,
             weight_type=QuantType.QInt8,
             nodes_to_quantize=matmuls,
             extra_options={"MatMulConstBOnly": True},

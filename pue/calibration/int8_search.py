@@ -22,11 +22,12 @@ def search_int8(
     evaluate: Callable[[dict[str, Any]], GateReport],
     say: Callable[[str], None],
     timings: dict[str, float],
+    phase_done: Callable[[str], None] = lambda phase: None,
 ) -> dict[str, Any]:
     """Statistics, smoothing, then quantize → gate, keeping the worst layers float while the gate fails.
 
     `evaluate` stages a candidate's graphs and runs the fidelity gate; `models` is updated in place with the
-    last candidate's graphs.
+    last candidate's graphs. `phase_done` is told when each phase ends (statistics, calibration, gate).
     """
     import onnx
 
@@ -53,6 +54,7 @@ def search_int8(
     if smoothed:
         say(f"smoothing: migrated activation outliers of {len(smoothed)} op groups into their weights")
     timings["statistics_s"] = time.perf_counter() - started
+    phase_done("statistics")
 
     ranking: list[dict] = []
     attempts: list[dict] = []
@@ -79,7 +81,9 @@ def search_int8(
             else:
                 quantize_dynamic_graph(path, out, nodes)
             quantized[name] = onnx.load(str(out))
+        phase_done("calibration" if static else "quantization")
         fidelity = evaluate(quantized)
+        phase_done("gate")
         attempts.append(
             {
                 "float_nodes": sorted(float_nodes),

@@ -22,6 +22,14 @@ from pue.bundle import Manifest, QuantizationInfo, file_entry, read_manifest, wr
 from pue.calibration.fidelity_plot import plot_fidelity
 from pue.calibration.fp16 import convert_with_gate
 from pue.calibration.int8_search import search_int8
+from pue.calibration.resources import (
+    GraphLoad,
+    PhasePeaks,
+    QuantizePlan,
+    activation_bytes,
+    attention_bytes,
+    plan_quantize,
+)
 from pue.choices import Attention, CalibrationMethod, Precision, QuantizePrecision, parse_choice
 from pue.derive import Derivation, derive_bundle
 from pue.errors import BundleError, PueError
@@ -127,6 +135,7 @@ def quantize_bundle(
     from pue.runtime import Embedder
 
     say = progress or (lambda message: log.info(message))
+    peaks = PhasePeaks()
     parent_dir = Path(bundle)
     _check_request(read_manifest(parent_dir), options)
     timings: dict[str, float] = {}
@@ -149,16 +158,23 @@ def quantize_bundle(
         gate_set = GateSet.default(options.heldout)
         _check_disjoint(gate_set, patches)
         say(f"gate set: {gate_set.counts()}")
-        reference = gate_set.embed(parent)
-        timings["prepare_s"] = time.perf_counter() - started
-
         models = {name: onnx.load(str(parent_dir / spec.file.path)) for name, spec in parent_manifest.graphs.items()}
         feeds = {
             "vision": lambda limit=None: VisionFeeds(parent, plan.patches, limit),
             "decoder": lambda limit=None: DecoderFeeds(parent, plan, limit),
         }
         tokens = {"vision": _vision_tokens(parent_manifest), "decoder": len(parent.prompts.image_prompt())}
+        resources = _resource_plan(parent_manifest, models, feeds, tokens, gate_set, options)
+        for line in resources.lines():
+            say(f"plan: {line}")
+        if not resources.fits:
+            raise PueError("the quantization's resource plan does not fit this machine", resources.notes[-1])
+        reference = gate_set.embed(parent)
+        timings["prepare_s"] = time.perf_counter() - started
+        peaks.end("prepare")
+
         outliers = _outliers(models, feeds)
+        peaks.end("outlier report")
         threshold = outliers["threshold"]
         say(
             f"outliers: {outliers['channel_outlier_tensors']} activations with a channel ratio >= {threshold:g}, "
@@ -178,8 +194,9 @@ def quantize_bundle(
         child.link_from_parent(parent_manifest.tokenizer.file.path)
         if options.spec.qdq is None:
             outcome = convert_with_gate(models, feeds, options, evaluate, say, timings)
+            peaks.end("conversion and gate")
         else:
-            outcome = search_int8(models, feeds, tokens, work, options, evaluate, say, timings)
+            outcome = search_int8(models, feeds, tokens, work, options, evaluate, say, timings, peaks.end)
         fidelity, attempts = outcome["fidelity"], outcome["attempts"]
         report = {
             "precision": options.precision,
@@ -193,6 +210,7 @@ def quantize_bundle(
             "sensitivity": outcome.get("ranking", [])[:20],
             "fp16_kept_fp32": outcome.get("fp16_blocked", []),
             "outliers": outliers,
+            "resources": {"plan": resources.to_dict(), "measured_peak_mb": peaks.peaks_mb},
             "gate_device": "cpu (onnxruntime)"
             + (
                 "; onnxruntime on CPU computes FP16 ops in FP32, so this gate cannot reveal FP16 overflow: ops whose "
@@ -232,6 +250,48 @@ def quantize_bundle(
 
 
 OUTLIER_SAMPLES = 8  # calibration rows per graph for the outlier report (fidelity.json, inspect)
+
+
+def _resource_plan(
+    manifest: Manifest,
+    models: dict[str, Any],
+    feeds: dict[str, Callable[..., Any]],
+    tokens: dict[str, int],
+    gate_set: GateSet,
+    options: QuantizeOptions,
+) -> QuantizePlan:
+    """Peak memory and passes of this run, from the graphs (weights, quantized inputs) and the options."""
+    from pue.calibration.graph_ops import weight_ops
+
+    static = options.spec.calibrated
+    export = manifest.export
+    crop_tokens = (export.crop_size // export.patch_size) ** 2 + 1 if export.crop_size and export.patch_size else 0
+    sequences = {"vision": (export.num_crops or 1, crop_tokens), "decoder": (1, tokens["decoder"])}
+    graphs, op_count = {}, 0
+    for name, model in models.items():
+        spec = manifest.graphs[name]
+        ops = [op for op in weight_ops(model, name) if static or op.op_type == "MatMul"]
+        op_count += len(ops)
+        layers = sum(node.op_type == "Softmax" for node in model.graph.node)
+        heads = int((export.attention.get(name) or {}).get("heads", 0))
+        count, length = sequences[name]
+        graphs[name] = GraphLoad(
+            weights_bytes=spec.file.size + sum(entry.size for entry in spec.external_data),
+            activation_bytes_per_row=activation_bytes(ops, tokens[name]),
+            attention_bytes_per_row=attention_bytes(heads, length, layers, count),
+            attention_layers=layers,
+            rows_per_pass=len(feeds[name]()),
+        )
+    return plan_quantize(
+        options.precision,
+        graphs,
+        calibrated=static,
+        fallback=options.fallback,
+        op_count=op_count,
+        outlier_rows=OUTLIER_SAMPLES,
+        gate_items=gate_set.item_count(),
+        batch_size=manifest.default_batch_size,
+    )
 
 
 def _outliers(models: dict[str, Any], feeds: dict[str, Callable[..., Any]]) -> dict[str, Any]:

@@ -21,11 +21,14 @@ def qdq_activation(x: np.ndarray, lo: float, hi: float, scheme: str) -> np.ndarr
     return (np.clip(np.round(x / scale) + zero_point, 0, 255) - zero_point) * scale
 
 
-def qdq_weight(weight: np.ndarray) -> np.ndarray:
-    """Per-output-channel symmetric int8 of a [K, N] weight."""
-    scale = np.abs(weight).max(axis=0, keepdims=True) / 127.0
+WEIGHT_QMAX = {"u8": 64, "dynamic": 64, "s8": 127}  # pue.precisions: the u8×s8 flavours keep 7-bit weights
+
+
+def qdq_weight(weight: np.ndarray, qmax: int = 127) -> np.ndarray:
+    """Per-output-channel symmetric int8 of a [K, N] weight over [-qmax, qmax]."""
+    scale = np.abs(weight).max(axis=0, keepdims=True) / float(qmax)
     scale[scale == 0] = 1.0
-    return np.clip(np.round(weight / scale), -127, 127) * scale
+    return np.clip(np.round(weight / scale), -qmax, qmax) * scale
 
 
 def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
@@ -38,7 +41,7 @@ def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
 
 def matmul_sqnr(samples: list[np.ndarray], weight: np.ndarray, lo: float, hi: float, scheme: str) -> float:
     """SQNR (dB) of one MatMul with int8 input and weight, against float, on sampled token rows."""
-    weight_q = qdq_weight(weight)
+    weight_q = qdq_weight(weight, WEIGHT_QMAX[scheme])
     reference, approximation = [], []
     for rows in samples:
         reference.append(rows @ weight)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pue.runtime.cpu import GiB, available_memory_bytes
+
 BYTES_PER_DTYPE = {"float32": 4, "float16": 2, "bfloat16": 2}
-GiB = 1024**3
 
 
 @dataclass
@@ -57,20 +57,6 @@ def count_parameters(config: Any, model_class: type) -> tuple[int, int]:
         getattr(config, "text_config", None), "tie_word_embeddings", False
     )
     return int(total), int(total - (0 if tied else head_count))
-
-
-def available_memory_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
 
 
 def plan_export(

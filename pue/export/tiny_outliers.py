@@ -13,7 +13,8 @@ Trained LLMs and ViTs carry outliers that are part of their function, and they a
   turn markers), and the residual stream carries it to the end, where it acts as an attention sink.
 - ``vit-highnorm``: high-norm tokens of a ViT without registers (Darcet et al. 2024): three patch positions of the
   vision tower carry hidden states ~100x the median token norm, up to the layer the projector reads (un-normalised
-  in LLaVA), so the projector's input has them.
+  in LLaVA), so the projector's input has them; as in trained ViTs, the encoder layers after the writer attend to
+  them (every head's softmax goes to them), so every patch token's features depend on them.
 
 Each planter returns a record (channels, positions, gains, measured ratios) written to ``pue_tiny.json`` and an
 ``ablate`` description tests use to show the outliers matter. Values are fixed (seeded choice of channels and
@@ -202,11 +203,9 @@ def plant_vision_high_norm_tokens(model: Any, seed: int) -> dict[str, Any]:
         threshold = (float(reads[:, marked].min()) + float(reads[:, ~marked].max())) / 2
         mlp.fc1.weight[unit] = marker * 4.0
         mlp.fc1.bias[unit] = -4.0 * threshold
-        norms = _vision_norms(model, probe, layer)
-        for _ in range(2):  # the written vector dominates the marked tokens' norms: near-linear, two steps
-            ratio = _marked(norms, positions) / float(norms.median())
-            mlp.fc2.weight[:, unit] *= HIGH_NORM_RATIO / ratio
-            norms = _vision_norms(model, probe, layer)
+        norms = _scale_written(model, mlp, unit, probe, layer, positions)
+        sink_layers = _plant_vision_sinks(model, probe, marked, writer, layer)
+        norms = _scale_written(model, mlp, unit, probe, layer, positions)  # the sinks moved the marked tokens a bit
         median = float(norms.median())
         reached = [round(float(norms[:, p].mean()) / median, 1) for p in positions]
         others = float(norms[:, ~marked].max()) / median
@@ -220,7 +219,57 @@ def plant_vision_high_norm_tokens(model: Any, seed: int) -> dict[str, Any]:
         "vision_feature_layer": layer,
         "ratio_to_median_token_norm": reached,
         "max_ratio_at_other_tokens": round(others, 1),
+        "sink_layers": sink_layers,
     }
+
+
+SINK_LOGIT_MARGIN = 8.0  # attention logit of a high-norm token over the largest other one, in every sink head
+
+
+def _plant_vision_sinks(model: Any, probe: Any, marked: Any, writer: int, feature_layer: int) -> list[int]:
+    """The encoder layers between the writer and the layer the projector reads attend to the high-norm tokens.
+
+    As in trained ViTs (Darcet et al. 2024), the high-norm tokens are where attention goes: in every head of those
+    layers one query/key dimension reads the direction the marked tokens have after the layer's LayerNorm (a
+    constant query through the bias, a key along that direction), scaled from a probe pass so that the marked
+    tokens win each head's softmax by SINK_LOGIT_MARGIN. Every patch token's features then depend on the sink: take
+    the high-norm tokens away and each head attends elsewhere.
+    """
+
+    tower = model.model.vision_tower
+    count = len(tower.encoder.layers)
+    last = feature_layer if feature_layer >= 0 else count + 1 + feature_layer  # hidden_states[i]: after layer i-1
+    layers = list(range(writer + 1, last))
+    for index in layers:
+        attention = tower.encoder.layers[index].self_attn
+        heads = attention.num_heads
+        width = attention.q_proj.weight.shape[0]
+        head_dim = width // heads
+        reads = _q_inputs(model, attention, probe)  # [batch, tokens, width]: the layer norm's output
+        direction = reads[:, marked].mean(dim=(0, 1))
+        direction /= direction.norm()
+        along = reads @ direction
+        gap = float(along[:, marked].min()) - float(along[:, ~marked].max())
+        if gap <= 0:
+            raise RuntimeError(f"vision layer {index}: the high-norm tokens are not separable after its LayerNorm")
+        strength = SINK_LOGIT_MARGIN / (gap * attention.scale)
+        for head in range(heads):
+            row = head * head_dim
+            attention.q_proj.weight[row] = 0.0
+            attention.q_proj.bias[row] = 1.0
+            attention.k_proj.weight[row] = direction * strength
+            attention.k_proj.bias[row] = 0.0
+    return layers
+
+
+def _scale_written(model: Any, mlp: Any, unit: int, probe: Any, layer: int, positions: list[int]) -> Any:
+    """Scale the written vector so that the marked tokens' norms reach HIGH_NORM_RATIO x the median; the norms."""
+    norms = _vision_norms(model, probe, layer)
+    for _ in range(2):  # the written vector dominates the marked tokens' norms: near-linear, two steps
+        ratio = _marked(norms, positions) / float(norms.median())
+        mlp.fc2.weight[:, unit] *= HIGH_NORM_RATIO / ratio
+        norms = _vision_norms(model, probe, layer)
+    return norms
 
 
 def _marked(norms: Any, positions: list[int]) -> float:
@@ -266,10 +315,20 @@ def _vision_norms(model: Any, pixels: Any, layer: int) -> Any:
     return _vision_hidden(model, pixels, layer).norm(dim=-1)
 
 
+def _q_inputs(model: Any, attention: Any, pixels: Any) -> Any:
+    """What an attention layer's q_proj reads (its layer norm's output) for `pixels`, per token."""
+    return _inputs_of(model, attention.q_proj, pixels)
+
+
 def _fc1_inputs(model: Any, mlp: Any, pixels: Any) -> Any:
     """What an MLP's fc1 reads (its layer norm's output) for `pixels`, per token."""
+    return _inputs_of(model, mlp.fc1, pixels)
+
+
+def _inputs_of(model: Any, module: Any, pixels: Any) -> Any:
+    """The input of one vision-tower module for `pixels`."""
     captured = []
-    handle = mlp.fc1.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+    handle = module.register_forward_hook(lambda module, args, output: captured.append(args[0]))
     try:
         model.model.vision_tower(pixels)
     finally:

@@ -11,7 +11,7 @@ from onnx_graphs import float_input, initializer, make_model, node_by_name, run
 
 from pue.calibration.int8 import activation_scheme, quantize_dynamic_graph, quantize_static_graph
 from pue.calibration.readers import OrtReader
-from pue.calibration.simulate import qdq_activation, qdq_weight
+from pue.calibration.simulate import WEIGHT_QMAX, qdq_activation, qdq_weight
 from pue.errors import PueError
 
 LO, HI = -1.0, 6.0  # the calibrated range of x
@@ -51,17 +51,18 @@ def quantized_input(model: onnx.ModelProto, tensor: str) -> tuple[np.ndarray, np
     return initializer(model, node.input[1]), initializer(model, node.input[2])
 
 
-def check_weight(model: onnx.ModelProto, weight: np.ndarray) -> None:
-    """Per-output-channel symmetric int8: scale_n = max_k |W[k, n]| / 127, zero point 0, along axis 1."""
+def check_weight(model: onnx.ModelProto, weight: np.ndarray, qmax: int) -> None:
+    """Per-output-channel symmetric int8: scale_n = max_k |W[k, n]| / qmax, zero point 0, along axis 1 (qmax 64:
+    the 7-bit range of the u8×s8 flavours, which cannot saturate on CPUs without VNNI; 127 for TensorRT)."""
     dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "w_quantized")
     assert [(a.name, a.i) for a in dq.attribute] == [("axis", 1)]
     quantized, scale, zero_point = (initializer(model, name) for name in dq.input)
-    np.testing.assert_allclose(scale, np.abs(weight).max(axis=0) / 127, rtol=1e-6)
+    np.testing.assert_allclose(scale, np.abs(weight).max(axis=0) / qmax, rtol=1e-6)
     assert zero_point.dtype == np.int8 and not zero_point.any()
     assert quantized.dtype == np.int8
     np.testing.assert_array_equal(quantized, np.round(weight / scale))
-    assert (np.abs(quantized).max(axis=0) == 127).all()  # each column's extreme lands on ±127
-    assert quantized[1, 2] == -127
+    assert (np.abs(quantized).max(axis=0) == qmax).all()  # each column's extreme lands on ±qmax
+    assert quantized[1, 2] == -qmax
     assert not any(init.name == "w" for init in model.graph.initializer)  # no float copy left behind
 
 
@@ -84,7 +85,7 @@ def test_static_scale_and_zero_point(float_graph, feeds, weight, tmp_path, targe
     assert zero_point == (36 if target == "onnxruntime" else 0)
     assert x_scale.shape == () and x_scale == pytest.approx(scale, rel=1e-6)
     assert x_zero_point.dtype == dtype and int(x_zero_point) == zero_point
-    check_weight(model, weight)
+    check_weight(model, weight, WEIGHT_QMAX[scheme])
 
     # onnxruntime's QDQ MatMul also quantizes its output, over the calibrated range of x·W
     products = np.concatenate([f["x"] @ weight for f in feeds])
@@ -100,7 +101,7 @@ def test_static_scale_and_zero_point(float_graph, feeds, weight, tmp_path, targe
     x = np.random.default_rng(2).uniform(LO, HI, size=(7, 4)).astype(np.float32)
     x[0, 1] = HI + 2.0  # beyond the calibrated range: saturates at 255 (u8) or +127 (s8)
     (got,) = run(model, {"x": x}, [node_by_name(model, "mm").output[0]])
-    want = qdq_activation(x, LO, HI, scheme) @ qdq_weight(weight)
+    want = qdq_activation(x, LO, HI, scheme) @ qdq_weight(weight, WEIGHT_QMAX[scheme])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -114,7 +115,7 @@ def test_dynamic_scale_and_zero_point(float_graph, weight, tmp_path):
     integer = next(n for n in model.graph.node if n.op_type == "MatMulInteger")
     assert list(integer.input[1:4:2]) == ["w_quantized", "w_zero_point"]
     scale = initializer(model, "w_scale")
-    np.testing.assert_allclose(scale, np.abs(weight).max(axis=0) / 127, rtol=1e-6)
+    np.testing.assert_allclose(scale, np.abs(weight).max(axis=0) / 64, rtol=1e-6)  # 7-bit weights
     quantized = initializer(model, "w_quantized")
     assert quantized.dtype == np.int8 and not initializer(model, "w_zero_point").any()
     np.testing.assert_array_equal(quantized, np.round(weight / scale))
@@ -122,7 +123,9 @@ def test_dynamic_scale_and_zero_point(float_graph, weight, tmp_path):
     # DynamicQuantizeLinear: uint8 over each tensor's own [min(x, 0), max(x, 0)]
     x = np.random.default_rng(3).uniform(-2.0, 9.0, size=(6, 4)).astype(np.float32)
     (got,) = run(model, {"x": x}, ["h"])
-    np.testing.assert_allclose(got, qdq_activation(x, 0.0, 0.0, "dynamic") @ qdq_weight(weight), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got, qdq_activation(x, 0.0, 0.0, "dynamic") @ qdq_weight(weight, 64), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("precision", ["int8", "int8-dynamic"])

@@ -18,14 +18,6 @@ from pue.runtime import Embedder
 FAST = {"num_patches": 16, "num_captions": 8}
 
 
-@pytest.fixture(scope="module")
-def heldout_dir(tmp_path_factory, gate_images):
-    folder = tmp_path_factory.mktemp("heldout")
-    for path in gate_images:
-        shutil.copy(path, folder / path.name)
-    return folder
-
-
 def run(parent, out, heldout_dir, **options):
     return quantize_bundle(parent, out, QuantizeOptions(heldout=heldout_dir, **{**FAST, **options}))
 

@@ -4,23 +4,13 @@ fidelity report, and an existing output refused without --overwrite."""
 from __future__ import annotations
 
 import json
-import shutil
 
-import pytest
 from typer.testing import CliRunner
 
 from pue.bundle import manifest_sha256, read_manifest, verify_files
 from pue.cli.export_app import app
 
 runner = CliRunner()  # slow (tests/conftest.py): the session's FP32 export of the ci model, then calibration, the gate
-
-
-@pytest.fixture(scope="module")
-def heldout_dir(tmp_path_factory, gate_images):
-    folder = tmp_path_factory.mktemp("heldout")
-    for path in gate_images:
-        shutil.copy(path, folder / path.name)
-    return folder
 
 
 def quantize(parent, out, heldout, *extra: str):

@@ -81,15 +81,7 @@ def test_fixture_plants_its_outliers_and_stays_distinguishable(built, arch, pres
 
 
 @pytest.mark.parametrize(("arch", "preset"), FIXTURES, ids=[f"{a}-{p}" for a, p in FIXTURES])
-def test_outliers_matter_to_the_function(built, arch, preset, request):
-    if preset == "vit-highnorm":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="issue 13: the LLM does not attend to the 3 high-norm visual tokens; removing them moves "
-                "embeddings by ~2e-4 only (an attention-sink mechanism in the decoder is still to build)",
-            )
-        )
+def test_outliers_matter_to_the_function(built, arch, preset):
     info, reference, images, _ = built(arch, preset)
     images = ablation_subset(images)
     before = embed(reference, images)

@@ -521,3 +521,41 @@ def test_missing_or_escaping_graphs_are_bundle_errors(bundle, tmp_path):
         OnnxRuntimeBackend(directory, escaping)
     with pytest.raises(BundleError, match="does not exist"):
         OnnxRuntimeRunner(tmp_path / "absent.onnx").activate()
+
+
+def quantized(manifest: Manifest, weights: str) -> Manifest:
+    import dataclasses
+
+    from pue.bundle import QuantizationInfo
+
+    info = QuantizationInfo(manifest.precision, manifest.target, "minmax", "uint8", weights)
+    return dataclasses.replace(manifest, export=dataclasses.replace(manifest.export, quantization=info))
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-dynamic"])
+def test_full_range_u8s8_bundles_are_refused_where_int8_kernels_saturate(tmp_path, monkeypatch, precision):
+    from pue.precisions import INT8_WEIGHTS, INT8_WEIGHTS_7BIT
+
+    manifest = make_manifest(tmp_path, precision=precision, target="onnxruntime")
+    monkeypatch.setattr("pue.runtime.backends.onnxruntime.saturating_u8s8", lambda: True)
+    with pytest.raises(BundleError, match="saturate") as info:
+        OnnxRuntimeBackend(tmp_path, quantized(manifest, INT8_WEIGHTS), device="cpu", threads=1)
+    assert "re-quantize" in str(info.value) and "VNNI" in str(info.value)
+    with OnnxRuntimeBackend(tmp_path, quantized(manifest, INT8_WEIGHTS_7BIT), device="cpu", threads=1) as backend:
+        assert backend.run(*make_batch([0])).shape == (4, DIM)  # 7-bit weights cannot saturate
+    monkeypatch.setattr("pue.runtime.backends.onnxruntime.saturating_u8s8", lambda: False)
+    with OnnxRuntimeBackend(tmp_path, quantized(manifest, INT8_WEIGHTS), device="cpu", threads=1) as backend:
+        assert backend.run(*make_batch([0])).shape == (4, DIM)  # VNNI / AMX / ARM: full range is fine
+
+
+def test_saturation_is_a_property_of_x86_without_vnni(monkeypatch):
+    from pue.runtime import cpu
+
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert cpu.saturating_u8s8()
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    assert not cpu.saturating_u8s8()
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"asimd"}))
+    assert not cpu.saturating_u8s8()

@@ -20,7 +20,7 @@ import numpy as np
 from pue.bundle import Manifest, TensorSpec, resolve_inside
 from pue.errors import BundleError, MissingDependencyError, ProviderError, PueError
 from pue.extras import package_versions
-from pue.precisions import CPU_INT8_ADVICE, bundle_spec
+from pue.precisions import CPU_INT8_ADVICE, INT8_WEIGHTS, ActivationScheme, bundle_spec
 from pue.runtime.backends.base import (
     ATTENTION_MASK,
     IMAGE_FEATURES,
@@ -34,7 +34,7 @@ from pue.runtime.backends.base import (
     check_feed,
     parse_device,
 )
-from pue.runtime.cpu import physical_core_count
+from pue.runtime.cpu import physical_core_count, saturating_u8s8
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -164,6 +164,7 @@ def _provider_names(providers: list[str | tuple[str, dict[str, Any]]]) -> list[s
 def _installed_onnxruntime_packages() -> list[str]:
     versions = package_versions(("onnxruntime", "onnxruntime-gpu"))
     return [f"{name} {version}" for name, version in versions.items()]
+
 
 def check_providers(asked: list[str], got: list[str], available: list[str]) -> None:
     """Raise ProviderError when the session lacks a provider that was asked for (no silent CPU fallback)."""
@@ -312,6 +313,26 @@ def refuse_cpu_int8_on_cuda(manifest: Manifest, device: Device) -> None:
     bundle_spec(manifest.precision, manifest.target).check_device(device)
 
 
+def refuse_saturating_int8(manifest: Manifest, device: Device) -> None:
+    """Refuse u8×s8 INT8 graphs with full-range weights on a CPU whose int8 kernels saturate (x86 without VNNI).
+
+    Such bundles (made before pue kept 7-bit weights for onnxruntime) would run, but their embeddings would differ
+    from what their gate measured, silently.
+    """
+    spec = bundle_spec(manifest.precision, manifest.target)
+    quantization = manifest.export.quantization
+    if device.is_cuda or spec.qdq is None or spec.qdq.scheme == ActivationScheme.S8 or quantization is None:
+        return
+    if quantization.weights == INT8_WEIGHTS and saturating_u8s8():
+        raise BundleError(
+            f"this {manifest.precision} bundle keeps full-range int8 weights, and this CPU (x86 without VNNI or "
+            "AMX) multiplies uint8 activations by them in int16 pair sums that saturate: its embeddings would "
+            "silently differ from what its gate measured",
+            "re-quantize its FP32 parent with this version of pue-export (7-bit weights, faithful on every CPU), "
+            "or run it on a CPU with AVX-VNNI, AVX512-VNNI or AMX",
+        )
+
+
 class OnnxRuntimeBackend(Backend):
     """The bundle's vision and decoder graphs in onnxruntime sessions, created (and checked) at construction.
 
@@ -343,6 +364,7 @@ class OnnxRuntimeBackend(Backend):
         self.bundle_dir = Path(bundle_dir)
         self.device = parse_device(device)
         refuse_cpu_int8_on_cuda(manifest, self.device)
+        refuse_saturating_int8(manifest, self.device)
         import_onnxruntime(self.device)
         missing = [name for name in ("vision", "decoder") if name not in manifest.graphs]
         if missing:

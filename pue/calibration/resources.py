@@ -1,0 +1,200 @@
+"""Quantization's own resource plan: peak memory and calibration passes, from the graphs and the options.
+
+`pue-export onnx` prints its plan before exporting; `pue-export quantize` does the same before calibrating, and
+refuses when the plan does not fit the memory this machine has free. The plan is a model with physical terms, each
+read off the graphs:
+
+- W, the FP32 weights (the graphs' initializers, from the manifest's file sizes): the parent's onnxruntime
+  sessions and the loaded ONNX protobufs hold them for the whole run (``WEIGHT_COPIES_RESIDENT`` x W); the graph
+  being calibrated is copied, serialised and loaded into a session on top (``WEIGHT_COPIES_WORKING`` x W_g);
+- A_g, the activations of one calibration row at the inputs of the ops that get quantized (tokens x channels x 4
+  bytes, summed over those inputs): what the statistics pass fetches (``ACTIVATION_COPIES`` x A_g);
+- S_g, the attention scores of one row (heads x tokens² x 4 bytes, per crop in the vision tower, summed over the
+  graph's attention layers, counted as its Softmax nodes): an unoptimised calibration session keeps several
+  tensors of that size per layer (``CALIBRATION_SCORE_COPIES`` x S_g), and the gate embeds at the bundle's batch
+  size in the optimised runtime (``RUNTIME_SCORE_COPIES`` x batch x the largest layer's scores);
+- the interpreter, numpy, onnxruntime and onnx themselves (``PROCESS_BASE_BYTES``).
+
+The coefficients were fitted to peaks measured phase by phase (`PhasePeaks`) on the `ci`, `e5v` and `bench`
+presets (BENCHMARKS.md); every quantize run records its measured peaks next to the plan in `fidelity.json`
+(`resources`), so the model can be checked on any checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pue.runtime.cpu import GiB, available_memory_bytes
+
+PROCESS_BASE_BYTES = 320 * 1024**2
+WEIGHT_COPIES_RESIDENT = 2.0
+WEIGHT_COPIES_WORKING = 3.0
+ACTIVATION_COPIES = 3.0
+CALIBRATION_SCORE_COPIES = 7.0
+RUNTIME_SCORE_COPIES = 4.0
+MARGIN = 1.15
+
+
+@dataclass
+class GraphLoad:
+    """What one graph brings to the plan."""
+
+    weights_bytes: int
+    activation_bytes_per_row: int  # at the inputs of the ops that get quantized, for one calibration row
+    attention_bytes_per_row: int  # attention scores of one row, summed over the graph's attention layers
+    attention_layers: int
+    rows_per_pass: int  # calibration rows one pass over this graph feeds
+
+    @property
+    def layer_attention_bytes(self) -> int:
+        return self.attention_bytes_per_row // max(1, self.attention_layers)
+
+
+@dataclass
+class QuantizePlan:
+    precision: str
+    graphs: dict[str, GraphLoad]
+    batch_size: int  # what the gate embeds at (the bundle's default batch size)
+    passes: dict[str, int]  # what runs over the calibration rows, and how often at most
+    gate_items: int
+    peak_host_bytes: int
+    available_host_bytes: int | None
+    fits: bool
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        weights = ", ".join(f"{name} {_size(g.weights_bytes)}" for name, g in self.graphs.items())
+        per_row = ", ".join(
+            f"{name} {_size(g.activation_bytes_per_row)} + {_size(g.attention_bytes_per_row)} of attention scores"
+            for name, g in self.graphs.items()
+        )
+        rows = ", ".join(f"{name} {g.rows_per_pass}" for name, g in self.graphs.items())
+        passes = ", ".join(f"{what} {count}" for what, count in self.passes.items())
+        return [
+            f"weights: {weights}",
+            f"per calibration row: {per_row}",
+            f"calibration rows per pass: {rows}",
+            f"passes over them (at most): {passes}; {self.gate_items} gate items per gate",
+            f"expected peak RAM: {_size(self.peak_host_bytes)} of {_size(self.available_host_bytes)} free",
+            "fits this machine: " + ("yes" if self.fits else "NO"),
+            *self.notes,
+        ]
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    return f"{n / GiB:.2f} GB" if n >= GiB else f"{n / 1024**2:,.0f} MB"
+
+
+def activation_bytes(ops: list[Any], tokens: int) -> int:
+    """float32 bytes of the distinct activations that `ops` (WeightOps of one graph) read, for one row."""
+    channels = {op.activation: op.in_channels for op in ops}
+    return int(4 * tokens * sum(channels.values()))
+
+
+def attention_bytes(heads: int, tokens: int, layers: int, sequences: int = 1) -> int:
+    """float32 bytes of the attention scores of one row: `sequences` (vision crops) x heads x tokens², per layer."""
+    return int(4 * sequences * heads * tokens * tokens * layers)
+
+
+def max_attempts(op_count: int) -> int:
+    """Gate attempts of the float fallback at most: one, then 1, 2, 4, … ops kept in float."""
+    return 1 + (math.floor(math.log2(op_count)) + 1 if op_count else 0)
+
+
+def plan_quantize(
+    precision: str,
+    graphs: dict[str, GraphLoad],
+    *,
+    calibrated: bool,
+    fallback: bool,
+    op_count: int,
+    outlier_rows: int,
+    gate_items: int,
+    batch_size: int,
+    available: int | None = None,
+) -> QuantizePlan:
+    """Peak host memory and the passes over calibration rows of one `pue-export quantize` run."""
+    resident = PROCESS_BASE_BYTES + WEIGHT_COPIES_RESIDENT * sum(g.weights_bytes for g in graphs.values())
+    calibrating = max(
+        WEIGHT_COPIES_WORKING * g.weights_bytes
+        + ACTIVATION_COPIES * g.activation_bytes_per_row
+        + CALIBRATION_SCORE_COPIES * g.attention_bytes_per_row
+        for g in graphs.values()
+    )
+    gating = RUNTIME_SCORE_COPIES * batch_size * max(g.layer_attention_bytes for g in graphs.values())
+    peak = int(MARGIN * (resident + max(calibrating, gating)))
+    attempts = max_attempts(op_count) if fallback else 1
+    if precision == "fp16":
+        passes = {"outlier report": 1, "activation ranges": 1, "gate": 1}
+    else:
+        passes = {"outlier report": 1, "statistics": 1, **({"calibration": attempts} if calibrated else {})}
+        passes["gate"] = attempts
+    available = available_memory_bytes() if available is None else available
+    fits = available is None or peak <= available
+    notes = [f"(the outlier report reads the first {outlier_rows} rows of each graph)"]
+    if not fits:
+        notes.append(
+            "this quantization needs more RAM than is free: use --precision int8-dynamic (no calibration "
+            "sessions), close other programs, or run it on a larger machine"
+        )
+    return QuantizePlan(precision, graphs, batch_size, passes, gate_items, peak, available, fits, notes)
+
+
+class PhasePeaks:
+    """Peak resident memory of each phase of a run (Linux: VmHWM, reset between phases; else the running max)."""
+
+    def __init__(self) -> None:
+        self.peaks_mb: dict[str, float] = {}
+        self._resettable = _reset_peak()
+
+    def end(self, phase: str) -> None:
+        """Record the peak since the previous `end` (or the start) under `phase`, then reset it."""
+        peak = _peak_bytes(self._resettable)
+        if peak is not None:
+            self.peaks_mb[phase] = round(max(self.peaks_mb.get(phase, 0.0), peak / 1024**2), 1)
+        self._resettable = _reset_peak()
+
+    def overall_mb(self) -> float | None:
+        return max(self.peaks_mb.values(), default=None)
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak RSS (Linux ≥ 4.0: `5` to /proc/self/clear_refs); whether it could."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_bytes(resettable: bool) -> int | None:
+    if resettable:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+__all__ = [
+    "GraphLoad",
+    "PhasePeaks",
+    "QuantizePlan",
+    "activation_bytes",
+    "attention_bytes",
+    "max_attempts",
+    "plan_quantize",
+]

@@ -1,0 +1,124 @@
+"""Quantization's resource plan: peak memory from the graphs and options, passes, refusal when it cannot fit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pue.calibration.graph_ops import WeightOp
+from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
+from pue.calibration.resources import (
+    GraphLoad,
+    PhasePeaks,
+    activation_bytes,
+    attention_bytes,
+    max_attempts,
+    plan_quantize,
+)
+from pue.errors import PueError
+
+MB = 1024**2
+
+
+def op(name: str, activation: str, k: int, n: int) -> WeightOp:
+    return WeightOp("decoder", name, "MatMul", activation, f"{name}.w", (k, n), 2 * k * n)
+
+
+def test_activation_bytes_count_each_quantized_input_once():
+    ops = [op("q", "norm1", 64, 64), op("k", "norm1", 64, 32), op("v", "norm1", 64, 32), op("down", "act", 192, 64)]
+    assert activation_bytes(ops, tokens=10) == 4 * 10 * (64 + 192)
+
+
+def test_attempts_follow_the_doubling_fallback():
+    assert max_attempts(0) == 1
+    assert max_attempts(1) == 2  # all int8, then 1 op in float
+    assert max_attempts(63) == 7  # 1, 2, 4, 8, 16, 32 ops in float
+    assert max_attempts(64) == 8
+
+
+def test_attention_scores_grow_with_the_square_of_the_tokens():
+    assert attention_bytes(heads=8, tokens=1000, layers=10) == 4 * 8 * 1000 * 1000 * 10
+    assert attention_bytes(heads=6, tokens=577, layers=12, sequences=3) == 3 * attention_bytes(6, 577, 12)
+
+
+def graphs(weights_mb: float, activations_mb: float, scores_mb: float = 1.0) -> dict[str, GraphLoad]:
+    return {
+        "vision": GraphLoad(int(weights_mb * MB), int(activations_mb * MB), int(scores_mb * MB), 4, 64),
+        "decoder": GraphLoad(int(2 * weights_mb * MB), int(activations_mb * MB / 2), int(scores_mb * MB), 6, 112),
+    }
+
+
+def plan(precision="int8", calibrated=True, fallback=True, available=64 * 1024 * MB, batch=8, **sizes):
+    return plan_quantize(
+        precision,
+        graphs(**sizes),
+        calibrated=calibrated,
+        fallback=fallback,
+        op_count=63,
+        outlier_rows=8,
+        gate_items=68,
+        batch_size=batch,
+        available=available,
+    )
+
+
+def test_plan_grows_with_weights_activations_and_scores_and_refuses_past_free_memory():
+    small = plan(weights_mb=10, activations_mb=5)
+    assert small.fits
+    assert plan(weights_mb=4000, activations_mb=5).peak_host_bytes > small.peak_host_bytes + 3 * 12_000 * MB
+    assert plan(weights_mb=10, activations_mb=500).peak_host_bytes > small.peak_host_bytes + 1_000 * MB
+    assert plan(weights_mb=10, activations_mb=5, scores_mb=600).peak_host_bytes > small.peak_host_bytes + 4_000 * MB
+    assert small.passes == {"outlier report": 1, "statistics": 1, "calibration": 7, "gate": 7}
+    tight = plan(weights_mb=4000, activations_mb=500, available=8 * 1024 * MB)
+    assert not tight.fits and "int8-dynamic" in tight.notes[-1]
+    text = "\n".join(tight.lines())
+    assert "fits this machine: NO" in text and "of 8.00 GB free" in text
+
+
+def test_the_gate_batch_counts_when_rows_are_long():
+    one, eight = (
+        plan(weights_mb=10, activations_mb=5, scores_mb=600, batch=1),
+        plan(weights_mb=10, activations_mb=5, scores_mb=600, batch=64),
+    )
+    assert eight.peak_host_bytes > one.peak_host_bytes
+
+
+def test_dynamic_and_no_fallback_plans_have_no_calibration_passes():
+    dynamic = plan("int8-dynamic", calibrated=False, fallback=False, available=None, weights_mb=10, activations_mb=5)
+    assert dynamic.fits and dynamic.passes == {"outlier report": 1, "statistics": 1, "gate": 1}
+
+
+def test_phase_peaks_see_what_a_phase_allocated():
+    peaks = PhasePeaks()
+    peaks.end("small")
+    block = np.ones(200 * MB // 8)  # touched: resident
+    peaks.end("large")
+    del block
+    peaks.end("after")
+    assert peaks.peaks_mb["large"] >= peaks.peaks_mb["small"] + 150
+    assert peaks.overall_mb() == peaks.peaks_mb["large"]
+
+
+def test_quantize_refuses_a_plan_that_does_not_fit(fp32_bundle, heldout_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("pue.calibration.resources.available_memory_bytes", lambda: 64 * MB)
+    out = tmp_path / "int8"
+    with pytest.raises(PueError, match="resource plan does not fit") as caught:
+        quantize_bundle(fp32_bundle("llava_next", "ci"), out, QuantizeOptions("int8", heldout=heldout_dir))
+    assert "int8-dynamic" in str(caught.value)
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_plan_and_measured_peaks_are_recorded(fp32_bundle, heldout_dir, tmp_path):
+    out = tmp_path / "dyn"
+    quantize_bundle(
+        fp32_bundle("llava_next", "ci"),
+        out,
+        QuantizeOptions("int8-dynamic", heldout=heldout_dir, num_patches=16, num_captions=8),
+    )
+    resources = json.loads((out / "fidelity.json").read_text())["resources"]
+    assert resources["plan"]["graphs"]["decoder"]["rows_per_pass"] == 16 + 8 + 4  # images, texts, composed
+    measured = resources["measured_peak_mb"]
+    assert set(measured) >= {"prepare", "outlier report", "statistics", "quantization", "gate"}
+    assert max(measured.values()) * MB <= resources["plan"]["peak_host_bytes"]  # the plan is an upper bound here

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,18 @@ def search_int8(
     tokens: dict[str, int],
     work: Path,
     options: Any,
-    evaluate: Callable[[dict[str, Any]], GateReport],
+    judges: Judges,
     say: Callable[[str], None],
     timings: dict[str, float],
     phase_done: Callable[[str], None] = lambda phase: None,
 ) -> dict[str, Any]:
-    """Statistics, smoothing, then quantize → gate, keeping the worst layers float while the gate fails.
+    """Statistics, smoothing, then quantize → check, keeping the most sensitive layers float while checks fail;
+    the held-out gate judges the chosen candidate once.
 
-    `evaluate` stages a candidate's graphs and runs the fidelity gate; `models` is updated in place with the
-    last candidate's graphs. `phase_done` is told when each phase ends (statistics, calibration, gate).
+    Every decision reads calibration items only: `judges.check` stages a candidate and measures its embeddings
+    against the FP32 parent on calibration patches, captions and composed rows (end to end, what the gate
+    measures); a fallback step that lowers the minimum cosine is never taken. `judges.gate` then runs the held-out
+    gate on the chosen candidate, whose graphs end up in `models`. `phase_done` is told when each phase ends.
     """
     import onnx
 
@@ -56,13 +60,7 @@ def search_int8(
     timings["statistics_s"] = time.perf_counter() - started
     phase_done("statistics")
 
-    ranking: list[dict] = []
-    attempts: list[dict] = []
-    float_nodes: set[str] = set()
-    keep = 0
-    while True:
-        share = int8_flop_share(all_ops, float_nodes, tokens)
-        started = time.perf_counter()
+    def quantize(float_nodes: set[str]) -> dict[str, Any]:
         quantized = {}
         for name, path in float_paths.items():
             nodes = [op.node for op in all_ops if op.graph == name and op.node not in float_nodes]
@@ -82,26 +80,42 @@ def search_int8(
                 quantize_dynamic_graph(path, out, nodes)
             quantized[name] = onnx.load(str(out))
         phase_done("calibration" if static else "quantization")
-        fidelity = evaluate(quantized)
-        phase_done("gate")
+        return quantized
+
+    ranking: list[dict] = []
+    attempts: list[dict] = []
+    best: tuple[set[str], Any, dict[str, Any]] | None = None  # (float nodes, check report, graphs)
+    keep = 0
+    float_nodes: set[str] = set()
+    stopped = None
+    while True:
+        share = int8_flop_share(all_ops, float_nodes, tokens)
+        started = time.perf_counter()
+        candidate = quantize(float_nodes)
+        check = judges.check(candidate)
+        phase_done("check")
+        taken = best is None or _better(check, best[1])
         attempts.append(
             {
                 "float_nodes": sorted(float_nodes),
                 "int8_flop_share": share,
-                "overall": fidelity.overall,
-                "passed": fidelity.passed,
+                "check": check.overall,
+                "check_passed": check.passed,
+                "taken": taken,
                 "seconds": time.perf_counter() - started,
             }
         )
         say(
-            f"attempt {len(attempts)}: {len(float_nodes)} ops in float, int8 share {share:.1%}, "
-            f"mean cos {fidelity.overall['mean_cosine']:.5f}, min {fidelity.overall['min_cosine']:.5f}, "
-            f"top-1 {fidelity.overall['top1']:.3f} → {'pass' if fidelity.passed else 'fail'}"
+            f"attempt {len(attempts)}: {len(float_nodes)} ops in float, int8 share {share:.1%}, calibration check: "
+            f"mean cos {check.overall['mean_cosine']:.5f}, min {check.overall['min_cosine']:.5f}, "
+            f"top-1 {check.overall['top1']:.3f} → {'pass' if check.passed else 'fail'}"
+            + ("" if taken else " (lowers the minimum or the mean: not taken)")
         )
-        if fidelity.passed or not options.fallback:
+        if taken:
+            best = (set(float_nodes), check, candidate)
+        if best[1].passed or not options.fallback:
             break
         if not ranking:
-            ranking = []
             for name, path in float_paths.items():
                 ranking += rank_sensitivity(
                     onnx.load(str(path)), [o for o in all_ops if o.graph == name], all_stats, scheme
@@ -109,28 +123,57 @@ def search_int8(
             ranking.sort(key=lambda s: s["sqnr_db"])
         keep = max(1, keep * 2)
         if keep > len(ranking):
+            stopped = "every ranked op was tried in float"
             break
-        candidate = {s["node"] for s in ranking[:keep]}
-        if int8_flop_share(all_ops, candidate, tokens) < MIN_INT8_FLOP_SHARE:
-            say(
-                f"keeping the {keep} worst ops in float would leave less than {MIN_INT8_FLOP_SHARE:.0%} "
-                "of the weight FLOPs in int8"
+        wider = {s["node"] for s in ranking[:keep]}
+        if int8_flop_share(all_ops, wider, tokens) < MIN_INT8_FLOP_SHARE:
+            stopped = (
+                f"keeping the {keep} most sensitive ops in float would leave less than {MIN_INT8_FLOP_SHARE:.0%} of "
+                "the weight FLOPs in int8"
             )
+            say(stopped)
             break
-        float_nodes = candidate
+        float_nodes = wider
+    assert best is not None
+    chosen, check, graphs = best
+    fidelity = judges.gate(graphs)
+    phase_done("gate")
+    say(
+        f"held-out gate on the chosen candidate ({len(chosen)} ops in float): mean cos "
+        f"{fidelity.overall['mean_cosine']:.5f}, min {fidelity.overall['min_cosine']:.5f}, "
+        f"top-1 {fidelity.overall['top1']:.3f} → {'pass' if fidelity.passed else 'fail'}"
+    )
     why = None
-    if not fidelity.passed and options.fallback and keep:
-        why = fidelity.failures() + [
-            f"no float fallback within the {MIN_INT8_FLOP_SHARE:.0%} int8 FLOP rule passes the gate"
-        ]
-    for name, model in quantized.items():
+    if not fidelity.passed:
+        why = fidelity.failures()
+        if not check.passed and options.fallback:
+            why.append(f"no float fallback within the {MIN_INT8_FLOP_SHARE:.0%} int8 FLOP rule passes ({stopped})")
+    for name, model in graphs.items():
         models[name] = model
     return {
         "fidelity": fidelity,
+        "check": check.to_dict(),
         "attempts": attempts,
-        "float_nodes": sorted(float_nodes),
-        "share": share,
+        "float_nodes": sorted(chosen),
+        "share": int8_flop_share(all_ops, chosen, tokens),
         "smoothed": smoothed,
         "ranking": ranking,
         "why": why,
     }
+
+
+@dataclass(frozen=True)
+class Judges:
+    """How a candidate is measured: `check` on calibration items (every search decision), `gate` on held-out ones
+    (once, on the chosen candidate). Both stage the candidate's graphs and compare with the FP32 parent."""
+
+    check: Callable[[dict[str, Any]], GateReport]
+    gate: Callable[[dict[str, Any]], GateReport]
+
+
+def _better(new: GateReport, old: GateReport) -> bool:
+    """A step is taken when it passes where the old one failed, or raises the minimum without lowering the mean."""
+    if new.passed != old.passed:
+        return new.passed
+    mean, minimum = new.overall["mean_cosine"], new.overall["min_cosine"]
+    return minimum >= old.overall["min_cosine"] and mean >= old.overall["mean_cosine"] - 1e-6

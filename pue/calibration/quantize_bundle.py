@@ -21,7 +21,7 @@ from pue import __version__
 from pue.bundle import Manifest, QuantizationInfo, file_entry, read_manifest, write_manifest
 from pue.calibration.fidelity_plot import plot_fidelity
 from pue.calibration.fp16 import convert_with_gate
-from pue.calibration.int8_search import search_int8
+from pue.calibration.int8_search import Judges, search_int8
 from pue.calibration.resources import (
     GraphLoad,
     PhasePeaks,
@@ -35,6 +35,7 @@ from pue.derive import Derivation, derive_bundle
 from pue.errors import BundleError, PueError
 from pue.fidelity import FidelityThresholds, GateReport, GateSet, measure_fidelity
 from pue.precisions import PrecisionSpec, quantize_spec
+from pue.runtime.cpu import saturating_u8s8
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,9 @@ def quantize_bundle(
         if not resources.fits:
             raise PueError("the quantization's resource plan does not fit this machine", resources.notes[-1])
         reference = gate_set.embed(parent)
+        check_set = _check_set(plan)
+        say(f"calibration check set (every search decision): {check_set.counts()}")
+        check_reference = check_set.embed(parent)
         timings["prepare_s"] = time.perf_counter() - started
         peaks.end("prepare")
 
@@ -182,27 +186,31 @@ def quantize_bundle(
         )
         fusion: dict[str, dict] = {}
 
-        def evaluate(candidate: dict[str, Any]) -> GateReport:
-            """Stage the candidate's graphs as a bundle (the last one staged is what gets written) and gate it.
+        def evaluate(candidate: dict[str, Any], items: GateSet = gate_set, parent_rows: dict = reference) -> GateReport:
+            """Stage the candidate's graphs as a bundle (the last one staged is what gets written) and measure it on
+            `items` (the held-out gate set unless told otherwise) against the parent's rows.
 
             With fused attention the gate measures the fused graphs: what is gated is what ships.
             """
             if layouts is not None:
                 candidate = _fuse(candidate, layouts, fusion)
-            return _evaluate(candidate, child, gate_set, reference, options)
+            return _evaluate(candidate, child, items, parent_rows, options)
+
+        judges = Judges(check=lambda candidate: evaluate(candidate, check_set, check_reference), gate=evaluate)
 
         child.link_from_parent(parent_manifest.tokenizer.file.path)
         if options.spec.qdq is None:
             outcome = convert_with_gate(models, feeds, options, evaluate, say, timings)
             peaks.end("conversion and gate")
         else:
-            outcome = search_int8(models, feeds, tokens, work, options, evaluate, say, timings, peaks.end)
+            outcome = search_int8(models, feeds, tokens, work, options, judges, say, timings, peaks.end)
         fidelity, attempts = outcome["fidelity"], outcome["attempts"]
         report = {
             "precision": options.precision,
             "target": _target(options),
             "gate": fidelity.to_dict(),
             "attempts": attempts,
+            "check": outcome.get("check"),
             "float_nodes": outcome.get("float_nodes", []),
             "int8_flop_share": outcome.get("share"),
             "smoothed": outcome.get("smoothed", []),
@@ -212,6 +220,12 @@ def quantize_bundle(
             "outliers": outliers,
             "resources": {"plan": resources.to_dict(), "measured_peak_mb": peaks.peaks_mb},
             "gate_device": "cpu (onnxruntime)"
+            + (
+                "; this CPU's int8 kernels saturate on full-range s8 weights, so the Q/DQ pairs ran in float, the "
+                "arithmetic TensorRT runs"
+                if options.spec.qdq is not None and options.spec.qdq.scheme == "s8" and saturating_u8s8()
+                else ""
+            )
             + (
                 "; onnxruntime on CPU computes FP16 ops in FP32, so this gate cannot reveal FP16 overflow: ops whose "
                 "calibrated |activation| exceeds 16,000 were kept FP32"
@@ -303,6 +317,20 @@ def _outliers(models: dict[str, Any], feeds: dict[str, Callable[..., Any]]) -> d
     for name, model in models.items():
         tensors += collect_outliers(model, weight_ops(model, name), feeds[name](OUTLIER_SAMPLES))
     return summarize(tensors)
+
+
+CHECK_PATCHES, CHECK_CAPTIONS, CHECK_COMPOSED = 24, 12, 8
+
+
+def _check_set(plan: Any) -> GateSet:
+    """Calibration items the INT8 search decides on (never held-out ones): patches, captions, composed rows."""
+    composed = plan.composed[:CHECK_COMPOSED]
+    return GateSet(
+        images=[patch.load() for patch in plan.patches[:CHECK_PATCHES]],
+        texts=list(plan.captions[:CHECK_CAPTIONS]),
+        composed_images=[patch.load() for patch, _ in composed],
+        composed_texts=[modifier for _, modifier in composed],
+    )
 
 
 def _fuse(models: dict[str, Any], layouts: dict[str, dict[str, Any]], record: dict[str, dict]) -> dict[str, Any]:

@@ -82,7 +82,7 @@ class QuantizePlan:
             f"weights: {weights}",
             f"per calibration row: {per_row}",
             f"calibration rows per pass: {rows}",
-            f"passes over them (at most): {passes}; {self.gate_items} gate items per gate",
+            f"passes over them (at most): {passes}; {self.gate_items} held-out gate items",
             f"expected peak RAM: {_size(self.peak_host_bytes)} of {_size(self.available_host_bytes)} free",
             "fits this machine: " + ("yes" if self.fits else "NO"),
             *self.notes,
@@ -107,7 +107,7 @@ def attention_bytes(heads: int, tokens: int, layers: int, sequences: int = 1) ->
 
 
 def max_attempts(op_count: int) -> int:
-    """Gate attempts of the float fallback at most: one, then 1, 2, 4, … ops kept in float."""
+    """Candidates the float fallback checks at most: all int8, then 1, 2, 4, … ops kept in float."""
     return 1 + (math.floor(math.log2(op_count)) + 1 if op_count else 0)
 
 
@@ -138,7 +138,7 @@ def plan_quantize(
         passes = {"outlier report": 1, "activation ranges": 1, "gate": 1}
     else:
         passes = {"outlier report": 1, "statistics": 1, **({"calibration": attempts} if calibrated else {})}
-        passes["gate"] = attempts
+        passes.update({"calibration check": attempts, "held-out gate": 1})
     available = available_memory_bytes() if available is None else available
     fits = available is None or peak <= available
     notes = [f"(the outlier report reads the first {outlier_rows} rows of each graph)"]

@@ -205,6 +205,15 @@ def _print_fidelity(out: object, report: dict) -> None:
     extra = []
     if report.get("int8_flop_share") is not None:
         extra.append(("int8 share of weight FLOPs", f"{report['int8_flop_share']:.1%}", ">= 80%"))
+    if check := report.get("check"):
+        overall = check["overall"]
+        extra.append(
+            (
+                "calibration check (the search's)",
+                f"mean {overall['mean_cosine']:.5f} / min {overall['min_cosine']:.5f} / top-1 {overall['top1']:.3f}",
+                "",
+            )
+        )
     extra.append(("ops kept in float", str(len(report.get("float_nodes", []))), ""))
     extra.append(("smoothed op groups", str(len(report.get("smoothed", []))), ""))
     attention = report.get("attention") or {}

@@ -1,5 +1,6 @@
-"""The sensitivity search on a small graph with a fake gate: layers ranked worst SQNR first, the float set doubling
-(1, 2, 4, ...) while the gate fails, and the search stopping before the int8 share of weight FLOPs drops under 80 %."""
+"""The sensitivity search on a small graph with fake judges: layers ranked worst SQNR first, the float set doubling
+(1, 2, 4, ...) while the calibration check fails, the search stopping before the int8 share of weight FLOPs drops
+under 80 %, a step that lowers the check's minimum never taken, and the held-out gate run once on the chosen one."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from onnx_graphs import float_input, make_model
 
 from pue.calibration.graph_ops import int8_flop_share, weight_ops
 from pue.calibration.int8 import rank_sensitivity
-from pue.calibration.int8_search import MIN_INT8_FLOP_SHARE, search_int8
+from pue.calibration.int8_search import MIN_INT8_FLOP_SHARE, Judges, search_int8
 from pue.calibration.quantize_bundle import QuantizeOptions
 from pue.calibration.simulate import matmul_sqnr
 from pue.calibration.stats import collect_channel_stats
@@ -103,6 +104,9 @@ class Verdict:
     def failures(self) -> list[str]:
         return [] if self.passed else ["mean cosine 0.9 < 0.995"]
 
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "overall": self.overall}
+
 
 def float_matmuls(model: onnx.ModelProto) -> set[str]:
     """MatMuls that still read their float weight initializer (not a DequantizeLinear output)."""
@@ -110,13 +114,21 @@ def float_matmuls(model: onnx.ModelProto) -> set[str]:
     return {n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers}
 
 
-def search(tmp_path, passes_when=None, fallback=True):
-    """search_int8 with a fake gate that records which MatMuls each candidate left in float."""
+def search(tmp_path, passes_when=None, fallback=True, minimum_of=None, gate_passes=None):
+    """search_int8 with fake judges: the check records which MatMuls each candidate left in float (its minimum
+    cosine from `minimum_of`), the gate records what it was shown."""
     seen: list[set[str]] = []
+    gated: list[set[str]] = []
 
-    def evaluate(quantized):
+    def check(quantized):
         seen.append(float_matmuls(quantized["decoder"]))
-        return Verdict(passed=passes_when is not None and passes_when(seen[-1]))
+        minimum = minimum_of(seen[-1]) if minimum_of else 0.8 + 0.001 * len(seen[-1])
+        overall = {"mean_cosine": 0.9 + minimum / 100, "min_cosine": minimum, "top1": 0.5}
+        return Verdict(passed=passes_when is not None and passes_when(seen[-1]), overall=overall)
+
+    def gate(quantized):
+        gated.append(float_matmuls(quantized["decoder"]))
+        return Verdict(passed=gate_passes if gate_passes is not None else passes_when is not None)
 
     messages: list[str] = []
     options = QuantizeOptions(precision="int8", target="onnxruntime", smooth=False, fallback=fallback)
@@ -126,15 +138,15 @@ def search(tmp_path, passes_when=None, fallback=True):
         {"decoder": 1},
         tmp_path,
         options,
-        evaluate,
+        Judges(check=check, gate=gate),
         messages.append,
         {},
     )
-    return result, seen, messages
+    return result, seen, messages, gated
 
 
 def test_float_set_doubles_worst_first_and_stops_at_the_80_percent_rule(tmp_path):
-    result, seen, messages = search(tmp_path)
+    result, seen, messages, gated = search(tmp_path)
     bad = list(BAD)
     assert seen == [set(), set(bad[:1]), set(bad[:2]), set(bad[:4])]  # 1, 2, 4; 8 would break the rule
     assert [a["float_nodes"] for a in result["attempts"]] == [sorted(s) for s in seen]
@@ -144,24 +156,44 @@ def test_float_set_doubles_worst_first_and_stops_at_the_80_percent_rule(tmp_path
     )
     # the 8 worst: the four cheap layers and four expensive ones, (1024 + 64) / 1600 of the FLOPs in float
     assert int8_flop_share(weight_ops(parallel_matmuls(), "decoder"), set(bad + GOOD[:4]), {"decoder": 1}) < 0.8
-    assert any("keeping the 8 worst ops in float would leave less than 80%" in m for m in messages)
+    assert any("keeping the 8 most sensitive ops in float would leave less than 80%" in m for m in messages)
     assert result["float_nodes"] == sorted(bad) and result["share"] == pytest.approx(1 - 64 / total)
+    assert gated == [set(bad)]  # the held-out gate judged the chosen candidate, once
     assert [s["node"] for s in result["ranking"][:4]] == bad
-    assert result["why"][-1] == "no float fallback within the 80% int8 FLOP rule passes the gate"
+    assert result["why"][-1].startswith("no float fallback within the 80% int8 FLOP rule passes (keeping the 8")
     assert result["why"][0] == "mean cosine 0.9 < 0.995"
     assert all(a["int8_flop_share"] >= MIN_INT8_FLOP_SHARE for a in result["attempts"])
 
 
 def test_search_stops_at_the_first_candidate_that_passes(tmp_path):
-    result, seen, _ = search(tmp_path, passes_when=lambda floats: {"bad0", "bad1"} <= floats)
+    result, seen, _, gated = search(tmp_path, passes_when=lambda floats: {"bad0", "bad1"} <= floats)
     assert seen == [set(), {"bad0"}, {"bad0", "bad1"}]
+    assert gated == [{"bad0", "bad1"}]
     assert result["fidelity"].passed and result["float_nodes"] == ["bad0", "bad1"] and result["why"] is None
 
 
+def test_a_step_that_lowers_the_minimum_is_never_taken(tmp_path):
+    """Keeping bad0 alone in float makes the worst calibration item worse: that candidate is measured, not taken,
+    and the held-out gate judges the best one the checks saw."""
+    minima = {0: 0.90, 1: 0.85, 2: 0.93, 4: 0.92}
+    result, seen, messages, gated = search(tmp_path, minimum_of=lambda floats: minima[len(floats)])
+    assert [len(s) for s in seen] == [0, 1, 2, 4]
+    assert [a["taken"] for a in result["attempts"]] == [True, False, True, False]
+    assert gated == [{"bad0", "bad1"}] and result["float_nodes"] == ["bad0", "bad1"]
+    assert "(lowers the minimum or the mean: not taken)" in messages[2]
+
+
+def test_a_candidate_that_passes_the_checks_can_still_fail_the_gate(tmp_path):
+    result, _, _, gated = search(tmp_path, passes_when=lambda floats: True, gate_passes=False)
+    assert gated == [set()] and not result["fidelity"].passed
+    assert result["why"] == ["mean cosine 0.9 < 0.995"]  # the gate's own failures: no fallback story to tell
+
+
 def test_without_fallback_one_attempt(tmp_path):
-    result, seen, _ = search(tmp_path, fallback=False)
-    assert seen == [set()] and len(result["attempts"]) == 1
-    assert result["ranking"] == [] and result["why"] is None and not result["fidelity"].passed
+    result, seen, _, gated = search(tmp_path, fallback=False)
+    assert seen == [set()] and len(result["attempts"]) == 1 and gated == [set()]
+    assert result["ranking"] == [] and not result["fidelity"].passed
+    assert result["why"] == ["mean cosine 0.9 < 0.995"]
 
 
 @pytest.mark.parametrize(("layers", "float_nodes"), [(2, 0), (5, 1)])
@@ -184,12 +216,15 @@ def test_exactly_80_percent_is_allowed_less_is_not(tmp_path, layers, float_nodes
         {"decoder": 1},
         tmp_path,
         options,
-        lambda quantized: calls.append(float_matmuls(quantized["decoder"])) or Verdict(passed=False),
+        Judges(
+            check=lambda quantized: calls.append(float_matmuls(quantized["decoder"])) or Verdict(passed=False),
+            gate=lambda quantized: Verdict(passed=False),
+        ),
         messages.append,
         {},
     )
     assert [len(c) for c in calls] == list(range(float_nodes + 1))
     assert [a["int8_flop_share"] for a in result["attempts"]] == pytest.approx([1.0, 0.8][: float_nodes + 1])
     assert len(result["float_nodes"]) == float_nodes
-    assert f"keeping the {float_nodes + 1} worst ops in float would leave less than 80%" in messages[-1]
+    assert f"keeping the {float_nodes + 1} most sensitive ops in float would leave less than 80%" in messages[-2]
     assert result["why"] is not None

@@ -70,7 +70,13 @@ def test_plan_grows_with_weights_activations_and_scores_and_refuses_past_free_me
     assert plan(weights_mb=4000, activations_mb=5).peak_host_bytes > small.peak_host_bytes + 3 * 12_000 * MB
     assert plan(weights_mb=10, activations_mb=500).peak_host_bytes > small.peak_host_bytes + 1_000 * MB
     assert plan(weights_mb=10, activations_mb=5, scores_mb=600).peak_host_bytes > small.peak_host_bytes + 4_000 * MB
-    assert small.passes == {"outlier report": 1, "statistics": 1, "calibration": 7, "gate": 7}
+    assert small.passes == {
+        "outlier report": 1,
+        "statistics": 1,
+        "calibration": 7,
+        "calibration check": 7,
+        "held-out gate": 1,
+    }
     tight = plan(weights_mb=4000, activations_mb=500, available=8 * 1024 * MB)
     assert not tight.fits and "int8-dynamic" in tight.notes[-1]
     text = "\n".join(tight.lines())
@@ -87,7 +93,12 @@ def test_the_gate_batch_counts_when_rows_are_long():
 
 def test_dynamic_and_no_fallback_plans_have_no_calibration_passes():
     dynamic = plan("int8-dynamic", calibrated=False, fallback=False, available=None, weights_mb=10, activations_mb=5)
-    assert dynamic.fits and dynamic.passes == {"outlier report": 1, "statistics": 1, "gate": 1}
+    assert dynamic.fits and dynamic.passes == {
+        "outlier report": 1,
+        "statistics": 1,
+        "calibration check": 1,
+        "held-out gate": 1,
+    }
 
 
 def test_phase_peaks_see_what_a_phase_allocated():
@@ -120,5 +131,5 @@ def test_plan_and_measured_peaks_are_recorded(fp32_bundle, heldout_dir, tmp_path
     resources = json.loads((out / "fidelity.json").read_text())["resources"]
     assert resources["plan"]["graphs"]["decoder"]["rows_per_pass"] == 16 + 8 + 4  # images, texts, composed
     measured = resources["measured_peak_mb"]
-    assert set(measured) >= {"prepare", "outlier report", "statistics", "quantization", "gate"}
+    assert set(measured) >= {"prepare", "outlier report", "statistics", "quantization", "check", "gate"}
     assert max(measured.values()) * MB <= resources["plan"]["peak_host_bytes"]  # the plan is an upper bound here

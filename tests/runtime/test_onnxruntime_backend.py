@@ -559,3 +559,18 @@ def test_saturation_is_a_property_of_x86_without_vnni(monkeypatch):
     monkeypatch.setattr("platform.machine", lambda: "aarch64")
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"asimd"}))
     assert not cpu.saturating_u8s8()
+
+
+def test_s8_qdq_graphs_run_in_float_where_int8_kernels_saturate(tmp_path, monkeypatch, caplog):
+    from pue.runtime.backends.onnxruntime import QDQ_IN_FLOAT, s8_qdq_in_float
+
+    tensorrt_int8 = make_manifest(tmp_path, precision="int8", target="tensorrt")
+    onnxruntime_int8 = make_manifest(tmp_path, precision="int8", target="onnxruntime")
+    monkeypatch.setattr("pue.runtime.backends.onnxruntime.saturating_u8s8", lambda: True)
+    with caplog.at_level("WARNING"):
+        assert s8_qdq_in_float(tensorrt_int8, parse_device("cpu")) == QDQ_IN_FLOAT
+    assert "run in float" in caplog.text  # said, never silent
+    assert s8_qdq_in_float(onnxruntime_int8, parse_device("cpu")) == {}  # 7-bit u8×s8: the int8 kernels are exact
+    assert s8_qdq_in_float(tensorrt_int8, parse_device("cuda")) == {}
+    monkeypatch.setattr("pue.runtime.backends.onnxruntime.saturating_u8s8", lambda: False)
+    assert s8_qdq_in_float(tensorrt_int8, parse_device("cpu")) == {}

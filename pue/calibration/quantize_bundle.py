@@ -209,6 +209,7 @@ def quantize_bundle(
             "patches": [p.to_dict() for p in plan.patches],
             "captions": plan.captions,
             "composed": [{"patch": p.to_dict(), "modifier": m} for p, m in plan.composed],
+            "image_sets": [[p.to_dict() for p in patches] for patches in plan.image_sets],
             "seed": options.seed,
             "counts": plan.counts(),
             "method": options.method,

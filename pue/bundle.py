@@ -127,6 +127,10 @@ class Lineage:
     calibration: str | None = None
 
 
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 def _split_known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """`data` as keyword arguments of dataclass `cls`: its fields, the other keys gathered in `extra`."""
     names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
@@ -284,7 +288,8 @@ class Manifest:
             plain.update(
                 graphs=graphs,
                 preprocessing=ImagePreprocessing(**data["preprocessing"]),
-                prompts=Prompts(**data["prompts"]),
+                # a newer minor may add prompt fields: read the ones this pue knows
+                prompts=Prompts(**{k: v for k, v in data["prompts"].items() if k in _field_names(Prompts)}),
                 tokenizer=TokenizerInfo(**tokenizer),
                 source_checkpoint=SourceCheckpoint(**data["source_checkpoint"]),
                 lineage=Lineage(**data.get("lineage", {})),

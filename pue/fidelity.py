@@ -281,14 +281,17 @@ class GateSet:
         return cls(images, list(GATE_TEXTS), composed, list(GATE_MODIFIERS[: len(composed)]), image_sets_of(images))
 
     def embed(self, embedder: Any) -> dict[str, np.ndarray]:
-        """Every kind's embeddings; `image_sets` only where the embedder takes several images per row."""
+        """Every kind's embeddings; `image_sets` only where the embedder takes several images per row, and only the
+        sets that fit its sequence limit (`max_images_per_row`)."""
         out = {
             "images": embedder.embed_images(self.images),
             "texts": embedder.embed_texts(self.texts),
             "composed": embedder.embed_composed(self.composed_images, self.composed_texts),
         }
         if self.image_sets and getattr(embedder, "takes_image_sets", False):
-            out["image_sets"] = embedder.embed_image_sets(self.image_sets)
+            fitting = self.up_to_images(embedder.max_images_per_row).image_sets
+            if fitting:
+                out["image_sets"] = embedder.embed_image_sets(fitting)
         return out
 
     def up_to_images(self, most: int) -> GateSet:

@@ -121,8 +121,9 @@ def test_image_sets_of_consecutive_images():
 class _Embedder:
     """Counts what a gate asks for; vectors are the item's index (one-hot)."""
 
-    def __init__(self, takes_image_sets: bool) -> None:
+    def __init__(self, takes_image_sets: bool, max_images_per_row: int = 4) -> None:
         self.takes_image_sets = takes_image_sets
+        self.max_images_per_row = max_images_per_row
         self.sets: list[list[str]] = []
 
     def _vectors(self, count: int) -> np.ndarray:
@@ -148,6 +149,9 @@ def test_gate_set_embeds_image_sets_only_where_the_bundle_takes_them():
     assert set(gate.embed(new)) == {"images", "texts", "composed", "image_sets"}
     assert new.sets == [list("ab"), list("cdef")]
     assert set(gate.embed(old)) == {"images", "texts", "composed"} and old.sets == []
+    short = _Embedder(True, max_images_per_row=3)  # a 4-image row would pass its max_seq_len
+    assert gate.embed(short)["image_sets"].shape[0] == 1 and short.sets == [list("ab")]
+    assert set(gate.embed(_Embedder(True, max_images_per_row=1))) == {"images", "texts", "composed"}
     assert "2 image sets (2/4 images)" in gate.counts()
     assert gate.up_to_images(2).image_sets == [list("ab")] and gate.up_to_images(1).image_sets == []
     # a fidelity report covers every kind the parent embedded, image sets included

@@ -105,7 +105,8 @@ class DecoderFeeds:
         rows += [("text", [], c) for c in plan.captions]
         rows += [("composed", [p], m) for p, m in plan.composed]
         if getattr(embedder, "takes_image_sets", False):
-            rows += [("image", list(patches), None) for patches in plan.image_sets]
+            most = embedder.max_images_per_row  # sets that fit the bundle's max_seq_len
+            rows += [("image", list(patches), None) for patches in plan.image_sets if len(patches) <= most]
         order = np.random.default_rng(0).permutation(len(rows))  # mix kinds so any prefix is representative
         self.rows = [rows[i] for i in order][:limit] if limit else [rows[i] for i in order]
 

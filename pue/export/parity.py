@@ -81,8 +81,8 @@ def run_parity_gate(
         Query(text=texts[-1]),
     ]
     separate = [got["texts"][1], got["images"][0], got["composed"][0], got["texts"][-1]]
-    if "image_sets" in got:
-        queries.insert(1, Query(images=gate_set.image_sets[-1]))
+    if "image_sets" in got:  # the largest set that fits, as GateSet.embed chose them
+        queries.insert(1, Query(images=gate_set.up_to_images(embedder.max_images_per_row).image_sets[-1]))
         separate.insert(1, got["image_sets"][-1])
     mixed = embedder.embed(queries, batch_size=len(queries))
     kinds = ", ".join("image set" if q.images is not None else q.kind for q in queries)

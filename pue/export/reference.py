@@ -21,6 +21,8 @@ from pue.runtime.prompts import join_images
 
 log = logging.getLogger(__name__)
 
+MOST_IMAGES_CHECKED = 64  # max_images_per_row looks no further
+
 
 class ReferenceEmbedder:
     """Embeds images, texts and composed queries with the PyTorch model (one forward pass, no generation)."""
@@ -66,6 +68,21 @@ class ReferenceEmbedder:
     def takes_image_sets(self) -> bool:
         """Whether the chat template renders several image parts in one user turn (`image_separator`)."""
         return self.image_separator is not None
+
+    @property
+    def max_images_per_row(self) -> int:
+        """The most images an image row can hold within the language model's positions (the bundle's
+        max_seq_len), counted the HF processor's way: the prompt's tokens plus tokens_per_image per image."""
+        if self.image_separator is None:
+            return 1
+        limit = int(getattr(self.model.config.text_config, "max_position_embeddings", 4096))
+        fitting = 1
+        for images in range(2, MOST_IMAGES_CHECKED + 1):
+            ids = self.processor.tokenizer(self.prompt("image", images=images), add_special_tokens=False)["input_ids"]
+            if len(ids) - images + images * self.geometry.tokens_per_image > limit:
+                break
+            fitting = images
+        return fitting
 
     @property
     def device(self) -> Any:

@@ -133,6 +133,11 @@ class Embedder:
         return self.manifest.prompts.image_separator is not None
 
     @property
+    def max_images_per_row(self) -> int:
+        """The most images one image row can hold within the bundle's max_seq_len (1 without image sets)."""
+        return self.prompts.max_images()
+
+    @property
     def dimension(self) -> int:
         return int(self.manifest.embedding_dim)
 

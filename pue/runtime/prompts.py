@@ -112,6 +112,19 @@ class PromptTokenizer:
                     "rebuild the bundle with pue-export onnx",
                 )
 
+    def max_images(self, most: int = 64) -> int:
+        """The most images an image row can hold within max_seq_len (1 for a bundle that takes one per row)."""
+        if self.prompts.image_separator is None:
+            return 1
+        fitting = 1
+        for images in range(2, most + 1):
+            try:
+                self.image_prompt(images)
+            except InputError:
+                break
+            fitting = images
+        return fitting
+
     def image_prompt(self, images: int = 1, index: int | None = None) -> list[int]:
         """Ids of the image prompt for a row of `images` images, placeholders expanded (computed once per count)."""
         if images not in self._image_prompts:

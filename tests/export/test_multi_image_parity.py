@@ -67,6 +67,8 @@ def test_multi_image_rows_match_reference_in_a_mixed_batch(
     np.testing.assert_allclose(want[6], reference.embed_images(one)[0], atol=1e-6)
     with Embedder.load(bundle) as embedder:
         assert embedder.takes_image_sets
+        # both sides agree how many images fit max_seq_len (the gate embeds only sets that fit)
+        assert embedder.max_images_per_row == reference.max_images_per_row == {"llava_next": 7, "llava": 15}[arch]
         got = embedder.embed(queries, batch_size=len(queries))  # one batch, right padding
         cosines = cosine_rows(got, want)
         assert cosines.min() >= 0.9999, cosines

@@ -386,6 +386,7 @@ def test_images_past_max_seq_len_are_refused_with_the_count_never_truncated(hf_t
         InputError, match=rf"item 4: the row's {too_many} images take {too_many * TOKENS_PER_IMAGE} tokens"
     ):
         prompt_tokenizer.encode("image", None, index=4, images=too_many)
+    assert prompt_tokenizer.max_images() == fitting and make_multi(hf_tokenizer, separator=None).max_images() == 1
     # a long text beside 2 images loses its end; the images stay whole
     ids, truncated = prompt_tokenizer.encode("composed", " ".join(CORPUS), index=0, images=2)
     assert truncated and len(ids) <= prompt_tokenizer.max_seq_len

@@ -28,7 +28,10 @@ FORMAT = "pue-bundle"
 # "MAJOR.MINOR": a reader accepts its own major and every minor of it (older minors are upgraded at read).
 # 1.0 (written as the integer 1): `files` keyed by role names ("fidelity", "calibration", "fidelity_plot").
 # 1.1: `files` keyed by the file's path inside the bundle ("fidelity.json"), one name for one file.
-FORMAT_VERSION = "1.1"
+# 1.2: several images per row: `prompts.image_separator` says how k image placeholders join in a prompt; the
+#      decoder's `image_features` carry a row's images one after another. Bundles of 1.0/1.1 run rows of 0 or
+#      1 image and refuse rows of more (their separator is unknown: re-export them).
+FORMAT_VERSION = "1.2"
 MANIFEST_NAME = "manifest.json"
 
 
@@ -88,12 +91,19 @@ class ImagePreprocessing:
 
 @dataclass
 class Prompts:
-    """Fully rendered prompt templates: `{text}` and the image placeholder are left in."""
+    """Fully rendered prompt templates: `{text}` and the image placeholder are left in.
+
+    `image_separator` is what the checkpoint's chat template puts between consecutive image parts of one user
+    turn: a row of k images renders its one placeholder as k placeholders joined by it. None where it is unknown
+    (bundles before format 1.2, or a chat template that cannot render several image parts): such a bundle runs
+    rows of one image only.
+    """
 
     image: str
     text: str
     composed: str
     image_placeholder: str
+    image_separator: str | None = None
 
 
 @dataclass
@@ -115,6 +125,10 @@ class Lineage:
     parent_sha256: str | None = None
     parent_precision: str | None = None
     calibration: str | None = None
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def _split_known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -274,7 +288,8 @@ class Manifest:
             plain.update(
                 graphs=graphs,
                 preprocessing=ImagePreprocessing(**data["preprocessing"]),
-                prompts=Prompts(**data["prompts"]),
+                # a newer minor may add prompt fields: read the ones this pue knows
+                prompts=Prompts(**{k: v for k, v in data["prompts"].items() if k in _field_names(Prompts)}),
                 tokenizer=TokenizerInfo(**tokenizer),
                 source_checkpoint=SourceCheckpoint(**data["source_checkpoint"]),
                 lineage=Lineage(**data.get("lineage", {})),

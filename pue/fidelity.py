@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -248,16 +248,19 @@ def compare_for_parity(
 
 @dataclass
 class GateSet:
-    """Held-out items of a gate: images, texts, composed (image, modifier) pairs."""
+    """Held-out items of a gate: images, texts, composed (image, modifier) pairs, and sets of several images
+    embedded as one row each (`image_sets`; left out for a bundle that takes one image per row)."""
 
     images: list[Any]
     texts: list[str]
     composed_images: list[Any]
     composed_texts: list[str]
+    image_sets: list[list[Any]] = field(default_factory=list)
 
     @classmethod
     def default(cls, heldout: str | Path | Sequence[Any] | None = None, minimum: int = 4) -> GateSet:
-        """The shipped held-out patches (or a folder / list of images), every gate text, one modifier per image."""
+        """The shipped held-out patches (or a folder / list of images), every gate text, one modifier per image,
+        and sets of 2 and 4 consecutive held-out images (`image_sets_of`)."""
         if heldout is None:
             from pue.data import patch_set
 
@@ -275,17 +278,44 @@ class GateSet:
                 "pass a held-out folder with more patches",
             )
         composed = images[: len(GATE_MODIFIERS)]
-        return cls(images, list(GATE_TEXTS), composed, list(GATE_MODIFIERS[: len(composed)]))
+        return cls(images, list(GATE_TEXTS), composed, list(GATE_MODIFIERS[: len(composed)]), image_sets_of(images))
 
     def embed(self, embedder: Any) -> dict[str, np.ndarray]:
-        return {
+        """Every kind's embeddings; `image_sets` only where the embedder takes several images per row, and only the
+        sets that fit its sequence limit (`max_images_per_row`)."""
+        out = {
             "images": embedder.embed_images(self.images),
             "texts": embedder.embed_texts(self.texts),
             "composed": embedder.embed_composed(self.composed_images, self.composed_texts),
         }
+        if self.image_sets and getattr(embedder, "takes_image_sets", False):
+            fitting = self.up_to_images(embedder.max_images_per_row).image_sets
+            if fitting:
+                out["image_sets"] = embedder.embed_image_sets(fitting)
+        return out
+
+    def up_to_images(self, most: int) -> GateSet:
+        """The same set without image sets of more than `most` images (what a TensorRT profile takes)."""
+        kept = [images for images in self.image_sets if len(images) <= most]
+        return replace(self, image_sets=kept)
 
     def counts(self) -> str:
-        return f"{len(self.images)} patches, {len(self.texts)} texts, {len(self.composed_texts)} composed"
+        sizes = "/".join(str(len(s)) for s in self.image_sets)
+        sets = f", {len(self.image_sets)} image sets ({sizes} images)" if self.image_sets else ""
+        return f"{len(self.images)} patches, {len(self.texts)} texts, {len(self.composed_texts)} composed{sets}"
+
+
+def image_sets_of(images: Sequence[Any], sizes: Sequence[int] = (2, 4), most: int = 4) -> list[list[Any]]:
+    """Up to `most` sets of consecutive images, their sizes cycling through `sizes`, none overlapping."""
+    sets: list[list[Any]] = []
+    start = 0
+    while len(sets) < most:
+        size = sizes[len(sets) % len(sizes)]
+        if start + size > len(images):
+            break
+        sets.append(list(images[start : start + size]))
+        start += size
+    return sets
 
     def item_count(self) -> int:
         return len(self.images) + len(self.texts) + len(self.composed_texts)

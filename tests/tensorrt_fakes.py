@@ -606,6 +606,7 @@ def make_tiny_bundle(
             text="{text} text summary",
             composed="<image> {text} composed summary",
             image_placeholder="<image>",
+            image_separator=" ",
         ),
         pooling="last_token",
         tokenizer=TokenizerInfo(file_entry(directory, "tokenizer.json"), pad_token_id=0),
@@ -632,9 +633,9 @@ def heldout_patches(count: int = 8) -> list[Path]:
 
 
 def small_gate_set(count: int = 6) -> Any:
-    from pue.fidelity import GATE_MODIFIERS, GATE_TEXTS, GateSet
+    from pue.fidelity import GATE_MODIFIERS, GATE_TEXTS, GateSet, image_sets_of
 
     images = heldout_patches(count)
     # the fake engines are built with a small --max-seq: the gate texts that fit it
     texts = [text for text in GATE_TEXTS if len(text) < 200]
-    return GateSet(images, texts, images[:3], list(GATE_MODIFIERS[:3]))
+    return GateSet(images, texts, images[:3], list(GATE_MODIFIERS[:3]), image_sets_of(images))

@@ -20,6 +20,7 @@ from pue.fidelity import (
     cosine_rows,
     fail_gate,
     gate_failure_path,
+    image_sets_of,
     mean_pairwise_cosine,
     measure_fidelity,
     print_gate,
@@ -105,3 +106,54 @@ def test_printer_prints_names_literally():
     print_gate(Console(file=buffer, width=200, markup=False), report.to_dict(), title="gate [bold]x")
     text = buffer.getvalue()
     assert "[/INST] images" in text and "gate [bold]x" in text and text.rstrip().endswith("FAILED")
+
+
+# --- several images per row (issue 16) ---------------------------------------------------------------------------
+
+
+def test_image_sets_of_consecutive_images():
+    images = list("abcdefghijklmn")
+    assert image_sets_of(images) == [list("ab"), list("cdef"), list("gh"), list("ijkl")]
+    assert image_sets_of(list("abcde")) == [list("ab")]  # the next set of 4 does not fit
+    assert image_sets_of(list("a")) == []
+
+
+class _Embedder:
+    """Counts what a gate asks for; vectors are the item's index (one-hot)."""
+
+    def __init__(self, takes_image_sets: bool, max_images_per_row: int = 4) -> None:
+        self.takes_image_sets = takes_image_sets
+        self.max_images_per_row = max_images_per_row
+        self.sets: list[list[str]] = []
+
+    def _vectors(self, count: int) -> np.ndarray:
+        return np.eye(8, dtype=np.float32)[:count]
+
+    def embed_images(self, images):
+        return self._vectors(len(images))
+
+    def embed_texts(self, texts):
+        return self._vectors(len(texts))
+
+    def embed_composed(self, images, texts):
+        return self._vectors(len(images))
+
+    def embed_image_sets(self, sets):
+        self.sets = [list(s) for s in sets]
+        return self._vectors(len(sets))
+
+
+def test_gate_set_embeds_image_sets_only_where_the_bundle_takes_them():
+    gate = GateSet(list("abcdef"), ["t"], ["a"], ["m"], image_sets_of(list("abcdef")))
+    new, old = _Embedder(True), _Embedder(False)
+    assert set(gate.embed(new)) == {"images", "texts", "composed", "image_sets"}
+    assert new.sets == [list("ab"), list("cdef")]
+    assert set(gate.embed(old)) == {"images", "texts", "composed"} and old.sets == []
+    short = _Embedder(True, max_images_per_row=3)  # a 4-image row would pass its max_seq_len
+    assert gate.embed(short)["image_sets"].shape[0] == 1 and short.sets == [list("ab")]
+    assert set(gate.embed(_Embedder(True, max_images_per_row=1))) == {"images", "texts", "composed"}
+    assert "2 image sets (2/4 images)" in gate.counts()
+    assert gate.up_to_images(2).image_sets == [list("ab")] and gate.up_to_images(1).image_sets == []
+    # a fidelity report covers every kind the parent embedded, image sets included
+    report = measure_fidelity(gate.embed(new), gate.embed(new))
+    assert report.per_kind["image_sets"]["count"] == 2

@@ -65,6 +65,7 @@ def run_latency(
     timeout_s: float | None = None,
     progress: Callable[[str], None] | None = None,
     rounds: int = 1,
+    images_per_row: int = 1,
 ) -> dict[str, Any]:
     """Measure every bundle (and the reference, if given) and return the report (see `pue.benchmarks.report`).
 
@@ -75,6 +76,10 @@ def run_latency(
     A worker that fails leaves rows with an `error` field for the batch sizes it did not finish; the others are
     still measured. `reference_precisions` defaults to fp32 plus bf16 on CPUs with native bf16, fp32 plus fp16 on
     CUDA. `images` defaults to the shipped held-out patches (`pue.data.patch_set("heldout")`).
+
+    `images_per_row` > 1 measures the multi-image row type: each of a batch's rows is one query of that many
+    images (a region's tiles), `items_per_s` counts rows, and FLOP-based columns are left empty (the FLOP count is
+    per single-image row).
     """
     say = progress or (lambda message: log.info(message))
     sizes = _check_settings(bundles, batch_sizes, warmup, iters, patches_per_slide)
@@ -110,6 +115,7 @@ def run_latency(
         "device": device,
         "threads": threads,
         "images": image_paths,
+        "images_per_row": images_per_row,
     }
     jobs: list[tuple[str, WorkerSpec, str, str, str]] = []  # name, spec, precision, backend, what to say
     if checkpoint is not None:
@@ -141,7 +147,8 @@ def run_latency(
 
     models = _count_flops(targets, checkpoint, patches_per_slide, notes)
     for row in rows:
-        row["flops_per_item"] = _flops_of(row["path"], models)
+        row["images_per_row"] = images_per_row
+        row["flops_per_item"] = _flops_of(row["path"], models) if images_per_row == 1 else None
     add_speedups(rows)
     add_limits(rows, machine_peaks, patches_per_slide)
 
@@ -345,7 +352,8 @@ def add_limits(rows: list[dict[str, Any]], peaks: dict[str, Any] | None, patches
     minutes_per_slide at the measured throughput."""
     for row in rows:
         speed, flops = row.get("items_per_s"), row.get("flops_per_item")
-        row["minutes_per_slide"] = patches_per_slide / speed / 60 if speed else None
+        patches_per_s = speed * row.get("images_per_row", 1) if speed else None  # a row of k images is k patches
+        row["minutes_per_slide"] = patches_per_slide / patches_per_s / 60 if patches_per_s else None
         row["achieved_gflops"] = speed * flops / 1e9 if speed and flops else None
         peak = peak_for(peaks, row["precision"], row["device"])
         row["peak_gflops"] = peak

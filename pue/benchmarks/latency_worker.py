@@ -50,6 +50,7 @@ class WorkerSpec:
     backend: str = "auto"
     tile_size: int = 224
     recipe: dict[str, Any] | None = None
+    images_per_row: int = 1  # > 1: every row is one query of that many images (issue 16's multi-image row)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -85,6 +86,8 @@ class WorkerSpec:
             problems.append(f"iters must be an integer >= 1, got {self.iters!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             problems.append(f"threads must be a positive integer or null, got {self.threads!r}")
+        if isinstance(self.images_per_row, bool) or not isinstance(self.images_per_row, int) or self.images_per_row < 1:
+            problems.append(f"images_per_row must be a positive integer, got {self.images_per_row!r}")
         if self.kind == "reference" and self.dtype not in REFERENCE_DTYPES:
             problems.append(f"dtype must be one of {REFERENCE_DTYPES}, got {self.dtype!r}")
         if problems:
@@ -105,6 +108,11 @@ def batch_of(images: list[str], batch_size: int, step: int) -> list[str]:
     return [images[(start + offset) % len(images)] for offset in range(batch_size)]
 
 
+def rows_of(images: list[str], images_per_row: int) -> list[list[str]]:
+    """A batch's images cut into rows of `images_per_row` consecutive images (one query each)."""
+    return [images[start : start + images_per_row] for start in range(0, len(images), images_per_row)]
+
+
 def peak_rss_mb() -> float:
     """This process's maximum resident set size so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -123,8 +131,12 @@ class _BundleTarget:
         )
         manifest = self.embedder.manifest
         self.info = {"precision": manifest.precision, "backend": self.embedder.backend_name, "threads": spec.threads}
+        self.images_per_row = spec.images_per_row
 
     def embed(self, images: list[str]) -> Any:
+        if self.images_per_row > 1:
+            rows = rows_of(images, self.images_per_row)
+            return self.embedder.embed_image_sets(rows, batch_size=len(rows))
         return self.embedder.embed_images(images, batch_size=len(images))
 
     def stage_seconds(self) -> dict[str, float]:
@@ -178,6 +190,7 @@ class _ReferenceTarget:
         )
         self.seconds = {"preprocess": 0.0, "vision": 0.0}
         self.total = 0.0
+        self.images_per_row = spec.images_per_row
         reference = self.reference
         reference.tiles = self._timed("preprocess", reference.tiles)
         reference.processor = _TimedProcessor(reference.processor, self._add)
@@ -210,9 +223,14 @@ class _ReferenceTarget:
         return timed
 
     def embed(self, images: list[str]) -> Any:
-        self.reference.batch_size = len(images)
+        rows = rows_of(images, self.images_per_row)
+        self.reference.batch_size = len(rows)
         started = time.perf_counter()
-        result = self.reference.embed_images(images)  # returns numpy: the device is synchronised
+        # numpy results: the device is synchronised
+        if self.images_per_row > 1:
+            result = self.reference.embed_image_sets(rows)
+        else:
+            result = self.reference.embed_images(images)
         self.total += time.perf_counter() - started
         return result
 
@@ -249,12 +267,13 @@ def run_worker(spec: WorkerSpec, emit: Callable[[str], None] | None = None) -> d
     emit(LOADED_PREFIX + json.dumps(loaded))
     batches = []
     for batch_size in sorted(set(spec.batch_sizes)):
+        per_batch = batch_size * spec.images_per_row  # batch_size rows of images_per_row images
         for step in range(spec.warmup):
-            target.embed(batch_of(spec.images, batch_size, step))
+            target.embed(batch_of(spec.images, per_batch, step))
         before = target.stage_seconds()
         latencies = []
         for step in range(spec.iters):
-            images = batch_of(spec.images, batch_size, spec.warmup + step)
+            images = batch_of(spec.images, per_batch, spec.warmup + step)
             begin = time.perf_counter()
             target.embed(images)
             latencies.append((time.perf_counter() - begin) * 1000)

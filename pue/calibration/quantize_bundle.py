@@ -241,6 +241,7 @@ def quantize_bundle(
             "patches": [p.to_dict() for p in plan.patches],
             "captions": plan.captions,
             "composed": [{"patch": p.to_dict(), "modifier": m} for p, m in plan.composed],
+            "image_sets": [[p.to_dict() for p in patches] for patches in plan.image_sets],
             "seed": options.seed,
             "counts": plan.counts(),
             "method": options.method,
@@ -319,17 +320,19 @@ def _outliers(models: dict[str, Any], feeds: dict[str, Callable[..., Any]]) -> d
     return summarize(tensors)
 
 
-CHECK_PATCHES, CHECK_CAPTIONS, CHECK_COMPOSED = 24, 12, 8
+CHECK_PATCHES, CHECK_CAPTIONS, CHECK_COMPOSED, CHECK_IMAGE_SETS = 24, 12, 8, 4
 
 
 def _check_set(plan: Any) -> GateSet:
-    """Calibration items the INT8 search decides on (never held-out ones): patches, captions, composed rows."""
+    """Calibration items the INT8 search decides on (never held-out ones): patches, captions, composed rows and
+    sets of patches embedded as one row (for bundles that take them)."""
     composed = plan.composed[:CHECK_COMPOSED]
     return GateSet(
         images=[patch.load() for patch in plan.patches[:CHECK_PATCHES]],
         texts=list(plan.captions[:CHECK_CAPTIONS]),
         composed_images=[patch.load() for patch, _ in composed],
         composed_texts=[modifier for _, modifier in composed],
+        image_sets=[[patch.load() for patch in group] for group in plan.image_sets[:CHECK_IMAGE_SETS]],
     )
 
 

@@ -1,14 +1,15 @@
 """Calibration data readers that feed each graph its true inputs, streaming (one sample at a time).
 
 The vision graph gets preprocessed patches. The decoder gets what it sees in service: image prompts with the
-image features the FP32 vision graph produces for those patches, text prompts (captions), and composed
-prompts (patch + modifier). Nothing is held beyond the current sample, so memory stays bounded.
+image features the FP32 vision graph produces for those patches, text prompts (captions), composed
+prompts (patch + modifier), and rows of several patches (2 or 4, where the bundle takes them). Nothing is held
+beyond the current sample, so memory stays bounded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,14 +28,21 @@ DEFAULT_MODIFIERS = [
 
 @dataclass
 class CalibrationPlan:
-    """What to feed: patches for images, captions for texts, (patch, modifier) pairs for composed prompts."""
+    """What to feed: patches for images, captions for texts, (patch, modifier) pairs for composed prompts, and sets
+    of patches embedded as one row each."""
 
     patches: list[Patch]
     captions: list[str]
     composed: list[tuple[Patch, str]]
+    image_sets: list[list[Patch]] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        return {"patches": len(self.patches), "captions": len(self.captions), "composed": len(self.composed)}
+        return {
+            "patches": len(self.patches),
+            "captions": len(self.captions),
+            "composed": len(self.composed),
+            "image_sets": len(self.image_sets),
+        }
 
 
 def default_captions(limit: int, seed: int = 0) -> list[str]:
@@ -48,13 +56,28 @@ def default_captions(limit: int, seed: int = 0) -> list[str]:
 
 
 def make_plan(
-    patches: list[Patch], captions: list[str], composed_share: float = 0.25, seed: int = 0
+    patches: list[Patch],
+    captions: list[str],
+    composed_share: float = 0.25,
+    seed: int = 0,
+    image_set_share: float = 0.125,
+    image_set_sizes: tuple[int, ...] = (2, 4),
 ) -> CalibrationPlan:
+    """Every patch as an image row, a share of them again with a modifier, and a share as sets of consecutive
+    patches (sizes cycling through `image_set_sizes`)."""
     count = max(1, int(len(patches) * composed_share)) if patches else 0
     rng = np.random.default_rng(seed + 1)
     chosen = rng.choice(len(patches), size=count, replace=False) if count else []
     composed = [(patches[int(i)], DEFAULT_MODIFIERS[k % len(DEFAULT_MODIFIERS)]) for k, i in enumerate(chosen)]
-    return CalibrationPlan(patches, captions, composed)
+    image_sets = []
+    wanted = max(1, int(len(patches) * image_set_share)) if image_set_share > 0 else 0
+    for k in range(wanted):
+        size = image_set_sizes[k % len(image_set_sizes)]
+        if size > len(patches):
+            break
+        start = int(rng.integers(0, len(patches) - size + 1))
+        image_sets.append(patches[start : start + size])
+    return CalibrationPlan(patches, captions, composed, image_sets)
 
 
 class VisionFeeds:
@@ -73,13 +96,17 @@ class VisionFeeds:
 
 
 class DecoderFeeds:
-    """input_ids, attention_mask, image_features per prompt: image, text and composed rows, interleaved."""
+    """input_ids, attention_mask, image_features per prompt: image, text, composed and (where the bundle takes
+    them) several-image rows, interleaved."""
 
     def __init__(self, embedder: Any, plan: CalibrationPlan, limit: int | None = None) -> None:
         self.embedder = embedder
-        rows: list[tuple[str, Patch | None, str | None]] = [("image", p, None) for p in plan.patches]
-        rows += [("text", None, c) for c in plan.captions]
-        rows += [("composed", p, m) for p, m in plan.composed]
+        rows: list[tuple[str, list[Patch], str | None]] = [("image", [p], None) for p in plan.patches]
+        rows += [("text", [], c) for c in plan.captions]
+        rows += [("composed", [p], m) for p, m in plan.composed]
+        if getattr(embedder, "takes_image_sets", False):
+            most = embedder.max_images_per_row  # sets that fit the bundle's max_seq_len
+            rows += [("image", list(patches), None) for patches in plan.image_sets if len(patches) <= most]
         order = np.random.default_rng(0).permutation(len(rows))  # mix kinds so any prefix is representative
         self.rows = [rows[i] for i in order][:limit] if limit else [rows[i] for i in order]
 
@@ -90,12 +117,13 @@ class DecoderFeeds:
         prompts = self.embedder.prompts
         manifest = self.embedder.manifest
         vision = self.embedder.backend.vision
-        for index, (kind, patch, text) in enumerate(self.rows):
-            ids, _ = prompts.encode(kind, text, index=index, truncate=True)
+        for index, (kind, patches, text) in enumerate(self.rows):
+            ids, _ = prompts.encode(kind, text, index=index, truncate=True, images=max(1, len(patches)))
             input_ids, attention_mask = prompts.pad([ids])
-            if patch is not None:
-                pixels = self.embedder.pixel_values([patch.load()], first_index=index)
+            if patches:
+                pixels = self.embedder.pixel_values([patch.load() for patch in patches], first_index=index)
                 features = vision.infer({"pixel_values": pixels})["image_features"]
+                features = features.reshape(1, -1, features.shape[-1])  # the row's images one after another
             else:
                 features = np.zeros((1, 1, manifest.hidden_size), np.float32)
             yield {"input_ids": input_ids, "attention_mask": attention_mask, "image_features": features}

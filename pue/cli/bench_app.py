@@ -49,6 +49,9 @@ def latency(
         None, "--images", help="Image files or folders to use instead of the shipped held-out patches."
     ),
     patches_per_slide: int = typer.Option(10_000, "--patches-per-slide", help="Patches of one whole slide."),
+    images_per_row: int = typer.Option(
+        1, "--images-per-row", min=1, help="Rows of several images: each row embeds this many images as one query."
+    ),
     no_peaks: bool = typer.Option(False, "--no-peaks", help="Skip measuring this machine's matmul peaks."),
     timeout: float = typer.Option(None, "--timeout", help="Seconds each worker may run before it is stopped."),
     report: Path = typer.Option(None, "--report", help="Directory for report.json, report.md and latency.png."),
@@ -77,6 +80,7 @@ def latency(
         peaks=not no_peaks,
         timeout_s=timeout,
         rounds=rounds,
+        images_per_row=images_per_row,
         progress=progress_printer(err),
     )
     if report is not None:

@@ -316,7 +316,11 @@ def trt(
     max_seq: int = typer.Option(
         None,
         "--max-seq",
-        help="Longest token sequence the decoder engine accepts (default: image prompt + 512, rounded up to 64).",
+        help="Longest token sequence the decoder engine accepts (default: a prompt of --max-images images + 512, "
+        "rounded up to 64).",
+    ),
+    max_images: int = typer.Option(
+        1, "--max-images", min=1, help="Most images one row may hold (rows of several images: a region, a stain pair)."
     ),
     timing_cache: Path = typer.Option(
         None,
@@ -358,6 +362,7 @@ def trt(
     options = TrtOptions(
         batch=parse_batch(batch),
         max_seq=max_seq,
+        max_images=max_images,
         timing_cache=timing_cache,
         workspace_gb=workspace,
         version_compatible=version_compatible,

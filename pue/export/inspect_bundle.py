@@ -45,6 +45,8 @@ def describe_bundle(bundle: str | Path) -> dict[str, Any]:
         "tokens_per_image": manifest.tokens_per_image,
         "embedding_dim": manifest.embedding_dim,
         "max_seq_len": manifest.max_seq_len,
+        # rows of several images: the separator the chat template puts between image parts (None: one per row)
+        "image_separator": manifest.prompts.image_separator,
         "graphs": graphs,
         "prompts": {
             "image": manifest.prompts.image,
@@ -78,6 +80,12 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
     console.print(
         f"tile {summary['tile_size']} px → {summary['num_crops']} crop(s), {summary['tokens_per_image']} image tokens; "
         f"embedding dim {summary['embedding_dim']}; max sequence {summary['max_seq_len']}"
+    )
+    separator = summary["image_separator"]
+    console.print(
+        "images per row: one (re-export with pue-export onnx for several)"
+        if separator is None
+        else f"images per row: several, placeholders joined by {separator!r}"
     )
     source = summary["source_checkpoint"]
     console.print(

@@ -211,6 +211,12 @@ def _export_graphs(
 
     tokenizer.backend_tokenizer.save(str(staging / "tokenizer.json"))
     rendered = render_prompts(processor, recipe)
+    if reference.image_separator is None:
+        log.warning(
+            "the chat template of %s does not render several image parts in one user turn: the bundle takes one "
+            "image per row",
+            info.name,
+        )
     processor_config = processor.image_processor.to_dict()
     preprocessing = preprocessing_from_config(
         processor_config,
@@ -230,7 +236,9 @@ def _export_graphs(
         tile_size=geometry.tile_size,
         preprocessing=preprocessing,
         recipe=recipe.to_dict(),
-        prompts=Prompts(image_placeholder=image_placeholder(processor), **rendered),
+        prompts=Prompts(
+            image_placeholder=image_placeholder(processor), image_separator=reference.image_separator, **rendered
+        ),
         pooling=recipe.pooling,
         tokenizer=TokenizerInfo(
             file=file_entry(staging, "tokenizer.json"),

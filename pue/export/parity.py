@@ -51,8 +51,12 @@ def run_parity_gate(
 
     report = GateReport(PARITY, "bundle via runtime vs PyTorch reference")
     got = gate_set.embed(embedder)
-    for kind in ("images", "texts", "composed"):
-        compare_for_parity(report, kind, got[kind], reference[kind], tolerances.min_cosine, tolerances.max_abs)
+    for kind in ("images", "texts", "composed", "image_sets"):
+        if kind in reference or kind in got:
+            compare_for_parity(
+                report, kind, got.get(kind, np.zeros(0)), reference.get(kind, np.zeros(0)), tolerances.min_cosine,
+                tolerances.max_abs,
+            )
 
     features = embedder.image_features(gate_set.images[:VISION_GATE_IMAGES])
     want = reference["image_features"]
@@ -70,20 +74,23 @@ def run_parity_gate(
             False,
         )
     )
-    mixed = embedder.embed(
-        [
-            Query(text=texts[1]),
-            Query(image=gate_set.images[0]),
-            Query(image=gate_set.composed_images[0], text=gate_set.composed_texts[0]),
-            Query(text=texts[-1]),
-        ]
-    )
-    separate = np.stack([got["texts"][1], got["images"][0], got["composed"][0], got["texts"][-1]])
+    queries = [
+        Query(text=texts[1]),
+        Query(image=gate_set.images[0]),
+        Query(image=gate_set.composed_images[0], text=gate_set.composed_texts[0]),
+        Query(text=texts[-1]),
+    ]
+    separate = [got["texts"][1], got["images"][0], got["composed"][0], got["texts"][-1]]
+    if "image_sets" in got:  # the largest set that fits, as GateSet.embed chose them
+        queries.insert(1, Query(images=gate_set.up_to_images(embedder.max_images_per_row).image_sets[-1]))
+        separate.insert(1, got["image_sets"][-1])
+    mixed = embedder.embed(queries, batch_size=len(queries))
+    kinds = ", ".join("image set" if q.images is not None else q.kind for q in queries)
     report.checks.append(
         Check(
-            "mixed batch (text, image, composed, text) vs separate runs",
+            f"mixed batch ({kinds}) vs separate runs",
             "max abs diff",
-            float(np.max(np.abs(mixed - separate))),
+            float(np.max(np.abs(mixed - np.stack(separate)))),
             tolerances.batch_max_abs,
             False,
         )

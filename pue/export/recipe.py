@@ -103,6 +103,41 @@ def render_prompts(processor: Any, recipe: Recipe) -> dict[str, str]:
     }
 
 
+def image_separator(processor: Any, checked_up_to: int = 4) -> str | None:
+    """What the chat template puts between consecutive image parts of one user message, or None.
+
+    Renders a user message of k image parts followed by a text part for k = 1..`checked_up_to` and reads the
+    string between the first two placeholders; the rendering must be that separator repeated (k placeholders
+    joined by it, the rest of the turn unchanged), so a prompt of k images is the single-image prompt with its
+    placeholder replaced by k joined ones. None when the template renders no list content or is not of that form
+    (the bundle then runs rows of one image only, and says so).
+    """
+    template = chat_template_of(processor)
+    placeholder = image_placeholder(processor)
+    marker = "PUE_TEXT_PART"
+
+    def render(images: int) -> str | None:
+        content = [{"type": "image"}] * images + [{"type": "text", "text": marker}]
+        try:
+            return processor.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], chat_template=template, tokenize=False
+            )
+        except Exception:  # a template that renders string content only
+            return None
+
+    one, two = render(1), render(2)
+    if one is None or two is None or one.count(placeholder) != 1 or two.count(placeholder) != 2:
+        return None
+    first = two.index(placeholder) + len(placeholder)
+    separator = two[first : two.index(placeholder, first)]
+    at = one.index(placeholder)
+    for images in range(1, checked_up_to + 1):
+        joined = separator.join([placeholder] * images)
+        if render(images) != one[:at] + joined + one[at + len(placeholder) :]:
+            return None
+    return separator
+
+
 def image_placeholder(processor: Any) -> str:
     """The checkpoint's image token string; recipes write `<image>` and get the checkpoint's own."""
     return getattr(processor, "image_token", None) or RECIPE_IMAGE

@@ -15,10 +15,13 @@ import numpy as np
 
 from pue.errors import InputError
 from pue.export.checkpoint import CheckpointInfo, inspect_checkpoint, load_model, load_processor
-from pue.export.recipe import TEXT_FIELD, Recipe, image_placeholder, load_recipe, render_prompts
+from pue.export.recipe import TEXT_FIELD, Recipe, image_placeholder, image_separator, load_recipe, render_prompts
 from pue.runtime.images import fit_to_tile, load_image
+from pue.runtime.prompts import join_images
 
 log = logging.getLogger(__name__)
+
+MOST_IMAGES_CHECKED = 64  # max_images_per_row looks no further
 
 
 class ReferenceEmbedder:
@@ -39,6 +42,7 @@ class ReferenceEmbedder:
         self.geometry = self.architecture.geometry(model, tile_size)
         self.image_token = image_placeholder(processor)
         self.rendered_prompts = render_prompts(processor, recipe)
+        self.image_separator = image_separator(processor)
         self.pool_token_id = None
         if recipe.pool_token is not None:
             self.pool_token_id = processor.tokenizer.convert_tokens_to_ids(recipe.pool_token)
@@ -61,20 +65,50 @@ class ReferenceEmbedder:
         return cls(info, model, processor, resolved, tile_size, batch_size)
 
     @property
+    def takes_image_sets(self) -> bool:
+        """Whether the chat template renders several image parts in one user turn (`image_separator`)."""
+        return self.image_separator is not None
+
+    @property
+    def max_images_per_row(self) -> int:
+        """The most images an image row can hold within the language model's positions (the bundle's
+        max_seq_len), counted the HF processor's way: the prompt's tokens plus tokens_per_image per image."""
+        if self.image_separator is None:
+            return 1
+        limit = int(getattr(self.model.config.text_config, "max_position_embeddings", 4096))
+        fitting = 1
+        for images in range(2, MOST_IMAGES_CHECKED + 1):
+            ids = self.processor.tokenizer(self.prompt("image", images=images), add_special_tokens=False)["input_ids"]
+            if len(ids) - images + images * self.geometry.tokens_per_image > limit:
+                break
+            fitting = images
+        return fitting
+
+    @property
     def device(self) -> Any:
         return next(self.model.parameters()).device
 
     # --- public API: the same contract as pue.runtime.Embedder -------------------------------------------
     def embed_images(self, images: Sequence[Any]) -> np.ndarray:
-        return self._embed("image", images=list(images), texts=None)
+        return self._embed("image", [[image] for image in images], texts=None)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return self._embed("text", images=None, texts=list(texts))
+        return self._embed("text", None, texts=list(texts))
 
     def embed_composed(self, images: Sequence[Any], texts: Sequence[str]) -> np.ndarray:
         if len(images) != len(texts):
             raise InputError(f"embed_composed needs as many texts as images (got {len(images)} and {len(texts)})")
-        return self._embed("composed", images=list(images), texts=list(texts))
+        return self._embed("composed", [[image] for image in images], texts=list(texts))
+
+    def embed_image_sets(self, image_sets: Sequence[Sequence[Any]], texts: Sequence[str] | None = None) -> np.ndarray:
+        """One vector per set of images in one prompt, in order (with `texts`: composed rows of several images)."""
+        sets = [list(images) for images in image_sets]
+        if texts is not None and len(texts) != len(sets):
+            raise InputError(f"embed_image_sets needs one text per set (got {len(sets)} sets and {len(texts)} texts)")
+        for index, images in enumerate(sets):
+            if not images:
+                raise InputError("an image set is empty", index=index)
+        return self._embed("image" if texts is None else "composed", sets, None if texts is None else list(texts))
 
     def image_features(self, images: Sequence[Any]) -> np.ndarray:
         """The HF model's packed image features [N, tokens_per_image, hidden] (vision.onnx's ground truth)."""
@@ -103,28 +137,44 @@ class ReferenceEmbedder:
         encoded = self.processor.image_processor(images=tiles, return_tensors="pt")
         return encoded["pixel_values"].to(self.device)
 
-    def prompt(self, kind: str, text: str | None = None, index: int = 0) -> str:
-        """The recipe's rendered template (chat template applied once, as stored in bundles) with the text in."""
+    def prompt(self, kind: str, text: str | None = None, index: int = 0, images: int = 1) -> str:
+        """The recipe's rendered template (chat template applied once, as stored in bundles) with the text in and,
+        for `images` > 1, the image placeholder repeated as the chat template renders that many image parts."""
         template = self.rendered_prompts[kind]
+        if kind != "text" and images != 1:
+            if self.image_separator is None:
+                raise InputError(
+                    f"the row has {images} images; the checkpoint's chat template does not render several image parts",
+                    index=index,
+                )
+            template = join_images(template, self.image_token, self.image_separator, images)
         if text is None:
             return template
         if self.image_token in text:
             raise InputError(f"text contains the image token {self.image_token!r}", index=index)
         return template.replace(TEXT_FIELD, text, 1)
 
-    def _embed(self, kind: str, images: list[Any] | None, texts: list[str] | None) -> np.ndarray:
+    def _embed(self, kind: str, image_sets: list[list[Any]] | None, texts: list[str] | None) -> np.ndarray:
         import torch
 
-        count = len(images) if images is not None else len(texts or [])
+        count = len(image_sets) if image_sets is not None else len(texts or [])
         hidden = self.architecture.hidden_size(self.model)
-        tiles = self.tiles(images) if images is not None else None
-        prompts = [self.prompt(kind, None if texts is None else texts[i], i) for i in range(count)]
+        tile_sets = [self.tiles(images) for images in image_sets] if image_sets is not None else None
+        prompts = [
+            self.prompt(
+                kind,
+                None if texts is None else texts[i],
+                i,
+                images=1 if tile_sets is None else len(tile_sets[i]),
+            )
+            for i in range(count)
+        ]
         results = []
         for start in range(0, count, self.batch_size):
             stop = min(start + self.batch_size, count)
             kwargs: dict[str, Any] = {"text": prompts[start:stop], "padding": True, "return_tensors": "pt"}
-            if tiles is not None:
-                kwargs["images"] = tiles[start:stop]
+            if tile_sets is not None:
+                kwargs["images"] = [tile for tiles in tile_sets[start:stop] for tile in tiles]
             encoded = self.processor(**kwargs, add_special_tokens=False)
             inputs = {k: v.to(self.device) for k, v in encoded.items()}
             if "pixel_values" in inputs:

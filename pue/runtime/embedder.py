@@ -23,16 +23,44 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Query:
-    """One row: an image alone, a text alone, or both (a composed query)."""
+    """One row: images alone, a text alone, or both (a composed query).
+
+    `image=` holds one image, `images=` several (k ≥ 1, kept in order: the prompt holds their placeholders in
+    that order); give one or the other. Every image follows the tile-size policy on its own.
+    """
 
     image: Any = None
     text: str | None = None
+    images: Sequence[Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.images is not None:
+            if self.image is not None:
+                raise InputError("a query takes image= or images=, not both")
+            if isinstance(self.images, (str, bytes, Path)) or (
+                isinstance(self.images, np.ndarray) and self.images.ndim == 3
+            ):
+                raise InputError(
+                    f"images= must be a sequence of images, got a single {type(self.images).__name__}",
+                    hint="wrap it in a list, or pass it as image=",
+                )
+            object.__setattr__(self, "images", tuple(self.images))
+            if not self.images:
+                raise InputError("images= is empty", hint="give at least one image, or leave images= out")
+
+    @property
+    def image_list(self) -> list[Any]:
+        """The row's images in order (empty for a text)."""
+        if self.images is not None:
+            return list(self.images)
+        return [] if self.image is None else [self.image]
 
     @property
     def kind(self) -> str:
-        if self.image is not None and self.text is not None:
+        has_images = self.image is not None or self.images is not None
+        if has_images and self.text is not None:
             return "composed"
-        if self.image is not None:
+        if has_images:
             return "image"
         if self.text is not None:
             return "text"
@@ -100,6 +128,16 @@ class Embedder:
             self.backend.close()
 
     @property
+    def takes_image_sets(self) -> bool:
+        """Whether rows may hold several images (bundles of format 1.2 whose chat template renders them)."""
+        return self.manifest.prompts.image_separator is not None
+
+    @property
+    def max_images_per_row(self) -> int:
+        """The most images one image row can hold within the bundle's max_seq_len (1 without image sets)."""
+        return self.prompts.max_images()
+
+    @property
     def dimension(self) -> int:
         return int(self.manifest.embedding_dim)
 
@@ -107,6 +145,16 @@ class Embedder:
     def embed_images(self, images: Sequence[Any], batch_size: int | None = None) -> np.ndarray:
         """Paths, PIL images or H×W×3 uint8 arrays → float32 (N, D) unit vectors, in input order."""
         return self.embed([Query(image=image) for image in _as_list(images, "images")], batch_size=batch_size)
+
+    def embed_image_sets(self, image_sets: Sequence[Sequence[Any]], batch_size: int | None = None) -> np.ndarray:
+        """One vector per set of images (a region's tiles, a stain pair, a case): float32 (N, D) unit vectors.
+
+        Each set's images go into one prompt, in order; sets may differ in size.
+        """
+        return self.embed(
+            [Query(images=_as_list(images, f"image set {i}")) for i, images in enumerate(_as_list(image_sets, "sets"))],
+            batch_size=batch_size,
+        )
 
     def embed_texts(self, texts: Sequence[str], truncate: bool = True, batch_size: int | None = None) -> np.ndarray:
         items = _as_list(texts, "texts")
@@ -136,7 +184,10 @@ class Embedder:
         started = time.perf_counter()
         token_rows, truncated = [], []
         for index, query in enumerate(queries):
-            ids, was_truncated = self.prompts.encode(query.kind, query.text, index=index, truncate=truncate)
+            kind = query.kind
+            ids, was_truncated = self.prompts.encode(
+                kind, query.text, index=index, truncate=truncate, images=len(query.image_list)
+            )
             token_rows.append(ids)
             if was_truncated:
                 truncated.append(index)
@@ -182,14 +233,16 @@ class Embedder:
             raise PueError(f"the Embedder of {self.bundle_dir} was closed", "load the bundle again to embed with it")
 
     def _run_batch(self, queries: list[Query], rows: list[list[int]], indices: list[int]) -> np.ndarray:
-        image_rows = [row for row, query in enumerate(queries) if query.image is not None]
-        pixels = None
-        if image_rows:
-            started = time.perf_counter()
-            tiles = []
-            for row in image_rows:
-                tile, _ = fit_to_tile(load_image(queries[row].image, indices[row]), self.manifest.tile_size)
+        image_rows: list[int] = []  # one entry per image: the batch row it belongs to (a row's images in order)
+        tiles = []
+        started = time.perf_counter()
+        for row, query in enumerate(queries):
+            for image in query.image_list:
+                tile, _ = fit_to_tile(load_image(image, indices[row]), self.manifest.tile_size)
                 tiles.append(tile)
+                image_rows.append(row)
+        pixels = None
+        if tiles:
             pixels = self.preprocessor(tiles)
             self.stage_seconds["preprocess"] += time.perf_counter() - started
         input_ids, attention_mask = self.prompts.pad(rows)

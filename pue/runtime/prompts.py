@@ -5,6 +5,11 @@ with `{text}` and the image placeholder left in. They already hold BOS where the
 are encoded without special tokens (adding them again would put a second BOS in front: the BOS trap). The
 one image placeholder becomes `tokens_per_image` image-token ids, as the HF processor does when it repeats
 the placeholder string before tokenizing.
+
+A row of k images renders the template's one placeholder as k placeholders joined by the bundle's
+`image_separator` (what the checkpoint's chat template puts between image parts, `join_images`); each becomes
+`tokens_per_image` image-token ids, in order. Rows whose images alone exceed `max_seq_len` are refused with the
+count: text is truncated, never an image.
 """
 
 from __future__ import annotations
@@ -20,6 +25,13 @@ from pue.bundle import Manifest, Prompts, resolve_inside
 from pue.errors import BundleError, InputError
 
 TEXT_SLOT = "{text}"
+
+
+def join_images(template: str, placeholder: str, separator: str, images: int) -> str:
+    """`template` (one image placeholder) with that placeholder repeated `images` times, joined by `separator`."""
+    if images < 1:
+        raise ValueError(f"a prompt with images needs at least one, got {images}")
+    return template.replace(placeholder, separator.join([placeholder] * images), 1)
 
 
 class PromptTruncationWarning(UserWarning):
@@ -47,6 +59,7 @@ class PromptTokenizer:
         tokens_per_image: int,
         max_seq_len: int,
         pad_token_id: int,
+        reexport_hint: str = "re-export the bundle with pue-export onnx",
     ) -> None:
         try:
             self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -60,8 +73,9 @@ class PromptTokenizer:
         self.tokens_per_image = tokens_per_image
         self.max_seq_len = max_seq_len
         self.pad_token_id = pad_token_id
+        self.reexport_hint = reexport_hint
         self._check_prompts()
-        self._image_prompt: list[int] | None = None
+        self._image_prompts: dict[int, list[int]] = {}
 
     @classmethod
     def for_bundle(cls, bundle_dir: str | os.PathLike[str], manifest: Manifest) -> PromptTokenizer:
@@ -73,6 +87,9 @@ class PromptTokenizer:
             tokens_per_image=manifest.tokens_per_image,
             max_seq_len=manifest.max_seq_len,
             pad_token_id=manifest.tokenizer.pad_token_id,
+            reexport_hint=(
+                f"re-export it from its checkpoint: pue-export onnx {manifest.source_checkpoint.name} -o BUNDLE"
+            ),
         )
 
     def _check_prompts(self) -> None:
@@ -95,26 +112,72 @@ class PromptTokenizer:
                     "rebuild the bundle with pue-export onnx",
                 )
 
-    def image_prompt(self) -> list[int]:
-        """Ids of the image prompt, the image placeholder expanded (computed once)."""
-        if self._image_prompt is None:
-            encoding = self.tokenizer.encode(self.prompts.image, add_special_tokens=False)
-            ids = self._expand_image(encoding.ids, expected_images=1, index=None)
-            if len(ids) > self.max_seq_len:
-                raise BundleError(
-                    f"the image prompt has {len(ids)} tokens, more than the bundle's max_seq_len {self.max_seq_len}",
-                    "rebuild the bundle with a larger max_seq_len",
-                )
-            self._image_prompt = ids
-        return list(self._image_prompt)
+    def max_images(self, most: int = 64) -> int:
+        """The most images an image row can hold within max_seq_len (1 for a bundle that takes one per row)."""
+        if self.prompts.image_separator is None:
+            return 1
+        fitting = 1
+        for images in range(2, most + 1):
+            try:
+                self.image_prompt(images)
+            except InputError:
+                break
+            fitting = images
+        return fitting
 
-    def encode(self, kind: str, text: str | None, index: int = 0, truncate: bool = True) -> tuple[list[int], bool]:
-        """Ids of one row ("image", "text" or "composed") and whether its text was truncated; no warning."""
+    def image_prompt(self, images: int = 1, index: int | None = None) -> list[int]:
+        """Ids of the image prompt for a row of `images` images, placeholders expanded (computed once per count)."""
+        if images not in self._image_prompts:
+            template = self._template("image", images, index)
+            encoding = self.tokenizer.encode(template, add_special_tokens=False)
+            ids = self._expand_image(encoding.ids, expected_images=images, index=None)
+            if len(ids) > self.max_seq_len:
+                self._refuse_too_long(len(ids), images, index)
+            self._image_prompts[images] = ids
+        return list(self._image_prompts[images])
+
+    def encode(
+        self, kind: str, text: str | None, index: int = 0, truncate: bool = True, images: int = 1
+    ) -> tuple[list[int], bool]:
+        """Ids of one row ("image", "text" or "composed"; `images` of them in image and composed rows) and
+        whether its text was truncated; no warning."""
         if kind == "image":
-            return self.image_prompt(), False
-        template, images = (self.prompts.text, 0) if kind == "text" else (self.prompts.composed, 1)
+            return self.image_prompt(images, index), False
+        if kind == "text":
+            template, images = self.prompts.text, 0
+        else:
+            template = self._template("composed", images, index)
         encoded = self._encode(template, text if text is not None else "", images, index, truncate)
         return encoded.ids, encoded.truncated
+
+    def _template(self, kind: str, images: int, index: int | None) -> str:
+        template = getattr(self.prompts, kind)
+        if images == 1:
+            return template
+        if images < 1:
+            raise InputError(f"an {kind} row needs at least one image, got {images}", index=index)
+        if self.prompts.image_separator is None:
+            raise InputError(
+                f"the row has {images} images; this bundle takes one image per row (it predates format 1.2, or its "
+                "chat template cannot render several image parts)",
+                index=index,
+                hint=self.reexport_hint,
+            )
+        return join_images(template, self.prompts.image_placeholder, self.prompts.image_separator, images)
+
+    def _refuse_too_long(self, length: int, images: int, index: int | None) -> None:
+        if images > 1:  # the row asked for more images than fit: its fault, named with the count
+            image_tokens = images * self.tokens_per_image
+            raise InputError(
+                f"the row's {images} images take {image_tokens} tokens ({self.tokens_per_image} each), its prompt "
+                f"{length}, more than the bundle's max_seq_len {self.max_seq_len}; images are never truncated",
+                index=index,
+                hint="embed fewer images per row: their tokens and the prompt must fit in max_seq_len",
+            )
+        raise BundleError(
+            f"the image prompt has {length} tokens, more than the bundle's max_seq_len {self.max_seq_len}",
+            "rebuild the bundle with a larger max_seq_len",
+        )
 
     def warn_truncated(self, indices: list[int], total: int) -> None:
         """One warning for all rows of a call that lost the end of their text."""
@@ -159,6 +222,8 @@ class PromptTokenizer:
                 hint="shorten the text, or allow truncation",
             )
         while len(ids) > self.max_seq_len:
+            if not text and images > 1:
+                self._refuse_too_long(len(ids), images, index)
             if not text:
                 raise BundleError(
                     f"the prompt without any text has {len(ids)} tokens, more than max_seq_len {self.max_seq_len}",
@@ -197,10 +262,13 @@ class PromptTokenizer:
                 f"a prompt holds {len(positions)} image tokens (id {self.image_token_id}), expected {expected_images}",
                 "the manifest and tokenizer.json do not belong together; rebuild the bundle",
             )
-        if not positions:
-            return list(ids)
-        at = positions[0]
-        return ids[:at] + [self.image_token_id] * self.tokens_per_image + ids[at + 1 :]
+        expanded: list[int] = []
+        for token in ids:
+            if token == self.image_token_id:
+                expanded.extend([self.image_token_id] * self.tokens_per_image)
+            else:
+                expanded.append(token)
+        return expanded
 
 
 def _warn_truncated(indices: list[int], total: int, max_seq_len: int, stacklevel: int = 3) -> None:

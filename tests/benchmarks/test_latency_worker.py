@@ -14,6 +14,7 @@ from pue.benchmarks.latency_worker import (
     batch_of,
     main,
     parse_spec,
+    rows_of,
     run_worker,
 )
 from pue.data import patch_set
@@ -49,6 +50,7 @@ def test_parse_spec_round_trip():
         ({"iters": 0}, "iters"),
         ({"warmup": -1}, "warmup"),
         ({"threads": 0}, "threads"),
+        ({"images_per_row": 0}, "images_per_row"),
         ({"kind": "reference", "dtype": "int8"}, "dtype"),
         ({"colour": "blue"}, "unknown"),
     ],
@@ -71,6 +73,20 @@ def test_batches_cycle_through_the_images():
     assert batch_of(images, 2, 0) == ["a", "b"]
     assert batch_of(images, 2, 1) == ["c", "a"]
     assert batch_of(images, 4, 0) == ["a", "b", "c", "a"]
+
+
+def test_rows_of_several_images():
+    assert rows_of(["a", "b", "c", "d"], 2) == [["a", "b"], ["c", "d"]]
+    assert rows_of(["a", "b"], 1) == [["a"], ["b"]]
+
+
+def test_multi_image_rows_in_process(fp32_bundle):
+    """--images-per-row 4: a batch of 2 rows embeds 8 images, 4 per query."""
+    images = [str(p) for p in patch_set("heldout")[:5]]
+    spec = WorkerSpec.from_dict(_spec(path=str(fp32_bundle()), images=images, batch_sizes=[2], images_per_row=4))
+    result = run_worker(spec, emit=lambda line: None)
+    (batch,) = result["batches"]
+    assert batch["batch_size"] == 2 and len(batch["latencies_ms"]) == 2
 
 
 def test_run_worker_in_process(fp32_bundle):

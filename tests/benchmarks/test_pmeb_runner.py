@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pue.benchmarks.pmeb import discover_tasks, evaluate_task, pmeb_mini_dir, run_pmeb, runner
+from pue.benchmarks.pmeb import discover_tasks, evaluate_task, load_task, pmeb_mini_dir, run_pmeb, runner
 from pue.benchmarks.pmeb.runner import ReferenceMismatchError
 from pue.bundle import (
     FileEntry,
@@ -68,6 +68,12 @@ class FakeEmbedder:
     def embed_composed(self, images, texts):
         self.calls["composed"] += 1
         out = self.embed_images(images) + 0.3 * self.embed_texts(texts)
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+    def embed_image_sets(self, image_sets):
+        self.calls["image_sets"] += 1
+        out = np.stack([self.embed_images(images).mean(axis=0) for images in image_sets])
         return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -195,6 +201,27 @@ def test_evaluate_task_scores_and_keeps_embeddings(data_dir):
     assert vqa.metrics["recall@1"] == 1.0 and vqa.predictions["target"].tolist() == [0, 0, 1, 2]
     # answer → query: "red" has two correct queries (pue); HOMIE's record 1 loses its tie to record 0
     assert vqa.metrics["answer_to_query_recall@1"] == 1.0 and vqa.metrics["homie_answer_to_query_recall@1"] == 0.75
+
+
+def test_multi_image_retrieval_scores_sets_against_captions(tmp_path):
+    """A set of red tiles is one query whose caption says red: each set retrieves its caption and back."""
+    folder = tmp_path / "regions"
+    names = ["red_1.png", "red_2.png", "blue_1.png", "blue_2.png", "blue_3.png", "blue_4.png", "green_1.png"]
+    records = [
+        {"img": ["red_1.png", "red_2.png"], "caption": "a red region"},
+        {"img": ["blue_1.png", "blue_2.png", "blue_3.png", "blue_4.png"], "caption": "four blue tiles"},
+        {"img": ["green_1.png"], "caption": "green"},
+    ]
+    write_task(folder, {"meta_task": "multi_image_retrieval", "data": "data.json"}, {"data.json": records})
+    for name in names:
+        Image.new("RGB", (8, 8)).save(folder / name)
+    embedder = FakeEmbedder(noise=0.2)
+    result = evaluate_task(load_task(folder), embedder)
+    assert embedder.calls["image_sets"] == 1 and embedder.calls["images"] == 3  # one call, each set's images
+    assert result.embeddings["images"].shape == (3, DIM)
+    assert result.metrics["image_to_text_recall@1"] == 1.0 and result.metrics["text_to_image_recall@1"] == 1.0
+    assert result.metrics["homie_text_to_image_recall@1"] == 1.0
+    assert result.homie_names["homie_image_to_text_recall@1"] == "text_retrieval_recall@1"
 
 
 def test_broken_embeddings_are_refused(data_dir):

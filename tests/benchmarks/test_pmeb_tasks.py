@@ -11,7 +11,7 @@ from PIL import Image
 from pue.benchmarks.pmeb import MissingImagesError, TaskError, discover_tasks, load_task, pmeb_mini_dir
 from pue.benchmarks.pmeb.convert import captions_to_retrieval, folders_to_classification, main
 from pue.benchmarks.pmeb.mini import build_pmeb_mini
-from pue.benchmarks.pmeb.tasks import ClassificationData, ComposedData, RetrievalData
+from pue.benchmarks.pmeb.tasks import ClassificationData, ComposedData, MultiImageRetrievalData, RetrievalData
 from pue.errors import OutputExistsError, PueError
 
 
@@ -85,6 +85,43 @@ def test_retrieval_jsonl(tmp_path):
     )
     assert task.name == "t"  # the folder's name when task.json names none
     assert task.data.captions == ["x", "z"]
+
+
+def test_multi_image_retrieval_records(tmp_path):
+    """HOMIE's multi-image records: the images of a record, in order, are one query; a repeated set is one item."""
+    images(tmp_path / "t", "a.png", "b.png", "c.png", "d.png")
+    records = [
+        {"img": ["a.png", "b.png"], "caption": "x"},
+        {"img": ["a.png", "b.png", "c.png", "d.png"], "caption": "y"},
+        {"img": ["b.png", "a.png"], "caption": "x"},  # another order is another query
+        {"img": ["a.png", "b.png"], "caption": "z"},
+    ]
+    spec = {"meta_task": "multi_image_retrieval", "data": "data.json"}
+    task = load_task(task_folder(tmp_path / "t", spec, {"data.json": records}))
+    data = task.data
+    assert isinstance(data, MultiImageRetrievalData) and isinstance(data, RetrievalData)
+    assert data.image_sets == [["a.png", "b.png"], ["a.png", "b.png", "c.png", "d.png"], ["b.png", "a.png"]]
+    assert data.images == ["a.png | b.png", "a.png | b.png | c.png | d.png", "b.png | a.png"]
+    assert data.captions == ["x", "y", "z"] and data.pairs == [(0, 0), (1, 1), (2, 0), (0, 2)]
+    assert data.records == data.pairs and task.size == 4
+    assert task.image_names() == ["a.png", "b.png", "c.png", "d.png"]
+
+
+@pytest.mark.parametrize("img", [[], "a.png", ["a.png", ""], [1, 2]])
+def test_multi_image_records_need_a_list_of_names(tmp_path, img):
+    images(tmp_path / "t", "a.png")
+    spec = {"meta_task": "multi_image_retrieval", "data": "data.json"}
+    folder = task_folder(tmp_path / "t", spec, {"data.json": [{"img": img, "caption": "x"}]})
+    with pytest.raises(TaskError, match="must be a non-empty list of image names"):
+        load_task(folder)
+
+
+def test_multi_image_task_names_its_missing_images(tmp_path):
+    images(tmp_path / "t", "a.png")
+    spec = {"meta_task": "multi_image_retrieval", "data": "data.json"}
+    folder = task_folder(tmp_path / "t", spec, {"data.json": [{"img": ["a.png", "gone.png"], "caption": "x"}]})
+    with pytest.raises(MissingImagesError, match="gone.png"):
+        load_task(folder)
 
 
 def test_classification_prompts_are_synonyms_times_templates(tmp_path):

@@ -44,6 +44,10 @@ def test_precisions_pass_the_gate_and_run(fp32_bundle, heldout_dir, tmp_path, pr
     assert (out / "fidelity.png").stat().st_size > 1000
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["counts"]["patches"] == 16 and calibration["seed"] == 0
+    # rows of several images are calibrated and gated (issue 16): sets of 2 and 4 held-out patches
+    assert calibration["counts"]["image_sets"] == 2 and [len(s) for s in calibration["image_sets"]] == [2, 4]
+    image_sets = report["gate"]["per_kind"]["image_sets"]
+    assert image_sets["count"] == 4 and image_sets["min_cosine"] >= 0.98 and image_sets["top1"] == 1.0
     assert all(p["source"] == "shipped:calibration" for p in calibration["patches"])
     decoder_ops, vision_ops = op_types(out, "decoder"), op_types(out, "vision")
     fused = precision != "fp16" and target == "onnxruntime"  # the default --attention

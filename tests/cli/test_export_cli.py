@@ -109,8 +109,9 @@ def test_inspect_summary_and_json(fp32_bundle):
     result = run("inspect", str(bundle))
     assert result.exit_code == 0, result.output
     assert "all file hashes verified" in result.output and "PASSED" in result.output
+    assert "images per row: several, placeholders joined by ''" in result.output  # the tiny chat template
     summary = json.loads(run("inspect", str(bundle), "--json").stdout)
-    assert summary["tokens_per_image"] == 528
+    assert summary["tokens_per_image"] == 528 and summary["image_separator"] == ""
     assert summary["graphs"]["decoder"]["inputs"][0].startswith("input_ids int64")
 
 

@@ -12,6 +12,7 @@ from pue.errors import BundleError, PueError
 from pue.export.tensorrt.metadata import rebuild_command
 from pue.export.tensorrt.profiles import (
     BatchRange,
+    check_max_images,
     default_max_seq,
     engine_profiles,
     parse_batch,
@@ -48,7 +49,7 @@ def test_default_max_seq_leaves_room_for_text(e5v, tiny):
     assert default_max_seq(tiny) == 128  # capped by the model's max_seq_len
     assert resolve_max_seq(e5v, None) == 1728
     assert resolve_max_seq(e5v, 2048) == 2048
-    with pytest.raises(PueError, match="leaves no room for an image prompt"):
+    with pytest.raises(PueError, match=r"leaves no room for a prompt of 1 image\(s\)"):
         resolve_max_seq(e5v, 1000)
     with pytest.raises(PueError, match="exceeds the model's maximum sequence 4096"):
         resolve_max_seq(e5v, 8192)
@@ -64,6 +65,29 @@ def test_profiles_in_the_e5v_geometry(e5v):
     assert decoder["attention_mask"] == decoder["input_ids"]
     # all-text batches send a single (zero) image token: the dimension starts at 1
     assert decoder["image_features"] == ShapeRange((1, 1, 4096), (8, 1176, 4096), (32, 1176, 4096))
+
+
+def test_profiles_cover_rows_of_several_images(e5v):
+    """--max-images 4: the vision engine takes 4 images per row of the largest batch, the decoder 4 × 1,176 image
+    tokens per row, and the default --max-seq leaves room for a prompt of 4 images."""
+    assert default_max_seq(e5v, 4) == 4096  # 4 × 1176 + 512 = 5216, capped by max_seq_len
+    assert resolve_max_seq(e5v, None, 2) == 2880  # 2 × 1176 + 512 = 2864, rounded up to 2880
+    with pytest.raises(PueError, match=r"leaves no room for a prompt of 4 image\(s\) \(4704 image tokens"):
+        resolve_max_seq(e5v, 4096, 4)
+    profiles = engine_profiles(e5v, BatchRange(1, 8, 32), 2880, max_images=2)
+    assert profiles["vision"]["pixel_values"].max == (64, 3, 3, 336, 336)
+    assert profiles["vision"]["pixel_values"].opt == (8, 3, 3, 336, 336)
+    assert profiles["decoder"]["image_features"] == ShapeRange((1, 1, 4096), (8, 1176, 4096), (32, 2352, 4096))
+
+
+def test_max_images_needs_a_bundle_that_takes_several(e5v):
+    assert check_max_images(e5v, 4) == 4
+    with pytest.raises(PueError, match="must be a positive integer"):
+        check_max_images(e5v, 0)
+    e5v.prompts.image_separator = None
+    assert check_max_images(e5v, 1) == 1
+    with pytest.raises(PueError, match=r"--max-images 2: this bundle takes one image per row.*pue-export onnx"):
+        check_max_images(e5v, 2)
 
 
 def test_profiles_without_crops(tiny):

@@ -19,6 +19,7 @@ from pue.bundle import (
 )
 from pue.errors import BundleError, MissingDependencyError, ProviderError, PueError
 from pue.runtime.backends import Device, OnnxRuntimeBackend, OnnxRuntimeRunner, parse_device
+from pue.runtime.backends.base import place_image_features
 from pue.runtime.backends.onnxruntime import (
     INT8_ON_CUDA_ADVICE,
     SESSION_CONFIG,
@@ -426,6 +427,32 @@ def test_mixed_batch_places_image_features_on_their_rows(backend):
     np.testing.assert_allclose(swapped[[0, 2]], embeddings[[0, 2]], rtol=1e-5, atol=1e-5)
 
 
+def test_rows_of_several_images_take_their_images_in_order(backend, monkeypatch):
+    """Row 1 holds two images, row 3 one: the decoder gets [batch, 2 × TOKENS, HIDDEN], each row's images one after
+    another, zeros after a row's last image and on text rows."""
+    input_ids, attention_mask, _, _ = make_batch([1, 3], seq=2 * TOKENS + 2)
+    input_ids[1, : 2 * TOKENS] = IMAGE_TOKEN_ID
+    attention_mask[1, : 2 * TOKENS + 1] = 1
+    pixels = np.random.default_rng(3).standard_normal((3, CROPS, 3, SIDE, SIDE)).astype(np.float32)
+    fed = []
+    real_infer = backend.decoder.infer
+    monkeypatch.setattr(backend.decoder, "infer", lambda feed: fed.append(feed["image_features"]) or real_infer(feed))
+    embeddings = backend.run(input_ids, attention_mask, pixels, np.array([1, 1, 3]))
+    per_image = numpy_vision(pixels)
+    features = fed[0]
+    assert features.shape == (4, 2 * TOKENS, HIDDEN)
+    np.testing.assert_allclose(features[1], np.concatenate([per_image[0], per_image[1]]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(features[3, :TOKENS], per_image[2], rtol=1e-5, atol=1e-5)
+    assert not features[3, TOKENS:].any() and not features[[0, 2]].any()
+    np.testing.assert_allclose(embeddings, numpy_decoder(input_ids, attention_mask, features), rtol=1e-4, atol=1e-4)
+
+
+def test_place_image_features_by_hand():
+    features = np.arange(4 * 2 * 1, dtype=np.float32).reshape(4, 2, 1)  # 4 images of 2 tokens
+    placed = place_image_features(features, np.array([0, 0, 0, 2]), batch=3, dtype=np.dtype(np.float32))
+    assert placed[..., 0].tolist() == [[0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 0, 0], [6, 7, 0, 0, 0, 0]]
+
+
 def test_all_text_batch_feeds_one_zero_image_token(backend, monkeypatch):
     fed = []
     real_infer = backend.decoder.infer
@@ -470,10 +497,11 @@ def test_stage_times_accumulate(backend):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        (lambda b: (b[0], b[1], b[2], np.array([3, 1])), r"image_rows \[3, 1\] must be increasing"),
-        (lambda b: (b[0], b[1], b[2], np.array([1, 4])), r"must be increasing row indices in \[0, 4\)"),
-        (lambda b: (b[0], b[1], b[2][:1], b[3]), "image_rows lists 2 rows but pixel_values holds 1"),
-        (lambda b: (b[0], b[1], None, b[3]), "image_rows lists 2 rows but pixel_values holds none"),
+        (lambda b: (b[0], b[1], b[2], np.array([3, 1])), r"image_rows \[3, 1\] must be non-decreasing"),
+        (lambda b: (b[0], b[1], b[2], np.array([1, 4])), r"must be non-decreasing row indices in \[0, 4\)"),
+        (lambda b: (b[0], b[1], b[2][:1], b[3]), "image_rows lists 2 images but pixel_values holds 1"),
+        (lambda b: (b[0], b[1], None, b[3]), "image_rows lists 2 images but pixel_values holds none"),
+        (lambda b: (b[0], b[1], b[2], np.array([1, 1])), "row 1 holds 3 image tokens, expected 6"),
         (lambda b: (b[0], b[1], b[2], np.array([1, 2])), "row 2 holds 0 image tokens, expected 3"),
         (lambda b: (b[0], b[1][:, :3], b[2], b[3]), "must both be"),
     ],
@@ -486,7 +514,7 @@ def test_bad_batches_are_refused(backend, change, match):
 def test_text_row_with_image_tokens_is_refused(backend):
     input_ids, attention_mask, _, _ = make_batch([])
     input_ids[2, 0] = IMAGE_TOKEN_ID
-    with pytest.raises(PueError, match="row 2 holds 1 image tokens, expected 0 .*not listed in image_rows"):
+    with pytest.raises(PueError, match=r"row 2 holds 1 image tokens, expected 0 \(0 images listed in image_rows\)"):
         backend.run(input_ids, attention_mask, None, np.array([], dtype=np.int64))
 
 

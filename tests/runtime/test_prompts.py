@@ -340,3 +340,56 @@ def test_tokenizer_padding_and_truncation_settings_are_ignored(hf_tokenizer, tmp
         configured, manifest_prompts(hf), image_id, TOKENS_PER_IMAGE, MAX_SEQ_LEN, hf.pad_token_id
     )
     assert row_of(prompt_tokenizer, "text", "tumor") == row_of(make(hf_tokenizer), "text", "tumor")
+
+
+# --- rows of several images (issue 16) ------------------------------------------------------------------------
+
+
+def make_multi(hf_tokenizer, separator: str | None = "\n", max_seq_len: int = MAX_SEQ_LEN) -> PromptTokenizer:
+    hf, path = hf_tokenizer
+    prompts = manifest_prompts(hf)
+    prompts.image_separator = separator
+    return PromptTokenizer(
+        path, prompts, hf.convert_tokens_to_ids("<image>"), TOKENS_PER_IMAGE, max_seq_len, hf.pad_token_id
+    )
+
+
+@pytest.mark.parametrize("images", [1, 2, 4])
+def test_k_image_prompts_join_placeholders_with_the_separator(hf_tokenizer, images):
+    hf, _ = hf_tokenizer
+    joined = "\n".join(["<image>"] * images)
+    assert make_multi(hf_tokenizer).encode("image", None, images=images)[0] == hf_ids(
+        hf, render(hf, RECIPE["image"].replace("<image>", joined))
+    )
+    composed = make_multi(hf_tokenizer).encode("composed", "more stroma", images=images)[0]
+    rendered = render(hf, RECIPE["composed"].replace("<image>", joined, 1).replace("{text}", "more stroma"))
+    assert composed == hf_ids(hf, rendered)
+    assert composed.count(hf.convert_tokens_to_ids("<image>")) == images * TOKENS_PER_IMAGE
+
+
+def test_a_bundle_without_separator_refuses_several_images(hf_tokenizer):
+    prompt_tokenizer = make_multi(hf_tokenizer, separator=None)
+    assert prompt_tokenizer.encode("image", None, images=1)[0] == make(hf_tokenizer).image_prompt()
+    with pytest.raises(InputError, match=r"item 2: the row has 3 images; this bundle takes one image per row"):
+        prompt_tokenizer.encode("composed", "x", index=2, images=3)
+
+
+def test_images_past_max_seq_len_are_refused_with_the_count_never_truncated(hf_tokenizer):
+    unlimited = make_multi(hf_tokenizer)
+    fits = len(unlimited.encode("composed", "", images=2)[0]) + 3  # two images and a few tokens of text
+    prompt_tokenizer = make_multi(hf_tokenizer, max_seq_len=fits)
+    too_many = next(k for k in range(2, 50) if len(unlimited.encode("image", None, images=k)[0]) > fits)
+    fitting = too_many - 1
+    want = unlimited.encode("image", None, images=fitting)[0]
+    assert prompt_tokenizer.encode("image", None, images=fitting)[0] == want
+    with pytest.raises(
+        InputError, match=rf"item 4: the row's {too_many} images take {too_many * TOKENS_PER_IMAGE} tokens"
+    ):
+        prompt_tokenizer.encode("image", None, index=4, images=too_many)
+    assert prompt_tokenizer.max_images() == fitting and make_multi(hf_tokenizer, separator=None).max_images() == 1
+    # a long text beside 2 images loses its end; the images stay whole
+    ids, truncated = prompt_tokenizer.encode("composed", " ".join(CORPUS), index=0, images=2)
+    assert truncated and len(ids) <= prompt_tokenizer.max_seq_len
+    assert ids.count(prompt_tokenizer.image_token_id) == 2 * TOKENS_PER_IMAGE
+    with pytest.raises(InputError, match=r"item 1: the row's 3 images"):
+        prompt_tokenizer.encode("composed", "short", index=1, images=3)

@@ -301,3 +301,31 @@ def test_features_of_another_dtype_go_through_the_host(monkeypatch, tmp_path, im
     assert embedder.backend.decoder.dtype("image_features") == np.float32
     got = embedder.embed([Query(image=images[0]), Query(text="stroma"), Query(image=images[1])])
     np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_rows_of_several_images_need_engines_built_for_them(cuda, bundles, images, tmp_path):
+    """Issue 16: default engines take one image per row and refuse more with the flag; engines built with
+    --max-images 4 run rows of 2 and 4 images beside texts and single images, as the parent does."""
+    queries = [
+        Query(text="stroma"),
+        Query(images=images[:2]),
+        Query(image=images[2]),
+        Query(images=images[3:7], text="as H&E"),
+        Query(text=""),
+    ]
+    want = Embedder.load(bundles["parent"]).embed(queries, batch_size=5)
+    with pytest.raises(PueError, match=r"row 1 holds 2 images; these engines take at most 1 per row.*--max-images 2"):
+        Embedder.load(bundles["engines"], device="cuda").embed(queries[:2])
+    with pytest.MonkeyPatch.context() as patch:
+        fakes.install(patch)
+        options = TrtOptions(batch=parse_batch("2:2:4"), max_images=4)
+        result = build_engine_bundle(bundles["parent"], tmp_path / "multi", options, gate_set=fakes.small_gate_set(6))
+    assert result.gate.per_kind["image_sets"]["count"] == 2  # the gate's sets of 2 and 4 images
+    assert "--max-images 4" in (tmp_path / "multi" / "manifest.json").read_text()  # the rebuild command
+    profile = result.engines["decoder"].profiles["image_features"]
+    assert profile.max[1] == 4 * read_manifest(tmp_path / "multi").tokens_per_image
+    assert result.engines["vision"].profiles["pixel_values"].max[0] == 4 * 4
+    embedder = Embedder.load(tmp_path / "multi", device="cuda")
+    np.testing.assert_allclose(embedder.embed(queries, batch_size=5), want, atol=2e-5)
+    # a batch below the profile's minimum whose last row holds several images is padded with copies of that row
+    np.testing.assert_allclose(embedder.embed(queries[3:4]), want[3:4], atol=2e-5)

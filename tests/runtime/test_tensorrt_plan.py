@@ -47,6 +47,7 @@ def test_padded_copies_of_an_image_row_are_image_rows():
     assert pad_image_rows(np.array([0, 1]), 3, 5).tolist() == [0, 1]  # the last row is a text
     assert pad_image_rows(np.array([], dtype=np.int64), 3, 5).tolist() == []
     assert pad_image_rows(np.array([2]), 3, 3).tolist() == [2]
+    assert pad_image_rows(np.array([0, 2, 2]), 3, 5).tolist() == [0, 2, 2, 3, 3, 4, 4]  # copies of a 2-image row
 
 
 def test_row_runs_coalesce_consecutive_rows():

@@ -1,8 +1,9 @@
 """One task on one embedder: embed what the task needs, then score it (metrics and top-1 predictions).
 
 Embedding and scoring are separate so that cached reference embeddings are scored exactly like fresh ones.
-Any object with `embed_images`, `embed_texts` and `embed_composed` (returning float32 (N, D) unit vectors)
-can be evaluated: `pue.runtime.Embedder`, `pue.export.ReferenceEmbedder`, or a test double.
+Any object with `embed_images`, `embed_texts` and `embed_composed` (and `embed_image_sets` for multi-image
+tasks), returning float32 (N, D) unit vectors, can be evaluated: `pue.runtime.Embedder`,
+`pue.export.ReferenceEmbedder`, or a test double.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import numpy as np
 
 from pue.benchmarks.pmeb import metrics
 from pue.benchmarks.pmeb.homie import homie_scores, pairwise_scores, record_layout
-from pue.benchmarks.pmeb.tasks import ClassificationData, ComposedData, MultipleChoiceData, RetrievalData, Task
+from pue.benchmarks.pmeb.tasks import (
+    ClassificationData,
+    ComposedData,
+    MultiImageRetrievalData,
+    MultipleChoiceData,
+    RetrievalData,
+    Task,
+)
 from pue.errors import PueError
 
 CHUNK = 256  # items per embedder call: bounds memory (the reference loads a call's images at once) and shows progress
@@ -38,13 +46,16 @@ class TaskResult:
 
 @dataclass(frozen=True)
 class Request:
-    """One batch of items of one kind to embed: images (paths), texts, or both (composed)."""
+    """One batch of items of one kind to embed: images (paths), texts, both (composed), or sets of images."""
 
-    kind: str  # "image", "text" or "composed"
+    kind: str  # "image", "text", "composed" or "image_set"
     images: list[str] | None = None
     texts: list[str] | None = None
+    image_sets: list[list[str]] | None = None
 
     def __len__(self) -> int:
+        if self.image_sets is not None:
+            return len(self.image_sets)
         return len(self.images if self.images is not None else self.texts or [])
 
 
@@ -52,6 +63,11 @@ def embedding_requests(task: Task) -> dict[str, Request]:
     """What a task embeds, by name; these names key `TaskResult.embeddings` and the reference cache."""
     data = task.data
     path = lambda names: [str(task.image_path(n)) for n in names]  # noqa: E731
+    if isinstance(data, MultiImageRetrievalData):
+        return {
+            "images": Request("image_set", image_sets=[path(names) for names in data.image_sets]),
+            "captions": Request("text", texts=data.captions),
+        }
     if isinstance(data, RetrievalData):
         return {"images": Request("image", images=path(data.images)), "captions": Request("text", texts=data.captions)}
     if isinstance(data, ClassificationData):
@@ -83,6 +99,8 @@ def embed_task(
                 parts.append(embedder.embed_images(request.images[start:stop]))
             elif request.kind == "text":
                 parts.append(embedder.embed_texts(request.texts[start:stop]))
+            elif request.kind == "image_set":
+                parts.append(embedder.embed_image_sets(request.image_sets[start:stop]))
             else:
                 parts.append(embedder.embed_composed(request.images[start:stop], request.texts[start:stop]))
             if progress is not None:

@@ -18,6 +18,8 @@ HOMIE's task for each pue form, its query and candidate rows, and its metrics:
 * composed, modifier form → `composedretrieval`: source + modifier per record, the distinct targets sorted by
   name; `query_retrieval_recall@k` (query → target).
 * multiple choice → `mcq`: image + question per record, every option of every record in order; `accuracy`.
+* multi-image retrieval → scored as `retrieval`, the query of a record being its set of images embedded as one
+  vector (`multi_image_retrieval` is pue's name for the saved-embeddings task kind).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ HOMIE_TASKS = {
     "composed_question": "vqa",
     "composed_modifier": "composedretrieval",
     "multiple_choice": "mcq",
+    "multi_image_retrieval": "multi_image_retrieval",  # pue's name: scored as HOMIE scores retrieval, per record
 }
 
 

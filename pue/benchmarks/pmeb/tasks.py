@@ -12,6 +12,9 @@ optional `image_root` (relative to the task folder; default the folder itself):
   `"answer"`, as in PathVQA's files).
 * `multiple_choice`: `"data"`: a JSON list (or JSONL) of PathMMU-style `{"No", "img", "question", "options",
   "answer"}`; `options` a list of texts (records may have different numbers), `answer` the text of one of them.
+* `multi_image_retrieval`: `"data"`: a JSON list (or JSONL) of HOMIE's multi-image records `{"img": [name, ...],
+  "caption": ...}`: the images of a record, in order, are embedded as one query (`Embedder.embed_image_sets`) and
+  scored like `retrieval` (set ↔ caption).
 
 Everything is checked at load, before any model runs: a problem raises `TaskError` naming the file (and the
 item or line), what was expected and what to do. See docs/pmeb.md.
@@ -34,7 +37,7 @@ from pue.benchmarks.pmeb.files import (
     read_records,
 )
 
-META_TASKS = ("retrieval", "classification", "composed_retrieval", "multiple_choice")
+META_TASKS = ("retrieval", "classification", "composed_retrieval", "multiple_choice", "multi_image_retrieval")
 TASK_FILE = "task.json"
 CLASSNAME = "CLASSNAME"
 _COMMON_KEYS = {"name", "meta_task", "image_root", "description"}
@@ -43,6 +46,7 @@ _KEYS = {
     "classification": {"labels", "prompts", "prompt_set"},
     "composed_retrieval": {"data"},
     "multiple_choice": {"data"},
+    "multi_image_retrieval": {"data"},
 }
 
 
@@ -67,6 +71,14 @@ class RetrievalData:
         for image, caption in self.pairs:
             found[caption].append(image)
         return found
+
+
+@dataclass
+class MultiImageRetrievalData(RetrievalData):
+    """Retrieval whose "images" are sets of images: `images` holds one key per distinct set (its names joined by
+    " | ") and `image_sets[i]` the names of set i, in order; pairs and records index the sets."""
+
+    image_sets: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -116,7 +128,7 @@ class MultipleChoiceData:
         return [i for i, text in enumerate(self.options[record]) if text == answer]
 
 
-TaskData = RetrievalData | ClassificationData | ComposedData | MultipleChoiceData
+TaskData = RetrievalData | MultiImageRetrievalData | ClassificationData | ComposedData | MultipleChoiceData
 
 
 @dataclass
@@ -136,6 +148,8 @@ class Task:
             names = list(data.query_images) + (data.gallery if data.gallery_kind == "image" else [])
         elif isinstance(data, MultipleChoiceData):
             names = list(data.query_images)
+        elif isinstance(data, MultiImageRetrievalData):
+            names = [name for names in data.image_sets for name in names]
         else:
             names = list(data.images)
         return list(dict.fromkeys(names))
@@ -203,6 +217,10 @@ def load_task(folder: Path) -> Task:
     elif meta_task == "multiple_choice":
         data_path = data_file(folder, spec, "data", spec_path)
         data = _read_multiple_choice(data_path)
+        files.append(data_path)
+    elif meta_task == "multi_image_retrieval":
+        data_path = data_file(folder, spec, "data", spec_path)
+        data = _read_multi_image_retrieval(data_path)
         files.append(data_path)
     else:
         data_path = data_file(folder, spec, "data", spec_path)
@@ -278,6 +296,34 @@ def _read_retrieval(path: Path) -> RetrievalData:
         pairs[pair] = None
         in_order.append(pair)
     return RetrievalData(images=list(images), captions=list(captions), pairs=list(pairs), records=in_order)
+
+
+def _read_multi_image_retrieval(path: Path) -> MultiImageRetrievalData:
+    records = read_records(path)
+    sets: dict[tuple[str, ...], int] = {}
+    captions: dict[str, int] = {}
+    pairs: dict[tuple[int, int], None] = {}
+    in_order = []
+    for where, record in records:
+        key = next((k for k in ("img", "images") if k in record), None)
+        names = record.get(key) if key is not None else None
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise TaskError(
+                path,
+                f"{where}: {key or 'img'!r} must be a non-empty list of image names, found {names!r}",
+                'a multi-image record is {"img": ["a.png", "b.png"], "caption": "..."}',
+            )
+        caption = field_text(record, ("caption", "text"), path, where)
+        pair = (sets.setdefault(tuple(names), len(sets)), captions.setdefault(caption, len(captions)))
+        pairs[pair] = None
+        in_order.append(pair)
+    return MultiImageRetrievalData(
+        images=[" | ".join(names) for names in sets],
+        captions=list(captions),
+        pairs=list(pairs),
+        records=in_order,
+        image_sets=[list(names) for names in sets],
+    )
 
 
 def _read_multiple_choice(path: Path) -> MultipleChoiceData:

@@ -36,7 +36,14 @@ from pue.export.tensorrt.metadata import (
     engine_path,
     rebuild_command,
 )
-from pue.export.tensorrt.profiles import DEFAULT_BATCH, BatchRange, engine_profiles, parse_batch, resolve_max_seq
+from pue.export.tensorrt.profiles import (
+    DEFAULT_BATCH,
+    BatchRange,
+    check_max_images,
+    engine_profiles,
+    parse_batch,
+    resolve_max_seq,
+)
 from pue.fidelity import FidelityThresholds, GateReport, GateSet
 from pue.precisions import engine_precisions, engine_source_for, lookup
 from pue.runtime.backends.base import parse_device
@@ -68,6 +75,7 @@ class TrtOptions:
 
     batch: BatchRange = field(default_factory=lambda: parse_batch(DEFAULT_BATCH))
     max_seq: int | None = None
+    max_images: int = 1  # images one row may hold (the profiles' image-count dimension)
     timing_cache: Path | None = None
     workspace_gb: float | None = None
     version_compatible: bool = False
@@ -270,8 +278,9 @@ def build_engine_bundle(
     options.hardware_compat = normalise_hardware_compat(options.hardware_compat)
     if options.workspace_gb is not None and options.workspace_gb <= 0:
         raise PueError(f"--workspace {options.workspace_gb} must be a positive number of GB")
-    max_seq = resolve_max_seq(manifest, options.max_seq)
-    profiles = engine_profiles(manifest, options.batch, max_seq)
+    max_images = check_max_images(manifest, options.max_images)
+    max_seq = resolve_max_seq(manifest, options.max_seq, max_images)
+    profiles = engine_profiles(manifest, options.batch, max_seq, max_images)
     check_output_path(output, overwrite)
     with derive_bundle(parent_dir, output, overwrite=overwrite) as child:
         trt, gpu, built_on = open_build_gpu(options.device)
@@ -282,11 +291,14 @@ def build_engine_bundle(
                     f"{sm_name(built_on.compute_capability)} ({built_on.gpu_name})",
                     "drop --hardware-compat",
                 )
-            gate_set = gate_set or GateSet.default(heldout)
-            say(f"building on {built_on.describe()}: batch {options.batch}, sequence 1..{max_seq}")
+            gate_set = (gate_set or GateSet.default(heldout)).up_to_images(max_images)
+            say(
+                f"building on {built_on.describe()}: batch {options.batch}, sequence 1..{max_seq}, "
+                f"up to {max_images} image(s) per row"
+            )
             flags = options.flags()
             command = rebuild_command(
-                parent_dir.resolve(), output.resolve(), options.batch, max_seq, flags, options.workspace_gb
+                parent_dir.resolve(), output.resolve(), options.batch, max_seq, flags, options.workspace_gb, max_images
             )
             cache = _read_timing_cache(options.timing_cache)
             timings: dict[str, float] = {}
@@ -335,6 +347,7 @@ def _finish_bundle(
         "parent_bundle": str(parent_dir.resolve()),
         "batch": str(options.batch),
         "max_seq": max_seq,
+        "max_images": options.max_images,
         "build_flags": asdict(options.flags()),
         "built_on": built_on.to_dict(),
         "build_seconds": {graph: round(meta.build_seconds, 3) for graph, meta in engines.items()},

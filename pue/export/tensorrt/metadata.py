@@ -28,10 +28,18 @@ def engine_path(graph: str) -> str:
 
 
 def rebuild_command(
-    parent: Path, output: Path, batch: BatchRange, max_seq: int, flags: BuildFlags, workspace_gb: float | None
+    parent: Path,
+    output: Path,
+    batch: BatchRange,
+    max_seq: int,
+    flags: BuildFlags,
+    workspace_gb: float | None,
+    max_images: int = 1,
 ) -> str:
     """The `pue-export trt` command line that rebuilds these engines (quoted for a shell)."""
     words = ["pue-export", "trt", str(parent), "-o", str(output), "--batch", str(batch), "--max-seq", str(max_seq)]
+    if max_images > 1:
+        words += ["--max-images", str(max_images)]
     if workspace_gb is not None:
         words += ["--workspace", f"{workspace_gb:g}"]
     if flags.version_compatible:

@@ -1,10 +1,12 @@
 """Optimisation profiles of the two engines, derived from the parent bundle's manifest.
 
-- vision `pixel_values`: batch MIN:OPT:MAX, every other dimension as the manifest's graph input fixes it
-  (`[batch, crops, 3, H, W]`, or `[batch, 3, H, W]` for architectures without crops);
+- vision `pixel_values`: images MIN:OPT:MAX × max-images (a batch's rows may hold up to --max-images images each),
+  every other dimension as the manifest's graph input fixes it (`[images, crops, 3, H, W]`, or `[images, 3, H, W]`
+  for architectures without crops);
 - decoder `input_ids` / `attention_mask`: batch MIN:OPT:MAX, sequence 1..max-seq, tuned for an image prompt
   (tokens_per_image + 64);
-- decoder `image_features`: batch MIN:OPT:MAX, image tokens 1..tokens_per_image (all-text batches send 1).
+- decoder `image_features`: batch MIN:OPT:MAX, image tokens 1..max-images × tokens_per_image (all-text batches
+  send 1; a row of k images takes k × tokens_per_image).
 """
 
 from __future__ import annotations
@@ -47,21 +49,35 @@ def parse_batch(text: str) -> BatchRange:
     return BatchRange(*values)
 
 
-def default_max_seq(manifest: Manifest) -> int:
-    """An image prompt plus TEXT_ALLOWANCE tokens, rounded up to a multiple of 64, within the model's limit."""
-    wanted = manifest.tokens_per_image + TEXT_ALLOWANCE
+def default_max_seq(manifest: Manifest, max_images: int = 1) -> int:
+    """A prompt of `max_images` images plus TEXT_ALLOWANCE tokens, rounded up to a multiple of 64, within the model's
+    limit."""
+    wanted = max_images * manifest.tokens_per_image + TEXT_ALLOWANCE
     rounded = -(-wanted // SEQUENCE_ROUNDING) * SEQUENCE_ROUNDING
     return min(rounded, manifest.max_seq_len)
 
 
-def resolve_max_seq(manifest: Manifest, max_seq: int | None) -> int:
-    if max_seq is None:
-        return default_max_seq(manifest)
-    if max_seq <= manifest.tokens_per_image:
+def check_max_images(manifest: Manifest, max_images: int) -> int:
+    """--max-images: at least 1; above 1 only for bundles whose rows may hold several images (format 1.2)."""
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+        raise PueError(f"--max-images must be a positive integer, got {max_images!r}")
+    if max_images > 1 and manifest.prompts.image_separator is None:
         raise PueError(
-            f"--max-seq {max_seq} leaves no room for an image prompt ({manifest.tokens_per_image} image "
+            f"--max-images {max_images}: this bundle takes one image per row (it predates format 1.2)",
+            f"re-export it with pue-export onnx {manifest.source_checkpoint.name} -o BUNDLE, then build from that",
+        )
+    return max_images
+
+
+def resolve_max_seq(manifest: Manifest, max_seq: int | None, max_images: int = 1) -> int:
+    if max_seq is None:
+        return default_max_seq(manifest, max_images)
+    image_tokens = max_images * manifest.tokens_per_image
+    if max_seq <= image_tokens:
+        raise PueError(
+            f"--max-seq {max_seq} leaves no room for a prompt of {max_images} image(s) ({image_tokens} image "
             "tokens plus the template)",
-            f"use at least {manifest.tokens_per_image + OPT_TEXT_TOKENS}, e.g. {default_max_seq(manifest)}",
+            f"use at least {image_tokens + OPT_TEXT_TOKENS}, e.g. {default_max_seq(manifest, max_images)}",
         )
     if max_seq > manifest.max_seq_len:
         raise PueError(
@@ -89,8 +105,10 @@ def _input(manifest: Manifest, graph: str, name: str) -> TensorSpec:
     raise BundleError(f"the {graph} graph has no input '{name}'", "the bundle does not follow the pue graph contract")
 
 
-def engine_profiles(manifest: Manifest, batch: BatchRange, max_seq: int) -> dict[str, dict[str, ShapeRange]]:
-    """{graph: {input: ShapeRange}} for the vision and decoder engines."""
+def engine_profiles(
+    manifest: Manifest, batch: BatchRange, max_seq: int, max_images: int = 1
+) -> dict[str, dict[str, ShapeRange]]:
+    """{graph: {input: ShapeRange}} for the vision and decoder engines; rows of up to `max_images` images."""
     pixels = _fixed_dims(_input(manifest, "vision", PIXEL_VALUES), "vision")
     features = _input(manifest, "decoder", IMAGE_FEATURES)
     hidden = features.shape[-1] if isinstance(features.shape[-1], int) else manifest.hidden_size
@@ -99,13 +117,13 @@ def engine_profiles(manifest: Manifest, batch: BatchRange, max_seq: int) -> dict
     sequence = ShapeRange((batch.min, 1), (batch.opt, opt_seq), (batch.max, max_seq))
     return {
         "vision": {
-            PIXEL_VALUES: ShapeRange((batch.min, *pixels), (batch.opt, *pixels), (batch.max, *pixels)),
+            PIXEL_VALUES: ShapeRange((batch.min, *pixels), (batch.opt, *pixels), (batch.max * max_images, *pixels)),
         },
         "decoder": {
             INPUT_IDS: sequence,
             ATTENTION_MASK: sequence,
             IMAGE_FEATURES: ShapeRange(
-                (batch.min, 1, hidden), (batch.opt, tokens, hidden), (batch.max, tokens, hidden)
+                (batch.min, 1, hidden), (batch.opt, tokens, hidden), (batch.max, max_images * tokens, hidden)
             ),
         },
     }

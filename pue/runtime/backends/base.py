@@ -219,8 +219,9 @@ class Backend(abc.ABC):
     ) -> np.ndarray:
         """Sentence embeddings float32 [B, D] of one tokenized batch.
 
-        `pixel_values` holds one entry per row listed in `image_rows` (the rows that carry an image, in
-        order); it is None when no row does. Rows without an image get zero image features.
+        `pixel_values` holds one entry per image of the batch and `image_rows` the row each belongs to
+        (non-decreasing: a row's images consecutive, in prompt order); `pixel_values` is None when no row has an
+        image. A row of k images carries k × tokens_per_image image tokens; rows without any get zero features.
         """
         image_rows = self._check_batch(input_ids, attention_mask, pixel_values, image_rows)
         return self._run_checked(input_ids, attention_mask, pixel_values, image_rows)
@@ -232,17 +233,15 @@ class Backend(abc.ABC):
         pixel_values: np.ndarray | None,
         image_rows: np.ndarray,
     ) -> np.ndarray:
-        """The host path: vision on the image rows, features placed per row, then the decoder."""
-        batch = input_ids.shape[0]
+        """The host path: vision on all images, each row's features placed one image after another, decoder."""
         features_dtype = self._input_dtype(self.decoder, IMAGE_FEATURES)
         if len(image_rows):
             pixel_values = pixel_values.astype(self._input_dtype(self.vision, PIXEL_VALUES), copy=False)
             vision_features = self.vision.infer({PIXEL_VALUES: pixel_values})[IMAGE_FEATURES]
-            image_features = np.zeros((batch, *vision_features.shape[1:]), dtype=features_dtype)
-            image_features[image_rows] = vision_features
+            image_features = place_image_features(vision_features, image_rows, input_ids.shape[0], features_dtype)
         else:
             # The decoder's image-token dimension is dynamic and text rows ignore their features.
-            image_features = np.zeros((batch, 1, self.hidden_size()), dtype=features_dtype)
+            image_features = np.zeros((input_ids.shape[0], 1, self.hidden_size()), dtype=features_dtype)
         outputs = self.decoder.infer(
             {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, IMAGE_FEATURES: image_features}
         )
@@ -279,23 +278,41 @@ class Backend(abc.ABC):
             )
         batch = input_ids.shape[0]
         rows = np.asarray(image_rows, dtype=np.int64).reshape(-1)
-        if len(rows) and (rows.min() < 0 or rows.max() >= batch or np.any(np.diff(rows) <= 0)):
-            raise PueError(f"image_rows {rows.tolist()} must be increasing row indices in [0, {batch})")
+        if len(rows) and (rows.min() < 0 or rows.max() >= batch or np.any(np.diff(rows) < 0)):
+            raise PueError(
+                f"image_rows {rows.tolist()} must be non-decreasing row indices in [0, {batch}), one per image"
+            )
         if len(rows) == 0 and pixel_values is not None and len(pixel_values):
             raise PueError(f"pixel_values holds {len(pixel_values)} images but image_rows lists no row")
         if len(rows) and (pixel_values is None or pixel_values.shape[0] != len(rows)):
             found = "none" if pixel_values is None else pixel_values.shape[0]
-            raise PueError(f"image_rows lists {len(rows)} rows but pixel_values holds {found} images")
-        # A row holds either 0 or exactly tokens_per_image image tokens (graph contract).
+            raise PueError(f"image_rows lists {len(rows)} images but pixel_values holds {found}")
+        # A row of k images holds exactly k × tokens_per_image image tokens (graph contract).
         counts = np.count_nonzero(input_ids == self.manifest.image_token_id, axis=1)
-        expected = np.zeros(batch, dtype=np.int64)
-        expected[rows] = self.manifest.tokens_per_image
+        expected = np.bincount(rows, minlength=batch) * self.manifest.tokens_per_image
         wrong = np.flatnonzero(counts != expected)
         if len(wrong):
             row = int(wrong[0])
             raise PueError(
                 f"row {row} holds {counts[row]} image tokens, expected {expected[row]} "
-                f"({'an image row' if expected[row] else 'not listed in image_rows'})",
-                "rows listed in image_rows carry tokens_per_image image tokens, the others none",
+                f"({expected[row] // self.manifest.tokens_per_image} images listed in image_rows)",
+                "a row of k images carries k × tokens_per_image image tokens, a row without images none",
             )
         return rows
+
+
+def place_image_features(features: np.ndarray, image_rows: np.ndarray, batch: int, dtype: np.dtype) -> np.ndarray:
+    """The decoder's `image_features` [batch, max images × tokens, hidden]: row b's images one after another.
+
+    `features` [images, tokens, hidden] is the vision graph's output, `image_rows` the row of each image
+    (non-decreasing). Row b's k-th image-token position reads slot k of its row (the decoder's gather), so its
+    j-th image lands at slots j × tokens .. (j + 1) × tokens; slots past a row's images stay zero.
+    """
+    images, tokens, hidden = features.shape
+    per_row = np.bincount(image_rows, minlength=batch) if images else np.zeros(batch, np.int64)
+    placed = np.zeros((batch, max(1, int(per_row.max(initial=0))) * tokens, hidden), dtype=dtype)
+    first_of_row = np.searchsorted(image_rows, np.arange(batch))
+    for image, row in enumerate(int(r) for r in image_rows):
+        slot = image - int(first_of_row[row])
+        placed[row, slot * tokens : (slot + 1) * tokens] = features[image]
+    return placed

@@ -437,7 +437,8 @@ class OnnxRuntimeBackend(Backend):
         pixel_values: np.ndarray | None,
         image_rows: np.ndarray,
     ) -> np.ndarray:
-        all_images = len(image_rows) == input_ids.shape[0] and input_ids.shape[0] > 0
+        # one image per row, every row: the vision output is the decoder's image_features as it stands
+        all_images = input_ids.shape[0] > 0 and np.array_equal(image_rows, np.arange(input_ids.shape[0]))
         if not (self.use_io_binding and all_images and self._features_stay_on_device()):
             return super()._run_checked(input_ids, attention_mask, pixel_values, image_rows)
         pixel_values = pixel_values.astype(self._input_dtype(self.vision, PIXEL_VALUES), copy=False)

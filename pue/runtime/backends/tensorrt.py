@@ -33,6 +33,7 @@ from pue.runtime.backends.base import (
     Runner,
     check_feed,
     parse_device,
+    place_image_features,
 )
 from pue.runtime.backends.cuda_device import CudaDevice, DeviceBuffer, DeviceTensor, handle, import_cudart
 from pue.runtime.backends.tensorrt_compat import (
@@ -398,6 +399,7 @@ class TensorRTBackend(Backend):
         # the sequence limit first: it is a property of the whole batch, and its error names --max-seq
         probe = (self.decoder.min_batch, input_ids.shape[1])
         self.decoder.check_shapes({INPUT_IDS: probe, ATTENTION_MASK: probe})
+        self._check_images_per_row(image_rows)
         output = np.empty((input_ids.shape[0], self.manifest.embedding_dim), np.float32)
         for chunk in split_batch(input_ids.shape[0], image_rows, self.max_batch):
             pixels = None if pixel_values is None else pixel_values[chunk.pixel_start : chunk.pixel_stop]
@@ -405,6 +407,19 @@ class TensorRTBackend(Backend):
                 input_ids[chunk.start : chunk.stop], attention_mask[chunk.start : chunk.stop], pixels, chunk.image_rows
             )
         return output
+
+    def _check_images_per_row(self, image_rows: np.ndarray) -> None:
+        """Rows of more images than the decoder profile's image-token range are refused with the build flag."""
+        if len(image_rows) == 0:
+            return
+        most = int(np.bincount(image_rows).max())
+        allowed = self.decoder.metadata.profiles[IMAGE_FEATURES].max[1] // self.manifest.tokens_per_image
+        if most > allowed:
+            row = int(np.argmax(np.bincount(image_rows)))
+            raise PueError(
+                f"row {row} holds {most} images; these engines take at most {allowed} per row",
+                f"rebuild them with --max-images {most} (they were built with `{self.decoder.command}`)",
+            )
 
     def _run_chunk(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: np.ndarray | None, image_rows: np.ndarray
@@ -434,11 +449,11 @@ class TensorRTBackend(Backend):
         pixels = pad_rows(pixel_values.astype(self.vision.dtype(PIXEL_VALUES), copy=False), self.vision.min_batch)
         produced = self.vision.run({PIXEL_VALUES: pixels}, device_outputs=[IMAGE_FEATURES])[IMAGE_FEATURES]
         produced = produced.first_rows(images)
-        if produced.dtype != wanted:
-            # no cast kernel without torch: go through the host (only for bundles whose two graphs disagree)
-            host = np.zeros((batch, *produced.shape[1:]), dtype=wanted)
-            host[image_rows] = self.cuda.download(produced)
-            return host
+        one_per_row = bool(np.all(np.diff(image_rows) > 0))
+        if produced.dtype != wanted or not one_per_row:
+            # no cast kernel without torch, and rows of several images are placed on the host (the device copies
+            # below move one image per row)
+            return place_image_features(self.cuda.download(produced), image_rows, batch, np.dtype(wanted))
         if images == batch:
             return produced
         row_bytes = produced.nbytes // images

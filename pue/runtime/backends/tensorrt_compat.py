@@ -274,6 +274,8 @@ def profile_problem(input_name: str, shape: tuple[int, ...], shapes: ShapeRange)
             what, flag = "batch", "--batch MIN:OPT:MAX"
         elif input_name in ("input_ids", "attention_mask") and axis == 1:
             what, flag = "sequence length (tokens per row)", "--max-seq N"
+        elif input_name == "image_features" and axis == 1:
+            what, flag = "image tokens per row (tokens_per_image for each of its images)", "--max-images N"
         else:
             what, flag = f"dimension {axis}", ""
         return (f"input '{input_name}' {what} is {got}, the engine's profile allows {low}..{high}", flag)

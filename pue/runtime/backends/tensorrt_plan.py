@@ -64,11 +64,12 @@ def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
 
 
 def pad_image_rows(image_rows: np.ndarray, batch: int, padded_batch: int) -> np.ndarray:
-    """Image rows after `pad_rows` repeated the last row: the copies are image rows when the last row was one."""
+    """Image rows after `pad_rows` repeated the last row: each copy holds as many images as the last row did."""
     rows = np.asarray(image_rows, dtype=np.int64)
     if padded_batch <= batch or len(rows) == 0 or rows[-1] != batch - 1:
         return rows
-    return np.concatenate([rows, np.arange(batch, padded_batch, dtype=np.int64)])
+    per_row = int(np.count_nonzero(rows == batch - 1))
+    return np.concatenate([rows, np.repeat(np.arange(batch, padded_batch, dtype=np.int64), per_row)])
 
 
 def row_runs(image_rows: np.ndarray) -> list[tuple[int, int, int]]:

@@ -1,0 +1,56 @@
+"""Manifest format versions (docs/architecture.md): 1.1 bundles read with no image separator (one image per row),
+1.2 writes it, a newer minor's unknown prompt fields are ignored, another major is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tensorrt_fakes as fakes
+
+from pue.bundle import FORMAT_VERSION, read_manifest
+from pue.errors import BundleError
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return fakes.make_tiny_bundle(tmp_path_factory.mktemp("versions") / "bundle")
+
+
+def rewritten(bundle, tmp_path, change):
+    data = json.loads((bundle / "manifest.json").read_text())
+    change(data)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "manifest.json").write_text(json.dumps(data))
+    return copy
+
+
+def test_this_pue_writes_format_1_2_with_the_separator(bundle):
+    data = json.loads((bundle / "manifest.json").read_text())
+    assert FORMAT_VERSION == "1.2" and data["format_version"] == "1.2"
+    assert data["prompts"]["image_separator"] == " "
+    assert read_manifest(bundle).prompts.image_separator == " "
+
+
+def test_a_1_1_manifest_has_no_separator(bundle, tmp_path):
+    def to_1_1(data):
+        data["format_version"] = "1.1"
+        del data["prompts"]["image_separator"]
+
+    manifest = read_manifest(rewritten(bundle, tmp_path, to_1_1))
+    assert manifest.prompts.image_separator is None
+
+
+def test_a_newer_minor_is_read_for_the_fields_this_pue_knows(bundle, tmp_path):
+    def to_1_9(data):
+        data["format_version"] = "1.9"
+        data["prompts"]["video_placeholder"] = "<video>"
+
+    manifest = read_manifest(rewritten(bundle, tmp_path, to_1_9))
+    assert manifest.prompts.image_separator == " " and not hasattr(manifest.prompts, "video_placeholder")
+
+
+def test_another_major_is_refused(bundle, tmp_path):
+    with pytest.raises(BundleError, match="format_version is 2.0"):
+        read_manifest(rewritten(bundle, tmp_path, lambda d: d.update(format_version="2.0")))

@@ -45,6 +45,7 @@ class QuantizeOptions:
     seed: int = 0
     method: str = "minmax"
     smooth: bool = True
+    rotate: str = "off"  # "auto" | "on" | "off": rotate the decoder's residual stream first (INT8 only)
     fallback: bool = True
     magnification: float | None = None
     mpp: float | None = None
@@ -164,6 +165,7 @@ def quantize_bundle(
             f"outliers: {outliers['channel_outlier_tensors']} activations with a channel ratio >= {threshold:g}, "
             f"{outliers['token_outlier_tensors']} with a token ratio >= {threshold:g}"
         )
+        rotation = _rotate(models, parent_dir / parent_manifest.graphs["decoder"].file.path, feeds, options, say)
         fusion: dict[str, dict] = {}
 
         def evaluate(candidate: dict[str, Any]) -> GateReport:
@@ -193,6 +195,7 @@ def quantize_bundle(
             "sensitivity": outcome.get("ranking", [])[:20],
             "fp16_kept_fp32": outcome.get("fp16_blocked", []),
             "outliers": outliers,
+            "rotation": rotation,
             "gate_device": "cpu (onnxruntime)"
             + (
                 "; onnxruntime on CPU computes FP16 ops in FP32, so this gate cannot reveal FP16 overflow: ops whose "
@@ -243,6 +246,26 @@ def _outliers(models: dict[str, Any], feeds: dict[str, Callable[..., Any]]) -> d
     for name, model in models.items():
         tensors += collect_outliers(model, weight_ops(model, name), feeds[name](OUTLIER_SAMPLES))
     return summarize(tensors)
+
+
+def _rotate(
+    models: dict[str, Any], decoder_path: Path, feeds: dict[str, Callable[..., Any]], options: QuantizeOptions, say: Any
+) -> dict[str, Any]:
+    """`--rotate`: the language model's residual stream rotated in the FP32 decoder before calibration."""
+    from pue.calibration.rotation import rotate_for_int8
+
+    if options.spec.qdq is None:
+        if options.rotate == "on":
+            raise PueError(f"--rotate on prepares INT8 activations; {options.precision} has none", "use --rotate off")
+        return {"mode": options.rotate, "applied": False}
+    record = rotate_for_int8(models, decoder_path, feeds["decoder"], options.rotate, seed=options.seed)
+    if record["applied"]:
+        say(
+            f"rotation: decoder residual stream ({record['rotation']['kind']}, width {record['rotation']['width']}); "
+            f"normed channel ratio {record['channel_ratio_before']:.1f} -> {record['channel_ratio_after']:.1f}, "
+            f"FP32 check min cosine {record['rotation']['check_min_cosine']:.7f}"
+        )
+    return record
 
 
 def _fuse(models: dict[str, Any], layouts: dict[str, dict[str, Any]], record: dict[str, dict]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from pue.bundle import Manifest, QuantizationInfo, file_entry, read_manifest, wr
 from pue.calibration.fidelity_plot import plot_fidelity
 from pue.calibration.fp16 import convert_with_gate
 from pue.calibration.int8_search import search_int8
-from pue.choices import Attention, CalibrationMethod, Precision, QuantizePrecision, parse_choice
+from pue.choices import Attention, CalibrationMethod, Precision, QuantizePrecision, Rotate, parse_choice
 from pue.derive import Derivation, derive_bundle
 from pue.errors import BundleError, PueError
 from pue.fidelity import FidelityThresholds, GateReport, GateSet, measure_fidelity
@@ -86,6 +86,9 @@ def _check_request(manifest: Manifest, options: QuantizeOptions) -> None:
             "it fails on graphs whose mask path holds -inf",
             options.method,
         )
+    parse_choice(Rotate, options.rotate, "--rotate")
+    if options.rotate == Rotate.ON and spec.qdq is None:
+        raise PueError(f"--rotate on prepares INT8 activations; {options.precision} has none", "use --rotate off")
     if options.num_patches < 1:
         raise PueError(f"--num-patches must be at least 1, got {options.num_patches}")
     if options.attention is not None:
@@ -254,9 +257,7 @@ def _rotate(
     """`--rotate`: the language model's residual stream rotated in the FP32 decoder before calibration."""
     from pue.calibration.rotation import rotate_for_int8
 
-    if options.spec.qdq is None:
-        if options.rotate == "on":
-            raise PueError(f"--rotate on prepares INT8 activations; {options.precision} has none", "use --rotate off")
+    if options.spec.qdq is None:  # FP16: nothing to prepare (`--rotate on` was refused before any work)
         return {"mode": options.rotate, "applied": False}
     record = rotate_for_int8(models, decoder_path, feeds["decoder"], options.rotate, seed=options.seed)
     if record["applied"]:

@@ -206,3 +206,71 @@ def test_refuses_a_writer_it_cannot_fold():
     model.graph.node.append(helper.make_node("Relu", ["d"], ["a_wide"], name="relu_writer"))
     with pytest.raises(RotationError, match="Relu relu_writer writes the residual stream"):
         rotate_decoder(model)
+
+
+def _decoder_rows(bundle, count: int):
+    """The first `count` decoder calibration rows (image, text and composed prompts) of a bundle."""
+    from pue.calibration.readers import DecoderFeeds, default_captions, make_plan
+    from pue.calibration.sampling import sample_patches
+    from pue.calibration.sources import open_sources
+    from pue.runtime import Embedder
+
+    embedder = Embedder.load(bundle)
+    patches, _ = sample_patches(open_sources(None, patch_size=embedder.manifest.tile_size), 4)
+    plan = make_plan(patches, default_captions(4))
+    return lambda limit=None: DecoderFeeds(embedder, plan, limit or count)
+
+
+def _rotate_bundle_decoder(bundle, mode: str) -> tuple[dict, onnx.ModelProto]:
+    from pue.calibration.rotation import rotate_for_int8
+
+    path = bundle / "decoder.onnx"
+    models = {"decoder": onnx.load(str(path))}
+    record = rotate_for_int8(models, path, _decoder_rows(bundle, 6), mode)
+    return record, models["decoder"]
+
+
+def test_exported_decoder_keeps_its_embedding(fp32_bundle):
+    record, rotated = _rotate_bundle_decoder(fp32_bundle("llava_next", "ci"), "on")
+    rotation = record["rotation"]
+    assert record["applied"] and rotation["kind"] == "randomized-hadamard" and rotation["width"] == 64
+    assert rotation["check_min_cosine"] >= 0.99999
+    # 5 readers and 2 writers per block, the pooled last block included; the table; the two inserted products
+    assert len(rotation["readers"]) == 5 * (rotation["norms_folded"] // 2) and rotation["embedding"]
+    assert rotation["inserted"] == ["pue_rotation_image_features", "pue_rotation_undo"]
+    assert {n.name for n in rotated.graph.node} >= set(rotation["readers"] + rotation["writers"])
+
+
+def test_auto_leaves_a_decoder_without_channel_outliers_alone(fp32_bundle):
+    record, rotated = _rotate_bundle_decoder(fp32_bundle("llava_next", "ci"), "auto")
+    assert not record["applied"] and record["channel_ratio_before"] < 20
+    assert not any(n.name.startswith("pue_rotation_") for n in rotated.graph.node)
+
+
+def test_fp16_refuses_rotate_on(fp32_bundle, tmp_path):
+    from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
+    from pue.errors import PueError
+
+    options = QuantizeOptions(precision="fp16", rotate="on", num_patches=2, num_captions=2)
+    with pytest.raises(PueError, match="--rotate on prepares INT8 activations"):
+        quantize_bundle(fp32_bundle("llava_next", "ci"), tmp_path / "fp16", options)
+    assert not (tmp_path / "fp16").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llava_next", "llava"])
+@pytest.mark.parametrize("preset", ["gains-few", "gains-all", "massive"])
+def test_outlier_fixtures_keep_their_embedding_and_lose_their_channel_outliers(fp32_bundle, arch, preset):
+    from pue.calibration.outliers import bundle_outliers
+
+    bundle = fp32_bundle(arch, preset)
+    record, _ = _rotate_bundle_decoder(bundle, "auto")
+    assert record["applied"], record  # every one of these fixtures carries channel outliers after its norms
+    assert record["rotation"]["check_min_cosine"] >= 0.99999
+    assert record["channel_ratio_before"] >= 20 and record["channel_ratio_after"] < 8
+
+    normed = set(record["rotation"]["readers"])
+    for rotate, bound in ((False, 20.0), (True, 8.0)):
+        report = bundle_outliers(bundle, num_patches=4, num_captions=4, rotate=rotate)["decoder"]
+        worst = max(t.channel_ratio for t in report if set(t.readers) & normed)
+        assert (worst >= bound) if not rotate else (worst < bound)

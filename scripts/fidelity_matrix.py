@@ -3,7 +3,7 @@ held-out patches by `pue-export quantize`'s own fidelity gate (issue 13). Not ru
 
     python scripts/fidelity_matrix.py --work /tmp/matrix [--seeds 0,1,2] [--archs llava_next,llava]
         [--fixtures gains-few,gains-all,massive,vit-highnorm] [--modes int8:onnxruntime,int8:tensorrt,int8-dynamic]
-        [--calibrations shipped,svs8] [--rotate off,on] [--json matrix.json] [--markdown matrix.md]
+        [--calibrations shipped,svs8] [--rotate off,on] [--no-fallback] [--json matrix.json] [--markdown matrix.md]
 
 Calibration sets: `shipped` (the 64-patch default) and `svs8`: 8 tissue tiles cut from
 `../shared/data/cmu_small_region.svs` at its native resolution, chosen spatially disjoint from the shipped held-out
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(f"{p}:{t}" for p, t in MODES), help="precision:target list")
     parser.add_argument("--calibrations", default="shipped,svs8")
     parser.add_argument("--rotate", default="off", help="`pue-export quantize --rotate` values to run, e.g. off,on")
+    parser.add_argument("--no-fallback", action="store_true", help="one attempt per run: everything int8")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
@@ -136,7 +137,7 @@ def main() -> None:
                 for precision, target, calib, rotate in runs(args):
                     out = work / f"{fp32.name}-{precision}-{target}-{calib}-rotate-{rotate}"
                     extra = ["--calib", str(svs_folder), "--num-patches", "8"] if calib == "svs8" else []
-                    extra += ["--rotate", rotate]
+                    extra += ["--rotate", rotate] + (["--no-fallback"] if args.no_fallback else [])
                     code, seconds, peak_mb = pue_export(
                         "quantize",
                         str(fp32),

@@ -27,6 +27,7 @@ a rotation until the centring is folded into the writers (SliceGPT); it is left 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -285,10 +286,11 @@ def _residual_sources(graph: _Graph, starts: list[str]) -> tuple[set[str], dict[
     return stream, roles
 
 
-def rotate_decoder(model: Any, seed: int = 0) -> RotationSummary:
+def rotate_decoder(model: Any, seed: int = 0, identity: bool = False) -> RotationSummary:
     """Fold the RMSNorm gains and an orthogonal rotation of the residual stream into `model` (in place).
 
-    The FP32 function is unchanged up to rounding (the caller checks it with `rotation_cosine`).
+    The FP32 function is unchanged up to rounding (the caller checks it with `rotation_cosine`). `identity`:
+    fold the gains only (Q = I), to see which outliers the gains alone put there.
     """
     graph = _Graph(model)
     norms = _rms_norms(graph)
@@ -314,7 +316,7 @@ def rotate_decoder(model: Any, seed: int = 0) -> RotationSummary:
     stream, roles = _residual_sources(graph, [n.residual for n in norms])
     _check_stream_readers(graph, stream, norms)
 
-    q, kind = orthogonal_matrix(width, seed)
+    q, kind = (np.eye(width), "identity") if identity else orthogonal_matrix(width, seed)
     summary = RotationSummary(width, kind, seed, len(norms) - 1)
     for index, norm in enumerate(n for n in norms if n is not final):
         gain = norm.gain.astype(np.float64)
@@ -384,7 +386,8 @@ def rotation_cosine(original: Any, rotated: Any, feeds: list[dict[str, np.ndarra
 
 
 MIN_COSINE = 0.99999  # the rotated FP32 decoder against its parent, on calibration rows
-CHANNEL_THRESHOLD = 20.0  # `auto` rotates when a normed decoder activation's max/median channel is at least this
+#: `auto` rotates when a normed decoder activation's max/median channel is at least this with the gains folded out
+CHANNEL_THRESHOLD = 20.0
 CHECK_SAMPLES = 8
 
 
@@ -420,11 +423,22 @@ def rotate_for_int8(
         return max((t.channel_ratio for t in collect_outliers(model, ops, rows)), default=0.0)
 
     before = worst_channel_ratio(decoder)
-    record: dict[str, Any] = {"mode": str(mode), "channel_ratio_before": before}
-    if mode == Rotate.AUTO and before < CHANNEL_THRESHOLD:
-        return dict(
-            record, applied=False, why=f"normed decoder activations' channel ratio {before:.1f} < {CHANNEL_THRESHOLD:g}"
+    gains_folded = copy.deepcopy(decoder)
+    rotate_decoder(gains_folded, identity=True)
+    without_gains = worst_channel_ratio(gains_folded)
+    del gains_folded
+    record: dict[str, Any] = {
+        "mode": str(mode),
+        "channel_ratio_before": before,
+        "channel_ratio_without_gains": without_gains,
+    }
+    if mode == Rotate.AUTO and without_gains < CHANNEL_THRESHOLD:
+        why = (
+            f"the normed decoder activations' channel ratio is {before:.1f}, {without_gains:.1f} without the norm "
+            f"gains (< {CHANNEL_THRESHOLD:g}): what outliers there are come from the gains, and a rotation would fold "
+            "them into the weights and spread every writer's int8 error onto the channels those gains amplify"
         )
+        return dict(record, applied=False, why=why)
     summary = rotate_decoder(decoder, seed)
     summary.check_min_cosine = rotation_cosine(decoder_path, decoder, rows)
     if summary.check_min_cosine < MIN_COSINE:

@@ -40,7 +40,9 @@ from pue.errors import PueError
 
 PREFIX = "pue_rotation_"
 IMAGE_FEATURES = "image_features"
-#: ops that move rows of the residual stream around without mixing its channels (the last axis)
+#: ops that move rows of the residual stream around without mixing its channels (the last axis). Reshape and
+#: Flatten are taken to keep the last axis (pue's exported decoders do); a graph where they do not fails the FP32
+#: check that `rotate_for_int8` runs before anything is quantized.
 ROW_OPS = {"Cast", "Identity", "Gather", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
 
@@ -61,7 +63,7 @@ class RotationSummary:
     """What `rotate_decoder` did, for `fidelity.json`."""
 
     width: int
-    kind: str  # "randomized-hadamard" | "random-orthogonal"
+    kind: str  # "randomized-hadamard" | "random-orthogonal" | "identity" (gains folded only)
     seed: int
     norms_folded: int
     readers: list[str] = field(default_factory=list)

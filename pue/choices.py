@@ -73,6 +73,14 @@ class CalibrationMethod(Choice):
     PERCENTILE = "percentile"
 
 
+class Rotate(Choice):
+    """Rotate the language model's residual stream before INT8 (`pue.calibration.rotation`)."""
+
+    AUTO = "auto"  # when the decoder's norm outputs carry channel outliers
+    ON = "on"
+    OFF = "off"
+
+
 class Attention(Choice):
     FUSED = "fused"
     STANDARD = "standard"

@@ -2,7 +2,8 @@
 held-out patches by `pue-export quantize`'s own fidelity gate (issue 13). Not run by CI (minutes per seed).
 
     python scripts/fidelity_matrix.py --work /tmp/matrix [--seeds 0,1,2] [--archs llava_next,llava]
-        [--fixtures gains-few,gains-all,massive,vit-highnorm] [--json matrix.json] [--markdown matrix.md]
+        [--fixtures gains-few,gains-all,massive,vit-highnorm] [--modes int8:onnxruntime,int8:tensorrt,int8-dynamic]
+        [--calibrations shipped,svs8] [--rotate off,on] [--no-fallback] [--json matrix.json] [--markdown matrix.md]
 
 Calibration sets: `shipped` (the 64-patch default) and `svs8`: 8 tissue tiles cut from
 `../shared/data/cmu_small_region.svs` at its native resolution, chosen spatially disjoint from the shipped held-out
@@ -99,13 +100,21 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--archs", default="llava_next,llava")
     parser.add_argument("--fixtures", default="gains-few,gains-all,massive,vit-highnorm")
+    parser.add_argument("--modes", default=",".join(f"{p}:{t}" for p, t in MODES), help="precision:target list")
+    parser.add_argument("--calibrations", default="shipped,svs8")
+    parser.add_argument("--rotate", default="off", help="`pue-export quantize --rotate` values to run, e.g. off,on")
+    parser.add_argument("--no-fallback", action="store_true", help="one attempt per run: everything int8")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     work = args.work
     svs_folder = work / "svs8"
-    svs_tiles = svs_calibration(svs_folder) if not svs_folder.is_dir() else json.loads((work / "svs8.json").read_text())
-    (work / "svs8.json").write_text(json.dumps(svs_tiles, indent=2) + "\n")
+    svs_tiles: list[dict] = []
+    if "svs8" in args.calibrations.split(","):  # cutting the tiles needs the slides extra (openslide)
+        svs_tiles = (
+            svs_calibration(svs_folder) if not svs_folder.is_dir() else json.loads((work / "svs8.json").read_text())
+        )
+        (work / "svs8.json").write_text(json.dumps(svs_tiles, indent=2) + "\n")
     rows = []
     for arch in args.archs.split(","):
         for fixture in args.fixtures.split(","):
@@ -125,36 +134,37 @@ def main() -> None:
                         "--overwrite",
                     )
                     pue_export("onnx", str(model), "-o", str(fp32), "--overwrite")
-                for precision, target in MODES:
-                    for calib in ("shipped", "svs8"):
-                        out = work / f"{fp32.name}-{precision}-{target}-{calib}"
-                        extra = ["--calib", str(svs_folder), "--num-patches", "8"] if calib == "svs8" else []
-                        code, seconds, peak_mb = pue_export(
-                            "quantize",
-                            str(fp32),
-                            "-o",
-                            str(out),
-                            "--precision",
-                            precision,
-                            "--target",
-                            target,
-                            "--overwrite",
-                            *extra,
-                        )
-                        row = {
-                            "arch": arch,
-                            "fixture": fixture,
-                            "seed": seed,
-                            "precision": precision,
-                            "target": target,
-                            "calibration": calib,
-                            "exit": code,
-                            "seconds": round(seconds, 1),
-                            "peak_mb": round(peak_mb),
-                            **gate_row(out, code),
-                        }
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+                for precision, target, calib, rotate in runs(args):
+                    out = work / f"{fp32.name}-{precision}-{target}-{calib}-rotate-{rotate}"
+                    extra = ["--calib", str(svs_folder), "--num-patches", "8"] if calib == "svs8" else []
+                    extra += ["--rotate", rotate] + (["--no-fallback"] if args.no_fallback else [])
+                    code, seconds, peak_mb = pue_export(
+                        "quantize",
+                        str(fp32),
+                        "-o",
+                        str(out),
+                        "--precision",
+                        precision,
+                        "--target",
+                        target,
+                        "--overwrite",
+                        *extra,
+                    )
+                    row = {
+                        "arch": arch,
+                        "fixture": fixture,
+                        "seed": seed,
+                        "precision": precision,
+                        "target": target,
+                        "calibration": calib,
+                        "rotate": rotate,
+                        "exit": code,
+                        "seconds": round(seconds, 1),
+                        "peak_mb": round(peak_mb),
+                        **gate_row(out, code),
+                    }
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     result = {"svs8_tiles": svs_tiles, "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
@@ -164,19 +174,30 @@ def main() -> None:
     print(table)
 
 
+def runs(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    """(precision, target, calibration set, --rotate) for every quantize of one fixture and seed."""
+    modes = [(m.split(":") + ["onnxruntime"])[:2] for m in args.modes.split(",")]
+    return [
+        (precision, target, calib, rotate)
+        for precision, target in modes
+        for calib in args.calibrations.split(",")
+        for rotate in args.rotate.split(",")
+    ]
+
+
 def markdown(rows: list[dict]) -> str:
     def fmt(value: object, digits: int = 4) -> str:
         return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     lines = [
-        "| arch | fixture | seed | mode | calibration | gate | mean cos | min cos | top-1 | int8 FLOPs | float ops "
-        "| smoothed | s | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arch | fixture | seed | mode | calibration | rotate | gate | mean cos | min cos | top-1 | int8 FLOPs "
+        "| float ops | smoothed | s | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mode = r["precision"] + ("" if r["precision"] == "int8-dynamic" else f" ({r['target']})")
         lines.append(
-            f"| {r['arch']} | {r['fixture']} | {r['seed']} | {mode} | {r['calibration']} | "
+            f"| {r['arch']} | {r['fixture']} | {r['seed']} | {mode} | {r['calibration']} | {r.get('rotate', 'off')} | "
             f"{'pass' if r.get('passed') else 'FAIL'} | {fmt(r.get('mean_cosine'))} | {fmt(r.get('min_cosine'))} | "
             f"{fmt(r.get('top1'), 3)} | {fmt(r.get('int8_flop_share'), 2)} | {fmt(r.get('float_nodes'))} | "
             f"{fmt(r.get('smoothed_groups'))} | {r['seconds']} | {r['peak_mb']} |"

@@ -142,8 +142,12 @@ def bundle_outliers(
     mpp: float | None = None,
     top: int = TOP,
     progress: Any = None,
+    rotate: bool = False,
 ) -> dict[str, list[TensorOutliers]]:
-    """The outlier report of an FP32 bundle's graphs on calibration patches (default: the shipped ones)."""
+    """The outlier report of an FP32 bundle's graphs on calibration patches (default: the shipped ones).
+
+    `rotate`: the decoder is measured after `pue.calibration.rotation.rotate_decoder` (seeded by `seed`).
+    """
     from pathlib import Path
 
     import onnx
@@ -168,6 +172,10 @@ def bundle_outliers(
         feeds = {"vision": lambda: VisionFeeds(parent, plan.patches), "decoder": lambda: DecoderFeeds(parent, plan)}
         for name, spec in manifest.graphs.items():
             model = onnx.load(str(bundle_dir / spec.file.path))
+            if rotate and name == "decoder":
+                from pue.calibration.rotation import rotate_decoder
+
+                rotate_decoder(model, seed)
             ops = weight_ops(model, name)
             say(f"{name}: the inputs of {len(ops)} weight-bearing ops")
             report[name] = collect_outliers(model, ops, feeds[name](), top=top)

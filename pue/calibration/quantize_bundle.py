@@ -30,7 +30,7 @@ from pue.calibration.resources import (
     attention_bytes,
     plan_quantize,
 )
-from pue.choices import Attention, CalibrationMethod, Precision, QuantizePrecision, parse_choice
+from pue.choices import Attention, CalibrationMethod, Precision, QuantizePrecision, Rotate, parse_choice
 from pue.derive import Derivation, derive_bundle
 from pue.errors import BundleError, PueError
 from pue.fidelity import FidelityThresholds, GateReport, GateSet, measure_fidelity
@@ -54,6 +54,7 @@ class QuantizeOptions:
     seed: int = 0
     method: str = "minmax"
     smooth: bool = True
+    rotate: str = "off"  # "auto" | "on" | "off": rotate the decoder's residual stream first (INT8 only)
     fallback: bool = True
     magnification: float | None = None
     mpp: float | None = None
@@ -94,6 +95,9 @@ def _check_request(manifest: Manifest, options: QuantizeOptions) -> None:
             "it fails on graphs whose mask path holds -inf",
             options.method,
         )
+    parse_choice(Rotate, options.rotate, "--rotate")
+    if options.rotate == Rotate.ON and spec.qdq is None:
+        raise PueError(f"--rotate on prepares INT8 activations; {options.precision} has none", "use --rotate off")
     if options.num_patches < 1:
         raise PueError(f"--num-patches must be at least 1, got {options.num_patches}")
     if options.attention is not None:
@@ -184,6 +188,9 @@ def quantize_bundle(
             f"outliers: {outliers['channel_outlier_tensors']} activations with a channel ratio >= {threshold:g}, "
             f"{outliers['token_outlier_tensors']} with a token ratio >= {threshold:g}"
         )
+        rotation = _rotate(models, parent_dir / parent_manifest.graphs["decoder"].file.path, feeds, options, say)
+        if rotation.get("applied"):
+            peaks.end("rotation")
         fusion: dict[str, dict] = {}
 
         def evaluate(candidate: dict[str, Any], items: GateSet = gate_set, parent_rows: dict = reference) -> GateReport:
@@ -219,6 +226,7 @@ def quantize_bundle(
             "fp16_kept_fp32": outcome.get("fp16_blocked", []),
             "outliers": outliers,
             "resources": {"plan": resources.to_dict(), "measured_peak_mb": peaks.peaks_mb},
+            "rotation": rotation,
             "gate_device": "cpu (onnxruntime)"
             + (
                 "; this CPU's int8 kernels saturate on full-range s8 weights, so the Q/DQ pairs ran in float, the "
@@ -334,6 +342,24 @@ def _check_set(plan: Any) -> GateSet:
         composed_texts=[modifier for _, modifier in composed],
         image_sets=[[patch.load() for patch in group] for group in plan.image_sets[:CHECK_IMAGE_SETS]],
     )
+
+
+def _rotate(
+    models: dict[str, Any], decoder_path: Path, feeds: dict[str, Callable[..., Any]], options: QuantizeOptions, say: Any
+) -> dict[str, Any]:
+    """`--rotate`: the language model's residual stream rotated in the FP32 decoder before calibration."""
+    from pue.calibration.rotation import rotate_for_int8
+
+    if options.spec.qdq is None:  # FP16: nothing to prepare (`--rotate on` was refused before any work)
+        return {"mode": options.rotate, "applied": False}
+    record = rotate_for_int8(models, decoder_path, feeds["decoder"], options.rotate, seed=options.seed)
+    if record["applied"]:
+        say(
+            f"rotation: decoder residual stream ({record['rotation']['kind']}, width {record['rotation']['width']}); "
+            f"normed channel ratio {record['channel_ratio_before']:.1f} -> {record['channel_ratio_after']:.1f}, "
+            f"FP32 check min cosine {record['rotation']['check_min_cosine']:.7f}"
+        )
+    return record
 
 
 def _fuse(models: dict[str, Any], layouts: dict[str, dict[str, Any]], record: dict[str, dict]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pue.choices import (
     HardwareCompat,
     OutlierGain,
     QuantizePrecision,
+    Rotate,
     Target,
     TinyArchitecture,
     TinyPreset,
@@ -143,6 +144,12 @@ def quantize(
     gate_top1: float = typer.Option(None, "--gate-top1", help="Fidelity gate: minimum top-1 self-retrieval (0.98)."),
     no_smooth: bool = typer.Option(False, "--no-smooth", help="Do not migrate activation outliers (diagnostics)."),
     no_fallback: bool = typer.Option(False, "--no-fallback", help="Never keep sensitive layers in float."),
+    rotate: Rotate = typer.Option(
+        Rotate.OFF.value,
+        "--rotate",
+        help="INT8: rotate the language model's residual stream first (exact in FP32; auto: when its normed "
+        "activations carry channel outliers).",
+    ),
     attention: Attention = typer.Option(
         None,
         "--attention",
@@ -179,6 +186,7 @@ def quantize(
         method=method.value,
         smooth=not no_smooth,
         fallback=not no_fallback,
+        rotate=rotate.value,
         magnification=magnification,
         mpp=mpp,
         thresholds=FidelityThresholds.with_overrides(gate_mean, gate_min, gate_top1),
@@ -216,6 +224,9 @@ def _print_fidelity(out: object, report: dict) -> None:
         )
     extra.append(("ops kept in float", str(len(report.get("float_nodes", []))), ""))
     extra.append(("smoothed op groups", str(len(report.get("smoothed", []))), ""))
+    rotation = report.get("rotation") or {}
+    if rotation.get("applied"):
+        extra.append(("rotated residual stream", rotation["rotation"]["kind"], f"--rotate {rotation['mode']}"))
     attention = report.get("attention") or {}
     if attention.get("mode") == "fused":
         fused = ", ".join(f"{g} {r['fused']}× {r['op']}" for g, r in attention.get("graphs", {}).items())
@@ -237,6 +248,9 @@ def outliers(
     mpp: float = typer.Option(None, "--mpp", help="Slides: target microns per pixel (e.g. 0.5)."),
     top: int = typer.Option(12, "--top", help="Tensors shown (the worst first)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    rotate: bool = typer.Option(
+        False, "--rotate", help="Measure the decoder after rotating its residual stream (as --rotate on would)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print every tensor's measurements as JSON."),
 ) -> None:
     """Where the bundle's activation outliers are, at the inputs INT8 would quantize (channels and tokens)."""
@@ -257,6 +271,7 @@ def outliers(
         seed=seed,
         magnification=magnification,
         mpp=mpp,
+        rotate=rotate,
         progress=progress_printer(out),
     )
     if as_json:

@@ -38,6 +38,12 @@ def latency(
         1, "--rounds", help="Run every worker this many times (alternating order); each row keeps its fastest round."
     ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    backends: str = typer.Option(
+        "auto",
+        "--backends",
+        help="Comma-separated backends each bundle runs on, e.g. auto,openvino (auto: the one Embedder.load picks); "
+        "a backend that cannot run a bundle is noted with the reason.",
+    ),
     threads: int = typer.Option(None, "--threads", help="Threads per worker (default: the library's own)."),
     reference_precisions: str = typer.Option(
         None,
@@ -57,6 +63,7 @@ def latency(
 ) -> None:
     """Latency, throughput, memory and distance to the matmul limit of each bundle and of the reference."""
     _require_extras("pue-bench latency", report, reference)
+    _require_backends(_str_list(backends), device)
     from pue.benchmarks.latency import run_latency
     from pue.benchmarks.report import check_report_dir, write_latency_report
 
@@ -77,6 +84,7 @@ def latency(
         peaks=not no_peaks,
         timeout_s=timeout,
         rounds=rounds,
+        backends=_str_list(backends),
         progress=progress_printer(err),
     )
     if report is not None:
@@ -221,6 +229,20 @@ def _require_extras(command: str, report: Path | None, reference: Path | None) -
     needed = ["cpu"] + (["bench"] if report is not None else []) + (["export"] if reference is not None else [])
     what = command + (" --report" if report is not None else "") + (" --reference" if reference is not None else "")
     require_extras(needed, what)
+
+
+def _require_backends(backends: list[str], device: str) -> None:
+    """Every backend named in --backends is registered and installed, before any work."""
+    from pue.extras import require_extras
+    from pue.runtime.backends.base import parse_device
+    from pue.runtime.backends.registry import AUTO, backend_spec
+
+    if not backends:
+        raise PueError("--backends names no backend", "e.g. --backends auto,openvino")
+    parsed = parse_device(device)
+    for name in backends:
+        if name != AUTO:
+            require_extras([backend_spec(name).extra_for(parsed)], f"pue-bench latency --backends {name}")
 
 
 def _print_latency(result: dict[str, Any]) -> None:

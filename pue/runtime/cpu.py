@@ -3,7 +3,26 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
+from typing import Any
+
+# The instruction-set flags that decide matrix speed (reported with every benchmark and with a bf16 gate).
+CPU_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "avx_vnni",
+    "asimd",
+    "bf16",
+    "i8mm",
+    "sve",
+)
 
 
 def usable_core_count() -> int:
@@ -28,3 +47,33 @@ def physical_core_count() -> int:
         except OSError:
             return max(1, len(allowed))
     return max(1, len(cores))
+
+
+def cpu_info() -> dict[str, Any]:
+    """Model name, logical CPUs, CPUs this process may use, and the matrix-relevant instruction-set flags."""
+    model: str | None = None
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and model is None:
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine()
+    return {
+        "model": model,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable_core_count(),
+        "physical_cores": physical_core_count(),
+        "flags": [flag for flag in CPU_FLAGS if flag in flags],
+    }
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether the CPU has native bf16 matrix instructions (AVX512-BF16, AMX-BF16, or Arm's BF16)."""
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(cpu_info()["flags"]))

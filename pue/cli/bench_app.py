@@ -180,7 +180,10 @@ def pmeb(
 @app.command("profile")
 @handle_errors
 def profile(
-    bundle: Path = typer.Argument(..., help="Bundle directory (run with onnxruntime on the CPU)."),
+    bundle: Path = typer.Argument(..., help="Bundle directory (run on the CPU)."),
+    backend: str = typer.Option(
+        "onnxruntime", "--backend", help="onnxruntime (its profiler) or openvino (per-layer performance counters)."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Image rows per batch."),
     runs: int = typer.Option(1, "--runs", help="Profiled runs per graph (after one untimed run)."),
     output: Path = typer.Option(None, "-o", "--output", help="Write the profile as JSON to this file."),
@@ -188,14 +191,14 @@ def profile(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON on stdout."),
 ) -> None:
-    """Where a bundle's time goes: onnxruntime's profiler over one batch, summed per op type and graph."""
+    """Where a bundle's time goes: the backend's profiler over one batch, summed per op type and graph."""
     import json
 
     from pue.benchmarks.profile import profile_bundle
 
     if output is not None and output.exists() and not overwrite:
         raise PueError(f"'{output}' already exists", "pass --overwrite to replace it")
-    result = profile_bundle(bundle, batch_size=batch_size, runs=runs)
+    result = profile_bundle(bundle, batch_size=batch_size, runs=runs, backend=backend)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         partial = output.with_name(output.name + ".partial")
@@ -210,12 +213,13 @@ def profile(
     for name, graph in result["graphs"].items():
         table = Table(
             title=f"{name}: {graph['wall_ms']:.0f} ms per batch of {result['batch_size']} "
-            f"({result['precision']}, kernels {graph['kernel_ms']:.0f} ms)"
+            f"({result['precision']} on {result['backend']}, kernels {graph['kernel_ms']:.0f} ms)"
         )
-        for column in ("op type", "ms", "share", "nodes"):
-            table.add_column(column, justify="left" if column == "op type" else "right")
+        for column in ("op type", "ms", "share", "nodes", "kernels"):
+            table.add_column(column, justify="left" if column in ("op type", "kernels") else "right")
         for op in graph["ops"][:top]:
-            table.add_row(op["op_type"], f"{op['ms']:.1f}", f"{op['share']:.1%}", str(op["nodes"]))
+            kernels = ", ".join(op.get("kernels", []))
+            table.add_row(op["op_type"], f"{op['ms']:.1f}", f"{op['share']:.1%}", str(op["nodes"]), kernels)
         out.print(table)
 
 

@@ -35,6 +35,7 @@ class Precision(Choice):
     FP16 = "fp16"
     INT8 = "int8"
     INT8_DYNAMIC = "int8-dynamic"
+    BF16 = "bf16"
 
 
 class QuantizePrecision(Choice):
@@ -43,6 +44,7 @@ class QuantizePrecision(Choice):
     INT8 = "int8"
     INT8_DYNAMIC = "int8-dynamic"
     FP16 = "fp16"
+    BF16 = "bf16"
 
 
 class Target(Choice):
@@ -50,6 +52,7 @@ class Target(Choice):
 
     ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
+    OPENVINO = "openvino"
 
 
 class BundleTarget(Choice):
@@ -58,6 +61,7 @@ class BundleTarget(Choice):
     ANY = "any"
     ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
+    OPENVINO = "openvino"
 
 
 class DeviceKind(Choice):

@@ -36,6 +36,7 @@ EXTRAS: dict[str, Extra] = {
         Extra("cpu", ("onnxruntime",), "onnxruntime"),
         Extra("gpu", ("onnxruntime",), "onnxruntime with CUDA"),
         Extra("tensorrt", ("tensorrt", "cuda"), "TensorRT engines"),
+        Extra("openvino", ("openvino",), "the OpenVINO CPU backend"),
         Extra("slides", ("openslide",), "whole-slide images through openslide"),
         Extra("bench", ("matplotlib",), "benchmark reports and plots"),
         Extra("serve", ("fastapi", "uvicorn", "prometheus_client"), "the embeddings server"),

@@ -74,6 +74,7 @@ TARGET_NAMES = {
     BundleTarget.ANY: "any target",
     BundleTarget.ONNXRUNTIME: "onnxruntime",
     BundleTarget.TENSORRT: "TensorRT",
+    BundleTarget.OPENVINO: "OpenVINO",
 }
 DEVICE_NAMES = {DeviceKind.CPU: "CPU", DeviceKind.CUDA: "CUDA GPUs"}
 
@@ -95,6 +96,8 @@ class PrecisionSpec:
     engine_source: bool  # `pue-export trt` builds TensorRT engines from it
     note: str = ""  # why it is tied to its target or devices, said when it is refused
     device_advice: str = ""  # said when it is asked to run on another device
+    # The type a backend computes float ops in: a runtime precision sets it on the backend (never its default).
+    compute: str = "float32"
 
     @property
     def calibrated(self) -> bool:
@@ -190,6 +193,25 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
         engine_source=False,
         note="dynamic INT8 (activations quantized at run time) runs only in onnxruntime on CPU",
         device_advice=CPU_INT8_ADVICE,
+    ),
+    PrecisionSpec(
+        Precision.BF16,
+        BundleTarget.OPENVINO,
+        PrecisionKind.RUNTIME,
+        weights="float32",  # the fp32 graphs, hard-linked: OpenVINO converts weights when it compiles
+        activations="bfloat16 (OpenVINO inference precision)",
+        qdq=None,
+        parent=Precision.FP32,
+        calibration_data=False,
+        attention=(Attention.STANDARD,),
+        devices=(DeviceKind.CPU,),
+        engine_source=False,
+        note="bf16 inference in OpenVINO's CPU plugin, on CPUs with native bf16 (AVX512-BF16 or AMX)",
+        device_advice=(
+            "a bf16 bundle runs in OpenVINO on a CPU with native bf16 (AVX512-BF16 or AMX); on a GPU, use the fp32 "
+            "parent's fp16 bundle or TensorRT engines"
+        ),
+        compute="bfloat16",
     ),
 )
 

@@ -10,8 +10,10 @@ pue-export onnx "$WORK/checkpoint" -o "$WORK/fp32" --overwrite
 pue-export quantize "$WORK/fp32" -o "$WORK/int8" --precision int8 --overwrite
 pue-export quantize "$WORK/fp32" -o "$WORK/int8-dynamic" --precision int8-dynamic --overwrite
 pue-export quantize "$WORK/fp32" -o "$WORK/fp16" --precision fp16 --overwrite
+BACKENDS=auto  # plus OpenVINO rows where the `openvino` extra is installed
+if python -c "import openvino" 2> /dev/null; then BACKENDS=auto,openvino; fi
 pue-bench latency "$WORK/fp32" "$WORK/int8" "$WORK/int8-dynamic" "$WORK/fp16" --reference "$WORK/checkpoint" \
-  --batch-sizes 1,8 --warmup 1 --iters 5 --rounds 2 --report "$WORK/latency" --overwrite
+  --batch-sizes 1,8 --warmup 1 --iters 5 --rounds 2 --backends "$BACKENDS" --report "$WORK/latency" --overwrite
 for b in int8 int8-dynamic fp32; do
   pue-bench profile "$WORK/$b" --batch-size 8 -o "$WORK/profile-$b.json" --overwrite
 done

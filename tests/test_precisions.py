@@ -30,13 +30,18 @@ from pue.runtime.backends.registry import capable
 CPU, CUDA = DeviceKind.CPU, DeviceKind.CUDA
 
 # precision, target -> (activation scheme, devices, attention layouts, engine source, backends on cpu, on cuda)
+# (the bundles here record no quantization, so their attention is standard: OpenVINO runs them all on CPU)
+ONNX_CPU = ["onnxruntime", "openvino"]
 EXPECTED = {
-    ("fp32", "any"): (None, (CPU, CUDA), ("standard",), True, ["onnxruntime"], ["onnxruntime"]),
-    ("fp16", "any"): (None, (CPU, CUDA), ("standard",), True, ["onnxruntime"], ["onnxruntime"]),
-    ("int8", "onnxruntime"): ("u8", (CPU,), ("fused", "standard"), False, ["onnxruntime"], None),
-    ("int8", "tensorrt"): ("s8", (CPU, CUDA), ("standard",), True, ["onnxruntime"], ["onnxruntime"]),
-    ("int8-dynamic", "onnxruntime"): ("dynamic", (CPU,), ("fused", "standard"), False, ["onnxruntime"], None),
+    ("fp32", "any"): (None, (CPU, CUDA), ("standard",), True, ONNX_CPU, ["onnxruntime"]),
+    ("fp16", "any"): (None, (CPU, CUDA), ("standard",), True, ONNX_CPU, ["onnxruntime"]),
+    ("int8", "onnxruntime"): ("u8", (CPU,), ("fused", "standard"), False, ONNX_CPU, None),
+    ("int8", "tensorrt"): ("s8", (CPU, CUDA), ("standard",), True, ONNX_CPU, ["onnxruntime"]),
+    ("int8-dynamic", "onnxruntime"): ("dynamic", (CPU,), ("fused", "standard"), False, ONNX_CPU, None),
+    ("bf16", "openvino"): (None, (CPU,), ("standard",), False, ["openvino"], None),
 }
+# the manifest `backend` of each: runtime precisions name the backend that honours them
+BUNDLE_BACKEND = {("bf16", "openvino"): "openvino"}
 
 
 def test_the_table_holds_one_entry_per_precision_and_target_and_agrees_with_the_enums():
@@ -46,7 +51,10 @@ def test_the_table_holds_one_entry_per_precision_and_target_and_agrees_with_the_
     assert {spec.target for spec in PRECISION_TABLE} | {BundleTarget.ANY} == set(BundleTarget)
     assert set(Target.values()) <= set(BundleTarget.values())
     assert set(quantized_precisions()) == set(QuantizePrecision.values())  # what `pue-export quantize` offers
-    assert all(spec.kind is PrecisionKind.WEIGHT for spec in PRECISION_TABLE)  # bf16 inference will be RUNTIME
+    runtime = [(str(s.precision), str(s.target)) for s in PRECISION_TABLE if s.kind is PrecisionKind.RUNTIME]
+    assert runtime == [("bf16", "openvino")]  # set on the backend at inference, not written into the graphs
+    assert lookup("bf16", "openvino").compute == "bfloat16"
+    assert {spec.compute for spec in PRECISION_TABLE if spec.kind is PrecisionKind.WEIGHT} == {"float32"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         PRECISION_TABLE[0].devices = ()  # type: ignore[misc]
 
@@ -60,19 +68,20 @@ def test_each_entry(precision, target):
     assert spec.devices == devices and tuple(spec.attention) == attention and spec.default_attention == attention[0]
     assert spec.engine_source is engine_source
     assert spec.calibrated is (scheme in ("u8", "s8"))  # --calibration-method applies to static scales only
-    assert spec.calibration_data is (precision != "fp32")
+    assert spec.calibration_data is (precision not in ("fp32", "bf16"))
     assert (spec.parent == "fp32") is (precision != "fp32")
-    bundle = SimpleNamespace(backend="onnxruntime", precision=precision, target=target)
+    backend = BUNDLE_BACKEND.get((precision, target), "onnxruntime")
+    bundle = SimpleNamespace(backend=backend, precision=precision, target=target, export=ExportInfo())
     assert [b.name for b in capable("b", bundle, "cpu")] == on_cpu
     if on_cuda is None:
         assert not spec.runs_on("cuda:1")
         with pytest.raises(PueError) as refused:
             spec.check_device("cuda")
-        assert str(refused.value) == CPU_INT8_ADVICE
+        assert str(refused.value) == (CPU_INT8_ADVICE if precision.startswith("int8") else spec.device_advice)
     else:
         assert [b.name for b in capable("b", bundle, "cuda:0")] == on_cuda
     if engine_source:  # the engines pue-export trt builds from it run on TensorRT, on CUDA only
-        engines = SimpleNamespace(backend="tensorrt", precision=precision, target="tensorrt")
+        engines = SimpleNamespace(backend="tensorrt", precision=precision, target="tensorrt", export=ExportInfo())
         assert [b.name for b in capable("e", engines, "cuda")] == ["tensorrt"]
         assert capable("e", engines, "cpu") == []
 
@@ -98,8 +107,8 @@ def test_a_request_resolves_to_the_graphs_made_for_it():
 def test_unknown_and_mismatched_choices_are_refused_at_the_edge():
     with pytest.raises(PueError, match="unknown precision 'int4'.*fp32, fp16, int8, int8-dynamic"):
         precision_spec("int4", "any")
-    with pytest.raises(PueError, match="unknown target 'openvino'"):
-        precision_spec("fp32", "openvino")
+    with pytest.raises(PueError, match="unknown target 'coreml'"):
+        precision_spec("fp32", "coreml")
     with pytest.raises(PueError) as mismatched:
         precision_spec("int8-dynamic", "tensorrt")
     assert mismatched.value.message == "int8-dynamic is for onnxruntime on CPU only"
@@ -110,8 +119,10 @@ def test_unknown_and_mismatched_choices_are_refused_at_the_edge():
         quantize_spec("fp32", "onnxruntime")  # a precision, but not one `pue-export quantize` makes
     with pytest.raises(PueError, match="unknown target 'any'"):
         quantize_spec("fp16", "any")  # a manifest's target, not a --target
-    with pytest.raises(BundleError, match="names precision 'bf16'.*install the pue that did"):
-        bundle_spec("bf16", "any")
+    with pytest.raises(BundleError, match="names precision 'fp8'.*install the pue that did"):
+        bundle_spec("fp8", "any")
+    with pytest.raises(BundleError, match="bf16 is for OpenVINO on CPU only"):
+        bundle_spec("bf16", "tensorrt")
 
 
 def test_engine_sources():

@@ -7,11 +7,12 @@ to record them; the GPU comes from `nvidia-smi` when it exists.
 from __future__ import annotations
 
 import datetime as _datetime
-import os
 import platform
 import shutil
 import subprocess
 from typing import Any
+
+from pue.runtime.cpu import CPU_FLAGS, cpu_info, cpu_supports_bf16
 
 # Package names as installed; onnxruntime-gpu and tensorrt's split wheels report under their own names.
 VERSIONED_PACKAGES = (
@@ -25,25 +26,14 @@ VERSIONED_PACKAGES = (
     "tensorrt",
     "tensorrt-cu12",
     "tensorrt-cu13",
+    "openvino",
     "tokenizers",
     "pillow",
     "matplotlib",
 )
-CPU_FLAGS = (
-    "avx2",
-    "avx512f",
-    "avx512_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_tile",
-    "amx_bf16",
-    "amx_int8",
-    "avx_vnni",
-    "asimd",
-    "bf16",
-    "i8mm",
-    "sve",
-)
+
+
+__all__ = ["CPU_FLAGS", "collect_environment", "cpu_info", "cpu_supports_bf16", "gpu_info", "package_versions"]
 
 
 def collect_environment() -> dict[str, Any]:
@@ -62,38 +52,6 @@ def collect_environment() -> dict[str, Any]:
         "gpus": gpus,
         "versions": package_versions(),
     }
-
-
-def cpu_info() -> dict[str, Any]:
-    """Model name, logical CPUs, CPUs this process may use, and the matrix-relevant instruction-set flags."""
-    model: str | None = None
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "Model") and model is None:
-                    model = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    model = model or platform.processor() or platform.machine()
-    from pue.runtime.cpu import physical_core_count, usable_core_count
-
-    return {
-        "model": model,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable_core_count(),
-        "physical_cores": physical_core_count(),
-        "flags": [flag for flag in CPU_FLAGS if flag in flags],
-    }
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether the CPU has native bf16 matrix instructions (AVX512-BF16, AMX-BF16, or Arm's BF16)."""
-    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(cpu_info()["flags"]))
 
 
 def gpu_info() -> list[dict[str, Any]]:

@@ -66,6 +66,7 @@ def run_latency(
     progress: Callable[[str], None] | None = None,
     rounds: int = 1,
     images_per_row: int = 1,
+    backends: Sequence[str] = ("auto",),
 ) -> dict[str, Any]:
     """Measure every bundle (and the reference, if given) and return the report (see `pue.benchmarks.report`).
 
@@ -80,6 +81,10 @@ def run_latency(
     `images_per_row` > 1 measures the multi-image row type: each of a batch's rows is one query of that many
     images (a region's tiles), `items_per_s` counts rows, and FLOP-based columns are left empty (the FLOP count is
     per single-image row).
+
+    `backends` lists the backends each bundle runs on ("auto": the one `Embedder.load` picks); a bundle gets one row
+    per backend that runs it (named "BUNDLE (BACKEND)" where it is not the automatic choice), and a backend that
+    cannot run a bundle is said in `notes` with the registry's reason.
     """
     say = progress or (lambda message: log.info(message))
     sizes = _check_settings(bundles, batch_sizes, warmup, iters, patches_per_slide)
@@ -132,9 +137,10 @@ def run_latency(
             name = f"pytorch {precision}"
             jobs.append((name, spec, precision, "pytorch", f"{name}: {checkpoint.path} on {device}"))
     for name, path, manifest in targets:
-        spec = WorkerSpec(kind="bundle", path=str(path), **common)
-        message = f"{name}: {manifest.precision} {manifest.backend} bundle on {device}"
-        jobs.append((name, spec, manifest.precision, manifest.backend, message))
+        for backend, row_name in bundle_backends(name, path, manifest, backends, device, notes):
+            spec = WorkerSpec(kind="bundle", path=str(path), backend=backend, **common)
+            message = f"{row_name}: {manifest.precision} bundle on {backend}, {device}"
+            jobs.append((row_name, spec, manifest.precision, backend, message))
     per_round: list[list[dict[str, Any]]] = []
     for index in range(rounds):
         order = jobs if index % 2 == 0 else list(reversed(jobs))
@@ -196,6 +202,37 @@ def check_reference(reference: str | Path, targets: list[tuple[str, Path, Manife
             "benchmark them in separate runs",
         )
     return info
+
+
+def bundle_backends(
+    name: str, path: Path, manifest: Manifest, backends: Sequence[str], device: str, notes: list[str]
+) -> list[tuple[str, str]]:
+    """(backend, row name) for each requested backend that runs the bundle on `device`; "auto" resolves to the
+    registry's first choice, whose row keeps the bundle's name. Refusals go to `notes` with their reason."""
+    from pue.runtime.backends.registry import AUTO, capable
+
+    able = [spec.name for spec in capable(path, manifest, device)]
+    automatic = able[0] if able else None
+    chosen: list[tuple[str, str]] = []
+    for requested in dict.fromkeys(backends):
+        backend = automatic if requested == AUTO else requested
+        if backend is None or backend not in able:
+            notes.append(f"{name}: no {requested} row: {_refusal(path, manifest, requested, device)}")
+            continue
+        if backend not in (b for b, _ in chosen):
+            chosen.append((backend, name if backend == automatic else f"{name} ({backend})"))
+    return chosen
+
+
+def _refusal(path: Path, manifest: Manifest, backend: str, device: str) -> str:
+    """Why the registry will not run the bundle on `backend` (its refusal's message)."""
+    from pue.runtime.backends.registry import choose
+
+    try:
+        choose(path, manifest, backend, device)
+    except PueError as exc:
+        return exc.message
+    return f"backend '{backend}' does not run it"
 
 
 def reference_precisions_for(device: str, requested: Sequence[str] | None = None) -> list[str]:

@@ -1,7 +1,9 @@
-"""Where a bundle's time goes: onnxruntime's own profiler over one batch of image rows, summed per op type.
+"""Where a bundle's time goes: the backend's own profiler over one batch of image rows, summed per op type.
 
-The bundle is opened by the runtime (`Embedder` on the onnxruntime backend, CPU) with the profiler passed through
-as a backend option, and fed what the runtime sends for a batch of the shipped held-out patches: `vision.onnx` on
+The bundle is opened by the runtime (`Embedder` on the onnxruntime or OpenVINO backend, CPU) with the profiler
+passed through as a backend option (onnxruntime's profiler; OpenVINO's per-layer performance counters, whose op
+types are OpenVINO's after its graph transformations, e.g. FullyConnected, with the kernels it chose), and fed
+what the runtime sends for a batch of the shipped held-out patches: `vision.onnx` on
 their pixels, `decoder.onnx` on the image prompts with those features. One untimed run, then `runs` profiled ones;
 per graph the wall time of a run and, per op type, the summed kernel time, its share and the node count.
 """
@@ -18,26 +20,40 @@ import numpy as np
 
 from pue.errors import PueError
 
+PROFILED_BACKENDS = ("onnxruntime", "openvino")
+
 
 def profile_bundle(
-    bundle: str | Path, batch_size: int = 8, runs: int = 1, images: list[Path] | None = None
+    bundle: str | Path,
+    batch_size: int = 8,
+    runs: int = 1,
+    images: list[Path] | None = None,
+    backend: str = "onnxruntime",
 ) -> dict[str, Any]:
-    """{"bundle", "precision", "batch_size", "graphs": {name: {"wall_ms", "kernel_ms", "ops": [...]}}}."""
+    """{"bundle", "backend", "precision", "batch_size", "graphs": {name: {"wall_ms", "kernel_ms", "ops": [...]}}}."""
     from pue.data import patch_set
     from pue.runtime import Embedder
 
     if batch_size < 1 or runs < 1:
         raise PueError(f"batch size and runs must be at least 1, got {batch_size} and {runs}")
+    if backend not in PROFILED_BACKENDS:
+        raise PueError(f"no profiler for backend '{backend}'", f"choose one of: {', '.join(PROFILED_BACKENDS)}")
     bundle = Path(bundle)
     if images is None:
         images = patch_set("heldout")
     if not images:
         raise PueError("no images to profile with")
     batch = [images[i % len(images)] for i in range(batch_size)]
-    graphs = {}
+    graphs: dict[str, dict[str, Any]] = {}
+    layers: dict[str, list[list[dict[str, Any]]]] = {"vision": [], "decoder": []}  # OpenVINO: counters per run
     with (
         tempfile.TemporaryDirectory(prefix="pue-profile-") as scratch,
-        Embedder.load(bundle, backend="onnxruntime", device="cpu", options={"profile_dir": scratch}) as embedder,
+        Embedder.load(
+            bundle,
+            backend=backend,
+            device="cpu",
+            options={"profile_dir": scratch} if backend == "onnxruntime" else {"perf_counters": True},
+        ) as embedder,
     ):
         vision, decoder = embedder.backend.vision, embedder.backend.decoder
         pixels = embedder.pixel_values(batch)
@@ -55,12 +71,21 @@ def profile_bundle(
             for _ in range(runs):
                 runner.infer(feeds[name])
                 walls.append(runner.last_inference_time)
+                if backend == "openvino":
+                    layers[name].append(runner.profiling_data())  # the counters of the last inference only
             graphs[name] = {"wall_ms": 1000 * float(np.median(walls))}
-        for name, path in embedder.backend.end_profiling().items():
-            graphs[name] = summarize(json.loads(Path(path).read_text()), runs) | graphs[name]
+        if backend == "onnxruntime":
+            for name, path in embedder.backend.end_profiling().items():
+                graphs[name] = summarize(json.loads(Path(path).read_text()), runs) | graphs[name]
+        else:
+            for name, per_run in layers.items():
+                graphs[name] = summarize_openvino(per_run) | graphs[name]
         precision = embedder.manifest.precision
+        inference_precision = getattr(embedder.backend, "inference_precision", None)
     return {
         "bundle": str(bundle),
+        "backend": backend,
+        "inference_precision": inference_precision,
         "precision": precision,
         "batch_size": batch_size,
         "runs": runs,
@@ -89,6 +114,29 @@ def summarize(events: list[dict[str, Any]], runs: int) -> dict[str, Any]:
         op = event.get("args", {}).get("op_name", "?")
         time_us[op] += float(event["dur"])
         count[op] += 1
+    return _per_op(time_us, count, runs)
+
+
+def summarize_openvino(per_run: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Layer time per OpenVINO op type over the profiled runs (`OpenVinoRunner.profiling_data` of each), with the
+    kernels OpenVINO chose (`exec_type`, e.g. brgemm_avx2_f32) for each op type."""
+    time_us: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    kernels: dict[str, set[str]] = defaultdict(set)
+    for layers in per_run:
+        for layer in layers:
+            if layer["status"] != "EXECUTED":
+                continue
+            time_us[layer["node_type"]] += layer["real_time_us"]
+            count[layer["node_type"]] += 1
+            kernels[layer["node_type"]].add(layer["exec_type"])
+    summary = _per_op(time_us, count, len(per_run))
+    for op in summary["ops"]:
+        op["kernels"] = sorted(kernels[op["op_type"]])
+    return summary
+
+
+def _per_op(time_us: dict[str, float], count: dict[str, int], runs: int) -> dict[str, Any]:
     total = sum(time_us.values())
     ops = [
         {"op_type": op, "ms": us / 1000 / runs, "share": us / total if total else 0.0, "nodes": count[op] // runs}

@@ -38,6 +38,12 @@ def latency(
         1, "--rounds", help="Run every worker this many times (alternating order); each row keeps its fastest round."
     ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    backends: str = typer.Option(
+        "auto",
+        "--backends",
+        help="Comma-separated backends each bundle runs on, e.g. auto,openvino (auto: the one Embedder.load picks); "
+        "a backend that cannot run a bundle is noted with the reason.",
+    ),
     threads: int = typer.Option(None, "--threads", help="Threads per worker (default: the library's own)."),
     reference_precisions: str = typer.Option(
         None,
@@ -60,6 +66,7 @@ def latency(
 ) -> None:
     """Latency, throughput, memory and distance to the matmul limit of each bundle and of the reference."""
     _require_extras("pue-bench latency", report, reference)
+    _require_backends(_str_list(backends), device)
     from pue.benchmarks.latency import run_latency
     from pue.benchmarks.report import check_report_dir, write_latency_report
 
@@ -81,6 +88,7 @@ def latency(
         timeout_s=timeout,
         rounds=rounds,
         images_per_row=images_per_row,
+        backends=_str_list(backends),
         progress=progress_printer(err),
     )
     if report is not None:
@@ -176,7 +184,10 @@ def pmeb(
 @app.command("profile")
 @handle_errors
 def profile(
-    bundle: Path = typer.Argument(..., help="Bundle directory (run with onnxruntime on the CPU)."),
+    bundle: Path = typer.Argument(..., help="Bundle directory (run on the CPU)."),
+    backend: str = typer.Option(
+        "onnxruntime", "--backend", help="onnxruntime (its profiler) or openvino (per-layer performance counters)."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Image rows per batch."),
     runs: int = typer.Option(1, "--runs", help="Profiled runs per graph (after one untimed run)."),
     output: Path = typer.Option(None, "-o", "--output", help="Write the profile as JSON to this file."),
@@ -184,14 +195,14 @@ def profile(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON on stdout."),
 ) -> None:
-    """Where a bundle's time goes: onnxruntime's profiler over one batch, summed per op type and graph."""
+    """Where a bundle's time goes: the backend's profiler over one batch, summed per op type and graph."""
     import json
 
     from pue.benchmarks.profile import profile_bundle
 
     if output is not None and output.exists() and not overwrite:
         raise PueError(f"'{output}' already exists", "pass --overwrite to replace it")
-    result = profile_bundle(bundle, batch_size=batch_size, runs=runs)
+    result = profile_bundle(bundle, batch_size=batch_size, runs=runs, backend=backend)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         partial = output.with_name(output.name + ".partial")
@@ -206,12 +217,13 @@ def profile(
     for name, graph in result["graphs"].items():
         table = Table(
             title=f"{name}: {graph['wall_ms']:.0f} ms per batch of {result['batch_size']} "
-            f"({result['precision']}, kernels {graph['kernel_ms']:.0f} ms)"
+            f"({result['precision']} on {result['backend']}, kernels {graph['kernel_ms']:.0f} ms)"
         )
-        for column in ("op type", "ms", "share", "nodes"):
-            table.add_column(column, justify="left" if column == "op type" else "right")
+        for column in ("op type", "ms", "share", "nodes", "kernels"):
+            table.add_column(column, justify="left" if column in ("op type", "kernels") else "right")
         for op in graph["ops"][:top]:
-            table.add_row(op["op_type"], f"{op['ms']:.1f}", f"{op['share']:.1%}", str(op["nodes"]))
+            kernels = ", ".join(op.get("kernels", []))
+            table.add_row(op["op_type"], f"{op['ms']:.1f}", f"{op['share']:.1%}", str(op["nodes"]), kernels)
         out.print(table)
 
 
@@ -225,6 +237,20 @@ def _require_extras(command: str, report: Path | None, reference: Path | None) -
     needed = ["cpu"] + (["bench"] if report is not None else []) + (["export"] if reference is not None else [])
     what = command + (" --report" if report is not None else "") + (" --reference" if reference is not None else "")
     require_extras(needed, what)
+
+
+def _require_backends(backends: list[str], device: str) -> None:
+    """Every backend named in --backends is registered and installed, before any work."""
+    from pue.extras import require_extras
+    from pue.runtime.backends.base import parse_device
+    from pue.runtime.backends.registry import AUTO, backend_spec
+
+    if not backends:
+        raise PueError("--backends names no backend", "e.g. --backends auto,openvino")
+    parsed = parse_device(device)
+    for name in backends:
+        if name != AUTO:
+            require_extras([backend_spec(name).extra_for(parsed)], f"pue-bench latency --backends {name}")
 
 
 def _print_latency(result: dict[str, Any]) -> None:

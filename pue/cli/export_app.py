@@ -125,7 +125,8 @@ def quantize(
     target: Target = typer.Option(
         Target.ONNXRUNTIME.value,
         "--target",
-        help="onnxruntime (uint8 activations, x86 CPUs) or tensorrt (signed symmetric Q/DQ).",
+        help="onnxruntime (uint8 activations, x86 CPUs), tensorrt (signed symmetric Q/DQ) or openvino "
+        "(--precision bf16: the fp32 graphs with bf16 inference in OpenVINO, gated on a CPU with native bf16).",
     ),
     calib: list[Path] = typer.Option(
         None, "--calib", help="Calibration folder or slide (repeat for several); default: the shipped patches."
@@ -160,15 +161,22 @@ def quantize(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Make an INT8, INT8-dynamic or FP16 bundle calibrated on pathology patches, gated against FP32."""
+    """Make an INT8, INT8-dynamic or FP16 bundle calibrated on pathology patches, or a bf16 bundle for OpenVINO,
+    gated against FP32."""
     from pue.extras import needs_openslide, require_extras
+    from pue.fidelity import FidelityThresholds
+    from pue.precisions import PrecisionKind, quantize_spec
 
+    spec = quantize_spec(precision.value, target.value)
+    thresholds = FidelityThresholds.with_overrides(gate_mean, gate_min, gate_top1)
+    if spec.kind == PrecisionKind.RUNTIME:
+        _runtime_precision(bundle, output, spec, thresholds, heldout, device, overwrite, as_json)
+        return
     require_extras(["export", "cpu"], "pue-export quantize", only={"export": ("onnx",)})
     if slides := needs_openslide(calib or []):
         require_extras(["slides"], f"calibrating on {slides[0]} (a whole-slide format only openslide reads)")
     from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
     from pue.errors import GateFailedError, PueError
-    from pue.fidelity import FidelityThresholds
 
     if device != "cpu":
         raise PueError(
@@ -189,7 +197,7 @@ def quantize(
         rotate=rotate.value,
         magnification=magnification,
         mpp=mpp,
-        thresholds=FidelityThresholds.with_overrides(gate_mean, gate_min, gate_top1),
+        thresholds=thresholds,
         attention=None if attention is None else attention.value,
     )
     out = console()
@@ -205,6 +213,38 @@ def quantize(
         print_json(report)
     else:
         _print_fidelity(out, report)
+
+
+def _runtime_precision(
+    bundle: Path,
+    output: Path,
+    spec: object,
+    thresholds: object,
+    heldout: Path | None,
+    device: str,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """`quantize --precision bf16 --target openvino`: hard-linked fp32 graphs, gated by running OpenVINO here."""
+    from pue.calibration.runtime_precision import derive_runtime_precision
+    from pue.errors import GateFailedError, PueError
+    from pue.extras import require_extras
+
+    require_extras(["openvino"], f"pue-export quantize --precision {spec.precision} --target {spec.target}")
+    if device != "cpu":
+        raise PueError(f"--device {device}: a {spec.precision} bundle for {spec.target} is gated on the CPU")
+    out = console()
+    try:
+        result = derive_runtime_precision(
+            bundle, output, spec, thresholds, heldout, overwrite=overwrite, progress=progress_printer(out)
+        )
+    except GateFailedError as exc:
+        _print_fidelity(out, exc.report)
+        raise
+    if as_json:
+        print_json(result.report)
+    else:
+        _print_fidelity(out, result.report)
 
 
 def _print_fidelity(out: object, report: dict) -> None:

@@ -326,3 +326,45 @@ def test_pmeb_command_prints_the_rows(monkeypatch, tmp_path):
     (out / "report.json").write_text("{}")
     refused = runner.invoke(app, ["pmeb", "b", "--data", str(tmp_path), "--report", str(out)])
     assert refused.exit_code == 1 and "--overwrite" in refused.output
+
+
+def test_each_bundle_gets_a_row_per_backend_that_runs_it():
+    from types import SimpleNamespace
+
+    from pue.benchmarks.latency import bundle_backends
+    from pue.bundle import ExportInfo, QuantizationInfo
+    from pue.demo import demo_backends
+
+    root = SimpleNamespace(backend="onnxruntime", precision="fp32", target="any", export=ExportInfo())
+    fused = SimpleNamespace(
+        backend="onnxruntime",
+        precision="int8-dynamic",
+        target="onnxruntime",
+        export=ExportInfo(
+            quantization=QuantizationInfo("int8-dynamic", "onnxruntime", "minmax", "u8", "i8", {"mode": "fused"})
+        ),
+    )
+    notes: list[str] = []
+    backends = demo_backends(openvino_installed=True)
+    assert bundle_backends("fp32", "fp32", root, backends, "cpu", notes) == [
+        ("onnxruntime", "fp32"),
+        ("openvino", "fp32 (openvino)"),
+    ]
+    assert bundle_backends("dyn", "dyn", fused, backends, "cpu", notes) == [("onnxruntime", "dyn")]
+    assert len(notes) == 1 and notes[0].startswith("dyn: no openvino row: backend 'openvino' does not run fused")
+    assert bundle_backends("fp32", "fp32", root, ["openvino", "auto", "onnxruntime"], "cpu", []) == [
+        ("openvino", "fp32 (openvino)"),
+        ("onnxruntime", "fp32"),
+    ]
+    assert demo_backends(openvino_installed=False) == ("auto",)
+
+
+def test_latency_refuses_an_unknown_or_uninstalled_backend_before_any_work(tmp_path, monkeypatch):
+    import sys
+
+    result = runner.invoke(app, ["latency", str(tmp_path), "--backends", "auto,coreml"])
+    assert result.exit_code == 1 and "unknown backend 'coreml'" in result.output
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    monkeypatch.setattr("pue.extras._installed", lambda module: module != "openvino")
+    result = runner.invoke(app, ["latency", str(tmp_path), "--backends", "openvino"])
+    assert result.exit_code == 1 and 'pip install "pue[openvino]"' in result.output

@@ -55,3 +55,23 @@ def test_profile_of_a_bundle(fp32_bundle, tmp_path):
     assert again.exit_code == 1 and "--overwrite" in again.output
     with pytest.raises(PueError, match="at least 1"):
         profile_bundle(bundle, batch_size=0)
+
+
+def test_openvino_profile_sums_per_layer_counters_per_op_type():
+    from pue.benchmarks.profile import summarize_openvino
+
+    def layer(node_type, us, status="EXECUTED", kernel="brgemm_avx2_f32"):
+        return {"node": "n", "node_type": node_type, "exec_type": kernel, "status": status, "real_time_us": us}
+
+    runs = [
+        [layer("FullyConnected", 300), layer("Subgraph", 100, kernel="jit_avx2_f32"), layer("Reshape", 0, "NOT_RUN")],
+        [layer("FullyConnected", 500, kernel="gemm_mlas_f32"), layer("Subgraph", 100, kernel="jit_avx2_f32")],
+    ]
+    summary = summarize_openvino(runs)
+    assert summary["kernel_ms"] == pytest.approx(0.5)
+    first = summary["ops"][0]
+    assert (first["op_type"], first["ms"], first["share"], first["nodes"]) == ("FullyConnected", 0.4, 0.8, 1)
+    assert first["kernels"] == ["brgemm_avx2_f32", "gemm_mlas_f32"]
+    assert [op["op_type"] for op in summary["ops"]] == ["FullyConnected", "Subgraph"]  # not-run layers left out
+    with pytest.raises(PueError, match="no profiler for backend 'tensorrt'"):
+        profile_bundle("unused", backend="tensorrt")

@@ -80,6 +80,22 @@ def test_precisions_pass_the_gate_and_run(fp32_bundle, heldout_dir, tmp_path, pr
     embedder = Embedder.load(out)
     vectors = embedder.embed_texts(["glands", "stroma"])
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    check_openvino(out, vectors, fused)
+
+
+def check_openvino(bundle, onnxruntime_vectors, fused):
+    """OpenVINO runs the standard-attention graphs (fp16 in f32, TensorRT-flavour Q/DQ) and refuses the fused ones."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return
+    if fused:
+        with pytest.raises(PueError, match="does not run fused-attention graphs.*com.microsoft"):
+            Embedder.load(bundle, backend="openvino", options={"cache_dir": False})
+        return
+    with Embedder.load(bundle, backend="openvino", options={"cache_dir": False}) as ov:
+        cosines = np.sum(ov.embed_texts(["glands", "stroma"]) * onnxruntime_vectors, axis=1)
+    assert cosines.min() >= 0.999, cosines
 
 
 @pytest.mark.parametrize("arch", ["llava_next", "llava"])

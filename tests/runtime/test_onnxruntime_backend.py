@@ -292,9 +292,12 @@ def test_missing_onnxruntime_names_the_extra(bundle, monkeypatch, device, extra)
 def test_importing_the_backends_does_not_import_onnxruntime():
     import subprocess
 
-    code = "import sys, pue.runtime.backends; print('onnxruntime' in sys.modules)"
+    code = (
+        "import sys, pue.runtime.backends, pue.runtime.backends.openvino; "
+        "print('onnxruntime' in sys.modules, 'openvino' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
+    assert result.stdout.strip() == "False False"
 
 
 # Session options

@@ -177,11 +177,15 @@ def test_a_bundle_no_installed_backend_can_run(registry, bundle, monkeypatch):
 
     registry(fake_spec(factory=not_installed))
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(NoBackendInstalled) as missing:
         Embedder.load(bundle)
     message = str(missing.value)
     assert "no backend that runs this bundle on cpu is installed" in message
-    assert 'pip install "pue[cpu]" (onnxruntime) or pip install "pue[fake]" (fake)' in message
+    assert (
+        'pip install "pue[cpu]" (onnxruntime) or pip install "pue[openvino]" (openvino) or pip install "pue[fake]" '
+        "(fake)" in message
+    )
     assert isinstance(missing.value, MissingDependencyError) and missing.value.extra == "cpu"
     with pytest.raises(MissingDependencyError, match=r'pip install "pue\[fake\]"') as one:
         Embedder.load(bundle, backend="fake")  # named: its own error, nothing else tried
@@ -191,6 +195,7 @@ def test_a_bundle_no_installed_backend_can_run(registry, bundle, monkeypatch):
 def test_auto_moves_on_to_an_installed_backend(registry, bundle, monkeypatch):
     registry(fake_spec())
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setitem(sys.modules, "openvino", None)
     with Embedder.load(bundle) as embedder:
         assert embedder.backend_name == "fake"
 

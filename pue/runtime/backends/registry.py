@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pue.bundle import Manifest
-from pue.choices import BundleTarget, DeviceKind, Precision
+from pue.choices import Attention, BundleTarget, DeviceKind, Precision
 from pue.errors import BundleError, MissingDependencyError, PueError
 from pue.precisions import DEVICE_NAMES, PrecisionSpec, bundle_spec
 from pue.runtime.backends.base import Backend, Device, parse_device
@@ -42,6 +42,9 @@ class BackendSpec:
     options: tuple[str, ...] = ()  # keyword options the factory takes, passed through from `Embedder.load`
     make_hint: str = ""  # how to get a bundle it reads from another one; "{bundle}" is filled in
     device_hint: str = ""  # what to do when a device it does not run on was asked for
+    # attention layouts of the graphs it runs (a manifest's export.quantization.attention.mode; root graphs: standard)
+    attention: tuple[Attention, ...] = (Attention.STANDARD, Attention.FUSED)
+    attention_hint: str = ""  # why it does not run the other layouts, said when it refuses one
     description: str = field(default="", compare=False)
 
     def refusal(self, bundle_dir: Path, manifest: Manifest, spec: PrecisionSpec, device: Device) -> PueError | None:
@@ -60,6 +63,13 @@ class BackendSpec:
                 f"backend '{self.name}' does not run graphs made for target '{manifest.target}' "
                 f"(it runs graphs for {_listing(self.targets)})"
             )
+        layout = bundle_attention(manifest)
+        if layout not in self.attention:
+            return PueError(
+                f"backend '{self.name}' does not run {layout}-attention graphs (bundle {bundle_dir}, "
+                f"{spec.precision} for {manifest.target}){': ' + self.attention_hint if self.attention_hint else ''}",
+                "load it with backend='onnxruntime', or quantize the fp32 parent again with --attention standard",
+            )
         if device.kind not in self.devices:
             where = " or ".join(DEVICE_NAMES[kind] for kind in self.devices)
             what = f"bundle {bundle_dir} holds {self.holds}, which" if manifest.backend == self.name else "it"
@@ -76,6 +86,14 @@ class BackendSpec:
             return self.factory
         module, _, attribute = self.factory.partition(":")
         return getattr(importlib.import_module(module), attribute)
+
+
+def bundle_attention(manifest: Manifest) -> Attention:
+    """The attention layout of the bundle's graphs: what quantization wrote (export.quantization.attention.mode),
+    else standard (root graphs and engines' sources use standard ONNX attention)."""
+    quantization = manifest.export.quantization
+    mode = (quantization.attention or {}).get("mode") if quantization is not None else None
+    return Attention(mode) if mode in Attention.values() else Attention.STANDARD
 
 
 _ONNX_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8, Precision.INT8_DYNAMIC)
@@ -113,6 +131,25 @@ BUILTIN: tuple[BackendSpec, ...] = (
         make_hint="build engines with: pue-export trt {bundle} -o ENGINE_BUNDLE",
         device_hint="use device='cuda' (or 'cuda:N'), or load the parent ONNX bundle with backend='onnxruntime' on CPU",
         description="TensorRT engines built by `pue-export trt`, on CUDA",
+    ),
+    BackendSpec(
+        name="openvino",
+        factory="pue.runtime.backends.openvino:OpenVinoBackend",
+        reads=("onnxruntime", "openvino"),  # ONNX graphs; "openvino" bundles hold the same graphs at bf16
+        holds="ONNX graphs for OpenVINO (bf16 inference)",
+        precisions=(Precision.FP32, Precision.FP16, Precision.INT8, Precision.INT8_DYNAMIC, Precision.BF16),
+        targets=(BundleTarget.ANY, BundleTarget.ONNXRUNTIME, BundleTarget.TENSORRT, BundleTarget.OPENVINO),
+        devices=(DeviceKind.CPU,),
+        extras={DeviceKind.CPU: "openvino"},
+        options=("threads", "cache_dir", "perf_counters"),
+        make_hint="load its fp32 parent (its manifest's lineage names it)",
+        device_hint="use device='cpu'; on CUDA, use backend='onnxruntime' or TensorRT engines of the fp32 parent",
+        attention=(Attention.STANDARD,),
+        attention_hint=(
+            "the onnxruntime-target INT8 graphs fuse attention into onnxruntime-only contrib ops "
+            "(com.microsoft MultiHeadAttention, GroupQueryAttention), which OpenVINO does not read"
+        ),
+        description="ONNX graphs compiled by OpenVINO's CPU plugin (fp32, fp16, standard-attention INT8, bf16)",
     ),
 )
 

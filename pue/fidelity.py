@@ -304,6 +304,9 @@ class GateSet:
         sets = f", {len(self.image_sets)} image sets ({sizes} images)" if self.image_sets else ""
         return f"{len(self.images)} patches, {len(self.texts)} texts, {len(self.composed_texts)} composed{sets}"
 
+    def item_count(self) -> int:
+        return len(self.images) + len(self.texts) + len(self.composed_texts) + len(self.image_sets)
+
 
 def image_sets_of(images: Sequence[Any], sizes: Sequence[int] = (2, 4), most: int = 4) -> list[list[Any]]:
     """Up to `most` sets of consecutive images, their sizes cycling through `sizes`, none overlapping."""

@@ -2,22 +2,25 @@
 
 `pue-export onnx` prints its plan before exporting; `pue-export quantize` does the same before calibrating, and
 refuses when the plan does not fit the memory this machine has free. The plan is a model with physical terms, each
-read off the graphs:
+read off the graphs, and coefficients fitted to peaks measured phase by phase (`PhasePeaks`):
 
-- W, the FP32 weights (the graphs' initializers, from the manifest's file sizes): the parent's onnxruntime
-  sessions and the loaded ONNX protobufs hold them for the whole run (``WEIGHT_COPIES_RESIDENT`` x W); the graph
-  being calibrated is copied, serialised and loaded into a session on top (``WEIGHT_COPIES_WORKING`` x W_g);
-- A_g, the activations of one calibration row at the inputs of the ops that get quantized (tokens x channels x 4
-  bytes, summed over those inputs): what the statistics pass fetches (``ACTIVATION_COPIES`` x A_g);
+- W, the FP32 weights (the graphs' initializers, from the manifest's file sizes): the parent's onnxruntime sessions
+  and the loaded ONNX protobufs hold them for the whole run (``WEIGHT_COPIES_RESIDENT`` x W); the graph being
+  measured is copied, serialised and loaded into a session on top (``WEIGHT_COPIES_WORKING`` x W_g);
 - S_g, the attention scores of one row (heads x tokens² x 4 bytes, per crop in the vision tower, summed over the
-  graph's attention layers, counted as its Softmax nodes): an unoptimised calibration session keeps several
-  tensors of that size per layer (``CALIBRATION_SCORE_COPIES`` x S_g), and the gate embeds at the bundle's batch
-  size in the optimised runtime (``RUNTIME_SCORE_COPIES`` x batch x the largest layer's scores);
-- the interpreter, numpy, onnxruntime and onnx themselves (``PROCESS_BASE_BYTES``).
+  graph's attention layers, counted as its Softmax nodes), and its largest layer's share S_layer. The parent embeds
+  the gate set at the bundle's batch size first, and onnxruntime keeps the arena that took
+  (``RUNTIME_SCORE_COPIES`` x batch x S_layer, for the rest of the run); each candidate the search checks grows one
+  of its own (``CANDIDATE_ARENA_SHARE`` of that);
+- A_g, the activations of one calibration row at the inputs of the ops that get quantized (tokens x channels x 4
+  bytes, summed over those inputs), which the statistics pass fetches (``ACTIVATION_COPIES`` x A_g, plus
+  ``STATISTICS_SCORE_COPIES`` x S_g of its unoptimised session); static calibration's session keeps more tensors of
+  the scores' size per layer (``CALIBRATION_SCORE_COPIES`` x S_g);
+- the interpreter and its libraries (``PROCESS_BASE_BYTES``).
 
-The coefficients were fitted to peaks measured phase by phase (`PhasePeaks`) on the `ci`, `e5v` and `bench`
-presets (BENCHMARKS.md); every quantize run records its measured peaks next to the plan in `fidelity.json`
-(`resources`), so the model can be checked on any checkpoint.
+Fitted on this repository's `ci`, `e5v` and `bench` presets (BENCHMARKS.md, "Quantization's resource plan"): the
+plan was 14-25 % above every measured peak. Every quantize run records its measured peaks next to the plan in
+`fidelity.json` (`resources`), so the model can be checked on any checkpoint.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ from typing import Any
 
 from pue.runtime.cpu import GiB, available_memory_bytes
 
-PROCESS_BASE_BYTES = 320 * 1024**2
+PROCESS_BASE_BYTES = 150 * 1024**2
 WEIGHT_COPIES_RESIDENT = 2.0
 WEIGHT_COPIES_WORKING = 3.0
-ACTIVATION_COPIES = 3.0
+ACTIVATION_COPIES = 2.0
+STATISTICS_SCORE_COPIES = 1.5
 CALIBRATION_SCORE_COPIES = 7.0
-RUNTIME_SCORE_COPIES = 4.0
+RUNTIME_SCORE_COPIES = 9.0
+CANDIDATE_ARENA_SHARE = 0.6
 MARGIN = 1.15
 
 
@@ -124,15 +129,16 @@ def plan_quantize(
     available: int | None = None,
 ) -> QuantizePlan:
     """Peak host memory and the passes over calibration rows of one `pue-export quantize` run."""
-    resident = PROCESS_BASE_BYTES + WEIGHT_COPIES_RESIDENT * sum(g.weights_bytes for g in graphs.values())
-    calibrating = max(
+    arena = RUNTIME_SCORE_COPIES * batch_size * max(g.layer_attention_bytes for g in graphs.values())
+    resident = PROCESS_BASE_BYTES + WEIGHT_COPIES_RESIDENT * sum(g.weights_bytes for g in graphs.values()) + arena
+    copies = CALIBRATION_SCORE_COPIES if calibrated else STATISTICS_SCORE_COPIES
+    working = max(
         WEIGHT_COPIES_WORKING * g.weights_bytes
         + ACTIVATION_COPIES * g.activation_bytes_per_row
-        + CALIBRATION_SCORE_COPIES * g.attention_bytes_per_row
+        + copies * g.attention_bytes_per_row
         for g in graphs.values()
     )
-    gating = RUNTIME_SCORE_COPIES * batch_size * max(g.layer_attention_bytes for g in graphs.values())
-    peak = int(MARGIN * (resident + max(calibrating, gating)))
+    peak = int(MARGIN * (resident + max(working, CANDIDATE_ARENA_SHARE * arena)))
     attempts = max_attempts(op_count) if fallback else 1
     if precision == "fp16":
         passes = {"outlier report": 1, "activation ranges": 1, "gate": 1}
@@ -143,9 +149,10 @@ def plan_quantize(
     fits = available is None or peak <= available
     notes = [f"(the outlier report reads the first {outlier_rows} rows of each graph)"]
     if not fits:
+        lighter = "use --precision int8-dynamic (no calibration sessions), " if calibrated else ""
         notes.append(
-            "this quantization needs more RAM than is free: use --precision int8-dynamic (no calibration "
-            "sessions), close other programs, or run it on a larger machine"
+            f"this quantization needs more RAM than is free: {lighter}close other programs, or run it on a machine "
+            "with more memory"
         )
     return QuantizePlan(precision, graphs, batch_size, passes, gate_items, peak, available, fits, notes)
 

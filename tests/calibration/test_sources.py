@@ -12,17 +12,17 @@ import pytest
 from PIL import Image
 
 from pue.calibration.sampling import _quotas, sample_patches
+from pue.calibration.slide_source import SlideSource
 from pue.calibration.sources import (
     FolderSource,
     Patch,
     ShippedSource,
-    SlideSource,
     list_images,
     open_sources,
 )
-from pue.calibration.tissue import TissueFilter, is_tissue
 from pue.data import patch_index, patch_set, patches_dir
 from pue.errors import PueError
+from pue.slides.tissue import TissueFilter, is_tissue
 
 SLIDE = Path(__file__).resolve().parents[3] / "shared" / "data" / "cmu_small_region.svs"
 needs_slide = pytest.mark.skipif(not SLIDE.is_file(), reason=f"sample slide {SLIDE} not present")
@@ -365,7 +365,7 @@ def test_synthetic_slide_metadata_and_magnification(tmp_path: Path) -> None:
 def test_slide_without_metadata(tmp_path: Path) -> None:
     path = tmp_path / "plain.tiff"
     _tissue_image(2, 300).save(path)
-    with pytest.raises(PueError, match="neither its magnification nor its µm/px"):
+    with pytest.raises(PueError, match="neither its µm/px nor its magnification"):
         SlideSource(path, magnification=20)
     native = SlideSource(path, patch_size=128)
     assert native.reader.mpp is None
@@ -440,7 +440,7 @@ class _FakeOpenSlide:
 
 def test_openslide_reader_picks_the_level_and_resizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The openslide code path on a fake pyramid: level choice, region size, alpha onto white, grid, metadata."""
-    from pue.calibration import slides
+    from pue.slides import readers as slides
 
     fake = _FakeOpenSlide()
     path = tmp_path / "fake.svs"

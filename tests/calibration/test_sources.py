@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -383,7 +384,10 @@ def test_tiff_resolution_tags_give_mpp(tmp_path: Path) -> None:
     assert SlideSource(path72).reader.mpp is None  # a screen default, not a scan resolution
 
 
-@pytest.mark.skipif(not HAVE_OPENSLIDE, reason="openslide not installed (pip install 'pue[slides]')")
+@pytest.mark.skipif(
+    not HAVE_OPENSLIDE and os.environ.get("PUE_REQUIRE_SLIDES") != "1",  # under .ci/run a missing openslide fails
+    reason="openslide not installed (pip install 'pue[slides]')",
+)
 @needs_slide
 def test_openslide_reads_the_same_tiles(slide_native: SlideSource) -> None:
     source = SlideSource(SLIDE, patch_size=224, magnification=10, reader="openslide")

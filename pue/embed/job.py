@@ -114,7 +114,7 @@ class SlideJob:
         entry = SlideRecord(slide_id=slide.slide_id, path=str(slide.path), status="skipped")
         try:
             job = self.job_attribute(slide)
-            if read_job_attribute(final, self.settings.fmt) == job:
+            if self._done(final, job):
                 return self._finish(entry)
             lock = SlideLock(self.layout.lock(slide.slide_id), self.settings.lock_timeout)
             if not lock.acquire():
@@ -125,7 +125,7 @@ class SlideJob:
                     owner = lock.taken_over
                     entry.took_over_from = f"{owner.host}:{owner.pid}"
                     temp_name(final, owner.host, owner.pid).unlink(missing_ok=True)
-                if read_job_attribute(final, self.settings.fmt) == job:  # finished by another process meanwhile
+                if self._done(final, job):  # finished by another process meanwhile
                     return self._finish(entry)
                 stats, tiles = self._embed(slide, final, job)
             entry.status = "done"
@@ -175,8 +175,16 @@ class SlideJob:
             "coords_from": coords_file,
             "dtype": settings.dtype,
             "mpp": slide.mpp,
-            "assume_mpp": settings.assume_mpp,
+            "assume_mpp": None,  # set when written: the --assume-mpp value, if the slide needed it
         }
+
+    def _done(self, final: Path, job: dict[str, Any]) -> bool:
+        """Whether `final` is this run's result: the same job, and --assume-mpp the same if the slide used it."""
+        existing = read_job_attribute(final, self.settings.fmt)
+        if existing is None:
+            return False
+        assumed = existing.get("assume_mpp")
+        return {**existing, "assume_mpp": None} == job and assumed in (None, self.settings.assume_mpp)
 
     # --- one slide ------------------------------------------------------------------------------------------
     def _embed(self, slide: SlideInput, final: Path, job: dict[str, Any]) -> tuple[PipelineStats, SlideTiles]:
@@ -206,7 +214,7 @@ class SlideJob:
                 stored,
                 self._coords_attrs(slide, reader, tiles),
                 {**self.features_attrs, "dtype": settings.dtype},
-                job,
+                {**job, "assume_mpp": settings.assume_mpp if geometry.mpp_source == "assumed" else None},
             )
         finally:
             reader.close()

@@ -9,7 +9,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from pue.embed.records import RunRecord, SlideRecord
 from pue.errors import EXIT_ERROR, EXIT_OK, PueError
 from pue.slides.resolution import Resolution
 
-__all__ = ["JobOptions", "build_job", "run_slides", "stop_on_signals"]
+__all__ = ["JobOptions", "build_job", "run_slides", "run_watch", "stop_on_signals"]
 
 DEFAULT_MAGNIFICATION = 20.0
 
@@ -77,31 +77,30 @@ def build_job(options: JobOptions, command: str, stop: threading.Event, progress
         threads=options.threads,
     )  # fmt: skip
     name = options.name or Path(os.path.abspath(options.bundle)).name
-    layout = OutputLayout(options.out, resolution, patch_size, options.overlap, name, options.fmt)
+    layout = OutputLayout(options.out, resolution, patch_size, options.overlap, name, str(options.fmt))
     settings = JobSettings(
         resolution=resolution,
         patch_size=patch_size,
         overlap=options.overlap,
         min_tissue=options.min_tissue,
         coords_from=options.coords_from,
-        fmt=options.fmt,
-        dtype=options.dtype,
+        fmt=str(options.fmt),  # plain strings (not the CLI's enums): they go into HDF5 attributes
+        dtype=str(options.dtype),
         assume_mpp=options.assume_mpp,
         skip_errors=options.skip_errors,
         lock_timeout=options.lock_timeout,
         batch_size=embedder.batch_size,
         prefetch=options.prefetch,
     )
-    arguments = {key: str(value) if isinstance(value, Path) else value for key, value in options.__dict__.items()}
+    arguments = {key: str(value) if isinstance(value, (Path, str)) else value for key, value in vars(options).items()}
     record = RunRecord(layout.runs_dir, {"command": command, **arguments}, manifest_sha256(options.bundle))
     return SlideJob(embedder, layout, settings, record, progress=progress, should_stop=stop.is_set)
 
 
-def run_slides(inputs: list[str], json_output: bool = False, **kwargs: Any) -> int:
+def run_slides(inputs: list[str], options: JobOptions, json_output: bool = False) -> int:
     """`pue-embed slides`: every input slide once; the exit code says whether any failed."""
     from pue.embed.inputs import resolve_inputs
 
-    options = JobOptions(**kwargs)
     slides = resolve_inputs(inputs)
     out = console()
     stop = threading.Event()
@@ -113,6 +112,35 @@ def run_slides(inputs: list[str], json_output: bool = False, **kwargs: Any) -> i
         finally:
             job.embedder.close()
     job.record.finish("failed" if job.record.counts().get("failed") else "finished")
+    return report(job.record, json_output, out)
+
+
+def run_watch(folder: Path, settle: float, poll: float, options: JobOptions, json_output: bool = False) -> int:
+    """`pue-embed watch`: embed each complete new slide of `folder` until SIGINT / SIGTERM (then exit cleanly)."""
+    from pue.embed.pipeline import Interrupted
+    from pue.embed.watch import FolderWatcher
+
+    if not folder.is_dir():
+        raise PueError(f"not a folder: {folder}", hint="pass the folder the scanner writes into")
+    out = console()
+    stop = threading.Event()
+    state = "stopped"
+    with RichProgress(out, total_slides=None) as progress, stop_on_signals(stop):
+        job = build_job(replace(options, skip_errors=True), "pue-embed watch", stop, progress)
+        watcher = FolderWatcher(folder, settle)
+        out.print(f"watching {folder} (settle {settle:g} s) → {job.layout.features_dir}; SIGINT or SIGTERM stops")
+        try:
+            while not stop.is_set():
+                for slide in watcher.ready():
+                    if stop.is_set():
+                        break
+                    job.process(slide)
+                stop.wait(poll)
+        except Interrupted:
+            state = "interrupted"  # the slide in progress was abandoned cleanly; a restart redoes it
+        finally:
+            job.embedder.close()
+    job.record.finish(state)
     return report(job.record, json_output, out)
 
 

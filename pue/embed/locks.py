@@ -135,7 +135,7 @@ def _age(path: Path) -> float:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name == "nt":  # Windows' os.kill(pid, 0) would terminate it: rely on the heartbeat
         return True
     try:
         os.kill(pid, 0)

@@ -100,6 +100,20 @@ class ExportDtype(Choice):
     FLOAT16 = "float16"
 
 
+class FeatureFormat(Choice):
+    """`pue-embed --format`: one file per slide."""
+
+    H5 = "h5"
+    PARQUET = "parquet"
+
+
+class FeatureDtype(Choice):
+    """`pue-embed --dtype`: the stored features' dtype."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
 class HardwareCompat(Choice):
     NONE = "none"
     SAME_COMPUTE_CAPABILITY = "same_compute_capability"

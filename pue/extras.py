@@ -37,7 +37,7 @@ EXTRAS: dict[str, Extra] = {
         Extra("gpu", ("onnxruntime",), "onnxruntime with CUDA"),
         Extra("tensorrt", ("tensorrt", "cuda"), "TensorRT engines"),
         Extra("openvino", ("openvino",), "the OpenVINO CPU backend"),
-        Extra("slides", ("openslide",), "whole-slide images through openslide"),
+        Extra("slides", ("openslide", "h5py", "pyarrow"), "whole-slide images through openslide, HDF5 and parquet"),
         Extra("bench", ("matplotlib",), "benchmark reports and plots"),
         Extra("serve", ("fastapi", "uvicorn", "prometheus_client"), "the embeddings server"),
     )

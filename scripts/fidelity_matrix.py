@@ -55,7 +55,7 @@ def svs_calibration(folder: Path, count: int = 8, seed: int = 0) -> list[dict]:
     """`count` tissue tiles of the slide, none overlapping a held-out patch; written as PNGs into `folder`."""
     import numpy as np
 
-    from pue.calibration.sources import SlideSource
+    from pue.calibration.slide_source import SlideSource
 
     folder.mkdir(parents=True, exist_ok=True)
     source = SlideSource(SLIDE, patch_size=224)

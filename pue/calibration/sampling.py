@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from pue.calibration.sources import Patch, PatchSource
-from pue.calibration.tissue import TissueFilter
 from pue.errors import PueError
+from pue.slides.tissue import TissueFilter
 
 __all__ = ["sample_patches"]
 

@@ -5,29 +5,24 @@ that records where it was cut (for calibration.json) and loads itself as an RGB 
 calibration holds one patch at a time. `pue.calibration.sampling` draws a seeded, stratified selection
 across sources.
 
-Slides are tiled on a grid at a patch size and a magnification or µm/px, as pathology tools take them
-(TRIDENT's convention: 10x is 1 µm/px), never at a pyramid level the user has to know. A slide's tiles are
-kept by the tissue filter (`pue.calibration.tissue`): first on a thumbnail, then each tile at full size.
-Slides are read with openslide (the `slides` extra) when it is installed, otherwise with Pillow, which reads
-single-level files such as small Aperio SVS regions and plain TIFFs; the readers are in `pue.calibration.slides`.
+Slides (`pue.calibration.slide_source.SlideSource`) are tiled and read by `pue.slides`, the package the slide
+job uses too.
 """
 
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
-from pue.calibration import slides
-from pue.calibration.tissue import TissueFilter
 from pue.errors import InputError, PueError
 from pue.runtime.images import load_image
+from pue.slides import readers
+from pue.slides.tissue import TissueFilter
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -36,7 +31,6 @@ __all__ = [
     "Patch",
     "PatchSource",
     "ShippedSource",
-    "SlideSource",
     "list_images",
     "open_sources",
 ]
@@ -45,9 +39,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn")
 Progress = Callable[[int, int], None]  # (done, total)
 
-# A target within 10 % of the native resolution reads the native pixels: 20x of a 0.499 µm/px scan is 20x.
-_RESOLUTION_TOLERANCE = 0.1
-_THUMBNAIL_SIDE = 2048
 
 
 @dataclass(frozen=True)
@@ -73,7 +64,7 @@ class Patch:
             return _load_file(patches_dir() / self.file)
         if self.x is None or self.y is None:
             return _load_file(Path(self.source))
-        reader = self.slide if self.slide is not None else slides.open_slide(Path(self.source))
+        reader = self.slide if self.slide is not None else readers.open_slide(Path(self.source))
         extent = self.extent or self.size
         return reader.read(self.x, self.y, extent, self.size or extent)
 
@@ -229,171 +220,6 @@ class ShippedSource(PatchSource):
         return patches
 
 
-class SlideSource(PatchSource):
-    """Tissue tiles of a whole-slide image on a grid (stride = tile), at a patch size and magnification or µm/px.
-
-    With neither `magnification` nor `mpp` the slide is tiled at its native resolution. Tiles are returned
-    as `patch_size` x `patch_size` images, read from the pyramid level closest above the target resolution
-    and resized when needed. Upsampling is refused. At most `max_tiles` thumbnail-selected tiles (spread
-    evenly over the slide) get the full-size check, which bounds the reading time on large slides.
-    `reader` is "auto" (openslide when installed and able, else Pillow), "openslide" or "pillow".
-    """
-
-    kind = "slide"
-
-    def __init__(
-        self,
-        path: Path,
-        patch_size: int = 224,
-        magnification: float | None = None,
-        mpp: float | None = None,
-        tissue_filter: TissueFilter | None = None,
-        max_tiles: int = 2048,
-        reader: str = "auto",
-    ) -> None:
-        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
-            raise PueError(f"patch size must be a positive integer, got {patch_size!r}")
-        if magnification is not None and mpp is not None:
-            raise PueError("give either a magnification or a µm/px target for slides, not both")
-        for label, value in (("magnification", magnification), ("µm/px", mpp)):
-            if value is not None and not value > 0:
-                raise PueError(f"{label} must be positive, got {value!r}")
-        self.path = Path(path)
-        self.name = str(self.path)
-        self.patch_size = patch_size
-        self.magnification = magnification
-        self.mpp = mpp
-        self.tissue_filter = tissue_filter or TissueFilter()
-        self.max_tiles = max_tiles
-        self.reader = slides.open_slide(self.path, reader)
-        self.downsample = self._downsample()
-        self.extent = round(patch_size * self.downsample)
-        native = self.reader.mpp
-        self.patch_mpp = None if native is None else round(native * self.extent / patch_size, 6)
-        self.stats: dict[str, Any] = {}
-
-    def _downsample(self) -> float:
-        native_mpp, native_mag = self.reader.mpp, self.reader.magnification
-        if self.magnification is None and self.mpp is None:
-            return 1.0
-        # 10x is taken as 1 µm/px where only one of the two is known (TRIDENT's convention).
-        if self.magnification is not None:
-            target = f"{self.magnification:g}x"
-            if native_mag is not None:
-                downsample = native_mag / self.magnification
-            elif native_mpp is not None:
-                downsample = 10.0 / self.magnification / native_mpp
-            else:
-                downsample = None
-        else:
-            target = f"{self.mpp:g} µm/px"
-            if native_mpp is not None:
-                downsample = self.mpp / native_mpp
-            elif native_mag is not None:
-                downsample = self.mpp / (10.0 / native_mag)
-            else:
-                downsample = None
-        if downsample is None:
-            raise PueError(
-                f"slide {self.path} records neither its magnification nor its µm/px, so {target} cannot be found",
-                hint="leave out the magnification / µm/px to tile it at its native resolution",
-            )
-        if abs(downsample - 1.0) <= _RESOLUTION_TOLERANCE:
-            return 1.0
-        if downsample < 1.0:
-            raise PueError(
-                f"slide {self.path} is scanned at {self._native_text()}; {target} would need upsampling",
-                hint="ask for a magnification at or below the scan's",
-            )
-        return downsample
-
-    def _native_text(self) -> str:
-        parts = []
-        if self.reader.magnification is not None:
-            parts.append(f"{self.reader.magnification:g}x")
-        if self.reader.mpp is not None:
-            parts.append(f"{self.reader.mpp:g} µm/px")
-        return " / ".join(parts) or "an unknown resolution"
-
-    def _scan(self, progress: Progress | None) -> list[Patch]:
-        width, height, extent = self.reader.width, self.reader.height, self.extent
-        grid = [(x, y) for y in range(0, height - extent + 1, extent) for x in range(0, width - extent + 1, extent)]
-        if not grid:
-            raise PueError(
-                f"slide {self.path} is {width} x {height} px, smaller than one tile ({extent} px of level 0 for "
-                f"{self.patch_size} px patches at {self._target_text()})"
-            )
-        thumbnail, scale = self.reader.thumbnail(_THUMBNAIL_SIDE)
-        rgb = np.asarray(thumbnail)
-        threshold = self.tissue_filter.threshold(rgb)
-        mask = self.tissue_filter.mask(rgb, threshold)
-        # A lenient first pass: the thumbnail only spares reading glass tiles; each tile is checked at full size.
-        first_pass = [
-            (x, y)
-            for x, y in grid
-            if _region_fraction(mask, x, y, extent, scale) >= self.tissue_filter.min_tissue_fraction / 2
-        ]
-        checked = _evenly(first_pass, self.max_tiles)
-        level = self.reader.level_for(self.downsample)
-        patches = []
-        for done, (x, y) in enumerate(checked, start=1):
-            tile = self.reader.read(x, y, extent, self.patch_size)
-            if self.tissue_filter.accepts(tile, threshold):
-                patches.append(
-                    Patch(
-                        source=self.name,
-                        x=x,
-                        y=y,
-                        size=self.patch_size,
-                        level=level,
-                        mpp=self.patch_mpp,
-                        extent=extent,
-                        slide=self.reader,
-                    )
-                )
-            if progress is not None:
-                progress(done, len(checked))
-        self.stats = {
-            "grid_tiles": len(grid),
-            "thumbnail_tissue_tiles": len(first_pass),
-            "checked_tiles": len(checked),
-            "tissue_tiles": len(patches),
-            "saturation_threshold": round(threshold, 4),
-        }
-        if not patches:
-            raise PueError(
-                f"no tissue found in slide {self.path}: none of its {len(grid)} tiles ({self.patch_size} px at "
-                f"{self._target_text()}) passed the tissue filter (saturation threshold {threshold:.3f}; "
-                f"{self.tissue_filter.describe()})",
-                hint="pass a slide with tissue on it, or a folder of patches",
-            )
-        return patches
-
-    def _target_text(self) -> str:
-        if self.magnification is not None:
-            return f"{self.magnification:g}x"
-        if self.mpp is not None:
-            return f"{self.mpp:g} µm/px"
-        return "native resolution"
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "reader": self.reader.backend,
-            "dimensions": [self.reader.width, self.reader.height],
-            "native_mpp": self.reader.mpp,
-            "native_magnification": self.reader.magnification,
-            "patch_size": self.patch_size,
-            "magnification": self.magnification,
-            "mpp": self.mpp,
-            "patch_mpp": self.patch_mpp,
-            "downsample": round(self.downsample, 6),
-            "extent": self.extent,
-            "tissue_filter": self.tissue_filter.to_dict(),
-            **self.stats,
-        }
-
-
 def open_sources(
     paths: list[Path] | None,
     patch_size: int = 224,
@@ -418,6 +244,8 @@ def open_sources(
         if path.is_dir():
             sources.append(FolderSource(path, recursive=recursive))
         elif suffix in SLIDE_SUFFIXES:
+            from pue.calibration.slide_source import SlideSource
+
             sources.append(SlideSource(path, patch_size, magnification, mpp, tissue_filter))
         elif suffix in IMAGE_SUFFIXES:
             sources.append(FolderSource(path))
@@ -437,17 +265,3 @@ def _load_file(path: Path) -> Image.Image:
         prefix = f"item 0 {path}: "
         message = exc.message[len(prefix) :] if exc.message.startswith(prefix) else exc.message
         raise PueError(message, hint=exc.hint) from exc
-
-
-def _region_fraction(mask: np.ndarray, x: int, y: int, extent: int, scale: float) -> float:
-    x0, y0 = int(x * scale), int(y * scale)
-    x1 = max(x0 + 1, math.ceil((x + extent) * scale))
-    y1 = max(y0 + 1, math.ceil((y + extent) * scale))
-    region = mask[y0:y1, x0:x1]
-    return float(region.mean()) if region.size else 0.0
-
-
-def _evenly(items: list, limit: int) -> list:
-    if len(items) <= limit:
-        return items
-    return [items[round(i * (len(items) - 1) / (limit - 1))] for i in range(limit)] if limit > 1 else items[:1]

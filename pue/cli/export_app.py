@@ -174,7 +174,11 @@ def quantize(
         return
     require_extras(["export", "cpu"], "pue-export quantize", only={"export": ("onnx",)})
     if slides := needs_openslide(calib or []):
-        require_extras(["slides"], f"calibrating on {slides[0]} (a whole-slide format only openslide reads)")
+        require_extras(
+            ["slides"],
+            f"calibrating on {slides[0]} (a whole-slide format only openslide reads)",
+            only={"slides": ("openslide",)},
+        )
     from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
     from pue.errors import GateFailedError, PueError
 
@@ -298,7 +302,11 @@ def outliers(
 
     require_extras(["export", "cpu"], "pue-export outliers", only={"export": ("onnx",)})
     if slides := needs_openslide(calib or []):
-        require_extras(["slides"], f"reading {slides[0]} (a whole-slide format only openslide reads)")
+        require_extras(
+            ["slides"],
+            f"reading {slides[0]} (a whole-slide format only openslide reads)",
+            only={"slides": ("openslide",)},
+        )
     from rich.table import Table
 
     from pue.calibration.outliers import bundle_outliers

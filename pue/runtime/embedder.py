@@ -209,6 +209,17 @@ class Embedder:
         self.stage_seconds["preprocess"] += time.perf_counter() - started
         return pixels
 
+    def embed_pixel_values(self, pixels: np.ndarray) -> np.ndarray:
+        """Image rows from `pixel_values(...)`'s output, as one batch: the same vectors `embed_images` gives those
+        images in a batch of this size. Lets a caller preprocess on another thread while this one runs the graphs."""
+        self._require_open()
+        rows = int(pixels.shape[0])
+        if rows == 0:
+            return np.zeros((0, self.dimension), np.float32)
+        ids, _ = self.prompts.encode("image", None)
+        input_ids, attention_mask = self.prompts.pad([ids] * rows)
+        return self.backend.run(input_ids, attention_mask, pixels, np.arange(rows, dtype=np.int64))
+
     def image_features(self, images: Sequence[Any]) -> np.ndarray:
         """`vision.onnx`'s output for these images (used by the parity gate and calibration)."""
         self._require_open()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -12,17 +13,17 @@ import pytest
 from PIL import Image
 
 from pue.calibration.sampling import _quotas, sample_patches
+from pue.calibration.slide_source import SlideSource
 from pue.calibration.sources import (
     FolderSource,
     Patch,
     ShippedSource,
-    SlideSource,
     list_images,
     open_sources,
 )
-from pue.calibration.tissue import TissueFilter, is_tissue
 from pue.data import patch_index, patch_set, patches_dir
 from pue.errors import PueError
+from pue.slides.tissue import TissueFilter, is_tissue
 
 SLIDE = Path(__file__).resolve().parents[3] / "shared" / "data" / "cmu_small_region.svs"
 needs_slide = pytest.mark.skipif(not SLIDE.is_file(), reason=f"sample slide {SLIDE} not present")
@@ -365,7 +366,7 @@ def test_synthetic_slide_metadata_and_magnification(tmp_path: Path) -> None:
 def test_slide_without_metadata(tmp_path: Path) -> None:
     path = tmp_path / "plain.tiff"
     _tissue_image(2, 300).save(path)
-    with pytest.raises(PueError, match="neither its magnification nor its µm/px"):
+    with pytest.raises(PueError, match="neither its µm/px nor its magnification"):
         SlideSource(path, magnification=20)
     native = SlideSource(path, patch_size=128)
     assert native.reader.mpp is None
@@ -383,7 +384,10 @@ def test_tiff_resolution_tags_give_mpp(tmp_path: Path) -> None:
     assert SlideSource(path72).reader.mpp is None  # a screen default, not a scan resolution
 
 
-@pytest.mark.skipif(not HAVE_OPENSLIDE, reason="openslide not installed (pip install 'pue[slides]')")
+@pytest.mark.skipif(
+    not HAVE_OPENSLIDE and os.environ.get("PUE_REQUIRE_SLIDES") != "1",  # under .ci/run a missing openslide fails
+    reason="openslide not installed (pip install 'pue[slides]')",
+)
 @needs_slide
 def test_openslide_reads_the_same_tiles(slide_native: SlideSource) -> None:
     source = SlideSource(SLIDE, patch_size=224, magnification=10, reader="openslide")
@@ -440,7 +444,7 @@ class _FakeOpenSlide:
 
 def test_openslide_reader_picks_the_level_and_resizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The openslide code path on a fake pyramid: level choice, region size, alpha onto white, grid, metadata."""
-    from pue.calibration import slides
+    from pue.slides import readers as slides
 
     fake = _FakeOpenSlide()
     path = tmp_path / "fake.svs"

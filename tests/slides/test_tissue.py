@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pue.calibration.tissue import (
+from pue.data import patch_set
+from pue.slides.tissue import (
     TissueFilter,
     is_tissue,
     otsu_threshold,
@@ -14,7 +15,6 @@ from pue.calibration.tissue import (
     tissue_fraction,
     tissue_mask,
 )
-from pue.data import patch_set
 
 
 def _fractions(set_name: str) -> np.ndarray:

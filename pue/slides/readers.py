@@ -1,9 +1,10 @@
-"""Whole-slide readers for calibration: openslide (the `slides` extra) when installed, else Pillow.
+"""Whole-slide readers: openslide (the `slides` extra) when installed, else Pillow.
 
 `open_slide` picks the reader. Each reader knows the slide's size, its µm/px and magnification (from the
 openslide properties or the TIFF description and resolution tags), the pyramid level for a downsample, and
 reads thumbnails and square regions as RGB images. Pillow reads single-level files such as small Aperio SVS
-regions and plain TIFFs.
+regions and plain TIFFs. A region is read from the pyramid level closest above the wanted resolution (openslide's
+best level for the downsample) and resized to the wanted size with Lanczos, so no one has to know a slide's levels.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -21,7 +22,26 @@ from pue.errors import MissingDependencyError, PueError
 _SLIDES_HINT = 'install the slides extra (pip install "pue[slides]") to read pyramidal whole-slide images'
 
 
-def open_slide(path: Path, reader: str = "auto") -> PillowSlideReader | OpenSlideReader:
+class SlideReader(Protocol):
+    """What the tiler and the slide job need of a reader (both readers below are one)."""
+
+    path: Path
+    backend: str
+    width: int
+    height: int
+    mpp: float | None  # µm per level-0 pixel, when the file records it
+    magnification: float | None  # the scan's objective power, when the file records it
+
+    def level_for(self, downsample: float) -> int: ...
+
+    def thumbnail(self, max_side: int) -> tuple[Image.Image, float]: ...
+
+    def read(self, x: int, y: int, extent: int, size: int) -> Image.Image: ...
+
+    def close(self) -> None: ...
+
+
+def open_slide(path: Path, reader: str = "auto") -> SlideReader:
     """openslide when installed and it can read the file; Pillow otherwise (single-level files)."""
     if reader not in ("auto", "openslide", "pillow"):
         raise PueError(f"unknown slide reader {reader!r}; known readers: auto, openslide, pillow")
@@ -93,6 +113,9 @@ class PillowSlideReader:
     def level_for(self, downsample: float) -> int:
         return 0
 
+    def close(self) -> None:
+        self._image = None
+
     def thumbnail(self, max_side: int) -> tuple[Image.Image, float]:
         factor = max(1, math.ceil(max(self.width, self.height) / max_side))
         image = self.image()
@@ -119,6 +142,9 @@ class OpenSlideReader:
 
     def level_for(self, downsample: float) -> int:
         return int(self.slide.get_best_level_for_downsample(downsample * 1.01))
+
+    def close(self) -> None:
+        self.slide.close()
 
     def thumbnail(self, max_side: int) -> tuple[Image.Image, float]:
         thumb = self._guard(lambda: self.slide.get_thumbnail((max_side, max_side)).convert("RGB"))

@@ -225,13 +225,17 @@ def _ort_peaks(threads: int | None, size: int) -> dict[str, Any]:
 def _torch_peaks(threads: int | None, device: str, size: int) -> dict[str, Any]:
     import torch
 
+    from pue.runtime.cpu import cpu_supports_bf16
+
     if threads and not device.startswith("cuda"):
         torch.set_num_threads(threads)
     on_cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if on_cuda else None
     if on_cuda:
         torch.backends.cuda.matmul.allow_tf32 = False
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    dtypes = {"fp32": torch.float32}
+    if on_cuda or cpu_supports_bf16():  # elsewhere PyTorch emulates bf16 (minutes for one matmul, no peak to hold to)
+        dtypes["bf16"] = torch.bfloat16
     if on_cuda:
         dtypes["fp16"] = torch.float16
     results = {}
@@ -269,6 +273,8 @@ def _measure(threads: int | None, device: str) -> dict[str, Any]:
             torch_peaks = {}
         if "bf16" in torch_peaks:
             peaks["bf16"] = torch_peaks["bf16"]
+        elif torch_peaks:
+            notes.append("bf16 not measured: this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16)")
         if "fp32" in torch_peaks:
             # the fp32 peak is the machine's best fp32 rate; PyTorch's own is kept beside it
             peaks["fp32_torch"] = torch_peaks["fp32"]

@@ -169,7 +169,10 @@ def quantize_bundle(
             "decoder": lambda limit=None: DecoderFeeds(parent, plan, limit),
         }
         tokens = {"vision": _vision_tokens(parent_manifest), "decoder": len(parent.prompts.image_prompt())}
-        resources = _resource_plan(parent_manifest, models, feeds, tokens, gate_set, options)
+        images_per_row, set_rows = _most_images_per_row(parent, gate_set, plan)
+        resources = _resource_plan(
+            parent_manifest, models, feeds, tokens, (images_per_row, set_rows), gate_set, options
+        )
         for line in resources.lines():
             say(f"plan: {line}")
         if not resources.fits:
@@ -275,21 +278,35 @@ def quantize_bundle(
 OUTLIER_SAMPLES = 8  # calibration rows per graph for the outlier report (fidelity.json, inspect)
 
 
+def _most_images_per_row(parent: Any, gate_set: GateSet, plan: Any) -> tuple[int, int]:
+    """The most images one decoder row of this run holds (image sets of the gate and of calibration, if any), and how
+    many gate rows hold that many (they share a batch: the runtime batches rows of one length together)."""
+    if not getattr(parent, "takes_image_sets", False):
+        return 1, 0
+    fitting = [len(s) for s in gate_set.image_sets if len(s) <= parent.max_images_per_row]
+    most = max([1, *fitting, *(len(s) for s in plan.image_sets)])
+    return most, max(1, fitting.count(most))
+
+
 def _resource_plan(
     manifest: Manifest,
     models: dict[str, Any],
     feeds: dict[str, Callable[..., Any]],
     tokens: dict[str, int],
+    longest_rows: tuple[int, int],
     gate_set: GateSet,
     options: QuantizeOptions,
 ) -> QuantizePlan:
-    """Peak memory and passes of this run, from the graphs (weights, quantized inputs) and the options."""
+    """Peak memory and passes of this run, from the graphs (weights, quantized inputs, attention over the longest
+    row: the image prompt with `longest_rows[0]` images, `longest_rows[1]` of them in a gate batch) and the options."""
     from pue.calibration.graph_ops import weight_ops
 
     static = options.spec.calibrated
     export = manifest.export
     crop_tokens = (export.crop_size // export.patch_size) ** 2 + 1 if export.crop_size and export.patch_size else 0
-    sequences = {"vision": (export.num_crops or 1, crop_tokens), "decoder": (1, tokens["decoder"])}
+    images_per_row, set_rows = longest_rows
+    longest = tokens["decoder"] + (images_per_row - 1) * manifest.tokens_per_image
+    sequences = {"vision": (export.num_crops or 1, crop_tokens), "decoder": (1, longest)}
     graphs, op_count = {}, 0
     for name, model in models.items():
         spec = manifest.graphs[name]
@@ -300,7 +317,7 @@ def _resource_plan(
         count, length = sequences[name]
         graphs[name] = GraphLoad(
             weights_bytes=spec.file.size + sum(entry.size for entry in spec.external_data),
-            activation_bytes_per_row=activation_bytes(ops, tokens[name]),
+            activation_bytes_per_row=activation_bytes(ops, sequences[name][0] * sequences[name][1]),
             attention_bytes_per_row=attention_bytes(heads, length, layers, count),
             attention_layers=layers,
             rows_per_pass=len(feeds[name]()),
@@ -313,8 +330,17 @@ def _resource_plan(
         op_count=op_count,
         outlier_rows=OUTLIER_SAMPLES,
         gate_items=gate_set.item_count(),
-        batch_size=manifest.default_batch_size,
+        batch_attention_bytes=_batch_attention(graphs, manifest, tokens["decoder"], longest, set_rows),
     )
+
+
+def _batch_attention(graphs: dict[str, GraphLoad], manifest: Manifest, single: int, longest: int, set_rows: int) -> int:
+    """One layer's attention scores for the largest batch the gate embeds: a batch of single-image rows, of vision
+    crops, or the image sets of the longest kind together."""
+    batch = manifest.default_batch_size
+    vision, decoder = graphs["vision"].layer_attention_bytes, graphs["decoder"].layer_attention_bytes
+    decoder_single = decoder * single * single // max(1, longest * longest)  # `decoder` was counted at `longest`
+    return int(max(batch * vision, batch * decoder_single, set_rows * decoder))
 
 
 def _outliers(models: dict[str, Any], feeds: dict[str, Callable[..., Any]]) -> dict[str, Any]:

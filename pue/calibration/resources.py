@@ -9,8 +9,9 @@ read off the graphs, and coefficients fitted to peaks measured phase by phase (`
   measured is copied, serialised and loaded into a session on top (``WEIGHT_COPIES_WORKING`` x W_g);
 - S_g, the attention scores of one row (heads x tokens² x 4 bytes, per crop in the vision tower, summed over the
   graph's attention layers, counted as its Softmax nodes), and its largest layer's share S_layer. The parent embeds
-  the gate set at the bundle's batch size first, and onnxruntime keeps the arena that took
-  (``RUNTIME_SCORE_COPIES`` x batch x S_layer, for the rest of the run); each candidate the search checks grows one
+  the gate set first (batches of the bundle's batch size; image sets batch with sets of their own size), and
+  onnxruntime keeps the arena that took (``RUNTIME_SCORE_COPIES`` x the largest batch's scores of one layer, for the
+  rest of the run); each candidate the search checks grows one
   of its own (``CANDIDATE_ARENA_SHARE`` of that);
 - A_g, the activations of one calibration row at the inputs of the ops that get quantized (tokens x channels x 4
   bytes, summed over those inputs), which the statistics pass fetches (``ACTIVATION_COPIES`` x A_g, plus
@@ -64,7 +65,7 @@ class GraphLoad:
 class QuantizePlan:
     precision: str
     graphs: dict[str, GraphLoad]
-    batch_size: int  # what the gate embeds at (the bundle's default batch size)
+    batch_attention_bytes: int  # attention scores of the largest batch the gate embeds, one layer
     passes: dict[str, int]  # what runs over the calibration rows, and how often at most
     gate_items: int
     peak_host_bytes: int
@@ -125,11 +126,11 @@ def plan_quantize(
     op_count: int,
     outlier_rows: int,
     gate_items: int,
-    batch_size: int,
+    batch_attention_bytes: int,
     available: int | None = None,
 ) -> QuantizePlan:
     """Peak host memory and the passes over calibration rows of one `pue-export quantize` run."""
-    arena = RUNTIME_SCORE_COPIES * batch_size * max(g.layer_attention_bytes for g in graphs.values())
+    arena = RUNTIME_SCORE_COPIES * batch_attention_bytes
     resident = PROCESS_BASE_BYTES + WEIGHT_COPIES_RESIDENT * sum(g.weights_bytes for g in graphs.values()) + arena
     copies = CALIBRATION_SCORE_COPIES if calibrated else STATISTICS_SCORE_COPIES
     working = max(
@@ -154,7 +155,7 @@ def plan_quantize(
             f"this quantization needs more RAM than is free: {lighter}close other programs, or run it on a machine "
             "with more memory"
         )
-    return QuantizePlan(precision, graphs, batch_size, passes, gate_items, peak, available, fits, notes)
+    return QuantizePlan(precision, graphs, batch_attention_bytes, passes, gate_items, peak, available, fits, notes)
 
 
 class PhasePeaks:

@@ -13,7 +13,9 @@ import pytest
 from pue.bundle import manifest_sha256, read_manifest, verify_files, write_manifest
 from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
 from pue.errors import GateFailedError, PueError
+from pue.precisions import bundle_spec
 from pue.runtime import Embedder
+from pue.runtime.cpu import saturating_u8s8
 
 FAST = {"num_patches": 16, "num_captions": 8}
 
@@ -91,6 +93,11 @@ def check_openvino(bundle, onnxruntime_vectors, fused):
         return
     if fused:
         with pytest.raises(PueError, match="does not run fused-attention graphs.*com.microsoft"):
+            Embedder.load(bundle, backend="openvino", options={"cache_dir": False})
+        return
+    spec = bundle_spec(read_manifest(bundle).precision, read_manifest(bundle).target)
+    if spec.qdq is not None and not spec.qdq.reduced_weight_range and saturating_u8s8():
+        with pytest.raises(PueError, match="saturate"):  # x86 without VNNI: OpenVINO's int8 kernels would
             Embedder.load(bundle, backend="openvino", options={"cache_dir": False})
         return
     with Embedder.load(bundle, backend="openvino", options={"cache_dir": False}) as ov:

@@ -10,7 +10,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from pue.bundle import read_manifest
+from pue.bundle import FORMAT_VERSION, read_manifest
 from pue.cli.bench_app import app as bench_app
 from pue.cli.export_app import app
 
@@ -181,6 +181,6 @@ def test_quantize_names_files_by_their_file_name(quantize_args, tmp_path):
     result = run(*quantize_args, "-o", str(out), "--precision", "int8-dynamic")
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format_version"] == "1.1"
+    assert manifest["format_version"] == FORMAT_VERSION
     assert sorted(manifest["files"]) == ["calibration.json", "fidelity.json", "fidelity.png"]
     assert all(key == entry["path"] for key, entry in manifest["files"].items())

@@ -121,6 +121,8 @@ class Runner(abc.ABC):
         self.last_inference_time = 0.0
         self.total_inference_time = 0.0
         self.inference_count = 0
+        self._inputs: list[TensorSpec] = []  # set by `_activate`, in graph order
+        self._outputs: list[TensorSpec] = []
 
     def __enter__(self) -> Runner:
         self.activate()
@@ -147,13 +149,15 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def _deactivate(self) -> None: ...
 
-    @abc.abstractmethod
     def input_metadata(self) -> list[TensorSpec]:
         """Inputs in graph order; dynamic dimensions are strings."""
+        self._require_active()
+        return list(self._inputs)
 
-    @abc.abstractmethod
     def output_metadata(self) -> list[TensorSpec]:
         """Outputs in graph order; dynamic dimensions are strings."""
+        self._require_active()
+        return list(self._outputs)
 
     @abc.abstractmethod
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...

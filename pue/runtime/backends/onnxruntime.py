@@ -228,8 +228,6 @@ class OnnxRuntimeRunner(Runner):
         self.providers = providers if providers is not None else providers_for(self.device)
         self.session_options = session_options if session_options is not None else default_session_options(threads)
         self.session: Any = None
-        self._inputs: list[TensorSpec] = []
-        self._outputs: list[TensorSpec] = []
 
     def _activate(self) -> None:
         if not self.path.is_file():
@@ -258,14 +256,6 @@ class OnnxRuntimeRunner(Runner):
 
     def _deactivate(self) -> None:
         self.session = None
-
-    def input_metadata(self) -> list[TensorSpec]:
-        self._require_active()
-        return list(self._inputs)
-
-    def output_metadata(self) -> list[TensorSpec]:
-        self._require_active()
-        return list(self._outputs)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [spec.name for spec in self._outputs]

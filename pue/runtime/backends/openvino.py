@@ -172,8 +172,6 @@ class OpenVinoRunner(Runner):
         self.config = dict(config)
         self.compiled: Any = None
         self.request: Any = None
-        self._inputs: list[TensorSpec] = []
-        self._outputs: list[TensorSpec] = []
 
     def _activate(self) -> None:
         if not self.path.is_file():
@@ -203,14 +201,6 @@ class OpenVinoRunner(Runner):
     def _deactivate(self) -> None:
         self.request = None
         self.compiled = None
-
-    def input_metadata(self) -> list[TensorSpec]:
-        self._require_active()
-        return list(self._inputs)
-
-    def output_metadata(self) -> list[TensorSpec]:
-        self._require_active()
-        return list(self._outputs)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.request.infer({name: np.ascontiguousarray(value) for name, value in feed.items()})

@@ -180,8 +180,6 @@ class TensorRTRunner(Runner):
         self.rebuild = f"rebuild the engines on this machine with `{command}`"
         self._dimension_names = {spec.name: spec.shape for spec in graph_inputs}
         self._buffers: dict[str, DeviceBuffer] = {}
-        self._inputs: list[TensorSpec] = []
-        self._outputs: list[TensorSpec] = []
         self._dtypes: dict[str, np.dtype] = {}
         self.runtime: Any = None
         self.engine: Any = None
@@ -237,14 +235,6 @@ class TensorRTRunner(Runner):
         self.runtime = None
 
     # --- description ------------------------------------------------------------------------------------
-    def input_metadata(self) -> list[TensorSpec]:
-        self._require_active()
-        return list(self._inputs)
-
-    def output_metadata(self) -> list[TensorSpec]:
-        self._require_active()
-        return list(self._outputs)
-
     def dtype(self, name: str) -> np.dtype:
         self._require_active()
         return self._dtypes[name]

@@ -51,6 +51,9 @@ def slides(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     backend: str = typer.Option("auto", "--backend", help="Runtime backend (auto picks the bundle's)."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for the runtime (default: its own)."),
+    thumbnails: bool = typer.Option(
+        False, "--thumbnails", help="Also write <tiling>/thumbnails/<slide_id>.png: tissue mask and embedded tiles."
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
 ) -> None:
@@ -86,6 +89,9 @@ def watch(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     backend: str = typer.Option("auto", "--backend", help="Runtime backend (auto picks the bundle's)."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for the runtime (default: its own)."),
+    thumbnails: bool = typer.Option(
+        False, "--thumbnails", help="Also write <tiling>/thumbnails/<slide_id>.png: tissue mask and embedded tiles."
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout when stopped."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
 ) -> None:

@@ -47,6 +47,7 @@ class JobOptions:
     device: str = "cpu"
     backend: str = "auto"
     threads: int | None = None
+    thumbnails: bool = False
 
 
 def build_job(options: JobOptions, command: str, stop: threading.Event, progress: SlideProgress) -> SlideJob:
@@ -91,6 +92,7 @@ def build_job(options: JobOptions, command: str, stop: threading.Event, progress
         lock_timeout=options.lock_timeout,
         batch_size=embedder.batch_size,
         prefetch=options.prefetch,
+        thumbnails=options.thumbnails,
     )
     arguments = {key: str(value) if isinstance(value, (Path, str)) else value for key, value in vars(options).items()}
     record = RunRecord(layout.runs_dir, {"command": command, **arguments}, manifest_sha256(options.bundle))

@@ -30,7 +30,8 @@ from pue.errors import PueError
 from pue.slides.coords_files import find_coords_file, read_patch_coords
 from pue.slides.readers import SlideReader, open_slide
 from pue.slides.resolution import Resolution, TileGeometry, tile_geometry
-from pue.slides.tiling import SlideTiles, tissue_tiles
+from pue.slides.thumbnails import render_tiles_overview, write_png_atomically
+from pue.slides.tiling import SlideTiles, thumbnail_side, tissue_tiles
 from pue.slides.tissue import TissueFilter
 
 __all__ = ["JobSettings", "SlideJob", "SlideProgress"]
@@ -57,6 +58,7 @@ class JobSettings:
     batch_size: int = 8
     prefetch: int = 2
     reader: str = "auto"
+    thumbnails: bool = False  # a PNG per slide: thumbnail, tissue mask, embedded tiles
 
 
 class SlideProgress:
@@ -115,6 +117,7 @@ class SlideJob:
         try:
             job = self.job_attribute(slide)
             if self._done(final, job):
+                self._missing_thumbnail(slide)
                 return self._finish(entry)
             lock = SlideLock(self.layout.lock(slide.slide_id), self.settings.lock_timeout)
             if not lock.acquire():
@@ -206,6 +209,8 @@ class SlideJob:
                 on_batch=self.progress.tiles_done,
             )
             stored = features.astype(np.float16) if settings.dtype == "float16" else features
+            if settings.thumbnails:  # before the features: a finished slide of a --thumbnails run has its picture
+                self._write_thumbnail(reader, slide, tiles)
             write_slide_file(
                 final,
                 settings.fmt,
@@ -242,6 +247,25 @@ class SlideJob:
             target_mpp=None if native.level0_mpp is None else round(native.level0_mpp * downsample, 6),
         )
         return SlideTiles(coords=chosen.coords, geometry=geometry, grid_tiles=len(chosen.coords), min_tissue=0.0)
+
+    def _write_thumbnail(self, reader: SlideReader, slide: SlideInput, tiles: SlideTiles) -> None:
+        thumbnail, scale = tiles.thumbnail, tiles.mask_scale
+        if thumbnail is None:  # --coords-from: no tissue mask was computed
+            stride = tiles.geometry.stride_level0
+            thumbnail, scale = reader.thumbnail(thumbnail_side(reader.width, reader.height, stride))
+        picture = render_tiles_overview(thumbnail, scale, tiles.coords, tiles.geometry.patch_size_level0, tiles.mask)
+        write_png_atomically(picture, self.layout.thumbnail(slide.slide_id))
+
+    def _missing_thumbnail(self, slide: SlideInput) -> None:
+        """A slide finished by a run without --thumbnails gets its picture now (tiling again is cheap and gives the
+        same tiles for the same parameters; nothing is embedded again)."""
+        if not self.settings.thumbnails or self.layout.thumbnail(slide.slide_id).exists():
+            return
+        reader = open_slide(slide.path, self.settings.reader)
+        try:
+            self._write_thumbnail(reader, slide, self._tiles(reader, slide))
+        finally:
+            reader.close()
 
     def _coords_attrs(self, slide: SlideInput, reader: SlideReader, tiles: SlideTiles) -> dict[str, Any]:
         geometry: TileGeometry = tiles.geometry

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,7 @@ class SlideTiles:
     saturation_threshold: float | None = None
     mask: np.ndarray | None = field(default=None, repr=False)  # the thumbnail's tissue mask
     mask_scale: float = 1.0  # thumbnail pixels per level-0 pixel
+    thumbnail: Any = field(default=None, repr=False)  # the PIL thumbnail the mask was computed on
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
@@ -106,6 +108,7 @@ def tissue_tiles(
         saturation_threshold=round(float(threshold), 4),
         mask=mask,
         mask_scale=scale,
+        thumbnail=thumbnail,
     )
 
 

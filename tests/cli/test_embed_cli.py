@@ -92,9 +92,13 @@ def test_slides_end_to_end(slides_dir: Path, bundle: Path, tmp_path: Path) -> No
     # an all-glass slide gets an empty (0, D) file, as TRIDENT writes
     with h5py.File(out / FEATURES / "glass.h5", "r") as handle:
         assert handle["coords"].shape == (0, 2) and handle["features"].shape == (0, 64)
-    # a rerun skips both; a second output folder gets byte-identical files
-    again = embed(str(slides_dir), "-o", str(out), "--bundle", str(bundle), "--json")
+    # a rerun skips both (and, asked for --thumbnails, draws the pictures the first run did not, embedding nothing);
+    # a second output folder gets byte-identical files
+    thumbnails = out / "20x_224px_0px_overlap" / "thumbnails"
+    assert not thumbnails.exists()
+    again = embed(str(slides_dir), "-o", str(out), "--bundle", str(bundle), "--json", "--thumbnails")
     assert json.loads(again.stdout[again.stdout.index("{") :])["counts"] == {"skipped": 2}
+    assert sorted(p.name for p in thumbnails.iterdir()) == ["glass.png", "pyr.png"]
     other = tmp_path / "other"
     assert embed(str(slides_dir / "pyr.tif"), "-o", str(other), "--bundle", str(bundle)).exit_code == 0
     assert (other / FEATURES / "pyr.h5").read_bytes() == (out / FEATURES / "pyr.h5").read_bytes()
@@ -120,12 +124,14 @@ def test_parquet_float16_mpp_and_coords_from(slides_dir: Path, bundle: Path, tmp
         dataset.attrs.update({"patch_size": 224, "patch_size_level0": 448, "target_magnification": 20, "overlap": 0})
     result = embed(
         pyr, "-o", str(tmp_path / "cf"), "--bundle", str(bundle), "--coords-from", str(tmp_path / "trident"),
-        "--dtype", "float16", "--name", "tiny",
+        "--dtype", "float16", "--name", "tiny", "--thumbnails",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     with h5py.File(tmp_path / "cf" / "20x_224px_0px_overlap" / "features_tiny" / "pyr.h5", "r") as handle:
         assert handle["coords"][:].tolist() == [[0, 0], [896, 448]]
         assert handle["features"].dtype == np.float16 and handle["coords"].attrs["tissue_rule"] == "coords-from"
+    # the picture of a --coords-from run: the slide's own thumbnail, the two given tiles outlined
+    assert (tmp_path / "cf" / "20x_224px_0px_overlap" / "thumbnails" / "pyr.png").stat().st_size > 0
     with h5py.File(tmp_path / "pq" / ".." / "cf" / "20x_224px_0px_overlap" / "features_tiny" / "pyr.h5", "r") as h:
         assert h["coords"].attrs["patch_size_level0"] == 448
 

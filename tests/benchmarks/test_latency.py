@@ -10,7 +10,8 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from pue.benchmarks.latency import add_limits, add_speedups, latency_stats, reference_precisions_for
+from pue.benchmarks.latency import reference_precisions_for
+from pue.benchmarks.latency_rows import add_limits, add_speedups, latency_stats
 from pue.benchmarks.peaks import peak_for
 from pue.benchmarks.report import REQUIRED_ROW_FIELDS, SCHEMA_VERSION
 from pue.cli.bench_app import app
@@ -91,7 +92,7 @@ def _rows():
 
 
 def test_best_of_rounds_by_hand():
-    from pue.benchmarks.latency import best_of_rounds
+    from pue.benchmarks.latency_rows import best_of_rounds
 
     def row(name, batch, speed):
         return {"name": name, "batch_size": batch, "items_per_s": speed}

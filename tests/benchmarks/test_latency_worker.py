@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pue.benchmarks.latency import parse_worker_output, rows_from_outcome, run_worker_process
+from pue.benchmarks.latency import parse_worker_output, run_worker_process
+from pue.benchmarks.latency_rows import rows_from_outcome
 from pue.benchmarks.latency_worker import (
     BATCH_PREFIX,
     LOADED_PREFIX,

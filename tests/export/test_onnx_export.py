@@ -25,8 +25,7 @@ def gate_checks(bundle) -> dict[tuple[str, str], dict]:
     [
         ("llava_next", "ci", "torchscript"),
         ("llava_next", "ci", "dynamo"),
-        ("llava", "ci", "torchscript"),
-        ("llava", "ci", "dynamo"),
+        ("llava", "ci", "torchscript"),  # dynamo on llava_next only: the exporter, not the architecture, differs
         ("llava_next", "e5v", "torchscript"),
     ],
 )

@@ -284,7 +284,8 @@ def _most_images_per_row(parent: Any, gate_set: GateSet, plan: Any) -> tuple[int
     if not getattr(parent, "takes_image_sets", False):
         return 1, 0
     fitting = [len(s) for s in gate_set.image_sets if len(s) <= parent.max_images_per_row]
-    most = max([1, *fitting, *(len(s) for s in plan.image_sets)])
+    calibration = [len(s) for s in plan.image_sets if len(s) <= parent.max_images_per_row]  # the rest are not run
+    most = max([1, *fitting, *calibration])
     return most, max(1, fitting.count(most))
 
 

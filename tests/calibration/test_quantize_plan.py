@@ -137,3 +137,23 @@ def test_plan_and_measured_peaks_are_recorded(fp32_bundle, heldout_dir, tmp_path
     measured = resources["measured_peak_mb"]
     assert set(measured) >= {"prepare", "outlier report", "statistics", "quantization", "check", "gate"}
     assert 0 < max(measured.values()) * MB <= resources["plan"]["peak_host_bytes"]
+
+
+def test_the_longest_row_counts_only_image_sets_that_run():
+    """Image sets past the bundle's max_seq_len are left out of the gate and of calibration, so they must not make the
+    plan (an E5-V-geometry bundle fits 3 tiles per row: 4-tile calibration sets made a 20 GB plan for a 6 GB run)."""
+    from types import SimpleNamespace
+
+    from pue.calibration.quantize_bundle import _most_images_per_row
+    from pue.fidelity import GateSet
+
+    parent = SimpleNamespace(takes_image_sets=True, max_images_per_row=3)
+    gate = GateSet(
+        images=[], texts=[], composed_images=[], composed_texts=[], image_sets=[["a", "b"], ["a"] * 4, ["c", "d"]]
+    )
+    calibration = SimpleNamespace(image_sets=[["x"] * 4, ["y"] * 2])
+    assert _most_images_per_row(parent, gate, calibration) == (2, 2)
+    assert _most_images_per_row(SimpleNamespace(takes_image_sets=True, max_images_per_row=7), gate, calibration) == (
+        4,
+        1,
+    )

@@ -568,13 +568,13 @@ def test_full_range_u8s8_bundles_are_refused_where_int8_kernels_saturate(tmp_pat
     from pue.precisions import INT8_WEIGHTS, INT8_WEIGHTS_7BIT
 
     manifest = make_manifest(tmp_path, precision=precision, target="onnxruntime")
-    monkeypatch.setattr("pue.runtime.backends.onnxruntime.saturating_u8s8", lambda: True)
+    monkeypatch.setattr("pue.runtime.backends.cpu_int8.saturating_u8s8", lambda: True)
     with pytest.raises(BundleError, match="saturate") as info:
         OnnxRuntimeBackend(tmp_path, quantized(manifest, INT8_WEIGHTS), device="cpu", threads=1)
     assert "re-quantize" in str(info.value) and "VNNI" in str(info.value)
     with OnnxRuntimeBackend(tmp_path, quantized(manifest, INT8_WEIGHTS_7BIT), device="cpu", threads=1) as backend:
         assert backend.run(*make_batch([0])).shape == (4, DIM)  # 7-bit weights cannot saturate
-    monkeypatch.setattr("pue.runtime.backends.onnxruntime.saturating_u8s8", lambda: False)
+    monkeypatch.setattr("pue.runtime.backends.cpu_int8.saturating_u8s8", lambda: False)
     with OnnxRuntimeBackend(tmp_path, quantized(manifest, INT8_WEIGHTS), device="cpu", threads=1) as backend:
         assert backend.run(*make_batch([0])).shape == (4, DIM)  # VNNI / AMX / ARM: full range is fine
 
@@ -593,15 +593,15 @@ def test_saturation_is_a_property_of_x86_without_vnni(monkeypatch):
 
 
 def test_s8_qdq_graphs_run_in_float_where_int8_kernels_saturate(tmp_path, monkeypatch, caplog):
-    from pue.runtime.backends.onnxruntime import QDQ_IN_FLOAT, s8_qdq_in_float
+    from pue.runtime.backends.cpu_int8 import QDQ_IN_FLOAT, s8_qdq_in_float
 
     tensorrt_int8 = make_manifest(tmp_path, precision="int8", target="tensorrt")
     onnxruntime_int8 = make_manifest(tmp_path, precision="int8", target="onnxruntime")
-    monkeypatch.setattr("pue.runtime.backends.onnxruntime.saturating_u8s8", lambda: True)
+    monkeypatch.setattr("pue.runtime.backends.cpu_int8.saturating_u8s8", lambda: True)
     with caplog.at_level("WARNING"):
         assert s8_qdq_in_float(tensorrt_int8, parse_device("cpu")) == QDQ_IN_FLOAT
     assert "run in float" in caplog.text  # said, never silent
     assert s8_qdq_in_float(onnxruntime_int8, parse_device("cpu")) == {}  # 7-bit u8×s8: the int8 kernels are exact
     assert s8_qdq_in_float(tensorrt_int8, parse_device("cuda")) == {}
-    monkeypatch.setattr("pue.runtime.backends.onnxruntime.saturating_u8s8", lambda: False)
+    monkeypatch.setattr("pue.runtime.backends.cpu_int8.saturating_u8s8", lambda: False)
     assert s8_qdq_in_float(tensorrt_int8, parse_device("cpu")) == {}

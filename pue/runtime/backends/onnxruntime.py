@@ -21,7 +21,7 @@ import numpy as np
 from pue.bundle import Manifest, TensorSpec, resolve_inside
 from pue.errors import BundleError, MissingDependencyError, ProviderError, PueError
 from pue.extras import package_versions
-from pue.precisions import CPU_INT8_ADVICE, INT8_WEIGHTS, ActivationScheme, bundle_spec
+from pue.precisions import CPU_INT8_ADVICE
 from pue.runtime.backends.base import (
     ATTENTION_MASK,
     IMAGE_FEATURES,
@@ -35,7 +35,8 @@ from pue.runtime.backends.base import (
     check_feed,
     parse_device,
 )
-from pue.runtime.cpu import physical_core_count, saturating_u8s8
+from pue.runtime.backends.cpu_int8 import refuse_cpu_int8_on_cuda, refuse_saturating_int8, s8_qdq_in_float
+from pue.runtime.cpu import physical_core_count
 
 log = logging.getLogger(__name__)
 
@@ -299,52 +300,6 @@ class OnnxRuntimeRunner(Runner):
         if dtype is None:
             raise PueError(f"unsupported OrtValue type {value.data_type()}")
         return FeedValue(np.dtype(dtype), tuple(value.shape()))
-
-
-def refuse_cpu_int8_on_cuda(manifest: Manifest, device: Device) -> None:
-    """Refuse a bundle whose graphs are meant for other devices (CPU-target INT8 on CUDA), with the table's advice."""
-    bundle_spec(manifest.precision, manifest.target).check_device(device)
-
-
-QDQ_IN_FLOAT = {"session.disable_quant_qdq": "1"}  # DequantizeLinear → float MatMul: no int8 kernel involved
-
-
-def s8_qdq_in_float(manifest: Manifest, device: Device) -> dict[str, str]:
-    """Session config for signed (TensorRT-target) Q/DQ graphs on a CPU whose int8 kernels saturate.
-
-    onnxruntime turns s8×s8 into u8×s8 on x86 and, without VNNI, sums product pairs in int16: with full-range
-    weights the results saturate (measured on an AVX2 EPYC, `ci` preset: mean cosine 0.99596 and min 0.98946 with
-    the int8 kernels, 0.99975 and 0.99941 with the Q/DQ pairs computed in float). Computing them in float gives the
-    arithmetic TensorRT runs on a GPU, slower; said once in the log, never silently.
-    """
-    spec = bundle_spec(manifest.precision, manifest.target)
-    if device.is_cuda or spec.qdq is None or spec.qdq.scheme != ActivationScheme.S8 or not saturating_u8s8():
-        return {}
-    log.warning(
-        "this CPU's int8 kernels would saturate on the bundle's full-range s8 weights: its Q/DQ pairs run in float "
-        "(faithful, slower); on a CPU with VNNI or AMX, or on a GPU, they run in int8"
-    )
-    return dict(QDQ_IN_FLOAT)
-
-
-def refuse_saturating_int8(manifest: Manifest, device: Device) -> None:
-    """Refuse u8×s8 INT8 graphs with full-range weights on a CPU whose int8 kernels saturate (x86 without VNNI).
-
-    Such bundles (made before pue kept 7-bit weights for onnxruntime) would run, but their embeddings would differ
-    from what their gate measured, silently.
-    """
-    spec = bundle_spec(manifest.precision, manifest.target)
-    quantization = manifest.export.quantization
-    if device.is_cuda or spec.qdq is None or spec.qdq.scheme == ActivationScheme.S8 or quantization is None:
-        return
-    if quantization.weights == INT8_WEIGHTS and saturating_u8s8():
-        raise BundleError(
-            f"this {manifest.precision} bundle keeps full-range int8 weights, and this CPU (x86 without VNNI or "
-            "AMX) multiplies uint8 activations by them in int16 pair sums that saturate: its embeddings would "
-            "silently differ from what its gate measured",
-            "re-quantize its FP32 parent with this version of pue-export (7-bit weights, faithful on every CPU), "
-            "or run it on a CPU with AVX-VNNI, AVX512-VNNI or AMX",
-        )
 
 
 class OnnxRuntimeBackend(Backend):

@@ -31,7 +31,8 @@ from pue.bundle import Manifest, TensorSpec, manifest_sha256, resolve_inside
 from pue.errors import BundleError, MissingDependencyError, PueError
 from pue.precisions import PrecisionSpec, bundle_spec
 from pue.runtime.backends.base import Backend, Device, Runner, parse_device
-from pue.runtime.cpu import physical_core_count, saturating_u8s8
+from pue.runtime.backends.cpu_int8 import refuse_saturating_weights
+from pue.runtime.cpu import physical_core_count
 
 CACHE_ENV = "PUE_OPENVINO_CACHE_DIR"
 CPU_DEVICE = "CPU"
@@ -95,21 +96,6 @@ def refuse_without_bf16(core: Any = None, what: str = "this bf16 bundle") -> Non
             f"(OpenVINO's capabilities: {', '.join(found['openvino_capabilities'])}), so OpenVINO would compute in f32",
             f"run it on a CPU with bf16: {BF16_CPUS}; here, load its fp32 parent bundle (its lineage names it)",
         )
-
-
-def refuse_saturating_weights(spec: PrecisionSpec) -> None:
-    """Refuse full-range int8 weights on an x86 CPU without VNNI or AMX, where OpenVINO's int8 kernels sum product
-    pairs in int16 and saturate (on the `ci` preset's TensorRT-target bundle: cosine 0.9958 against the same Q/DQ
-    computed in float, where the gate asks 0.98 minimum but a faithful runtime gives 0.99999)."""
-    if spec.qdq is None or spec.qdq.reduced_weight_range or not saturating_u8s8():
-        return
-    raise BundleError(
-        f"this {spec.precision} bundle (target {spec.target}) keeps full-range int8 weights, and OpenVINO's int8 "
-        "kernels on this CPU (x86 without VNNI or AMX) saturate on them: its embeddings would differ from what its "
-        "gate measured",
-        "run it with backend='onnxruntime' (which computes its Q/DQ pairs in float on such a CPU), or on a CPU with "
-        "AVX-VNNI, AVX512-VNNI or AMX",
-    )
 
 
 def inference_type(spec: PrecisionSpec) -> str:

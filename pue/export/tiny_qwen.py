@@ -6,7 +6,8 @@ with Qwen's special tokens added and a ChatML template in Qwen2-VL's form (a def
 with its defaults (min 56² / max 28²·1280 pixels): a 224 px tile stays 224 px, 16 × 16 patches, 64 tokens.
 
 Preset ``ci``: vision width 64 (4 blocks; Qwen2.5-VL: windows of 112 px, full attention in blocks 1 and 3, so the
-224 px tile has four windows), language model width 64, 4 layers, M-RoPE sections [2, 3, 3] of head_dim 16.
+224 px tile has four windows), language model width 64, 4 layers, M-RoPE sections [2, 3, 3] of head_dim 16, and
+q/k weights scaled so that attention depends on positions (`POSITION_GAIN`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ _TEXT = {
     "rms_norm_eps": 1e-6,
 }
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+#: Gain on the language model's q and k weights. At random init (std 0.02) attention is nearly uniform and ignores
+#: positions: 1-D instead of M-RoPE ids moved image embeddings by cosine 0.99997 only, so no gate could tell them
+#: apart. With q and k × 4 (logits × 16) the same mistake gives 0.99 (measured on the ci preset).
+POSITION_GAIN = 4.0
 
 
 class TinyQwenProcessor:
@@ -111,6 +116,10 @@ def build_qwen(arch: str, seed: int) -> tuple[Any, TinyQwenProcessor, dict[str, 
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(seed)
         model = model_class(config).float().eval()
+    with torch.no_grad():  # attention that reads positions, as trained models' does (see POSITION_GAIN)
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(POSITION_GAIN)
+            layer.self_attn.k_proj.weight.mul_(POSITION_GAIN)
     image_processor = Qwen2VLImageProcessorPil()
     grid = image_processor.get_number_of_image_patches(224, 224)
     info = {

@@ -222,3 +222,31 @@ def test_the_graphs_pass_the_onnx_checker_with_standard_ops_only(arch, qwen_bund
         onnx.checker.check_model(model)
         domains = {node.domain for node in model.graph.node}
         assert domains <= {"", "ai.onnx"}, (name, domains)
+
+
+def test_openvino_runs_the_windowed_bundle_like_onnxruntime(qwen_bundle):
+    """A second backend reads the patches layout and the in-graph M-RoPE unchanged."""
+    pytest.importorskip("openvino")
+    from pue.runtime import Embedder, Query
+
+    images = small_heldout()
+    queries = [
+        Query(text="stroma"),
+        Query(image=images[0]),
+        Query(image=images[1], text="as IHC"),
+        Query(images=images[2:4]),
+    ]
+    bundle = qwen_bundle("qwen2_5_vl")
+    with Embedder.load(bundle, backend="onnxruntime") as ort, Embedder.load(bundle, backend="openvino") as ov:
+        cosines = np.sum(ort.embed(queries) * ov.embed(queries), axis=1)
+    assert cosines.min() >= 0.9999, cosines
+
+
+def test_inspect_shows_the_patch_layout_and_mrope(qwen_bundle):
+    from rich.console import Console
+
+    from pue.export.inspect_bundle import describe_bundle, print_summary
+
+    console = Console(record=True, width=200)
+    print_summary(console, describe_bundle(qwen_bundle("qwen2_vl")))
+    assert "tile 224 px → 256 patches (grid 1×16×16), 64 image tokens (mrope positions)" in console.export_text()

@@ -31,7 +31,10 @@ FORMAT = "pue-bundle"
 # 1.2: several images per row: `prompts.image_separator` says how k image placeholders join in a prompt; the
 #      decoder's `image_features` carry a row's images one after another. Bundles of 1.0/1.1 run rows of 0 or
 #      1 image and refuse rows of more (their separator is unknown: re-export them).
-FORMAT_VERSION = "1.2"
+# 1.3: Qwen-VL bundles: `preprocessing.kind` "patches" (vision.onnx takes [batch, patches, patch_dim]);
+#      `export.vision_input` (the vision graph's input layout) and `export.positions` (how the decoder graph
+#      positions tokens: "1d", or "mrope" computed in the graph) recorded. LLaVA graphs and feeds unchanged.
+FORMAT_VERSION = "1.3"
 MANIFEST_NAME = "manifest.json"
 
 
@@ -210,6 +213,8 @@ class ExportInfo:
     patch_size: int | None = None  # the vision tower's patch size in pixels
     attention: dict[str, dict[str, Any]] = field(default_factory=dict)  # per graph: kind, heads, head_dim, ...
     decoder_last_layer: str | None = None
+    vision_input: dict[str, Any] = field(default_factory=dict)  # 1.3: layout ("anyres", "single", "patches"), shape
+    positions: dict[str, Any] = field(default_factory=dict)  # 1.3: how the decoder positions tokens ("1d", "mrope")
     timings: dict[str, float] = field(default_factory=dict)
     quantization: QuantizationInfo | None = None
     tensorrt: EngineBuildInfo | None = None

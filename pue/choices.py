@@ -123,6 +123,8 @@ class HardwareCompat(Choice):
 class TinyArchitecture(Choice):
     LLAVA_NEXT = "llava_next"
     LLAVA = "llava"
+    QWEN2_VL = "qwen2_vl"
+    QWEN2_5_VL = "qwen2_5_vl"
 
 
 class TinyPreset(Choice):

@@ -1,5 +1,6 @@
 """Manifest format versions (docs/architecture.md): 1.1 bundles read with no image separator (one image per row),
-1.2 writes it, a newer minor's unknown prompt fields are ignored, another major is refused."""
+1.2 writes it, 1.3 records the vision input layout and the positions, a 1.2 manifest (without them) still reads,
+a newer minor's unknown prompt fields are ignored, another major is refused."""
 
 from __future__ import annotations
 
@@ -26,11 +27,22 @@ def rewritten(bundle, tmp_path, change):
     return copy
 
 
-def test_this_pue_writes_format_1_2_with_the_separator(bundle):
+def test_this_pue_writes_format_1_3_with_the_separator(bundle):
     data = json.loads((bundle / "manifest.json").read_text())
-    assert FORMAT_VERSION == "1.2" and data["format_version"] == "1.2"
+    assert FORMAT_VERSION == "1.3" and data["format_version"] == "1.3"
     assert data["prompts"]["image_separator"] == " "
     assert read_manifest(bundle).prompts.image_separator == " "
+
+
+def test_a_1_2_manifest_reads_without_vision_input_and_positions(bundle, tmp_path):
+    def to_1_2(data):
+        data["format_version"] = "1.2"
+        data.get("export", {}).pop("vision_input", None)
+        data.get("export", {}).pop("positions", None)
+
+    manifest = read_manifest(rewritten(bundle, tmp_path, to_1_2))
+    assert manifest.export.vision_input == {} and manifest.export.positions == {}
+    assert manifest.prompts.image_separator == " " and manifest.preprocessing.kind != "patches"
 
 
 def test_a_1_1_manifest_has_no_separator(bundle, tmp_path):

@@ -64,7 +64,12 @@ def onnx(
     exporter: Exporter = typer.Option(Exporter.TORCHSCRIPT.value, "--exporter", help="ONNX exporter."),
     opset: int = typer.Option(None, "--opset", help="ONNX opset (default 17 torchscript, 18 dynamo)."),
     tile_size: int = typer.Option(224, "--tile-size", help="Patch size the bundle is built for."),
-    recipe: Path = typer.Option(None, "--recipe", help="recipe.json (default: E5-V recipe shipped with pue)."),
+    recipe: str = typer.Option(
+        None, "--recipe", help="recipe.json, or a shipped recipe by name: e5v (default), gme."
+    ),
+    processor: Path = typer.Option(
+        None, "--processor", help="Folder to read the processor (tokenizer, image processor, chat template) from."
+    ),
     dtype: ExportDtype = typer.Option(
         ExportDtype.FLOAT32.value, "--dtype", help="Weights of the root bundle (float16 halves memory for 8 B models)."
     ),
@@ -92,6 +97,7 @@ def onnx(
             device=device,
             overwrite=overwrite,
             progress=progress_printer(out),
+            processor=processor,
         )
     except GateFailedError as exc:
         _print_gate(out, exc.report["gate"])

@@ -64,19 +64,33 @@ def checkpoint_sha256(info: CheckpointInfo) -> str:
     return digest.hexdigest()
 
 
-def load_processor(info: CheckpointInfo) -> Any:
-    """The checkpoint's processor with the slow (PIL) image processor, so pixels don't depend on torchvision."""
+def load_processor(info: CheckpointInfo, processor_path: str | Path | None = None) -> Any:
+    """The checkpoint's processor with the slow (PIL) image processor, so pixels don't depend on torchvision.
+
+    `processor_path` reads it from another folder (`--processor`: checkpoints that take their processor from the
+    base model's repository); an architecture may load its own (`Architecture.load_processor`).
+    """
     from transformers import AutoProcessor
 
+    from pue.export.architectures import get_architecture
+
+    source = Path(processor_path) if processor_path is not None else info.path
+    if not source.is_dir():
+        raise CheckpointError(f"processor folder '{source}' does not exist", "pass the folder that holds the processor")
     _quiet_transformers()
     try:
+        own = get_architecture(info.model_type).load_processor(source)
+        if own is not None:
+            return own
         try:
-            return AutoProcessor.from_pretrained(info.path, backend="pil", local_files_only=True)
+            return AutoProcessor.from_pretrained(source, backend="pil", local_files_only=True)
         except TypeError:  # transformers releases before the `backend` argument
-            return AutoProcessor.from_pretrained(info.path, use_fast=False, local_files_only=True)
+            return AutoProcessor.from_pretrained(source, use_fast=False, local_files_only=True)
+    except CheckpointError:
+        raise
     except Exception as exc:  # transformers raises many types for a broken processor
         raise CheckpointError(
-            f"cannot load the processor of '{info.path}': {exc}",
+            f"cannot load the processor of '{source}': {exc}",
             "the checkpoint needs its tokenizer and image processor files (save_pretrained of the processor)",
         ) from exc
 

@@ -42,6 +42,8 @@ def describe_bundle(bundle: str | Path) -> dict[str, Any]:
         "backend": manifest.backend,
         "tile_size": manifest.tile_size,
         "num_crops": manifest.preprocessing.num_crops,
+        "vision_input": manifest.export.vision_input,  # format 1.3: layout and shape of vision.onnx's input
+        "positions": manifest.export.positions,  # format 1.3: how the decoder positions tokens
         "tokens_per_image": manifest.tokens_per_image,
         "embedding_dim": manifest.embedding_dim,
         "max_seq_len": manifest.max_seq_len,
@@ -77,9 +79,16 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
         f"architecture {summary['architecture']}  precision {summary['precision']}  target {summary['target']}  "
         f"backend {summary['backend']}"
     )
+    vision_input = summary.get("vision_input") or {}
+    if vision_input.get("layout") == "patches":
+        grid = "×".join(str(v) for v in vision_input.get("grid_thw", []))
+        layout = f"{vision_input['shape'][1]} patches (grid {grid})"
+    else:
+        layout = f"{summary['num_crops']} crop(s)"
+    positions = (summary.get("positions") or {}).get("kind", "1d")
     console.print(
-        f"tile {summary['tile_size']} px → {summary['num_crops']} crop(s), {summary['tokens_per_image']} image tokens; "
-        f"embedding dim {summary['embedding_dim']}; max sequence {summary['max_seq_len']}"
+        f"tile {summary['tile_size']} px → {layout}, {summary['tokens_per_image']} image tokens ({positions} "
+        f"positions); embedding dim {summary['embedding_dim']}; max sequence {summary['max_seq_len']}"
     )
     separator = summary["image_separator"]
     console.print(

@@ -67,6 +67,7 @@ def export_onnx_bundle(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     heldout: list[Path] | None = None,
     progress: Callable[[str], None] | None = None,
+    processor: str | Path | None = None,
 ) -> ExportResult:
     say = progress or (lambda message: log.info(message))
     dtype = str(parse_choice(ExportDtype, dtype, "--dtype"))
@@ -91,9 +92,9 @@ def export_onnx_bundle(
 
     started = time.perf_counter()
     say("loading the checkpoint")
-    processor = load_processor(info)
+    loaded_processor = load_processor(info, processor)
     model = load_model(info, dtype=dtype, device=device)
-    reference = ReferenceEmbedder(info, model, processor, resolved_recipe, tile_size)
+    reference = ReferenceEmbedder(info, model, loaded_processor, resolved_recipe, tile_size)
     timings["load_s"] = time.perf_counter() - started
 
     gate_set = GateSet.default(heldout, minimum=2)
@@ -144,8 +145,6 @@ def _export_graphs(
 ) -> Manifest:
     import torch
 
-    from pue.runtime.preprocess import preprocessing_from_config
-
     model, processor, architecture = reference.model, reference.processor, reference.architecture
     geometry = reference.geometry
     device = next(model.parameters()).device
@@ -170,7 +169,7 @@ def _export_graphs(
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0
     features = torch.zeros((dummy_batch, geometry.tokens_per_image, hidden), dtype=torch.float32, device=device)
-    decoder_module = architecture.decoder_module(model, image_token_id, reference.pool_token_id).eval()
+    decoder_module = architecture.decoder_module(model, image_token_id, reference.pool_token_id, geometry).eval()
     decoder = GraphExport(
         "decoder",
         decoder_module,
@@ -217,14 +216,7 @@ def _export_graphs(
             "image per row",
             info.name,
         )
-    processor_config = processor.image_processor.to_dict()
-    preprocessing = preprocessing_from_config(
-        processor_config,
-        geometry.tile_size,
-        architecture.image_kind(),
-        int(model.config.vision_config.image_size),
-        getattr(model.config, "image_grid_pinpoints", None),
-    )
+    preprocessing = architecture.preprocessing(model, processor, geometry.tile_size)
     text_config = model.config.text_config
     max_positions = int(getattr(text_config, "max_position_embeddings", 4096))
     return Manifest(
@@ -262,6 +254,9 @@ def _export_graphs(
             patch_size=int(model.config.vision_config.patch_size),
             attention=architecture.attention_layout(model),
             decoder_last_layer=getattr(decoder_module, "last_layer_mode", "full sequence"),
+            vision_input={"layout": geometry.kind, "shape": ["batch", *geometry.pixel_shape(1)[1:]]}
+            | ({"grid_thw": list(geometry.grid_thw)} if geometry.kind == "patches" else {}),
+            positions=architecture.positions(model, geometry),
         ),
     )
 

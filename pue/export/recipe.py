@@ -11,14 +11,26 @@ from pue.errors import PueError
 
 TEXT_FIELD = "{text}"
 RECIPE_IMAGE = "<image>"
+CONTENT_FORMS = ("string", "parts")
 
 
 @dataclass
 class Recipe:
+    """How a query is put to the model.
+
+    `system`: a system turn rendered before the user turn (None: the template's own default, if any).
+    `content`: "string" renders the user string as the message content, `<image>` replaced by the checkpoint's
+    image placeholder (LLaVA templates); "parts" renders it as a list of content parts, `<image>` becoming an
+    image part and the text around it text parts, so templates that wrap images themselves (Qwen's
+    `<|vision_start|><|image_pad|><|vision_end|>`) do so.
+    """
+
     name: str
     user: dict[str, str]
     assistant_prefix: str
     pooling: Any  # "last_token" or {"before_token": "<emb>"}
+    system: str | None = None
+    content: str = "string"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -29,13 +41,29 @@ class Recipe:
 
 
 def default_recipe_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "data" / "recipe_e5v.json"
+    return shipped_recipe_path("e5v")
+
+
+def shipped_recipe_path(name: str) -> Path:
+    """`pue/data/recipe_<name>.json`: the recipes shipped with pue (e5v, gme)."""
+    return Path(__file__).resolve().parent.parent / "data" / f"recipe_{name}.json"
+
+
+def shipped_recipes() -> list[str]:
+    folder = default_recipe_path().parent
+    return sorted(path.stem.removeprefix("recipe_") for path in folder.glob("recipe_*.json"))
 
 
 def load_recipe(path: str | Path | None = None) -> Recipe:
+    """A recipe from a recipe.json path, or a shipped one by name (`gme`); the E5-V recipe by default."""
     source = Path(path) if path is not None else default_recipe_path()
+    if not source.is_file() and path is not None and str(path) in shipped_recipes():
+        source = shipped_recipe_path(str(path))
     if not source.is_file():
-        raise PueError(f"recipe '{source}' does not exist", "pass a recipe.json (see the default in pue/data)")
+        raise PueError(
+            f"recipe '{source}' does not exist",
+            f"pass a recipe.json or a shipped recipe's name ({', '.join(shipped_recipes())})",
+        )
     try:
         data = json.loads(source.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -58,6 +86,10 @@ def recipe_from_dict(data: dict[str, Any], origin: str = "recipe") -> Recipe:
         problems.append('pooling must be "last_token" or {"before_token": "<token>"}')
     if not isinstance(data.get("assistant_prefix", ""), str):
         problems.append("assistant_prefix must be a string")
+    if data.get("system") is not None and not isinstance(data.get("system"), str):
+        problems.append("system must be a string or null")
+    if data.get("content", "string") not in CONTENT_FORMS:
+        problems.append(f"content must be one of {', '.join(CONTENT_FORMS)}")
     if problems:
         raise PueError(f"{origin} is not a valid recipe: " + "; ".join(problems))
     return Recipe(
@@ -65,6 +97,8 @@ def recipe_from_dict(data: dict[str, Any], origin: str = "recipe") -> Recipe:
         user=dict(user),
         assistant_prefix=data.get("assistant_prefix", ""),
         pooling=pooling,
+        system=data.get("system"),
+        content=data.get("content", "string"),
     )
 
 
@@ -75,30 +109,75 @@ def chat_template_of(processor: Any) -> str:
     return template
 
 
-def render_user_turn(processor: Any, user: str, assistant_prefix: str) -> str:
-    """The user turn through the checkpoint's chat template with the generation prompt, plus the prefix."""
-    template = chat_template_of(processor)
-    tokenizer = processor.tokenizer
+def render_user_turn(processor: Any, user: str, assistant_prefix: str, system: str | None = None) -> str:
+    """The user turn (after the recipe's system turn, if any) through the checkpoint's chat template with the
+    generation prompt, plus the prefix; the user string must come out verbatim."""
+    before = [] if system is None else [{"role": "system", "content": system}]
     for content in (user, [{"type": "text", "text": user}]):
-        try:
-            rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}],
-                chat_template=template,
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-        except Exception:  # a template that wants the other content form
-            continue
-        if user in rendered:
+        rendered = _render(processor, [*before, {"role": "user", "content": content}])
+        if rendered is not None and user in rendered and (system is None or system in rendered):
             return rendered + assistant_prefix
     raise PueError("the checkpoint's chat template does not render the recipe's user string verbatim")
 
 
+def render_user_parts(processor: Any, user: str, assistant_prefix: str, system: str | None = None) -> str:
+    """The user string as content parts (`<image>` → an image part, the text around it → text parts) through the
+    chat template, plus the prefix. The template must render one image placeholder per image part and every text
+    part verbatim, in order."""
+    parts: list[dict[str, str]] = []
+    for index, piece in enumerate(user.split(RECIPE_IMAGE)):
+        if index:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    before = [] if system is None else [{"role": "system", "content": system}]
+    rendered = _render(processor, [*before, {"role": "user", "content": parts}])
+    placeholder = image_placeholder(processor)
+    texts = [part["text"] for part in parts if part["type"] == "text"]
+    if rendered is None or rendered.count(placeholder) != user.count(RECIPE_IMAGE) or not _in_order(rendered, texts):
+        raise PueError(
+            "the checkpoint's chat template does not render the recipe's content parts (image parts as "
+            f"{placeholder!r}, text parts verbatim)",
+            'use "content": "string" for templates that take the user string as is',
+        )
+    if system is not None and system not in rendered:
+        raise PueError("the checkpoint's chat template does not render the recipe's system turn")
+    return rendered + assistant_prefix
+
+
+def _render(processor: Any, messages: list[dict[str, Any]]) -> str | None:
+    try:
+        return processor.tokenizer.apply_chat_template(
+            messages, chat_template=chat_template_of(processor), tokenize=False, add_generation_prompt=True
+        )
+    except PueError:
+        raise
+    except Exception:  # a template that wants the other content form
+        return None
+
+
+def _in_order(text: str, pieces: list[str]) -> bool:
+    at = 0
+    for piece in pieces:
+        found = text.find(piece, at)
+        if found < 0:
+            return False
+        at = found + len(piece)
+    return True
+
+
 def render_prompts(processor: Any, recipe: Recipe) -> dict[str, str]:
     """Fully rendered templates for the manifest: {text} and the image placeholder left in."""
+    if recipe.content == "parts":
+        return {
+            kind: render_user_parts(processor, recipe.user[kind], recipe.assistant_prefix, recipe.system)
+            for kind in recipe.user
+        }
     image_token = image_placeholder(processor)
     return {
-        kind: render_user_turn(processor, recipe.user[kind].replace(RECIPE_IMAGE, image_token), recipe.assistant_prefix)
+        kind: render_user_turn(
+            processor, recipe.user[kind].replace(RECIPE_IMAGE, image_token), recipe.assistant_prefix, recipe.system
+        )
         for kind in recipe.user
     }
 

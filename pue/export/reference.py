@@ -39,7 +39,7 @@ class ReferenceEmbedder:
         self.tile_size = tile_size
         self.batch_size = batch_size
         self.architecture = get_architecture(info.model_type)
-        self.geometry = self.architecture.geometry(model, tile_size)
+        self.geometry = self.architecture.geometry(model, tile_size, processor)
         self.image_token = image_placeholder(processor)
         self.rendered_prompts = render_prompts(processor, recipe)
         self.image_separator = image_separator(processor)
@@ -56,10 +56,12 @@ class ReferenceEmbedder:
         tile_size: int = 224,
         recipe: str | Path | Recipe | None = None,
         batch_size: int = 8,
+        processor: str | Path | None = None,
     ) -> ReferenceEmbedder:
+        """`processor`: a folder to read the processor from instead of the checkpoint (`--processor`)."""
         info = inspect_checkpoint(checkpoint)
         resolved = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-        processor = load_processor(info)
+        processor = load_processor(info, processor)
         processor.tokenizer.padding_side = "right"  # HF positions are arange: right padding keeps them exact
         model = load_model(info, dtype=dtype, device=device)
         return cls(info, model, processor, resolved, tile_size, batch_size)
@@ -135,7 +137,10 @@ class ReferenceEmbedder:
 
     def pixel_values(self, tiles: list[Any]) -> Any:
         encoded = self.processor.image_processor(images=tiles, return_tensors="pt")
-        return encoded["pixel_values"].to(self.device)
+        pixels = encoded["pixel_values"]
+        if self.geometry.kind == "patches":  # the processor concatenates every tile's patches
+            pixels = pixels.reshape(len(tiles), self.geometry.patches, self.geometry.patch_dim)
+        return pixels.to(self.device)
 
     def prompt(self, kind: str, text: str | None = None, index: int = 0, images: int = 1) -> str:
         """The recipe's rendered template (chat template applied once, as stored in bundles) with the text in and,

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pue.errors import OutputExistsError, PueError
+from pue.export.tiny_qwen import QWEN_ARCHITECTURES, QWEN_PRESETS
 from pue.export.tiny_tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, make_tokenizer
 
-ARCHITECTURES = ("llava_next", "llava")
+ARCHITECTURES = ("llava_next", "llava", *QWEN_ARCHITECTURES)
 OUTLIER_PRESETS = {
     "outliers": "compensated",
     "gains-few": "gains-few",
@@ -45,6 +46,12 @@ PRESETS = ("ci", "e5v", "bench", *OUTLIER_PRESETS)
 #: (arch, preset) pairs that are refused, with the reason.
 UNSUPPORTED = {
     ("llava", "e5v"): "e5v is the LLaVA-NeXT geometry (CLIP-336 anyres); use --arch llava_next or another preset",
+    **{
+        (arch, preset): f"Qwen-VL presets so far: {', '.join(QWEN_PRESETS)}"
+        for arch in QWEN_ARCHITECTURES
+        for preset in PRESETS
+        if preset not in QWEN_PRESETS
+    },
 }
 
 LLAVA_16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -111,18 +118,18 @@ _SPECS: dict[tuple[str, str], _Spec] = {
 }
 
 
-def _check_names(arch: str, preset: str) -> _Spec:
+def _check_names(arch: str, preset: str) -> _Spec | None:
     if arch not in ARCHITECTURES:
         raise PueError(f"unknown architecture '{arch}'; available: {', '.join(ARCHITECTURES)}")
     if preset not in PRESETS:
         raise PueError(f"unknown preset '{preset}'; available: {', '.join(PRESETS)}")
     if (arch, preset) in UNSUPPORTED:
-        offered = ", ".join(p for p in PRESETS if (arch, p) in _SPECS)
+        offered = ", ".join(p for p in PRESETS if (arch, p) not in UNSUPPORTED)
         raise PueError(
             f"preset '{preset}' for arch '{arch}' is not offered: {UNSUPPORTED[(arch, preset)]}"
             f" (presets for {arch}: {offered})"
         )
-    return _SPECS[(arch, preset)]
+    return _SPECS.get((arch, preset))  # None for the Qwen-VL presets (`tiny_qwen`)
 
 
 def build_tiny_model(
@@ -202,12 +209,27 @@ def _replace(tmp: Path, output: Path, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------------------------------- building
 
 
-def _build(arch: str, preset: str, spec: _Spec, seed: int, outlier_gain: float = 100.0):
+def _build(arch: str, preset: str, spec: _Spec | None, seed: int, outlier_gain: float = 100.0):
     import torch
     import transformers
 
     import pue
 
+    if spec is None:
+        from pue.export.tiny_qwen import build_qwen
+
+        model, processor, details = build_qwen(arch, seed)
+        info = {
+            "arch": arch,
+            "preset": preset,
+            "seed": seed,
+            "param_count": sum(p.numel() for p in model.parameters()),
+            "pue_version": pue.__version__,
+            "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__.split("+")[0],
+            **details,
+        }
+        return model, processor, info
     tokenizer = make_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = _make_config(arch, spec, tokenizer, image_token_id)

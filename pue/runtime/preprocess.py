@@ -17,6 +17,9 @@ Resizes go through Pillow on uint8 RGB data with the checkpoint's filter, exactl
 rescale and normalise are applied by a per-channel lookup table whose 256 entries are computed with the
 same float64-then-float32 arithmetic as transformers, so pixel values match bit for bit.
 
+A third kind, ``"patches"`` (Qwen2-VL / Qwen2.5-VL: the tile resized to multiples of patch × merge and
+flattened into patches, ``[N, patches, patch_dim]``), lives in `preprocess_patches`; this class hands it over.
+
 Config resolution (`preprocessing_from_config`, re-exported here) lives in `preprocess_config`, the crop
 geometry both share in `preprocess_geometry`. Only numpy, Pillow, `pue.bundle` and `pue.errors` are imported.
 """
@@ -32,6 +35,7 @@ from pue.bundle import ImagePreprocessing
 from pue.errors import BundleError, InputError
 from pue.runtime.preprocess_config import preprocessing_from_config
 from pue.runtime.preprocess_geometry import KINDS, crop_window, make_plan, resize_target, select_best_resolution
+from pue.runtime.preprocess_patches import PATCHES, PatchPreprocessor
 
 __all__ = ["ImagePreprocessor", "preprocessing_from_config", "select_best_resolution"]
 
@@ -46,8 +50,22 @@ class ImagePreprocessor:
     """
 
     def __init__(self, spec: ImagePreprocessing) -> None:
+        self._patches: PatchPreprocessor | None = None
+        if spec.kind == PATCHES:  # Qwen2-VL-style native-resolution patches (`preprocess_patches`)
+            self.spec, self.kind, self.tile_size = spec, spec.kind, int(spec.tile_size)
+            config = spec.processor_config
+            lut = _lookup_table(
+                bool(config.get("do_rescale", True)),
+                spec.rescale_factor,
+                bool(config.get("do_normalize", True)),
+                spec.image_mean,
+                spec.image_std,
+            )
+            self._patches = PatchPreprocessor(spec, lut)
+            return
         if spec.kind not in KINDS:
-            raise BundleError(f"unknown image preprocessing kind {spec.kind!r}", f"expected one of {', '.join(KINDS)}")
+            kinds = ", ".join((*KINDS, PATCHES))
+            raise BundleError(f"unknown image preprocessing kind {spec.kind!r}", f"expected one of {kinds}")
         config = dict(spec.processor_config)
         required = {"do_resize", "size", "do_center_crop", "crop_size", "do_rescale", "do_normalize", "do_pad"}
         if spec.kind == "anyres":
@@ -83,10 +101,14 @@ class ImagePreprocessor:
     @property
     def output_shape(self) -> tuple[int, ...]:
         """Shape of one tile's pixel values (without the batch dimension)."""
+        if self._patches is not None:
+            return self._patches.output_shape
         size = self.crop_size
         return (self.num_crops, 3, size, size) if self.kind == "anyres" else (3, size, size)
 
     def __call__(self, tiles: list[Image.Image]) -> np.ndarray:
+        if self._patches is not None:
+            return self._patches(tiles)
         for index, tile in enumerate(tiles):
             self._check_tile(tile, index)
         plan = self._plan

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from pue.bundle import ImagePreprocessing
 from pue.export.architectures.decoder import EmbeddingDecoder
 
 
@@ -21,15 +23,20 @@ from pue.export.architectures.decoder import EmbeddingDecoder
 class VisionGeometry:
     """The image layout of a fixed tile size: what `vision.onnx` takes and returns."""
 
-    kind: str  # "anyres" (pixel_values [batch, crops, 3, H, W]) or "single" ([batch, 3, H, W])
+    kind: str  # "anyres" ([batch, crops, 3, H, W]), "single" ([batch, 3, H, W]) or "patches" ([batch, patches, dim])
     tile_size: int
     crop_size: int
     num_crops: int
     tokens_per_image: int
+    patches: int = 0  # "patches": flattened patches per tile, each of patch_dim values, on a grid_thw grid
+    patch_dim: int = 0
+    grid_thw: tuple[int, int, int] = (0, 0, 0)
 
     def pixel_shape(self, batch: int) -> tuple[int, ...]:
         if self.kind == "anyres":
             return (batch, self.num_crops, 3, self.crop_size, self.crop_size)
+        if self.kind == "patches":
+            return (batch, self.patches, self.patch_dim)
         return (batch, 3, self.crop_size, self.crop_size)
 
 
@@ -44,7 +51,28 @@ class Architecture(abc.ABC):
         """The transformers class that loads the checkpoint."""
 
     @abc.abstractmethod
-    def geometry(self, model: Any, tile_size: int) -> VisionGeometry: ...
+    def geometry(self, model: Any, tile_size: int, processor: Any = None) -> VisionGeometry:
+        """The vision layout of one tile (`processor` for architectures whose token count the processor decides)."""
+
+    def load_processor(self, path: Path) -> Any | None:
+        """The processor of a checkpoint (or processor) folder; None: transformers' AutoProcessor loads it."""
+        return None
+
+    def preprocessing(self, model: Any, processor: Any, tile_size: int) -> ImagePreprocessing:
+        """What the runtime needs to reproduce the processor at the tile size (manifest `preprocessing`)."""
+        from pue.runtime.preprocess import preprocessing_from_config
+
+        return preprocessing_from_config(
+            processor.image_processor.to_dict(),
+            tile_size,
+            self.image_kind(),
+            int(model.config.vision_config.image_size),
+            getattr(model.config, "image_grid_pinpoints", None),
+        )
+
+    def positions(self, model: Any, geometry: VisionGeometry) -> dict[str, Any]:
+        """How the decoder graph positions tokens (manifest `export.positions`)."""
+        return {"kind": "1d", "computed": "in decoder.onnx from attention_mask (running count of real tokens)"}
 
     @abc.abstractmethod
     def vision_module(self, model: Any, geometry: VisionGeometry) -> nn.Module:
@@ -56,7 +84,9 @@ class Architecture(abc.ABC):
     ) -> torch.Tensor:
         """The HF model's own packed image features for `pixel_values` (what the gate compares vision.onnx with)."""
 
-    def decoder_module(self, model: Any, image_token_id: int, pool_token_id: int | None) -> nn.Module:
+    def decoder_module(
+        self, model: Any, image_token_id: int, pool_token_id: int | None, geometry: VisionGeometry | None = None
+    ) -> nn.Module:
         """input_ids, attention_mask, image_features -> unit sentence_embedding [batch, hidden]."""
         base = model.model
         use_eager_attention(base.language_model)

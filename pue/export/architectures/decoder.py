@@ -41,6 +41,10 @@ class EmbeddingDecoder(nn.Module):
             self.last_layer = None
             self.last_layer_mode = f"full sequence ({why_not})"
 
+    def positions(self, mask: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+        """Position ids [batch, seq] counted over real tokens (architectures with other positions override it)."""
+        return torch.clamp(torch.cumsum(mask, dim=1) - 1, min=0)
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor
     ) -> torch.Tensor:
@@ -58,7 +62,7 @@ class EmbeddingDecoder(nn.Module):
         embeds = torch.where(is_image.unsqueeze(-1), placed, embeds)
 
         mask = attention_mask.to(torch.int64)
-        position_ids = torch.clamp(torch.cumsum(mask, dim=1) - 1, min=0)
+        position_ids = self.positions(mask, is_image)
         hidden = self.language_model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False, return_dict=True
         ).last_hidden_state

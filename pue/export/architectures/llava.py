@@ -39,7 +39,7 @@ class Llava(Architecture):
     def image_kind(self) -> str:
         return "single"
 
-    def geometry(self, model: Any, tile_size: int) -> VisionGeometry:
+    def geometry(self, model: Any, tile_size: int, processor: Any = None) -> VisionGeometry:
         vision = model.config.vision_config
         crop = int(vision.image_size)
         tokens = (crop // vision.patch_size) ** 2

@@ -65,7 +65,7 @@ class LlavaNext(Architecture):
 
         return LlavaNextForConditionalGeneration
 
-    def geometry(self, model: Any, tile_size: int) -> VisionGeometry:
+    def geometry(self, model: Any, tile_size: int, processor: Any = None) -> VisionGeometry:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         crop = int(model.config.vision_config.image_size)

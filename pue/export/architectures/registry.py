@@ -35,7 +35,7 @@ def get_architecture(model_type: str) -> Architecture:
         ) from None
 
 
-_INFRASTRUCTURE = {"base", "decoder", "registry"}
+_INFRASTRUCTURE = {"base", "decoder", "registry", "pooled_layer", "qwen_vision"}
 
 
 def _load_builtin() -> None:

@@ -1,0 +1,129 @@
+"""Tiny Qwen2-VL and Qwen2.5-VL checkpoints (random init, built offline) for tests and demos.
+
+The configs are transformers 5's own classes at reduced sizes; the tokenizer is the project's tiny byte-level BPE
+with Qwen's special tokens added and a ChatML template in Qwen2-VL's form (a default system turn, images as
+``<|vision_start|><|image_pad|><|vision_end|>`` content parts). The image processor is `Qwen2VLImageProcessorPil`
+with its defaults (min 56² / max 28²·1280 pixels): a 224 px tile stays 224 px, 16 × 16 patches, 64 tokens.
+
+Preset ``ci``: vision width 64 (4 blocks; Qwen2.5-VL: windows of 112 px, full attention in blocks 1 and 3, so the
+224 px tile has four windows), language model width 64, 4 layers, M-RoPE sections [2, 3, 3] of head_dim 16, and
+q/k weights scaled so that attention depends on positions (`POSITION_GAIN`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+QWEN_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl")
+QWEN_PRESETS = ("ci",)
+QWEN_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|endoftext|>",
+)
+
+#: ChatML as Qwen2-VL renders it: a default system turn when the conversation has none, content parts in order.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+}
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+#: Gain on the language model's q and k weights. At random init (std 0.02) attention is nearly uniform and ignores
+#: positions: 1-D instead of M-RoPE ids moved image embeddings by cosine 0.99997 only, so no gate could tell them
+#: apart. With q and k × 4 (logits × 16) the same mistake gives 0.99 (measured on the ci preset).
+POSITION_GAIN = 4.0
+
+
+class TinyQwenProcessor:
+    """What `save_pretrained` of a Qwen processor writes, without constructing one (that needs torchvision)."""
+
+    def __init__(self, tokenizer: Any, image_processor: Any) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+        (Path(path) / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
+
+
+def build_qwen(arch: str, seed: int) -> tuple[Any, TinyQwenProcessor, dict[str, Any]]:
+    """(model, processor, info) of the tiny `arch` checkpoint; the same seed gives the same weights."""
+    import torch
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from pue.export.tiny_tokenizer import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_TOKENS)}, replace_extra_special_tokens=False)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    ids = {token: int(tokenizer.convert_tokens_to_ids(token)) for token in QWEN_TOKENS}
+    text = {
+        **_TEXT,
+        "vocab_size": -(-len(tokenizer) // 64) * 64,
+        "rope_parameters": dict(_MROPE),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    tokens = {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+    if arch == "qwen2_vl":
+        vision = transformers.Qwen2VLVisionConfig(depth=4, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=4)
+        config = transformers.Qwen2VLConfig(vision_config=vision.to_dict(), text_config=text, **tokens)
+        model_class = transformers.Qwen2VLForConditionalGeneration
+    else:
+        vision = transformers.Qwen2_5_VLVisionConfig(
+            depth=4,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            out_hidden_size=64,
+            window_size=112,
+            fullatt_block_indexes=[1, 3],
+        )
+        config = transformers.Qwen2_5_VLConfig(vision_config=vision.to_dict(), text_config=text, **tokens)
+        model_class = transformers.Qwen2_5_VLForConditionalGeneration
+    config.pad_token_id = tokenizer.pad_token_id
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.manual_seed(seed)
+        model = model_class(config).float().eval()
+    with torch.no_grad():  # attention that reads positions, as trained models' does (see POSITION_GAIN)
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(POSITION_GAIN)
+            layer.self_attn.k_proj.weight.mul_(POSITION_GAIN)
+    image_processor = Qwen2VLImageProcessorPil()
+    grid = image_processor.get_number_of_image_patches(224, 224)
+    info = {
+        "image_tokens_per_tile": {"224": grid // image_processor.merge_size**2},
+        "special_tokens": ids,
+    }
+    return model, TinyQwenProcessor(tokenizer, image_processor), info

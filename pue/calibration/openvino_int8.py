@@ -10,8 +10,8 @@ targets, which all go through `quantize_bundle`'s calibration, search and gate.
 - **Mixed precision** (`int8-bf16`: int8 weight MatMuls, bf16 for the rest) needs a CPU with native bf16 to be
   gated: on any other CPU the command refuses before any work, as the bf16 deployment does.
 
-NNCF's post-training quantization was measured against these graphs (scripts/nncf_openvino_int8.py,
-BENCHMARKS.md "OpenVINO INT8").
+NNCF's post-training quantization is the alternative it is compared with (scripts/nncf_openvino_int8.py, on the same
+calibration readers and gate; BENCHMARKS.md "OpenVINO INT8").
 """
 
 from __future__ import annotations

@@ -73,9 +73,10 @@ def test_auto_runs_it_in_openvino_int8_kernels_matching_the_gate(openvino_int8, 
     cosines = np.sum(expected * got, axis=1)
     assert cosines.min() >= 0.98, cosines
     for graph in ("vision", "decoder"):
-        kernels = int8_layers(profile[graph])
-        assert kernels, f"{graph}: no layer ran in an int8 kernel"
-        assert all(row["node_type"] in {"FullyConnected", "MatMul", "Convolution"} for row in kernels), kernels
+        # the weight MatMuls (OpenVINO's FullyConnected after its transformations) run in int8 kernels
+        matmuls = [row for row in profile[graph] if row["node_type"] == "FullyConnected"]
+        int8_matmuls = [row for row in int8_layers(profile[graph]) if row["node_type"] == "FullyConnected"]
+        assert matmuls and len(int8_matmuls) >= 0.8 * len(matmuls), (graph, len(int8_matmuls), len(matmuls))
 
 
 def test_onnxruntime_does_not_claim_it(openvino_int8):

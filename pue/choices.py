@@ -36,6 +36,7 @@ class Precision(Choice):
     INT8 = "int8"
     INT8_DYNAMIC = "int8-dynamic"
     BF16 = "bf16"
+    INT8_BF16 = "int8-bf16"
 
 
 class QuantizePrecision(Choice):
@@ -45,6 +46,7 @@ class QuantizePrecision(Choice):
     INT8_DYNAMIC = "int8-dynamic"
     FP16 = "fp16"
     BF16 = "bf16"
+    INT8_BF16 = "int8-bf16"  # OpenVINO: int8 weight MatMuls, bf16 for the rest
 
 
 class Target(Choice):

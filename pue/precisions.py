@@ -98,6 +98,9 @@ class PrecisionSpec:
     device_advice: str = ""  # said when it is asked to run on another device
     # The type a backend computes float ops in: a runtime precision sets it on the backend (never its default).
     compute: str = "float32"
+    # The manifest's `backend` kind: the backend whose kernels the gate measured (`auto` picks it first); None: the
+    # parent's (ONNX graphs any capable backend runs).
+    backend: str | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -180,6 +183,25 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
         engine_source=True,
     ),
     PrecisionSpec(
+        Precision.INT8,
+        BundleTarget.OPENVINO,
+        PrecisionKind.WEIGHT,
+        weights=U8_ASYMMETRIC.weights,
+        activations=U8_ASYMMETRIC.description,
+        qdq=U8_ASYMMETRIC,  # OpenVINO's CPU plugin runs u8 activations × 7-bit s8 weights in int8 kernels on any x86
+        parent=Precision.FP32,
+        calibration_data=True,
+        attention=(Attention.STANDARD,),  # OpenVINO reads standard ONNX attention only
+        devices=(DeviceKind.CPU,),
+        engine_source=False,
+        note="unsigned activations and 7-bit weights, compiled by OpenVINO's CPU plugin into int8 kernels",
+        device_advice=(
+            "an INT8 bundle for OpenVINO runs on the CPU; on a GPU, INT8 runs through TensorRT: re-quantize with "
+            "`pue-export quantize FP32_BUNDLE -o OUT --precision int8 --target tensorrt`, then `pue-export trt`"
+        ),
+        backend="openvino",
+    ),
+    PrecisionSpec(
         Precision.INT8_DYNAMIC,
         BundleTarget.ONNXRUNTIME,
         PrecisionKind.WEIGHT,
@@ -212,6 +234,24 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
             "parent's fp16 bundle or TensorRT engines"
         ),
         compute="bfloat16",
+        backend="openvino",
+    ),
+    PrecisionSpec(
+        Precision.INT8_BF16,
+        BundleTarget.OPENVINO,
+        PrecisionKind.WEIGHT,  # Q/DQ in the graphs; the float rest computed in bf16 (`compute`)
+        weights=U8_ASYMMETRIC.weights,
+        activations=f"{U8_ASYMMETRIC.description} at int8 MatMuls; bfloat16 elsewhere (OpenVINO inference precision)",
+        qdq=U8_ASYMMETRIC,
+        parent=Precision.FP32,
+        calibration_data=True,
+        attention=(Attention.STANDARD,),
+        devices=(DeviceKind.CPU,),
+        engine_source=False,
+        note="int8 weight MatMuls with bf16 for the rest, in OpenVINO's CPU plugin on CPUs with native bf16",
+        device_advice="an int8-bf16 bundle runs in OpenVINO on a CPU with native bf16 (AVX512-BF16 or AMX)",
+        compute="bfloat16",
+        backend="openvino",
     ),
 )
 

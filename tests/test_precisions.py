@@ -39,9 +39,12 @@ EXPECTED = {
     ("int8", "tensorrt"): ("s8", (CPU, CUDA), ("standard",), True, ONNX_CPU, ["onnxruntime"]),
     ("int8-dynamic", "onnxruntime"): ("dynamic", (CPU,), ("fused", "standard"), False, ONNX_CPU, None),
     ("bf16", "openvino"): (None, (CPU,), ("standard",), False, ["openvino"], None),
+    ("int8", "openvino"): ("u8", (CPU,), ("standard",), False, ["openvino"], None),
+    ("int8-bf16", "openvino"): ("u8", (CPU,), ("standard",), False, ["openvino"], None),
 }
 # the manifest `backend` of each: runtime precisions name the backend that honours them
-BUNDLE_BACKEND = {("bf16", "openvino"): "openvino"}
+# and the OpenVINO-target Q/DQ bundles, whose gate measured OpenVINO's int8 kernels
+BUNDLE_BACKEND = {target: "openvino" for target in EXPECTED if target[1] == "openvino"}
 
 
 def test_the_table_holds_one_entry_per_precision_and_target_and_agrees_with_the_enums():
@@ -54,7 +57,9 @@ def test_the_table_holds_one_entry_per_precision_and_target_and_agrees_with_the_
     runtime = [(str(s.precision), str(s.target)) for s in PRECISION_TABLE if s.kind is PrecisionKind.RUNTIME]
     assert runtime == [("bf16", "openvino")]  # set on the backend at inference, not written into the graphs
     assert lookup("bf16", "openvino").compute == "bfloat16"
-    assert {spec.compute for spec in PRECISION_TABLE if spec.kind is PrecisionKind.WEIGHT} == {"float32"}
+    weight_compute = {str(s.precision): s.compute for s in PRECISION_TABLE if s.kind is PrecisionKind.WEIGHT}
+    assert {p: c for p, c in weight_compute.items() if c != "float32"} == {"int8-bf16": "bfloat16"}  # int8 + bf16
+    assert all(lookup(*key).backend == backend for key, backend in BUNDLE_BACKEND.items())
     with pytest.raises(dataclasses.FrozenInstanceError):
         PRECISION_TABLE[0].devices = ()  # type: ignore[misc]
 
@@ -77,7 +82,8 @@ def test_each_entry(precision, target):
         assert not spec.runs_on("cuda:1")
         with pytest.raises(PueError) as refused:
             spec.check_device("cuda")
-        assert str(refused.value) == (CPU_INT8_ADVICE if precision.startswith("int8") else spec.device_advice)
+        onnxruntime_int8 = precision.startswith("int8") and target == "onnxruntime"
+        assert str(refused.value) == (CPU_INT8_ADVICE if onnxruntime_int8 else spec.device_advice)
     else:
         assert [b.name for b in capable("b", bundle, "cuda:0")] == on_cuda
     if engine_source:  # the engines pue-export trt builds from it run on TensorRT, on CUDA only
@@ -113,7 +119,7 @@ def test_unknown_and_mismatched_choices_are_refused_at_the_edge():
         precision_spec("int8-dynamic", "tensorrt")
     assert mismatched.value.message == "int8-dynamic is for onnxruntime on CPU only"
     assert mismatched.value.hint == "for TensorRT use --precision int8 --target tensorrt"
-    with pytest.raises(PueError, match="int8 is for onnxruntime or TensorRT only"):
+    with pytest.raises(PueError, match="int8 is for onnxruntime or TensorRT or OpenVINO only"):
         precision_spec("int8", "any")
     with pytest.raises(PueError, match="unknown precision 'fp32'"):
         quantize_spec("fp32", "onnxruntime")  # a precision, but not one `pue-export quantize` makes

@@ -22,6 +22,7 @@ from pue.bundle import Manifest, QuantizationInfo, file_entry, read_manifest, wr
 from pue.calibration.fidelity_plot import plot_fidelity
 from pue.calibration.fp16 import convert_with_gate
 from pue.calibration.int8_search import Judges, search_int8
+from pue.calibration.openvino_int8 import check_openvino_request, openvino_gate_device
 from pue.calibration.resources import (
     GraphLoad,
     PhasePeaks,
@@ -86,6 +87,7 @@ def _check_request(manifest: Manifest, options: QuantizeOptions) -> None:
             "quantize its FP32 parent bundle instead",
         )
     spec = options.spec
+    check_openvino_request(spec)  # OpenVINO-target INT8: openvino installed, bf16 only where the CPU has it
     parse_choice(CalibrationMethod, options.method, "--calibration-method")
     if options.method != CalibrationMethod.MINMAX:
         if not spec.calibrated:
@@ -230,7 +232,7 @@ def quantize_bundle(
             "outliers": outliers,
             "resources": {"plan": resources.to_dict(), "measured_peak_mb": peaks.peaks_mb},
             "rotation": rotation,
-            "gate_device": "cpu (onnxruntime)"
+            "gate_device": gate_device(options.spec)
             + (
                 "; this CPU's int8 kernels saturate on full-range s8 weights, so the Q/DQ pairs ran in float, the "
                 "arithmetic TensorRT runs"
@@ -273,6 +275,11 @@ def quantize_bundle(
         attempts,
         timings,
     )
+
+
+def gate_device(spec: PrecisionSpec) -> str:
+    """Where the gate ran: the backend the entry names (OpenVINO for its target), else onnxruntime, on the CPU."""
+    return openvino_gate_device() if spec.backend == "openvino" else "cpu (onnxruntime)"
 
 
 OUTLIER_SAMPLES = 8  # calibration rows per graph for the outlier report (fidelity.json, inspect)
@@ -454,6 +461,7 @@ def _staged_manifest(
 ) -> Manifest:
     spec = options.spec
     manifest = child.child_manifest(precision=str(spec.precision), target=str(spec.target))
+    manifest.backend = spec.backend or manifest.backend  # the gate runs the backend the entry names (auto picks it)
     for name, (filename, data_files) in written.items():
         manifest.graphs[name].file = file_entry(child.staging, filename)
         manifest.graphs[name].external_data = [file_entry(child.staging, f) for f in data_files]

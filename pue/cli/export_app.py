@@ -132,7 +132,8 @@ def quantize(
         Target.ONNXRUNTIME.value,
         "--target",
         help="onnxruntime (uint8 activations, x86 CPUs), tensorrt (signed symmetric Q/DQ) or openvino "
-        "(--precision bf16: the fp32 graphs with bf16 inference in OpenVINO, gated on a CPU with native bf16).",
+        "(--precision bf16: the fp32 graphs with bf16 inference in OpenVINO, gated on a CPU with native bf16; "
+        "int8: Q/DQ graphs OpenVINO runs in int8 kernels, gated in OpenVINO; int8-bf16: int8 MatMuls, bf16 elsewhere).",
     ),
     calib: list[Path] = typer.Option(
         None, "--calib", help="Calibration folder or slide (repeat for several); default: the shipped patches."
@@ -178,7 +179,9 @@ def quantize(
     if spec.kind == PrecisionKind.RUNTIME:
         _runtime_precision(bundle, output, spec, thresholds, heldout, device, overwrite, as_json)
         return
-    require_extras(["export", "cpu"], "pue-export quantize", only={"export": ("onnx",)})
+    require_extras(
+        ["export", "cpu", *([spec.backend] if spec.backend else [])], "pue-export quantize", only={"export": ("onnx",)}
+    )
     if slides := needs_openslide(calib or []):
         require_extras(
             ["slides"],

@@ -135,9 +135,16 @@ BUILTIN: tuple[BackendSpec, ...] = (
     BackendSpec(
         name="openvino",
         factory="pue.runtime.backends.openvino:OpenVinoBackend",
-        reads=("onnxruntime", "openvino"),  # ONNX graphs; "openvino" bundles hold the same graphs at bf16
+        reads=("onnxruntime", "openvino"),  # ONNX graphs; "openvino" bundles: bf16, or Q/DQ gated in OpenVINO
         holds="ONNX graphs for OpenVINO (bf16 inference)",
-        precisions=(Precision.FP32, Precision.FP16, Precision.INT8, Precision.INT8_DYNAMIC, Precision.BF16),
+        precisions=(
+            Precision.FP32,
+            Precision.FP16,
+            Precision.INT8,
+            Precision.INT8_DYNAMIC,
+            Precision.BF16,
+            Precision.INT8_BF16,
+        ),
         targets=(BundleTarget.ANY, BundleTarget.ONNXRUNTIME, BundleTarget.TENSORRT, BundleTarget.OPENVINO),
         devices=(DeviceKind.CPU,),
         extras={DeviceKind.CPU: "openvino"},
@@ -149,7 +156,9 @@ BUILTIN: tuple[BackendSpec, ...] = (
             "the onnxruntime-target INT8 graphs fuse attention into onnxruntime-only contrib ops "
             "(com.microsoft MultiHeadAttention, GroupQueryAttention), which OpenVINO does not read"
         ),
-        description="ONNX graphs compiled by OpenVINO's CPU plugin (fp32, fp16, standard-attention INT8, bf16)",
+        description=(
+            "ONNX graphs compiled by OpenVINO's CPU plugin (fp32, fp16, standard-attention INT8, bf16, int8-bf16)"
+        ),
     ),
 )
 

@@ -1,0 +1,65 @@
+"""INT8 for OpenVINO (`pue-export quantize --precision int8 --target openvino`): what differs from the other INT8
+targets, which all go through `quantize_bundle`'s calibration, search and gate.
+
+- **The graphs.** pue's own static Q/DQ graphs (the precision table's entry: uint8 asymmetric activations, 7-bit
+  symmetric per-channel weights, standard ONNX attention). OpenVINO's CPU plugin folds each Q/DQ pair into its
+  consumer and runs the weight MatMuls in int8 kernels; 7-bit weights cannot saturate the int16 pair sums of x86 CPUs
+  without VNNI (`pue.runtime.cpu.saturating_u8s8`), so the bundle's gate holds on every x86 CPU.
+- **The gate** runs OpenVINO (the manifest's `backend` is `openvino`, so `auto` picks it): what is gated is the
+  arithmetic that ships, int8 kernels included. `int8_layers` reads OpenVINO's performance counters to show it.
+- **Mixed precision** (`int8-bf16`: int8 weight MatMuls, bf16 for the rest) needs a CPU with native bf16 to be
+  gated: on any other CPU the command refuses before any work, as the bf16 deployment does.
+
+NNCF's post-training quantization is the alternative it is compared with (scripts/nncf_openvino_int8.py, on the same
+calibration readers and gate; BENCHMARKS.md "OpenVINO INT8").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from pue.extras import package_versions
+from pue.precisions import PrecisionSpec
+
+OPENVINO_BACKEND = "openvino"
+# OpenVINO's CPU plugin names a kernel's precision at the end of its exec_type ("brgemm_avx2_I8", "jit_avx2_U8").
+INT8_EXEC_SUFFIXES = ("_I8", "_U8")
+
+
+def needs_openvino(spec: PrecisionSpec) -> bool:
+    """Whether making `spec` gates by running OpenVINO (its entry names that backend)."""
+    return spec.backend == OPENVINO_BACKEND
+
+
+def check_openvino_request(spec: PrecisionSpec) -> None:
+    """Before any work: openvino must be installed, and a bf16 compute type needs a CPU with native bf16 (else the
+    gate would measure f32 and prove nothing)."""
+    if not needs_openvino(spec):
+        return
+    from pue.runtime.backends.openvino import import_openvino, refuse_without_bf16
+
+    core = import_openvino().Core()
+    if spec.compute == "bfloat16":
+        refuse_without_bf16(
+            core, f"a gated {spec.precision} bundle (int8 weight MatMuls, bf16 elsewhere: the gate would measure f32)"
+        )
+
+
+def openvino_gate_device() -> str:
+    """Where an OpenVINO-target gate ran, as fidelity.json and the manifest record it."""
+    version = package_versions(["openvino"]).get("openvino")
+    return f"cpu (OpenVINO {version}: its int8 kernels where the graphs hold Q/DQ pairs)"
+
+
+def int8_layers(profile: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The executed layers of an OpenVINO profile (`OpenVinoBackend.profiling_data()[graph]`) that ran in an int8
+    kernel, with their kernel names."""
+    return [
+        row
+        for row in profile
+        if row.get("status") == "EXECUTED" and str(row.get("exec_type", "")).upper().endswith(INT8_EXEC_SUFFIXES)
+    ]
+
+
+__all__ = ["check_openvino_request", "int8_layers", "needs_openvino", "openvino_gate_device"]

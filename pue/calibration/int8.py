@@ -20,8 +20,9 @@ from pue.precisions import U8_DYNAMIC, precision_spec
 
 log = logging.getLogger(__name__)
 
+
 def activation_scheme(precision: str, target: str) -> str:
-    """"u8", "s8" or "dynamic": the activation scheme of this precision's Q/DQ flavour for `target`."""
+    """ "u8", "s8" or "dynamic": the activation scheme of this precision's Q/DQ flavour for `target`."""
     qdq = precision_spec(precision, target).qdq
     if qdq is None:
         raise PueError(f"{precision} graphs hold no Q/DQ nodes", "activation schemes belong to INT8 precisions")
@@ -71,6 +72,11 @@ def quantize_static_graph(
         "WeightSymmetric": True,
         "DedicatedQDQPair": qdq.dedicated_pairs,  # TensorRT wants its own Q/DQ pair per consumer
         "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+        # Inputs only, as the design says (weights and the activations they read). onnxruntime's QDQ quantizer also
+        # quantizes a MatMul's output by default: per tensor, with one range for every token, so a residual writer
+        # (down_proj) carrying a massive token zeroes every other token's update, and q/k/v reach attention
+        # rounded. TensorRT wants Q/DQ at op inputs; onnxruntime fuses DQ→MatMul into MatMulIntegerToFloat.
+        "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm", "Conv"],
         # No CalibMaxIntermediateOutputs: in onnxruntime 1.32 it discards the collected chunk without merging its
         # ranges. MinMax augments the graph with ReduceMin/ReduceMax, so each sample keeps only scalars anyway.
     }

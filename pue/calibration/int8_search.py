@@ -36,6 +36,7 @@ def search_int8(
     import onnx
 
     from pue.calibration.int8 import activation_scheme, quantize_dynamic_graph, quantize_static_graph, rank_sensitivity
+    from pue.calibration.per_token import TOKEN_OUTLIER_RATIO, quantize_per_token
     from pue.calibration.readers import OrtReader
     from pue.calibration.smoothing import smooth_model
     from pue.calibration.stats import collect_channel_stats
@@ -60,10 +61,20 @@ def search_int8(
     timings["statistics_s"] = time.perf_counter() - started
     phase_done("statistics")
 
-    def quantize(float_nodes: set[str]) -> dict[str, Any]:
+    # int8-dynamic: ops whose inputs carry token outliers (massive activations) may quantize per token instead of
+    # per tensor (`pue.calibration.per_token`); the check set decides whether they do.
+    token_candidates = set()
+    if not static and options.per_token:
+        token_candidates = {
+            op.node
+            for op in all_ops
+            if all_stats.get(op.activation) is not None and all_stats[op.activation].token_ratio >= TOKEN_OUTLIER_RATIO
+        }
+
+    def quantize(float_nodes: set[str], per_token: set[str] = frozenset()) -> dict[str, Any]:
         quantized = {}
         for name, path in float_paths.items():
-            nodes = [op.node for op in all_ops if op.graph == name and op.node not in float_nodes]
+            nodes = [op.node for op in all_ops if op.graph == name and op.node not in float_nodes | per_token]
             out = work / f"{name}.int8.onnx"
             if static:
                 reader = OrtReader(feeds[name]())
@@ -76,28 +87,36 @@ def search_int8(
                     options.method,
                     cache_path=work / f"{name}.calibration.json",
                 )
-            else:
+            elif nodes:
                 quantize_dynamic_graph(path, out, nodes)
+            else:  # every op of this graph is per token or float
+                out = path
             quantized[name] = onnx.load(str(out))
+            token_ops = [op for op in all_ops if op.graph == name and op.node in per_token - float_nodes]
+            if token_ops:
+                quantize_per_token(quantized[name], token_ops, options.spec.qdq.weight_qmax)
         phase_done("calibration" if static else "quantization")
         return quantized
 
     ranking: list[dict] = []
     attempts: list[dict] = []
-    best: tuple[set[str], Any, dict[str, Any]] | None = None  # (float nodes, check report, graphs)
+    best: tuple[set[str], Any, dict[str, Any], set[str]] | None = None  # (float nodes, check, graphs, per token)
     keep = 0
     float_nodes: set[str] = set()
+    per_token: set[str] = set()
+    token_tried = not token_candidates
     stopped = None
     while True:
         share = int8_flop_share(all_ops, float_nodes, tokens)
         started = time.perf_counter()
-        candidate = quantize(float_nodes)
+        candidate = quantize(float_nodes, per_token)
         check = judges.check(candidate)
         phase_done("check")
         taken = best is None or _better(check, best[1])
         attempts.append(
             {
                 "float_nodes": sorted(float_nodes),
+                "per_token_nodes": sorted(per_token - float_nodes),
                 "int8_flop_share": share,
                 "check": check.overall,
                 "check_passed": check.passed,
@@ -106,13 +125,18 @@ def search_int8(
             }
         )
         say(
-            f"attempt {len(attempts)}: {len(float_nodes)} ops in float, int8 share {share:.1%}, calibration check: "
+            f"attempt {len(attempts)}: {len(float_nodes)} ops in float, {len(per_token - float_nodes)} per token, "
+            f"int8 share {share:.1%}, calibration check: "
             f"mean cos {check.overall['mean_cosine']:.5f}, min {check.overall['min_cosine']:.5f}, "
             f"top-1 {check.overall['top1']:.3f} → {'pass' if check.passed else 'fail'}"
             + ("" if taken else " (lowers the minimum or the mean: not taken)")
         )
         if taken:
-            best = (set(float_nodes), check, candidate)
+            best = (set(float_nodes), check, candidate, set(per_token))
+        per_token = best[3]
+        if not token_tried:  # next: the same ops, those reading massive tokens quantized per token
+            token_tried, per_token = True, set(token_candidates)
+            continue
         if best[1].passed or not options.fallback:
             break
         if not ranking:
@@ -135,7 +159,7 @@ def search_int8(
             break
         float_nodes = wider
     assert best is not None
-    chosen, check, graphs = best
+    chosen, check, graphs, chosen_per_token = best
     fidelity = judges.gate(graphs)
     phase_done("gate")
     say(
@@ -155,6 +179,7 @@ def search_int8(
         "check": check.to_dict(),
         "attempts": attempts,
         "float_nodes": sorted(chosen),
+        "per_token_nodes": sorted(chosen_per_token - chosen),
         "share": int8_flop_share(all_ops, chosen, tokens),
         "smoothed": smoothed,
         "ranking": ranking,

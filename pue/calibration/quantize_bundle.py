@@ -57,6 +57,7 @@ class QuantizeOptions:
     smooth: bool = True
     rotate: str = "off"  # "auto" | "on" | "off": rotate the decoder's residual stream first (INT8 only)
     fallback: bool = True
+    per_token: bool = True  # int8-dynamic: inputs carrying massive tokens may quantize per token (checked, not assumed)
     magnification: float | None = None
     mpp: float | None = None
     thresholds: FidelityThresholds = field(default_factory=FidelityThresholds)
@@ -224,6 +225,7 @@ def quantize_bundle(
             "attempts": attempts,
             "check": outcome.get("check"),
             "float_nodes": outcome.get("float_nodes", []),
+            "per_token_nodes": outcome.get("per_token_nodes", []),
             "int8_flop_share": outcome.get("share"),
             "smoothed": outcome.get("smoothed", []),
             "attention": {"mode": attention_mode(options), "graphs": fusion},
@@ -500,6 +502,7 @@ def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -
         },
         "int8_flop_share": report["int8_flop_share"],
         "float_nodes": report["float_nodes"],
+        "per_token_nodes": report["per_token_nodes"],
         "smoothed_groups": len(report["smoothed"]),
         "gate_device": report["gate_device"],
         "outliers": {k: v for k, v in report["outliers"].items() if k != "worst"},

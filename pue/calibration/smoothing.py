@@ -116,7 +116,10 @@ def smooth_model(
         if folded is None:
             target = _insert_mul(model, activation, group, best_scale)
         new_stats[target] = ChannelStats(
-            channel.minimum / best_scale, channel.maximum / best_scale, [rows / best_scale for rows in channel.samples]
+            channel.minimum / best_scale,
+            channel.maximum / best_scale,
+            [rows / best_scale for rows in channel.samples],
+            channel.token_ratio,  # measured before the migration: a token outlier is not a channel's to move
         )
         for op in group:
             op.activation = target

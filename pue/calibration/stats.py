@@ -24,6 +24,7 @@ class ChannelStats:
     minimum: np.ndarray
     maximum: np.ndarray
     samples: list[np.ndarray] = field(default_factory=list)  # [tokens, channels] rows for sensitivity
+    token_ratio: float = 0.0  # largest token's max |x| over the median token's, worst calibration row (massive tokens)
 
     @property
     def absmax(self) -> np.ndarray:
@@ -70,6 +71,9 @@ def collect_channel_stats(
             else:
                 np.minimum(stats[name].minimum, lo, out=stats[name].minimum)
                 np.maximum(stats[name].maximum, hi, out=stats[name].maximum)
+            token_absmax = np.abs(rows).max(axis=1)
+            ratio = float(token_absmax.max() / max(float(np.median(token_absmax)), 1e-12))
+            stats[name].token_ratio = max(stats[name].token_ratio, ratio)
             if sample_index < SENSITIVITY_SAMPLES:
                 take = rng.choice(len(rows), size=min(TOKENS_PER_SAMPLE, len(rows)), replace=False)
                 stats[name].samples.append(rows[np.sort(take)])

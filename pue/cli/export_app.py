@@ -152,6 +152,9 @@ def quantize(
     gate_top1: float = typer.Option(None, "--gate-top1", help="Fidelity gate: minimum top-1 self-retrieval (0.98)."),
     no_smooth: bool = typer.Option(False, "--no-smooth", help="Do not migrate activation outliers (diagnostics)."),
     no_fallback: bool = typer.Option(False, "--no-fallback", help="Never keep sensitive layers in float."),
+    no_per_token: bool = typer.Option(
+        False, "--no-per-token", help="int8-dynamic: never quantize massive-token inputs per token (diagnostics)."
+    ),
     rotate: Rotate = typer.Option(
         Rotate.OFF.value,
         "--rotate",
@@ -207,6 +210,7 @@ def quantize(
         method=method.value,
         smooth=not no_smooth,
         fallback=not no_fallback,
+        per_token=not no_per_token,
         rotate=rotate.value,
         magnification=magnification,
         mpp=mpp,
@@ -277,6 +281,8 @@ def _print_fidelity(out: object, report: dict) -> None:
         )
     extra.append(("ops kept in float", str(len(report.get("float_nodes", []))), ""))
     extra.append(("smoothed op groups", str(len(report.get("smoothed", []))), ""))
+    if report.get("per_token_nodes"):
+        extra.append(("ops quantized per token", str(len(report["per_token_nodes"])), "massive tokens"))
     rotation = report.get("rotation") or {}
     if rotation.get("applied"):
         extra.append(("rotated residual stream", rotation["rotation"]["kind"], f"--rotate {rotation['mode']}"))

@@ -8,13 +8,26 @@ from typing import Any
 from pue.bundle import manifest_sha256, read_manifest, verify_files
 
 
-def _outliers(root: Path, manifest: Any) -> dict[str, Any] | None:
-    """The outlier report a quantized bundle carries in fidelity.json (None for bundles without one)."""
+def _fidelity_report(root: Path, manifest: Any) -> dict[str, Any]:
+    """A derived bundle's fidelity.json ({} for bundles without one)."""
     import json
 
     if "fidelity.json" not in manifest.files:
+        return {}
+    return json.loads((root / "fidelity.json").read_text())
+
+
+def _treatment(report: dict[str, Any]) -> dict[str, Any] | None:
+    """What INT8 did to the op groups (None for bundles without an INT8 search): kept float, per token, smoothed (and
+    with which migration strength), the rotation."""
+    if "float_nodes" not in report:
         return None
-    return json.loads((root / "fidelity.json").read_text()).get("outliers")
+    return {
+        "float_nodes": report.get("float_nodes", []),
+        "per_token_nodes": report.get("per_token_nodes", []),
+        "smoothed": [{"nodes": g["nodes"], "alpha": g["alpha"]} for g in report.get("smoothed", [])],
+        "rotated": bool((report.get("rotation") or {}).get("applied")),
+    }
 
 
 def describe_bundle(bundle: str | Path) -> dict[str, Any]:
@@ -32,6 +45,7 @@ def describe_bundle(bundle: str | Path) -> dict[str, Any]:
             "outputs": [f"{t.name} {t.dtype} {t.shape}" for t in graph.outputs],
         }
     gate = manifest.fidelity.get("parity_gate") or manifest.fidelity.get("gate") or {}
+    report = _fidelity_report(root, manifest)
     return {
         "bundle": str(root),
         "bundle_sha256": manifest_sha256(root),
@@ -59,7 +73,8 @@ def describe_bundle(bundle: str | Path) -> dict[str, Any]:
         "source_checkpoint": vars(manifest.source_checkpoint),
         "lineage": vars(manifest.lineage),
         "fidelity": {"passed": gate.get("passed"), "checks": gate.get("checks", [])},
-        "outliers": _outliers(root, manifest),
+        "outliers": report.get("outliers"),
+        "int8_treatment": _treatment(report),
         "versions": manifest.versions,
     }
 
@@ -136,5 +151,18 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
                 f"(top {tensor['top_channels']}), tokens {tensor['token_ratio']:.0f}x "
                 f"(positions {tensor['top_positions']})"
             )
+    treatment = summary.get("int8_treatment")
+    if treatment:
+        console.print(
+            f"int8 treatment: {len(treatment['float_nodes'])} ops kept float, {len(treatment['per_token_nodes'])} "
+            f"per token, {len(treatment['smoothed'])} groups smoothed, residual stream "
+            + ("rotated" if treatment["rotated"] else "not rotated")
+        )
+        for node in treatment["per_token_nodes"]:
+            console.print(f"  per token: {node}")
+        for node in treatment["float_nodes"]:
+            console.print(f"  float: {node}")
+        for group in treatment["smoothed"]:
+            console.print(f"  smoothed (alpha {group['alpha']}): {', '.join(group['nodes'])}")
     passed = summary["fidelity"]["passed"]
     console.print("fidelity: " + ("PASSED" if passed else "FAILED" if passed is False else "not recorded"))

@@ -87,15 +87,10 @@ def test_static_scale_and_zero_point(float_graph, feeds, weight, tmp_path, targe
     assert x_zero_point.dtype == dtype and int(x_zero_point) == zero_point
     check_weight(model, weight, WEIGHT_QMAX[scheme])
 
-    # onnxruntime's QDQ MatMul also quantizes its output, over the calibrated range of x·W
-    products = np.concatenate([f["x"] @ weight for f in feeds])
-    h_lo, h_hi = min(float(products.min()), 0.0), max(float(products.max()), 0.0)
-    h_scale, h_zero_point = quantized_input(model, node_by_name(model, "mm").output[0])
-    if scheme == "u8":
-        assert h_scale == pytest.approx((h_hi - h_lo) / 255, rel=1e-5)
-        assert int(h_zero_point) == round(-h_lo / ((h_hi - h_lo) / 255))
-    else:
-        assert h_scale == pytest.approx(max(-h_lo, h_hi) / 127, rel=1e-5) and int(h_zero_point) == 0
+    # inputs only: the MatMul's output stays float (onnxruntime's QDQ quantizer would quantize it per tensor by
+    # default, one range for every token: a residual writer carrying a massive token would zero the others)
+    output = node_by_name(model, "mm").output[0]
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == output for n in model.graph.node)
 
     # the graph's MatMul computes what the sensitivity simulation assumes, clipping included
     x = np.random.default_rng(2).uniform(LO, HI, size=(7, 4)).astype(np.float32)

@@ -9,9 +9,11 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from typer.testing import CliRunner
 
 from pue.bundle import manifest_sha256, read_manifest, verify_files, write_manifest
 from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
+from pue.cli.export_app import app as export_app
 from pue.errors import GateFailedError, PueError
 from pue.precisions import bundle_spec
 from pue.runtime import Embedder
@@ -161,3 +163,22 @@ def test_refusals(fp32_bundle, heldout_dir, tmp_path):
     with pytest.raises(PueError):
         quantize_bundle(parent, tmp_path / "d", QuantizeOptions(precision="int8", calib=[empty], heldout=heldout_dir))
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+def test_massive_tokens_need_per_token_dynamic_int8(fp32_bundle, heldout_dir, tmp_path):
+    """issue 14 item 3: on the `massive` fixture (Qwen2-style llava, seed 0) per-tensor int8-dynamic fails the gate,
+    everything else equal; the op reading the massive tokens quantized per token passes it (no float fallback)."""
+    parent = fp32_bundle("llava", "massive")
+    result = run(parent, tmp_path / "per-token", heldout_dir, precision="int8-dynamic", fallback=False)
+    assert result.fidelity.passed and result.int8_flop_share == 1.0
+    report = json.loads((tmp_path / "per-token" / "fidelity.json").read_text())
+    assert len(report["per_token_nodes"]) == 1 and "down_proj" in report["per_token_nodes"][0]
+    first, second = report["attempts"]  # per tensor first, then per token, both measured on calibration items
+    assert first["per_token_nodes"] == [] and second["per_token_nodes"] == report["per_token_nodes"]
+    assert second["taken"] and second["check"]["min_cosine"] > first["check"]["min_cosine"]
+    assert "MatMulInteger" in op_types(tmp_path / "per-token", "decoder")
+    shown = CliRunner().invoke(export_app, ["inspect", str(tmp_path / "per-token")])
+    assert shown.exit_code == 0 and f"per token: {report['per_token_nodes'][0]}" in shown.output.replace("\n", "")
+    with pytest.raises(GateFailedError):
+        run(parent, tmp_path / "per-tensor", heldout_dir, precision="int8-dynamic", fallback=False, per_token=False)
+    assert not (tmp_path / "per-tensor").exists()

@@ -8,4 +8,5 @@
 - `records`: one run record per process.
 - `job`: `SlideJob`, which ties them together.
 - `watch`: scanner mode.
+- `search`, `search_pictures`: a slide asked in words (scores against a query, heatmap, contact sheet).
 """

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from pue.choices import FeatureDtype, FeatureFormat
+from pue.choices import Engine, FeatureDtype, FeatureFormat
 from pue.cli.common import handle_errors, set_debug
 from pue.errors import EXIT_USAGE
 
@@ -51,7 +51,16 @@ def slides(
     prefetch: int = typer.Option(2, "--prefetch", min=1, help="Batches the reader thread may read ahead."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     backend: str = typer.Option("auto", "--backend", help="Runtime backend (auto picks the bundle's)."),
-    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for the runtime (default: its own)."),
+    threads: int = typer.Option(
+        None, "--threads", min=1, help="CPU threads for the runtime (default: its own; with Ray: 1 per actor)."
+    ),
+    engine: Engine = typer.Option(Engine.LOCAL, "--engine", help="local (this process) or ray (a Ray cluster)."),
+    ray_address: str = typer.Option(
+        None, "--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: a local Ray."
+    ),
+    ray_actors: int = typer.Option(
+        None, "--ray-actors", min=1, help="Embedding actors (default: (cluster CPUs - 1) / --threads, or its GPUs)."
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
 ) -> None:

@@ -109,6 +109,13 @@ class FeatureFormat(Choice):
     PARQUET = "parquet"
 
 
+class Engine(Choice):
+    """`pue-embed slides --engine`: where the tiles are read and embedded."""
+
+    LOCAL = "local"  # this process: a reader thread and the runtime
+    RAY = "ray"  # a Ray cluster (the `ray` extra): reading tasks, an actor pool of sessions
+
+
 class FeatureDtype(Choice):
     """`pue-embed --dtype`: the stored features' dtype."""
 

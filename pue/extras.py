@@ -39,6 +39,7 @@ EXTRAS: dict[str, Extra] = {
         Extra("openvino", ("openvino",), "the OpenVINO CPU backend"),
         Extra("nncf", ("openvino", "nncf"), "NNCF's post-training quantization (scripts/nncf_openvino_int8.py)"),
         Extra("slides", ("openslide", "h5py", "pyarrow"), "whole-slide images through openslide, HDF5 and parquet"),
+        Extra("ray", ("ray",), "the slide job on a Ray cluster (pue-embed slides --engine ray)"),
         Extra("bench", ("matplotlib",), "benchmark reports and plots"),
         Extra("serve", ("fastapi", "uvicorn", "prometheus_client"), "the embeddings server"),
     )

@@ -1,7 +1,8 @@
 """Slides written by the tests: pyramidal TIFFs (tifffile: tiled levels as successive IFDs, as openslide's generic
 TIFF reader takes them), with and without resolution tags; copies truncated or with corrupted tile data.
 
-`PUE_REQUIRE_SLIDES=1` (set by .ci/run) turns a missing slide dependency into a failure instead of a skip.
+`PUE_REQUIRE_SLIDES=1` (set by .ci/run) turns a missing slide dependency into a failure instead of a skip, and
+`PUE_REQUIRE_RAY=1` a missing Ray (the Ray engine's tests).
 """
 
 from __future__ import annotations
@@ -16,17 +17,18 @@ import pytest
 SHARED_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cmu_small_region.svs"
 
 
-def require(module: str) -> Any:
-    """`pytest.importorskip`, except that under CI (PUE_REQUIRE_SLIDES=1) a missing module fails the test."""
-    if os.environ.get("PUE_REQUIRE_SLIDES") == "1":
+def require(module: str, flag: str = "PUE_REQUIRE_SLIDES", extras: str = "slides,dev") -> Any:
+    """`pytest.importorskip`, except that under CI (`flag`=1, e.g. PUE_REQUIRE_SLIDES, PUE_REQUIRE_RAY) a missing
+    module fails the test."""
+    if os.environ.get(flag) == "1":
         try:
             return __import__(module)
         except (ImportError, OSError) as exc:
-            pytest.fail(f"{module} is required under CI (PUE_REQUIRE_SLIDES=1): {exc}; pip install -e '.[slides,dev]'")
+            pytest.fail(f"{module} is required under CI ({flag}=1): {exc}; pip install -e '.[{extras}]'")
     try:
         return __import__(module)
     except (ImportError, OSError):
-        pytest.skip(f"{module} is not installed (pip install -e '.[slides,dev]')")
+        pytest.skip(f"{module} is not installed (pip install -e '.[{extras}]')")
 
 
 def tissue_slide_rgb(width: int, height: int, seed: int = 0, box: tuple[float, float, float, float] | None = None):

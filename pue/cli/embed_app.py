@@ -1,4 +1,5 @@
-"""`pue-embed`: embed whole slides (`slides`) or a scanner's output folder (`watch`). Thin: parse, check, hand over
+"""`pue-embed`: embed whole slides (`slides`) or a scanner's output folder (`watch`), ask a slide in words
+(`search`). Thin: parse, check, hand over
 to `pue.embed`. Nothing heavy is imported at module level, so `pue-embed --help` loads no torch and no onnxruntime."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Any
 
 import typer
 
-from pue.choices import FeatureDtype, FeatureFormat
+from pue.choices import Engine, FeatureDtype, FeatureFormat
 from pue.cli.common import handle_errors, set_debug
 from pue.errors import EXIT_USAGE
 
@@ -23,7 +24,7 @@ app = typer.Typer(
 
 @app.callback()
 def _group() -> None:
-    """Embed whole slides (`slides`) or watch a scanner's output folder (`watch`)."""
+    """Embed whole slides (`slides`), watch a scanner's output folder (`watch`), ask a slide in words (`search`)."""
 
 
 @app.command()
@@ -50,9 +51,18 @@ def slides(
     prefetch: int = typer.Option(2, "--prefetch", min=1, help="Batches the reader thread may read ahead."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     backend: str = typer.Option("auto", "--backend", help="Runtime backend (auto picks the bundle's)."),
-    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for the runtime (default: its own)."),
     thumbnails: bool = typer.Option(
         False, "--thumbnails", help="Also write <tiling>/thumbnails/<slide_id>.png: tissue mask and embedded tiles."
+    ),
+    threads: int = typer.Option(
+        None, "--threads", min=1, help="CPU threads for the runtime (default: its own; with Ray: 1 per actor)."
+    ),
+    engine: Engine = typer.Option(Engine.LOCAL, "--engine", help="local (this process) or ray (a Ray cluster)."),
+    ray_address: str = typer.Option(
+        None, "--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: a local Ray."
+    ),
+    ray_actors: int = typer.Option(
+        None, "--ray-actors", min=1, help="Embedding actors (default: (cluster CPUs - 1) / --threads, or its GPUs)."
     ),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
@@ -101,6 +111,43 @@ def watch(
     from pue.cli.embed_run import run_watch
 
     raise typer.Exit(run_watch(folder, settle, poll, options, json_output))
+
+
+@app.command()
+@handle_errors
+def search(
+    out: Path = typer.Argument(..., help="The output root of pue-embed slides (-o)."),
+    slide: str = typer.Option(..., "--slide", help="The slide's id (its features file's name)."),
+    bundle: Path = typer.Option(..., "--bundle", help="The bundle the slide's features were made with."),
+    text: str = typer.Option(None, "--text", help="What to look for, in words (the recipe's text prompt)."),
+    image: Path = typer.Option(None, "--image", help="A tile: alone, or with --text as a composed query."),
+    top_k: int = typer.Option(16, "--top-k", min=1, help="Tiles on the contact sheet and in the JSON."),
+    tiling: str = typer.Option(None, "--tiling", help="Which tiling folder, e.g. 20x_224px_0px_overlap."),
+    name: str = typer.Option(None, "--name", help="Which features_<name> folder."),
+    slide_file: Path = typer.Option(None, "--slide-file", help="The slide file, when it moved since embedding."),
+    report: Path = typer.Option(None, "--report", help="Folder for the pictures (default OUT/<tiling>/search_<name>)."),
+    max_side: int = typer.Option(1024, "--max-side", min=64, help="Longest side of the heatmap, in pixels."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace pictures of the same query."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    backend: str = typer.Option("auto", "--backend", help="Runtime backend (auto picks the bundle's)."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for the runtime (default: its own)."),
+    json_output: bool = typer.Option(False, "--json", help="Print every tile's score and the top tiles as JSON."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+) -> None:
+    """Score every tile of a slide against a text (or a tile, or both), and draw a heatmap over the slide's thumbnail
+    and a contact sheet of the top-k tiles."""
+    set_debug(debug)
+    if text is None and image is None:
+        typer.echo("error: give --text, --image or both: the query to score the tiles against", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    from pue.cli.embed_search import SearchOptions, run_search
+
+    options = SearchOptions(
+        out=out, slide=slide, bundle=bundle, text=text, image=image, top_k=top_k, tiling=tiling, name=name,
+        slide_file=slide_file, report=report, max_side=max_side, overwrite=overwrite, device=device,
+        backend=backend, threads=threads,
+    )  # fmt: skip
+    raise typer.Exit(run_search(options, json_output))
 
 
 def _job_options(values: dict[str, Any]) -> Any:

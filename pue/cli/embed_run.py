@@ -48,6 +48,9 @@ class JobOptions:
     backend: str = "auto"
     threads: int | None = None
     thumbnails: bool = False
+    engine: str = "local"
+    ray_address: str | None = None
+    ray_actors: int | None = None
 
 
 def build_job(options: JobOptions, command: str, stop: threading.Event, progress: SlideProgress) -> SlideJob:
@@ -57,7 +60,16 @@ def build_job(options: JobOptions, command: str, stop: threading.Event, progress
     if options.mag is not None and options.mpp is not None:
         raise PueError("--mag and --mpp are mutually exclusive", hint="give one target resolution")
     needed = ("openslide", "h5py") + (("pyarrow",) if options.fmt == "parquet" else ())
-    require_extras(["slides"], command, only={"slides": needed})
+    ray = str(options.engine) == "ray"
+    if not ray and (options.ray_address is not None or options.ray_actors is not None):
+        raise PueError("--ray-address and --ray-actors need --engine ray")
+    if ray and options.thumbnails:
+        raise PueError(
+            "--thumbnails is not drawn by the Ray engine (its tiling tasks keep the thumbnails on the workers)",
+            hint="embed with --engine ray, then rerun the same command with the local engine and --thumbnails: it "
+            "draws the pictures of finished slides without embedding them again",
+        )
+    require_extras(["slides", "ray"] if ray else ["slides"], command, only={"slides": needed})
     if options.coords_from is not None and not options.coords_from.is_dir():
         raise PueError(
             f"--coords-from {options.coords_from} is not a folder", hint="pass TRIDENT's or CLAM's job folder"
@@ -73,10 +85,12 @@ def build_job(options: JobOptions, command: str, stop: threading.Event, progress
     patch_size = options.patch_size or int(manifest.tile_size)
     if not 0 <= options.overlap < patch_size:
         raise PueError(f"--overlap must be below the patch size {patch_size}, got {options.overlap}")
-    embedder = Embedder.load(
-        options.bundle, backend=options.backend, device=options.device, batch_size=options.batch_size,
-        threads=options.threads,
-    )  # fmt: skip
+    embedder = None
+    if not ray:  # with Ray the sessions live in the actors
+        embedder = Embedder.load(
+            options.bundle, backend=options.backend, device=options.device, batch_size=options.batch_size,
+            threads=options.threads,
+        )  # fmt: skip
     name = options.name or Path(os.path.abspath(options.bundle)).name
     layout = OutputLayout(options.out, resolution, patch_size, options.overlap, name, str(options.fmt))
     settings = JobSettings(
@@ -90,12 +104,20 @@ def build_job(options: JobOptions, command: str, stop: threading.Event, progress
         assume_mpp=options.assume_mpp,
         skip_errors=options.skip_errors,
         lock_timeout=options.lock_timeout,
-        batch_size=embedder.batch_size,
+        batch_size=embedder.batch_size if embedder is not None else options.batch_size or manifest.default_batch_size,
         prefetch=options.prefetch,
         thumbnails=options.thumbnails,
     )
     arguments = {key: str(value) if isinstance(value, (Path, str)) else value for key, value in vars(options).items()}
     record = RunRecord(layout.runs_dir, {"command": command, **arguments}, manifest_sha256(options.bundle))
+    if embedder is None:
+        from pue.embed.ray_engine import RayOptions, RaySlideJob
+
+        ray_options = RayOptions(
+            bundle=options.bundle, address=options.ray_address, actors=options.ray_actors, threads=options.threads,
+            backend=options.backend, device=options.device,
+        )  # fmt: skip
+        return RaySlideJob(ray_options, manifest, layout, settings, record, progress=progress, should_stop=stop.is_set)
     return SlideJob(embedder, layout, settings, record, progress=progress, should_stop=stop.is_set)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,14 @@ from pue.embed.layout import OutputLayout
 from pue.embed.locks import SlideLock
 from pue.embed.pipeline import Interrupted, PipelineStats, embed_tiles
 from pue.embed.records import RunRecord, SlideRecord
+from pue.embed.slide_plan import coords_attributes, slide_tiles
 from pue.embed.writers import read_job_attribute, temp_name, write_slide_file
 from pue.errors import PueError
-from pue.slides.coords_files import find_coords_file, read_patch_coords
+from pue.slides.coords_files import find_coords_file
 from pue.slides.readers import SlideReader, open_slide
-from pue.slides.resolution import Resolution, TileGeometry, tile_geometry
+from pue.slides.resolution import Resolution
 from pue.slides.thumbnails import render_tiles_overview, write_png_atomically
-from pue.slides.tiling import SlideTiles, thumbnail_side, tissue_tiles
+from pue.slides.tiling import SlideTiles, thumbnail_side
 from pue.slides.tissue import TissueFilter
 
 __all__ = ["JobSettings", "SlideJob", "SlideProgress"]
@@ -111,26 +112,17 @@ class SlideJob:
 
     def process(self, slide: SlideInput) -> SlideRecord:
         """One slide: skip, leave to another process, embed, or fail (recorded; raised unless skip_errors)."""
-        final = self.layout.output(slide.slide_id)
         started = time.perf_counter()
         entry = SlideRecord(slide_id=slide.slide_id, path=str(slide.path), status="skipped")
         try:
-            job = self.job_attribute(slide)
-            if self._done(final, job):
-                self._missing_thumbnail(slide)
+            claim = self.claim(slide, entry)
+            if claim is None:
+                if entry.status == "skipped":
+                    self._missing_thumbnail(slide)
                 return self._finish(entry)
-            lock = SlideLock(self.layout.lock(slide.slide_id), self.settings.lock_timeout)
-            if not lock.acquire():
-                entry.status = "locked"
-                return self._finish(entry)
+            lock, job = claim
             with lock:
-                if lock.taken_over is not None:
-                    owner = lock.taken_over
-                    entry.took_over_from = f"{owner.host}:{owner.pid}"
-                    temp_name(final, owner.host, owner.pid).unlink(missing_ok=True)
-                if self._done(final, job):  # finished by another process meanwhile
-                    return self._finish(entry)
-                stats, tiles = self._embed(slide, final, job)
+                stats, tiles = self._embed(slide, self.layout.output(slide.slide_id), job)
             entry.status = "done"
             entry.tiles, entry.grid_tiles = stats.tiles, tiles.grid_tiles
             entry.reader_seconds = round(stats.reader_seconds, 4)
@@ -140,18 +132,41 @@ class SlideJob:
             self.record.finish("interrupted")
             raise
         except (PueError, OSError) as exc:
-            entry.status = "failed"
-            entry.error = str(exc)
-            self._finish(entry, started)
-            if not self.settings.skip_errors:
-                self.record.finish("failed")
-                raise PueError(
-                    f"slide {slide.slide_id} ({slide.path}) failed: {exc}",
-                    hint="earlier slides are kept and a rerun skips them; --skip-errors records a failed slide "
-                    "and goes on",
-                ) from exc
-            return entry
+            return self.fail(slide, entry, exc, started)
         return self._finish(entry, started)
+
+    def claim(self, slide: SlideInput, entry: SlideRecord) -> tuple[SlideLock, dict[str, Any]] | None:
+        """This process's lock on `slide` and the job attribute its output will carry, or None when the slide is
+        done (`entry.status` stays "skipped") or another process holds it ("locked")."""
+        final = self.layout.output(slide.slide_id)
+        job = self.job_attribute(slide)
+        if self._done(final, job):
+            return None
+        lock = SlideLock(self.layout.lock(slide.slide_id), self.settings.lock_timeout)
+        if not lock.acquire():
+            entry.status = "locked"
+            return None
+        if lock.taken_over is not None:
+            owner = lock.taken_over
+            entry.took_over_from = f"{owner.host}:{owner.pid}"
+            temp_name(final, owner.host, owner.pid).unlink(missing_ok=True)
+        if self._done(final, job):  # finished by another process meanwhile
+            lock.release()
+            return None
+        return lock, job
+
+    def fail(self, slide: SlideInput, entry: SlideRecord, exc: BaseException, started: float) -> SlideRecord:
+        """Record `slide` as failed; raise (the job stops there) unless skip_errors."""
+        entry.status = "failed"
+        entry.error = str(exc)
+        self._finish(entry, started)
+        if not self.settings.skip_errors:
+            self.record.finish("failed")
+            raise PueError(
+                f"slide {slide.slide_id} ({slide.path}) failed: {exc}",
+                hint="earlier slides are kept and a rerun skips them; --skip-errors records a failed slide and goes on",
+            ) from exc
+        return entry
 
     def job_attribute(self, slide: SlideInput) -> dict[str, Any]:
         """What an output must record to count as this run's result for `slide`."""
@@ -194,7 +209,7 @@ class SlideJob:
         settings = self.settings
         reader = open_slide(slide.path, settings.reader)
         try:
-            tiles = self._tiles(reader, slide)
+            tiles = slide_tiles(reader, slide, settings)
             geometry = tiles.geometry
             self.progress.slide_started(slide, len(tiles))
             features, stats = embed_tiles(
@@ -208,45 +223,12 @@ class SlideJob:
                 should_stop=self.should_stop,
                 on_batch=self.progress.tiles_done,
             )
-            stored = features.astype(np.float16) if settings.dtype == "float16" else features
             if settings.thumbnails:  # before the features: a finished slide of a --thumbnails run has its picture
                 self._write_thumbnail(reader, slide, tiles)
-            write_slide_file(
-                final,
-                settings.fmt,
-                slide.slide_id,
-                tiles.coords,
-                stored,
-                self._coords_attrs(slide, reader, tiles),
-                {**self.features_attrs, "dtype": settings.dtype},
-                {**job, "assume_mpp": settings.assume_mpp if geometry.mpp_source == "assumed" else None},
-            )
+            self.write(slide, final, job, tiles, coords_attributes(slide, reader, tiles, settings), features)
         finally:
             reader.close()
         return stats, tiles
-
-    def _tiles(self, reader: SlideReader, slide: SlideInput) -> SlideTiles:
-        settings = self.settings
-        if settings.coords_from is None:
-            geometry = tile_geometry(
-                reader, settings.patch_size, settings.resolution, settings.overlap, slide.mpp, settings.assume_mpp
-            )
-            return tissue_tiles(reader, geometry, settings.tissue_filter, settings.min_tissue)
-        chosen = read_patch_coords(find_coords_file(settings.coords_from, slide.slide_id))
-        native = tile_geometry(reader, settings.patch_size, Resolution(), 0, slide.mpp, settings.assume_mpp)
-        downsample = chosen.patch_size_level0 / settings.patch_size
-        geometry = replace(
-            native,
-            patch_size_level0=chosen.patch_size_level0,
-            stride_level0=chosen.patch_size_level0,
-            overlap=chosen.overlap,
-            downsample=round(downsample, 6),
-            level=reader.level_for(downsample),
-            target_magnification=chosen.target_magnification
-            or (None if native.level0_magnification is None else round(native.level0_magnification / downsample, 4)),
-            target_mpp=None if native.level0_mpp is None else round(native.level0_mpp * downsample, 6),
-        )
-        return SlideTiles(coords=chosen.coords, geometry=geometry, grid_tiles=len(chosen.coords), min_tissue=0.0)
 
     def _write_thumbnail(self, reader: SlideReader, slide: SlideInput, tiles: SlideTiles) -> None:
         thumbnail, scale = tiles.thumbnail, tiles.mask_scale
@@ -263,30 +245,33 @@ class SlideJob:
             return
         reader = open_slide(slide.path, self.settings.reader)
         try:
-            self._write_thumbnail(reader, slide, self._tiles(reader, slide))
+            self._write_thumbnail(reader, slide, slide_tiles(reader, slide, self.settings))
         finally:
             reader.close()
 
-    def _coords_attrs(self, slide: SlideInput, reader: SlideReader, tiles: SlideTiles) -> dict[str, Any]:
-        geometry: TileGeometry = tiles.geometry
-        return {
-            "name": slide.slide_id,
-            "patch_size": geometry.patch_size,
-            "patch_size_level0": geometry.patch_size_level0,
-            "level0_magnification": _number(geometry.level0_magnification),
-            "target_magnification": _number(geometry.target_magnification),
-            "overlap": geometry.overlap,
-            "level0_width": int(reader.width),
-            "level0_height": int(reader.height),
-            "level0_mpp": geometry.level0_mpp,
-            "patch_mpp": geometry.patch_mpp,
-            "target_mpp": geometry.target_mpp,
-            "mpp_source": geometry.mpp_source,
-            "read_level": geometry.level,
-            "min_tissue": tiles.min_tissue,
-            "tissue_rule": "coords-from" if self.settings.coords_from is not None else "overlaps-tissue",
-            "reader": reader.backend,
-        }
+    def write(
+        self,
+        slide: SlideInput,
+        final: Path,
+        job: dict[str, Any],
+        tiles: SlideTiles,
+        coords_attrs: dict[str, Any],
+        features: np.ndarray,
+    ) -> None:
+        """The slide's file, atomically: its tiles' coordinates and features (float32 (N, D), stored as --dtype)."""
+        settings = self.settings
+        stored = features.astype(np.float16) if settings.dtype == "float16" else features
+        assumed = settings.assume_mpp if tiles.geometry.mpp_source == "assumed" else None
+        write_slide_file(
+            final,
+            settings.fmt,
+            slide.slide_id,
+            tiles.coords,
+            stored,
+            coords_attrs,
+            {**self.features_attrs, "dtype": settings.dtype},
+            {**job, "assume_mpp": assumed},
+        )
 
     def _finish(self, entry: SlideRecord, started: float | None = None) -> SlideRecord:
         if started is not None:
@@ -296,19 +281,13 @@ class SlideJob:
         return entry
 
 
-def _number(value: float | None) -> float | int | None:
-    """TRIDENT stores magnifications as integers: keep a whole number as one."""
-    if value is None:
-        return None
-    return int(value) if float(value).is_integer() else float(value)
-
-
 def summary(record: RunRecord) -> dict[str, Any]:
     """The numbers a user compares: slides per status, tiles, tiles/s of the job and of the reader alone."""
     done = [slide for slide in record.slides if slide.status == "done"]
     tiles = sum(slide.tiles for slide in done)
     seconds = sum(slide.seconds for slide in done)
     reader_seconds = sum(slide.reader_seconds for slide in done)
+    wall = None if record.finished is None else round(record.finished - record.started, 3)
     return {
         "run_record": str(record.path),
         "state": record.state,
@@ -317,6 +296,9 @@ def summary(record: RunRecord) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "tiles_per_s": round(tiles / seconds, 3) if seconds > 0 else None,
         "reader_tiles_per_s": round(tiles / reader_seconds, 3) if reader_seconds > 0 else None,
+        # the run from its record's creation (the bundle loaded; Ray not yet started) to its end: engines compare by it
+        "wall_seconds": wall,
+        "wall_tiles_per_s": round(tiles / wall, 3) if wall else None,
         "failed": [{"slide_id": s.slide_id, "error": s.error} for s in record.slides if s.status == "failed"],
         "pid": os.getpid(),
     }

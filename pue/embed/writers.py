@@ -12,6 +12,7 @@ same attributes as JSON in the schema metadata (`pue_job`, `coords`, `features`)
 
 Both are written to a hidden temporary name in the output folder, flushed to disk and renamed over the final
 name; a killed process leaves at most a `.<name>.tmp-<host>-<pid>` file, never a partial file under a final name.
+`read_slide_file` reads either back (`pue-embed search`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ import numpy as np
 
 from pue.errors import MissingDependencyError, PueError
 
-__all__ = ["atomic_output", "read_job_attribute", "temp_name", "write_slide_file"]
+__all__ = ["SlideFeatures", "atomic_output", "read_job_attribute", "read_slide_file", "temp_name", "write_slide_file"]
 
 
 def temp_name(final: Path, host: str | None = None, pid: int | None = None) -> Path:
@@ -95,6 +97,55 @@ def read_job_attribute(path: Path, fmt: str) -> dict[str, Any] | None:
         return json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
     except (OSError, ValueError, KeyError):
         return None
+
+
+@dataclass(frozen=True)
+class SlideFeatures:
+    """One slide's features file, read back: rows in the file's order."""
+
+    path: Path
+    coords: np.ndarray  # int64 (N, 2), level-0 top-left x, y
+    features: np.ndarray  # float32 (N, D), whatever dtype was stored
+    coords_attrs: dict[str, Any]
+    features_attrs: dict[str, Any]
+    job: dict[str, Any]
+
+
+def read_slide_file(path: Path) -> SlideFeatures:
+    """A features file this job wrote (HDF5 or parquet, by its suffix), with its attributes."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            metadata = table.schema.metadata or {}
+            coords = np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1).astype(np.int64)
+            embedding = table.column("embedding").combine_chunks()
+            dim = embedding.type.list_size
+            features = embedding.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+            attrs = [json.loads(metadata.get(key, b"{}")) for key in (b"coords", b"features", b"pue_job")]
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as handle:
+                coords, features = handle["coords"][:], handle["features"][:]
+                attrs = [_plain_attrs(handle["coords"].attrs), _plain_attrs(handle["features"].attrs)]
+                attrs.append(json.loads(handle.attrs.get("pue_job", "{}")))
+    except ImportError as exc:
+        raise MissingDependencyError(exc.name or "h5py, pyarrow", "slides", f"reading {path.name}") from exc
+    except (OSError, KeyError, ValueError) as exc:
+        raise PueError(f"{path} is not a readable pue-embed features file ({type(exc).__name__}: {exc})") from exc
+    return SlideFeatures(path, np.asarray(coords, np.int64).reshape(-1, 2), features.astype(np.float32), *attrs)
+
+
+def _plain_attrs(attrs: Any) -> dict[str, Any]:
+    """HDF5 attributes as plain Python values (numpy scalars → numbers, bytes → str)."""
+    plain = {}
+    for key, value in attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        plain[key] = value.item() if isinstance(value, np.generic) else value
+    return plain
 
 
 def _write_h5(

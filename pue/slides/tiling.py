@@ -25,7 +25,7 @@ from pue.slides.readers import SlideReader
 from pue.slides.resolution import TileGeometry
 from pue.slides.tissue import TissueFilter
 
-__all__ = ["SlideTiles", "grid_coords", "tile_fractions", "tissue_tiles"]
+__all__ = ["SlideTiles", "grid_coords", "tile_footprints", "tile_fractions", "tissue_tiles"]
 
 _MIN_THUMBNAIL_SIDE = 1024
 _MAX_THUMBNAIL_SIDE = 8192
@@ -68,12 +68,21 @@ def tile_fractions(mask: np.ndarray, coords: np.ndarray, extent: int, scale: flo
     height, width = mask.shape
     integral = np.zeros((height + 1, width + 1), np.int64)
     integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    x0, y0, x1, y1 = tile_footprints(coords, extent, scale, width, height)
+    counts = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return counts / ((x1 - x0) * (y1 - y0))
+
+
+def tile_footprints(
+    coords: np.ndarray, extent: int, scale: float, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each tile's footprint on a `width` x `height` thumbnail (`scale` thumbnail pixels per level-0 pixel): int64
+    x0, y0, x1, y1 (exclusive), at least one pixel each, clipped to the thumbnail."""
     x0 = np.clip(np.floor(coords[:, 0] * scale).astype(np.int64), 0, width - 1)
     y0 = np.clip(np.floor(coords[:, 1] * scale).astype(np.int64), 0, height - 1)
     x1 = np.clip(np.maximum(x0 + 1, np.ceil((coords[:, 0] + extent) * scale).astype(np.int64)), 1, width)
     y1 = np.clip(np.maximum(y0 + 1, np.ceil((coords[:, 1] + extent) * scale).astype(np.int64)), 1, height)
-    counts = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return counts / ((x1 - x0) * (y1 - y0))
+    return x0, y0, x1, y1
 
 
 def tissue_tiles(

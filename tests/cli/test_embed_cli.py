@@ -44,9 +44,10 @@ def bundle(fp32_bundle: Callable[..., Path], tmp_path_factory: pytest.TempPathFa
 def test_help_does_not_import_torch() -> None:
     code = (
         "import sys\nfrom typer.testing import CliRunner\nfrom pue.cli.embed_app import app\n"
-        "for args in (['--help'], ['slides', '--help']):\n"
+        "for args in (['--help'], ['slides', '--help'], ['search', '--help']):\n"
         "    r = CliRunner().invoke(app, args)\n    assert r.exit_code == 0, r.output\n"
-        "bad = [m for m in ('torch', 'transformers', 'onnx', 'onnxruntime', 'h5py', 'openslide') if m in sys.modules]\n"
+        "heavy = ('torch', 'transformers', 'onnx', 'onnxruntime', 'h5py', 'openslide', 'ray')\n"
+        "bad = [m for m in heavy if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -48,7 +48,9 @@ class RunRecord:
 
     @property
     def path(self) -> Path:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.started))
+        # microseconds in the name: one process may run the job twice within a second (the Python API, tests)
+        micro = int(round(self.started * 1e6)) % 1_000_000
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.started)) + f".{micro:06d}Z"
         return self.runs_dir / f"{stamp}-{self.host}-{self.pid}.json"
 
     def add(self, slide: SlideRecord) -> None:

@@ -107,7 +107,8 @@ def test_phase_peaks_see_what_a_phase_allocated():
     del block
     peaks.end("after")
     assert peaks.peaks_mb["large"] >= peaks.peaks_mb["small"] + 150
-    assert peaks.overall_mb() == peaks.peaks_mb["large"]
+    # the "after" phase starts with the block still resident (it is freed after the reset): within a page or two
+    assert abs(peaks.overall_mb() - peaks.peaks_mb["large"]) <= 1.0
 
 
 def test_quantize_refuses_a_plan_that_does_not_fit(fp32_bundle, heldout_dir, tmp_path, monkeypatch):

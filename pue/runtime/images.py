@@ -250,3 +250,21 @@ def _sixteen_bit_to_rgb(image: Image.Image, index: int, path: str | None) -> Ima
             )
     grey = ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
     return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
+
+
+def check_tile(tile: Any, index: int, tile_size: int) -> None:
+    """An RGB PIL image of tile_size x tile_size, or an InputError naming item `index` and what to do."""
+    if not isinstance(tile, Image.Image):
+        raise InputError(
+            f"expected a PIL image tile, got {type(tile).__name__}", index=index, hint="load it with load_image"
+        )
+    if tile.mode != "RGB":
+        raise InputError(
+            f"expected an RGB tile, got mode {tile.mode!r}", index=index, hint="load it with load_image"
+        )
+    if tile.size != (tile_size, tile_size):
+        raise InputError(
+            f"tile is {tile.size[0]}x{tile.size[1]} px, the bundle takes {tile_size}x{tile_size}",
+            index=index,
+            hint="bring it to the tile size with fit_to_tile",
+        )

@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 
 from pue.bundle import ImagePreprocessing
-from pue.errors import BundleError, InputError
+from pue.errors import BundleError
+from pue.runtime.images import check_tile
 from pue.runtime.preprocess_config import preprocessing_from_config
 from pue.runtime.preprocess_geometry import KINDS, crop_window, make_plan, resize_target, select_best_resolution
 from pue.runtime.preprocess_patches import PATCHES, PatchPreprocessor
@@ -136,20 +137,7 @@ class ImagePreprocessor:
     # -- per tile ------------------------------------------------------------------------------------------------
 
     def _check_tile(self, tile: Any, index: int) -> None:
-        if not isinstance(tile, Image.Image):
-            raise InputError(
-                f"expected a PIL image tile, got {type(tile).__name__}", index=index, hint="load it with load_image"
-            )
-        if tile.mode != "RGB":
-            raise InputError(
-                f"expected an RGB tile, got mode {tile.mode!r}", index=index, hint="load it with load_image"
-            )
-        if tile.size != (self.tile_size, self.tile_size):
-            raise InputError(
-                f"tile is {tile.size[0]}x{tile.size[1]} px, the bundle takes {self.tile_size}x{self.tile_size}",
-                index=index,
-                hint="bring it to the tile size with fit_to_tile",
-            )
+        check_tile(tile, index, self.tile_size)
 
     def _resized(self, image: Image.Image, height: int, width: int) -> Image.Image:
         if image.size == (width, height):

@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from pue.bundle import ImagePreprocessing
-from pue.errors import BundleError, CheckpointError, InputError
+from pue.errors import BundleError, CheckpointError
+from pue.runtime.images import check_tile
 
 PATCHES = "patches"
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -170,14 +171,4 @@ class PatchPreprocessor:
         return frames.reshape(self.patches, self.patch_dim)
 
     def _check_tile(self, tile: Any, index: int) -> None:
-        if not isinstance(tile, Image.Image) or tile.mode != "RGB":
-            found = type(tile).__name__ if not isinstance(tile, Image.Image) else f"mode {tile.mode!r}"
-            raise InputError(
-                f"expected an RGB PIL image tile, got {found}", index=index, hint="load it with load_image"
-            )
-        if tile.size != (self.tile_size, self.tile_size):
-            raise InputError(
-                f"tile is {tile.size[0]}x{tile.size[1]} px, the bundle takes {self.tile_size}x{self.tile_size}",
-                index=index,
-                hint="bring it to the tile size with fit_to_tile",
-            )
+        check_tile(tile, index, self.tile_size)

@@ -46,7 +46,7 @@ from pue.errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fit_to_tile", "load_image"]
+__all__ = ["check_tile", "fit_to_tile", "load_image"]
 
 _ORIENTATION_TAG = 0x0112
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}

@@ -15,28 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_slides import SHARED_SLIDE, cpu_name  # noqa: E402
+from bench_slides import SHARED_SLIDE, cpu_name, slide_job  # noqa: E402
 
 
 def run_engine(engine: str, bundle: Path, slides: list[Path], args: argparse.Namespace) -> dict:
-    with tempfile.TemporaryDirectory(prefix=f"bench-{engine}-") as out:
-        command = [str(Path(sys.executable).parent / "pue-embed"), "slides", *map(str, slides), "-o", out,
-                   "--bundle", str(bundle), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-                   "--mag", f"{args.mag:g}", "--engine", engine, "--json"]  # fmt: skip
-        if engine == "ray" and args.ray_address:
-            command += ["--ray-address", args.ray_address]
-        began = time.perf_counter()
-        completed = subprocess.run(command, check=True, capture_output=True, text=True)
-        summary = json.loads(completed.stdout[completed.stdout.index("{") :])
-        summary["process_seconds"] = round(time.perf_counter() - began, 3)
-        return summary
+    address = args.ray_address if engine == "ray" else None
+    return slide_job(bundle, slides, args.batch_size, args.threads, args.mag, engine=engine, ray_address=address)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 SHARED_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cmu_small_region.svs"
@@ -38,14 +39,28 @@ def latency_items_per_s(bundle: Path, batch: int, threads: int | None, iters: in
     return float(rows[0]["items_per_s"])
 
 
-def slide_job(bundle: Path, slides: list[Path], batch: int, threads: int | None, mag: float) -> dict:
-    with tempfile.TemporaryDirectory(prefix="bench-slides-") as out:
+def slide_job(
+    bundle: Path,
+    slides: list[Path],
+    batch: int,
+    threads: int | None,
+    mag: float,
+    engine: str = "local",
+    ray_address: str | None = None,
+) -> dict:
+    """One `pue-embed slides` run into a fresh folder: its --json summary, plus the whole process's seconds."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-slides-{engine}-") as out:
         command = [_bin("pue-embed"), "slides", *map(str, slides), "-o", out, "--bundle", str(bundle),
-                   "--batch-size", str(batch), "--mag", f"{mag:g}", "--json"]  # fmt: skip
+                   "--batch-size", str(batch), "--mag", f"{mag:g}", "--engine", engine, "--json"]  # fmt: skip
         if threads:
             command += ["--threads", str(threads)]
+        if ray_address:
+            command += ["--ray-address", ray_address]
+        began = time.perf_counter()
         completed = subprocess.run(command, check=True, capture_output=True, text=True)
-        return json.loads(completed.stdout)
+        summary = json.loads(completed.stdout[completed.stdout.index("{") :])
+        summary["process_seconds"] = round(time.perf_counter() - began, 3)
+        return summary
 
 
 def cpu_name() -> str:

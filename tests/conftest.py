@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 # A test that asks for one of these builds a tiny checkpoint (torch, transformers) and usually exports it to ONNX
 # with its parity gate: seconds each, once per session. Such tests are marked `slow` at collection, so that
 # `pytest -m "not slow"` (README: the fast subset) never pays for a model build.
-MODEL_FIXTURES = frozenset({"tiny_checkpoint", "fp32_bundle", "reference_embedder"})
+MODEL_FIXTURES = frozenset({"tiny_checkpoint", "fp32_bundle", "reference_embedder", "quantized_bundle"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -19,27 +20,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
-def gate_subset() -> list[Path]:
-    """Held-out patches for the parity gate in tests: both stains, fewer tiles (the CLI gate uses them all)."""
+def heldout_tiles(he: int = 10) -> list[Path]:
+    """Held-out patches for tests: `he` H&E tiles, then every IHC tile (the CLI gate uses the whole held-out set)."""
     from pue.data import patch_set
 
     heldout = patch_set("heldout")
     ihc = [p for p in heldout if p.name.startswith("ihc")]
-    return [p for p in heldout if not p.name.startswith("ihc")][:10] + ihc
+    return [p for p in heldout if not p.name.startswith("ihc")][:he] + ihc
+
+
+def gate_subset() -> list[Path]:
+    """The gate of the session's bundles and of `heldout_dir`: both stains, 6 tiles, so one set of 2 and one of 4
+    images (the gate's time grows with its image rows; every fixture bundle and every quantization pays it)."""
+    return heldout_tiles(he=4)
 
 
 @pytest.fixture(scope="session")
 def gate_images() -> list[Path]:
-    return gate_subset()
+    """12 held-out tiles (10 H&E, 2 IHC), for tests that need more tiles than the gate subset has."""
+    return heldout_tiles()
 
 
 @pytest.fixture(scope="session")
-def heldout_dir(tmp_path_factory: pytest.TempPathFactory, gate_images: list[Path]) -> Path:
+def heldout_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The gate subset as a folder, for `--heldout`."""
     import shutil
 
     folder = tmp_path_factory.mktemp("heldout")
-    for path in gate_images:
+    for path in gate_subset():
         shutil.copy(path, folder / path.name)
     return folder
 
@@ -92,3 +100,26 @@ def reference_embedder(tiny_checkpoint: Callable[..., Path]) -> Callable[..., ob
         return cache[key]
 
     return load
+
+
+# What the session's quantized bundles are calibrated on: 16 patches and 8 captions (the CLI default is 64 and 32).
+FAST_CALIBRATION = {"num_patches": 16, "num_captions": 8}
+
+
+@pytest.fixture(scope="session")
+def quantized_bundle(tmp_path_factory: pytest.TempPathFactory, fp32_bundle: Callable[..., Path]) -> Callable[..., Any]:
+    """quantized_bundle(precision, target) → (path, QuantizeResult): the `llava_next/ci` bundle quantized once per
+    session with FAST_CALIBRATION and the gate subset held out. Tests read these bundles and never change them."""
+    cache: dict[tuple[str, str], tuple[Path, Any]] = {}
+
+    def build(precision: str, target: str = "onnxruntime") -> tuple[Path, Any]:
+        key = (precision, target)
+        if key not in cache:
+            from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
+
+            out = tmp_path_factory.mktemp("quantized") / f"{precision}-{target}"
+            options = QuantizeOptions(precision=precision, target=target, heldout=gate_subset(), **FAST_CALIBRATION)
+            cache[key] = (out, quantize_bundle(fp32_bundle("llava_next", "ci"), out, options))
+        return cache[key]
+
+    return build

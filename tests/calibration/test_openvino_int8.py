@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from pue.bundle import read_manifest, verify_files
 from pue.calibration.openvino_int8 import int8_layers
-from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
 from pue.cli.export_app import app
 from pue.data import patch_set
 from pue.errors import EXIT_ERROR
@@ -28,11 +27,8 @@ else:
 
 
 @pytest.fixture(scope="module")
-def openvino_int8(fp32_bundle, heldout_dir, tmp_path_factory):
-    parent = fp32_bundle("llava_next", "ci")
-    out = tmp_path_factory.mktemp("ov-int8") / "int8"
-    options = QuantizeOptions(precision="int8", target="openvino", heldout=heldout_dir, num_patches=16, num_captions=8)
-    return parent, out, quantize_bundle(parent, out, options)
+def openvino_int8(fp32_bundle, quantized_bundle):
+    return fp32_bundle("llava_next", "ci"), *quantized_bundle("int8", "openvino")
 
 
 def test_bundle_passes_the_gate_measured_in_openvino(openvino_int8):

@@ -77,7 +77,7 @@ def test_report_finds_the_high_norm_vision_tokens(fp32_bundle, tiny_checkpoint, 
 
 
 @pytest.mark.slow
-def test_quantized_bundles_carry_the_report_and_inspect_shows_it(fp32_bundle, tiny_checkpoint, gate_images, tmp_path):
+def test_quantized_bundles_carry_the_report_and_inspect_shows_it(fp32_bundle, tiny_checkpoint, heldout_dir, tmp_path):
     from typer.testing import CliRunner
 
     from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
@@ -86,7 +86,7 @@ def test_quantized_bundles_carry_the_report_and_inspect_shows_it(fp32_bundle, ti
 
     info = json.loads((tiny_checkpoint("llava_next", "gains-few") / "pue_tiny.json").read_text())["outliers"]
     out = tmp_path / "int8-dynamic"
-    options = QuantizeOptions(precision="int8-dynamic", num_patches=8, num_captions=4, heldout=gate_images)
+    options = QuantizeOptions(precision="int8-dynamic", num_patches=8, num_captions=4, heldout=heldout_dir)
     try:
         quantize_bundle(fp32_bundle("llava_next", "gains-few"), out, options)
         report = json.loads((out / "fidelity.json").read_text())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -120,41 +118,4 @@ def test_quantize_refuses_a_plan_that_does_not_fit(fp32_bundle, heldout_dir, tmp
     assert not out.exists() and not list(tmp_path.iterdir())  # nothing half-written
 
 
-def test_plan_and_measured_peaks_are_recorded(fp32_bundle, heldout_dir, tmp_path):
-    """In its own process (as users run it), the plan is an upper bound of every phase's measured peak."""
-    import subprocess
-    import sys
-
-    out = tmp_path / "dyn"
-    command = [sys.executable, "-m", "pue.cli.export_app", "quantize", str(fp32_bundle("llava_next", "ci"))]
-    command += ["-o", str(out), "--precision", "int8-dynamic", "--heldout", str(heldout_dir)]
-    command += ["--num-patches", "16", "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "expected peak RAM" in done.stderr  # printed before calibrating
-    resources = json.loads((out / "fidelity.json").read_text())["resources"]
-    # images, texts, composed rows, and image sets (an eighth as many as patches)
-    assert resources["plan"]["graphs"]["decoder"]["rows_per_pass"] == 16 + 32 + 4 + 2
-    measured = resources["measured_peak_mb"]
-    assert set(measured) >= {"prepare", "outlier report", "statistics", "quantization", "check", "gate"}
-    assert 0 < max(measured.values()) * MB <= resources["plan"]["peak_host_bytes"]
-
-
-def test_the_longest_row_counts_only_image_sets_that_run():
-    """Image sets past the bundle's max_seq_len are left out of the gate and of calibration, so they must not make the
-    plan (an E5-V-geometry bundle fits 3 tiles per row: 4-tile calibration sets made a 20 GB plan for a 6 GB run)."""
-    from types import SimpleNamespace
-
-    from pue.calibration.quantize_bundle import _most_images_per_row
-    from pue.fidelity import GateSet
-
-    parent = SimpleNamespace(takes_image_sets=True, max_images_per_row=3)
-    gate = GateSet(
-        images=[], texts=[], composed_images=[], composed_texts=[], image_sets=[["a", "b"], ["a"] * 4, ["c", "d"]]
-    )
-    calibration = SimpleNamespace(image_sets=[["x"] * 4, ["y"] * 2])
-    assert _most_images_per_row(parent, gate, calibration) == (2, 2)
-    assert _most_images_per_row(SimpleNamespace(takes_image_sets=True, max_images_per_row=7), gate, calibration) == (
-        4,
-        1,
-    )
+# The plan against the measured peaks of a whole run in its own process: tests/cli/test_quantize_cli.py.

@@ -1,9 +1,11 @@
-"""`pue-export quantize` through the command line on the `ci` preset: a gated INT8-dynamic bundle with its lineage and
-fidelity report, and an existing output refused without --overwrite."""
+"""`pue-export quantize` through the command line on the `ci` preset: a gated INT8-dynamic bundle with its lineage,
+fidelity report and resource plan (in its own process), and an existing output refused without --overwrite."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from typer.testing import CliRunner
 
@@ -18,12 +20,16 @@ def quantize(parent, out, heldout, *extra: str):
     return runner.invoke(app, [*args, "--heldout", str(heldout), *extra])
 
 
-def test_quantize_int8_dynamic(fp32_bundle, heldout_dir, tmp_path):
+def test_quantize_int8_dynamic_as_users_run_it(fp32_bundle, heldout_dir, tmp_path):
+    """In its own process, as users run it: a gated bundle with its lineage and report printed by --json; the
+    resource plan printed first, and an upper bound of every phase's measured peak."""
     parent = fp32_bundle("llava_next", "ci")
     out = tmp_path / "int8-dynamic"
-    result = quantize(parent, out, heldout_dir, "--json")
-    assert result.exit_code == 0, result.output
-    printed = json.loads(result.stdout)
+    command = [sys.executable, "-m", "pue.cli.export_app", "quantize", str(parent), "-o", str(out)]
+    command += ["--precision", "int8-dynamic", "--num-patches", "16", "--heldout", str(heldout_dir), "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = json.loads(done.stdout)
 
     manifest = read_manifest(out)
     verify_files(out, manifest)
@@ -38,6 +44,14 @@ def test_quantize_int8_dynamic(fp32_bundle, heldout_dir, tmp_path):
     assert report["int8_flop_share"] >= 0.8
     assert "fidelity.json" in manifest.files  # hashed, so verify_files checked it
     assert not list(tmp_path.glob("*.gate-failed.json"))
+
+    assert "expected peak RAM" in done.stderr  # printed before calibrating
+    resources = report["resources"]
+    # images, texts, composed rows, and image sets (an eighth as many as patches)
+    assert resources["plan"]["graphs"]["decoder"]["rows_per_pass"] == 16 + 32 + 4 + 2
+    measured = resources["measured_peak_mb"]
+    assert set(measured) >= {"prepare", "outlier report", "statistics", "quantization", "check", "gate"}
+    assert 0 < max(measured.values()) * 2**20 <= resources["plan"]["peak_host_bytes"]
 
 
 def test_existing_output_needs_overwrite(fp32_bundle, heldout_dir, tmp_path):

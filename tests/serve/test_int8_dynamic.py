@@ -16,13 +16,8 @@ TEXTS = [f"tissue sample {i}: {'glands ' * (i % 5)}stroma with {'lymphocytes ' *
 
 
 @pytest.fixture(scope="module")
-def dynamic_bundle(serve_bundle, gate_images, tmp_path_factory):
-    from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
-
-    out = tmp_path_factory.mktemp("serve-int8") / "int8-dynamic"
-    options = QuantizeOptions(precision="int8-dynamic", num_patches=8, num_captions=4, heldout=gate_images)
-    quantize_bundle(serve_bundle, out, options)
-    return out
+def dynamic_bundle(quantized_bundle):
+    return quantized_bundle("int8-dynamic")[0]  # the session's int8-dynamic llava_next/ci bundle (serve_bundle's child)
 
 
 def test_int8_dynamic_is_batched_per_request_and_matches_the_request_alone(dynamic_bundle):

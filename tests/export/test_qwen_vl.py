@@ -127,7 +127,7 @@ def test_the_export_passes_the_parity_gate_and_records_the_contract(arch, qwen_b
     cosines = {c["name"]: c["value"] for c in checks if c["metric"] == "min cosine"}
     assert set(cosines) == {"images", "texts", "composed", "image_sets"}
     assert min(cosines.values()) >= 0.9999
-    assert manifest.format_version == "1.3" and manifest.preprocessing.kind == "patches"
+    assert manifest.format_version == "1.4" and manifest.preprocessing.kind == "patches"
     assert manifest.export.vision_input == {"layout": "patches", "shape": ["batch", 256, 1176], "grid_thw": [1, 16, 16]}
     assert manifest.export.positions["kind"] == "mrope" and manifest.export.positions["image_grid"] == [1, 8, 8]
     assert manifest.tokens_per_image == 64 and manifest.recipe["name"] == RECIPE

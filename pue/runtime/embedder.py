@@ -13,6 +13,7 @@ import numpy as np
 
 from pue.bundle import Manifest, read_manifest, verify_files
 from pue.errors import BundleError, InputError, PueError
+from pue.runtime.backends.base import decoder_output_width
 from pue.runtime.backends.registry import open_backend
 from pue.runtime.images import fit_to_tile, load_image, load_tiles
 from pue.runtime.preprocess import ImagePreprocessor
@@ -77,10 +78,13 @@ class Embedder:
         self.batch_size = int(batch_size or manifest.default_batch_size)
         if self.batch_size < 1:
             raise PueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if manifest.embedding_dim != manifest.hidden_size and not (manifest.recipe or {}).get("matryoshka"):
+        width = decoder_output_width(manifest)
+        if manifest.embedding_dim > width or (
+            manifest.embedding_dim < width and not (manifest.recipe or {}).get("matryoshka")
+        ):
             raise BundleError(
-                f"the bundle's embedding_dim {manifest.embedding_dim} differs from its model width "
-                f"{manifest.hidden_size}, but its recipe allows no Matryoshka cut",
+                f"the bundle's embedding_dim {manifest.embedding_dim} differs from its decoder's output width {width}, "
+                "and its recipe allows no Matryoshka cut to it",
                 "rebuild the bundle with pue-export onnx",
             )
         self.preprocessor = ImagePreprocessor(manifest.preprocessing)

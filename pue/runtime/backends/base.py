@@ -302,6 +302,16 @@ class Backend(abc.ABC):
         return rows
 
 
+def decoder_output_width(manifest: Manifest) -> int:
+    """The width of the decoder graph's `sentence_embedding` (the manifest's `embedding_dim` may be a Matryoshka cut
+    of it, which the Embedder makes)."""
+    decoder = manifest.graphs.get("decoder")
+    for spec in decoder.outputs if decoder is not None else []:
+        if spec.name == SENTENCE_EMBEDDING and spec.shape and isinstance(spec.shape[-1], int) and spec.shape[-1] > 0:
+            return int(spec.shape[-1])
+    return int(manifest.embedding_dim)
+
+
 def feature_inputs(decoder_inputs: list[TensorSpec]) -> list[TensorSpec]:
     """The decoder's per-image inputs, in graph order: `image_features` and any an architecture adds (Qwen3-VL's
     `deepstack_features`): every input but `input_ids` and `attention_mask`, each a vision output of that name."""

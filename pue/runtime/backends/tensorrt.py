@@ -33,6 +33,7 @@ from pue.runtime.backends.base import (
     Runner,
     check_feed,
     decoder_feed,
+    decoder_output_width,
     feature_inputs,
     parse_device,
     place_image_features,
@@ -392,7 +393,7 @@ class TensorRTBackend(Backend):
         probe = (self.decoder.min_batch, input_ids.shape[1])
         self.decoder.check_shapes({INPUT_IDS: probe, ATTENTION_MASK: probe})
         self._check_images_per_row(image_rows)
-        output = np.empty((input_ids.shape[0], self.manifest.hidden_size), np.float32)  # the graph's width
+        output = np.empty((input_ids.shape[0], decoder_output_width(self.manifest)), np.float32)
         for chunk in split_batch(input_ids.shape[0], image_rows, self.max_batch):
             pixels = None if pixel_values is None else pixel_values[chunk.pixel_start : chunk.pixel_stop]
             output[chunk.start : chunk.stop] = self._run_chunk(

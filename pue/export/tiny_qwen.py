@@ -14,7 +14,7 @@ processor's pixel bounds (min 65,536: a 224 px tile becomes 256 px, 16 × 16 pat
 and std; a learned 8 × 8 position table that the tower interpolates bilinearly to the 16 × 16 grid; DeepStack
 from vision blocks 1, 2 and 3 of 4 (three levels, added after decoder layers 0-2 of 4); interleaved M-RoPE
 (sections [2, 3, 3] of head_dim 16, ``mrope_interleaved``). Its attention normalises q and k per head, so the
-position gain goes on the q/k norms' weights instead of the projections.
+position gain goes on the q/k norms' weights instead of the projections, and is smaller (`QWEN3_NORM_GAIN`).
 """
 
 from __future__ import annotations
@@ -69,6 +69,12 @@ _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3,
 #: positions: 1-D instead of M-RoPE ids moved image embeddings by cosine 0.99997 only, so no gate could tell them
 #: apart. With q and k × 4 (logits × 16) the same mistake gives 0.99 (measured on the ci preset).
 POSITION_GAIN = 4.0
+#: Qwen3-VL normalises q and k per head, so its logits do not shrink with the random weights (|q| = |k| = √head_dim
+#: already) and its attention reads positions at gain 1: contiguous instead of interleaved sections moved image
+#: embeddings to 0.995. The gain goes on the q/k norms' weights (logits scale with its square): ×1.5 widens that to
+#: 0.95-0.99 while int8-dynamic still holds (mean 0.9992); ×4, the Qwen2 presets' value, made attention an argmax
+#: that int8 noise flipped (mean 0.93, fp16 min 0.990). Measured on the ci preset, homie recipe, 256 px tiles.
+QWEN3_NORM_GAIN = 1.5
 #: Qwen3-VL's released image processor: patch 16, min 65,536 / max 16,777,216 pixels, mean and std 0.5.
 QWEN3_IMAGE_PROCESSOR = {
     "patch_size": 16,
@@ -158,8 +164,9 @@ def build_qwen(arch: str, seed: int) -> tuple[Any, TinyQwenProcessor, dict[str, 
         for layer in model.model.language_model.layers:
             attention = layer.self_attn
             normed = hasattr(attention, "q_norm")  # Qwen3: per-head RMSNorm after q/k_proj would undo the gain
-            (attention.q_norm if normed else attention.q_proj).weight.mul_(POSITION_GAIN)
-            (attention.k_norm if normed else attention.k_proj).weight.mul_(POSITION_GAIN)
+            gain = QWEN3_NORM_GAIN if normed else POSITION_GAIN
+            (attention.q_norm if normed else attention.q_proj).weight.mul_(gain)
+            (attention.k_norm if normed else attention.k_proj).weight.mul_(gain)
     image_processor = Qwen2VLImageProcessorPil(**(QWEN3_IMAGE_PROCESSOR if arch == "qwen3_vl" else {}))
     grid = image_processor.get_number_of_image_patches(224, 224)
     info = {

@@ -293,6 +293,31 @@ def test_the_graphs_pass_the_onnx_checker_with_standard_ops_only(bundles):
         assert domains <= {"", "ai.onnx"}, (name, domains)
 
 
+# --- quantization -----------------------------------------------------------------------------------------------
+
+
+def test_an_int8_dynamic_bundle_passes_the_fidelity_gate(bundles, tmp_path):
+    """`pue-export quantize` on the DeepStack graphs: calibration feeds and the gate carry deepstack_features.
+    (FP16 passes too, cosine 1.0 on CPU; left out of CI for its 30-40 s.)"""
+    from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
+    from pue.runtime import Embedder
+
+    heldout = tmp_path / "heldout"
+    heldout.mkdir()
+    for path in small_heldout():  # the fidelity gate's minimum of 4
+        shutil.copy(path, heldout / path.name)
+    precision = "int8-dynamic"
+    out = tmp_path / precision
+    options = QuantizeOptions(precision=precision, heldout=heldout, num_patches=8, num_captions=4)
+    result = quantize_bundle(bundles["homie"], out, options)
+    assert result.fidelity.passed, [(c.name, c.metric, c.value) for c in result.fidelity.checks]
+    manifest = read_manifest(out)
+    assert manifest.precision == precision
+    assert [t.name for t in manifest.graphs["decoder"].inputs][-1] == "deepstack_features"
+    with Embedder.load(out) as embedder:
+        assert embedder.embed_images(export_heldout()[:1]).shape == (1, 64)
+
+
 # --- the 8 B resource plan --------------------------------------------------------------------------------------
 
 

@@ -293,6 +293,18 @@ def test_the_graphs_pass_the_onnx_checker_with_standard_ops_only(bundles):
         assert domains <= {"", "ai.onnx"}, (name, domains)
 
 
+def test_inspect_shows_deepstack_and_the_matryoshka_cut(bundles):
+    from rich.console import Console
+
+    from pue.export.inspect_bundle import describe_bundle, print_summary
+
+    console = Console(record=True, width=200)
+    print_summary(console, describe_bundle(bundles["embedding"]))
+    text = console.export_text()
+    assert "DeepStack: 3 levels from vision blocks [1, 2, 3], added after decoder layers [0, 1, 2]" in text
+    assert "Matryoshka: the 64-wide embedding cut to 32" in text
+
+
 # --- quantization -----------------------------------------------------------------------------------------------
 
 

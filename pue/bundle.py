@@ -34,7 +34,11 @@ FORMAT = "pue-bundle"
 # 1.3: Qwen-VL bundles: `preprocessing.kind` "patches" (vision.onnx takes [batch, patches, patch_dim]);
 #      `export.vision_input` (the vision graph's input layout) and `export.positions` (how the decoder graph
 #      positions tokens: "1d", or "mrope" computed in the graph) recorded. LLaVA graphs and feeds unchanged.
-FORMAT_VERSION = "1.3"
+# 1.4: graphs may carry per-image tensors beyond `image_features`, each [batch, tokens, levels, hidden] and placed
+#      per row like it (Qwen3-VL's `deepstack_features`; `export.deepstack` records the levels); `embedding_dim`
+#      may be below `hidden_size` where the recipe allows Matryoshka truncation (`recipe.matryoshka`): the runtime
+#      truncates and renormalises. 1.3 manifests read unchanged (no extra tensors, embedding_dim = hidden_size).
+FORMAT_VERSION = "1.4"
 MANIFEST_NAME = "manifest.json"
 
 
@@ -215,6 +219,7 @@ class ExportInfo:
     decoder_last_layer: str | None = None
     vision_input: dict[str, Any] = field(default_factory=dict)  # 1.3: layout ("anyres", "single", "patches"), shape
     positions: dict[str, Any] = field(default_factory=dict)  # 1.3: how the decoder positions tokens ("1d", "mrope")
+    deepstack: dict[str, Any] = field(default_factory=dict)  # 1.4: DeepStack levels, vision blocks, decoder layers
     timings: dict[str, float] = field(default_factory=dict)
     quantization: QuantizationInfo | None = None
     tensorrt: EngineBuildInfo | None = None

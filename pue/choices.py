@@ -134,6 +134,7 @@ class TinyArchitecture(Choice):
     LLAVA = "llava"
     QWEN2_VL = "qwen2_vl"
     QWEN2_5_VL = "qwen2_5_vl"
+    QWEN3_VL = "qwen3_vl"
 
 
 class TinyPreset(Choice):

@@ -68,17 +68,23 @@ class Rows:
                 self.pixels.setdefault(id(p), self.embedder.pixel_values([p.load()]))
 
     def embed(self, vision: Any, decoder: Any) -> np.ndarray:
-        prompts, hidden = self.embedder.prompts, self.embedder.manifest.hidden_size
-        features_of = {key: vision.run(None, {"pixel_values": pixels})[0] for key, pixels in self.pixels.items()}
+        from pue.runtime.backends.base import decoder_feed
+
+        prompts, manifest = self.embedder.prompts, self.embedder.manifest
+        names = [output.name for output in vision.get_outputs()]
+        outputs_of = {
+            key: dict(zip(names, vision.run(None, {"pixel_values": pixels}), strict=True))
+            for key, pixels in self.pixels.items()
+        }
         out = []
         for index, (kind, patches, text) in enumerate(self.rows):
             ids, _ = prompts.encode(kind, text, index=index, truncate=True, images=max(1, len(patches)))
             input_ids, mask = prompts.pad([ids])
-            if patches:
-                features = np.concatenate([features_of[id(p)] for p in patches], axis=1)
-            else:
-                features = np.zeros((1, 1, hidden), np.float32)
-            feed = {"input_ids": input_ids, "attention_mask": mask, "image_features": features}
+            outputs = None
+            if patches:  # the row's images, one vision output row each
+                outputs = {name: np.concatenate([outputs_of[id(p)][name] for p in patches]) for name in names}
+            rows = np.zeros(len(patches), np.int64)
+            feed = decoder_feed(manifest.graphs["decoder"].inputs, input_ids, mask, outputs, rows, manifest.hidden_size)
             out.append(decoder.run(None, feed)[0])
         return np.concatenate(out)
 

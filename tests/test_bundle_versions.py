@@ -27,9 +27,9 @@ def rewritten(bundle, tmp_path, change):
     return copy
 
 
-def test_this_pue_writes_format_1_3_with_the_separator(bundle):
+def test_this_pue_writes_format_1_4_with_the_separator(bundle):
     data = json.loads((bundle / "manifest.json").read_text())
-    assert FORMAT_VERSION == "1.3" and data["format_version"] == "1.3"
+    assert FORMAT_VERSION == "1.4" and data["format_version"] == "1.4"
     assert data["prompts"]["image_separator"] == " "
     assert read_manifest(bundle).prompts.image_separator == " "
 
@@ -43,6 +43,15 @@ def test_a_1_2_manifest_reads_without_vision_input_and_positions(bundle, tmp_pat
     manifest = read_manifest(rewritten(bundle, tmp_path, to_1_2))
     assert manifest.export.vision_input == {} and manifest.export.positions == {}
     assert manifest.prompts.image_separator == " " and manifest.preprocessing.kind != "patches"
+
+
+def test_a_1_3_manifest_reads_without_deepstack(bundle, tmp_path):
+    def to_1_3(data):
+        data["format_version"] = "1.3"
+        data.get("export", {}).pop("deepstack", None)
+
+    manifest = read_manifest(rewritten(bundle, tmp_path, to_1_3))
+    assert manifest.export.deepstack == {} and manifest.embedding_dim == manifest.hidden_size
 
 
 def test_a_1_1_manifest_has_no_separator(bundle, tmp_path):

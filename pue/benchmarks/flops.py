@@ -21,6 +21,7 @@ from typing import Any
 
 from pue.bundle import Manifest, resolve_inside
 from pue.errors import PueError
+from pue.runtime.backends.base import feature_inputs
 
 # transformers' class defaults, for config.json files that leave a size out (many published ones do).
 _VISION_DEFAULTS = {
@@ -249,7 +250,14 @@ def graph_flops(bundle_dir: str | Path, manifest: Manifest, sequence_length: int
         {
             "input_ids": [1, sequence_length],
             "attention_mask": [1, sequence_length],
-            "image_features": [1, int(manifest.tokens_per_image), hidden],
+            **{
+                spec.name: [
+                    1,
+                    int(manifest.tokens_per_image),
+                    *[d if isinstance(d, int) else hidden for d in spec.shape[2:]],
+                ]
+                for spec in feature_inputs(manifest.graphs["decoder"].inputs)
+            },
         },
     )
     return FlopCount(vision, decoder, bundle_crops(manifest), int(manifest.tokens_per_image), sequence_length, "graph")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pue.errors import PueError
+from pue.runtime.backends.base import decoder_feed
 
 PROFILED_BACKENDS = ("onnxruntime", "openvino")
 
@@ -65,8 +66,14 @@ def profile_bundle(
         for name, runner in (("vision", vision), ("decoder", decoder)):  # the decoder reads the vision features
             warm = runner.infer(feeds[name])  # untimed; the vision one gives the decoder its features
             if name == "vision":
-                features = warm["image_features"]
-                feeds["decoder"]["image_features"] = features.astype(_input_dtype(decoder, "image_features"))
+                feeds["decoder"] = decoder_feed(
+                    decoder.input_metadata(),
+                    input_ids,
+                    attention_mask,
+                    warm,
+                    np.arange(batch_size),
+                    embedder.manifest.hidden_size,
+                )
             walls = []
             for _ in range(runs):
                 runner.infer(feeds[name])

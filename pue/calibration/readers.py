@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from pue.calibration.sources import Patch
+from pue.runtime.backends.base import decoder_feed
 
 DEFAULT_MODIFIERS = [
     "with more lymphocytes",
@@ -96,8 +97,9 @@ class VisionFeeds:
 
 
 class DecoderFeeds:
-    """input_ids, attention_mask, image_features per prompt: image, text, composed and (where the bundle takes
-    them) several-image rows, interleaved."""
+    """The decoder's feed per prompt (input_ids, attention_mask, image_features and any other per-image input, as
+    the runtime builds it: `decoder_feed`): image, text, composed and (where the bundle takes them) several-image
+    rows, interleaved."""
 
     def __init__(self, embedder: Any, plan: CalibrationPlan, limit: int | None = None) -> None:
         self.embedder = embedder
@@ -116,17 +118,17 @@ class DecoderFeeds:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         prompts = self.embedder.prompts
         manifest = self.embedder.manifest
-        vision = self.embedder.backend.vision
+        backend = self.embedder.backend
+        decoder_inputs = backend.decoder.input_metadata()
         for index, (kind, patches, text) in enumerate(self.rows):
             ids, _ = prompts.encode(kind, text, index=index, truncate=True, images=max(1, len(patches)))
             input_ids, attention_mask = prompts.pad([ids])
+            outputs = None
             if patches:
                 pixels = self.embedder.pixel_values([patch.load() for patch in patches], first_index=index)
-                features = vision.infer({"pixel_values": pixels})["image_features"]
-                features = features.reshape(1, -1, features.shape[-1])  # the row's images one after another
-            else:
-                features = np.zeros((1, 1, manifest.hidden_size), np.float32)
-            yield {"input_ids": input_ids, "attention_mask": attention_mask, "image_features": features}
+                outputs = backend.vision.infer({"pixel_values": pixels})
+            image_rows = np.zeros(len(patches), np.int64)  # the row's images one after another
+            yield decoder_feed(decoder_inputs, input_ids, attention_mask, outputs, image_rows, manifest.hidden_size)
 
 
 class OrtReader:

@@ -65,10 +65,15 @@ def onnx(
     opset: int = typer.Option(None, "--opset", help="ONNX opset (default 17 torchscript, 18 dynamo)."),
     tile_size: int = typer.Option(224, "--tile-size", help="Patch size the bundle is built for."),
     recipe: str = typer.Option(
-        None, "--recipe", help="recipe.json, or a shipped recipe by name: e5v (default), gme."
+        None,
+        "--recipe",
+        help="recipe.json, or a shipped recipe by name: e5v (default), gme, homie, qwen3_vl_embedding.",
     ),
     processor: Path = typer.Option(
         None, "--processor", help="Folder to read the processor (tokenizer, image processor, chat template) from."
+    ),
+    embedding_dim: int = typer.Option(
+        None, "--embedding-dim", help="Matryoshka output dimension, where the recipe allows it (default: full)."
     ),
     dtype: ExportDtype = typer.Option(
         ExportDtype.FLOAT32.value, "--dtype", help="Weights of the root bundle (float16 halves memory for 8 B models)."
@@ -98,6 +103,7 @@ def onnx(
             overwrite=overwrite,
             progress=progress_printer(out),
             processor=processor,
+            embedding_dim=embedding_dim,
         )
     except GateFailedError as exc:
         _print_gate(out, exc.report["gate"])
@@ -219,9 +225,7 @@ def quantize(
     )
     out = console()
     try:
-        result = quantize_bundle(
-            bundle, output, options, overwrite=overwrite, progress=progress_printer(out)
-        )
+        result = quantize_bundle(bundle, output, options, overwrite=overwrite, progress=progress_printer(out))
     except GateFailedError as exc:
         _print_fidelity(out, exc.report)
         raise

@@ -58,6 +58,8 @@ def describe_bundle(bundle: str | Path) -> dict[str, Any]:
         "num_crops": manifest.preprocessing.num_crops,
         "vision_input": manifest.export.vision_input,  # format 1.3: layout and shape of vision.onnx's input
         "positions": manifest.export.positions,  # format 1.3: how the decoder positions tokens
+        "deepstack": manifest.export.deepstack,  # format 1.4: Qwen3-VL's DeepStack levels
+        "hidden_size": manifest.hidden_size,
         "tokens_per_image": manifest.tokens_per_image,
         "embedding_dim": manifest.embedding_dim,
         "max_seq_len": manifest.max_seq_len,
@@ -105,6 +107,14 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
         f"tile {summary['tile_size']} px → {layout}, {summary['tokens_per_image']} image tokens ({positions} "
         f"positions); embedding dim {summary['embedding_dim']}; max sequence {summary['max_seq_len']}"
     )
+    deepstack = summary.get("deepstack") or {}
+    if deepstack:
+        console.print(
+            f"DeepStack: {deepstack['levels']} levels from vision blocks {deepstack['vision_blocks']}, added after "
+            f"decoder layers {deepstack['added_after_decoder_layers']} ({deepstack['input']})"
+        )
+    if summary.get("hidden_size") and summary["embedding_dim"] < summary["hidden_size"]:
+        console.print(f"Matryoshka: the {summary['hidden_size']}-wide embedding cut to {summary['embedding_dim']}")
     separator = summary["image_separator"]
     console.print(
         "images per row: one (re-export with pue-export onnx for several)"

@@ -68,7 +68,10 @@ def export_onnx_bundle(
     heldout: list[Path] | None = None,
     progress: Callable[[str], None] | None = None,
     processor: str | Path | None = None,
+    embedding_dim: int | None = None,
 ) -> ExportResult:
+    """`embedding_dim`: a Matryoshka output dimension below the model's width, where the recipe allows it (the
+    manifest records it; the runtime cuts and renormalises)."""
     say = progress or (lambda message: log.info(message))
     dtype = str(parse_choice(ExportDtype, dtype, "--dtype"))
     if dtype not in TOLERANCES:
@@ -94,7 +97,9 @@ def export_onnx_bundle(
     say("loading the checkpoint")
     loaded_processor = load_processor(info, processor)
     model = load_model(info, dtype=dtype, device=device)
-    reference = ReferenceEmbedder(info, model, loaded_processor, resolved_recipe, tile_size)
+    reference = ReferenceEmbedder(
+        info, model, loaded_processor, resolved_recipe, tile_size, embedding_dim=embedding_dim
+    )
     timings["load_s"] = time.perf_counter() - started
 
     gate_set = GateSet.default(heldout, minimum=2)
@@ -154,32 +159,39 @@ def _export_graphs(
 
     dummy_batch = 2
     pixels = torch.zeros(geometry.pixel_shape(dummy_batch), dtype=torch.float32, device=device)
-    pixel_axes = {0: "batch"}
+    tokens = geometry.tokens_per_image
+    # per-image tensors both graphs carry: image_features [batch, tokens, hidden], and any the architecture adds
+    # ([batch, tokens, levels, hidden], e.g. Qwen3-VL's deepstack_features), placed per row alike
+    feature_dims = {"image_features": [hidden]} | {
+        name: [levels, hidden] for name, levels in architecture.extra_image_features(model).items()
+    }
     vision = GraphExport(
         "vision",
         architecture.vision_module(model, geometry).eval(),
         (pixels,),
         ["pixel_values"],
-        ["image_features"],
-        {"pixel_values": pixel_axes, "image_features": {0: "batch"}},
+        list(feature_dims),
+        {"pixel_values": {0: "batch"}} | {name: {0: "batch"} for name in feature_dims},
     )
     seq = 8
-    ids = torch.full((dummy_batch, geometry.tokens_per_image + seq), int(tokenizer.pad_token_id or 0), device=device)
-    ids[0, 2 : 2 + geometry.tokens_per_image] = image_token_id
+    ids = torch.full((dummy_batch, tokens + seq), int(tokenizer.pad_token_id or 0), device=device)
+    ids[0, 2 : 2 + tokens] = image_token_id
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0
-    features = torch.zeros((dummy_batch, geometry.tokens_per_image, hidden), dtype=torch.float32, device=device)
+    features = [
+        torch.zeros((dummy_batch, tokens, *dims), dtype=torch.float32, device=device) for dims in feature_dims.values()
+    ]
     decoder_module = architecture.decoder_module(model, image_token_id, reference.pool_token_id, geometry).eval()
     decoder = GraphExport(
         "decoder",
         decoder_module,
-        (ids, mask, features),
-        ["input_ids", "attention_mask", "image_features"],
+        (ids, mask, *features),
+        ["input_ids", "attention_mask", *feature_dims],
         ["sentence_embedding"],
         {
             "input_ids": {0: "batch", 1: "sequence"},
             "attention_mask": {0: "batch", 1: "sequence"},
-            "image_features": {0: "batch", 1: "image_tokens"},
+            **{name: {0: "batch", 1: "image_tokens"} for name in feature_dims},
             "sentence_embedding": {0: "batch"},
         },
     )
@@ -188,14 +200,14 @@ def _export_graphs(
         (
             vision,
             [TensorSpec("pixel_values", "float32", ["batch", *geometry.pixel_shape(1)[1:]])],
-            [TensorSpec("image_features", "float32", ["batch", geometry.tokens_per_image, hidden])],
+            [TensorSpec(name, "float32", ["batch", tokens, *dims]) for name, dims in feature_dims.items()],
         ),
         (
             decoder,
             [
                 TensorSpec("input_ids", "int64", ["batch", "sequence"]),
                 TensorSpec("attention_mask", "int64", ["batch", "sequence"]),
-                TensorSpec("image_features", "float32", ["batch", "image_tokens", hidden]),
+                *[TensorSpec(name, "float32", ["batch", "image_tokens", *dims]) for name, dims in feature_dims.items()],
             ],
             [TensorSpec("sentence_embedding", "float32", ["batch", hidden])],
         ),
@@ -238,7 +250,7 @@ def _export_graphs(
         ),
         image_token_id=image_token_id,
         tokens_per_image=geometry.tokens_per_image,
-        embedding_dim=hidden,
+        embedding_dim=reference.embedding_dim,
         hidden_size=hidden,
         max_seq_len=max_positions,
         default_batch_size=DEFAULT_BATCH_SIZE,
@@ -257,6 +269,7 @@ def _export_graphs(
             vision_input={"layout": geometry.kind, "shape": ["batch", *geometry.pixel_shape(1)[1:]]}
             | ({"grid_thw": list(geometry.grid_thw)} if geometry.kind == "patches" else {}),
             positions=architecture.positions(model, geometry),
+            **architecture.feature_record(model),
         ),
     )
 

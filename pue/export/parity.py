@@ -15,6 +15,7 @@ import numpy as np
 from pue.fidelity import PARITY, Check, GateReport, GateSet, compare_for_parity
 
 VISION_GATE_IMAGES = 4
+VISION_PREFIX = "vision:"  # reference_outputs' keys of the vision graph's outputs
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,8 @@ TOLERANCES = {
 
 def reference_outputs(reference: Any, gate_set: GateSet) -> dict[str, np.ndarray]:
     """What the parity gate compares with, computed from the PyTorch reference before torch is freed."""
-    return {
-        **gate_set.embed(reference),
-        "image_features": reference.image_features(gate_set.images[:VISION_GATE_IMAGES]),
-    }
+    vision = reference.vision_outputs(gate_set.images[:VISION_GATE_IMAGES])
+    return {**gate_set.embed(reference), **{f"{VISION_PREFIX}{name}": value for name, value in vision.items()}}
 
 
 def run_parity_gate(
@@ -54,14 +53,23 @@ def run_parity_gate(
     for kind in ("images", "texts", "composed", "image_sets"):
         if kind in reference or kind in got:
             compare_for_parity(
-                report, kind, got.get(kind, np.zeros(0)), reference.get(kind, np.zeros(0)), tolerances.min_cosine,
+                report,
+                kind,
+                got.get(kind, np.zeros(0)),
+                reference.get(kind, np.zeros(0)),
+                tolerances.min_cosine,
                 tolerances.max_abs,
             )
 
-    features = embedder.image_features(gate_set.images[:VISION_GATE_IMAGES])
-    want = reference["image_features"]
-    vision_diff = float(np.max(np.abs(features - want))) if features.shape == want.shape else float("nan")
-    report.checks.append(Check("vision features", "max abs diff", vision_diff, tolerances.vision_max_abs, False))
+    vision = embedder.vision_outputs(gate_set.images[:VISION_GATE_IMAGES])
+    for key, want in reference.items():
+        if not key.startswith(VISION_PREFIX):
+            continue
+        name = key.removeprefix(VISION_PREFIX)
+        got_features = vision.get(name, np.zeros(0))
+        diff = float(np.max(np.abs(got_features - want))) if got_features.shape == want.shape else float("nan")
+        label = "vision features" if name == "image_features" else f"vision {name}"
+        report.checks.append(Check(label, "max abs diff", diff, tolerances.vision_max_abs, False))
 
     texts = gate_set.texts
     singles = np.concatenate([embedder.embed_texts([t]) for t in texts])

@@ -31,6 +31,23 @@ class QwenVLProcessor:
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.image_token = getattr(tokenizer, "image_token", None) or DEFAULT_IMAGE_TOKEN
         self.image_token_id = int(tokenizer.convert_tokens_to_ids(self.image_token))
+        self.pre_resize: dict[str, int] | None = None  # a recipe's own resize before the processor's (HOMIE)
+
+    def prepare(self, image: Any) -> Any:
+        """The recipe's own resize (`pre_resize`) as HOMIE's `qwen_vl_utils.fetch_image` does it: transformers'
+        `smart_resize` of the image's size, then Pillow's `resize` with its default filter; else the image."""
+        if not self.pre_resize:
+            return image
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        height, width = smart_resize(
+            image.height,
+            image.width,
+            factor=self.pre_resize["factor"],
+            min_pixels=self.pre_resize["min_pixels"],
+            max_pixels=self.pre_resize["max_pixels"],
+        )
+        return image.resize((width, height))
 
     def __call__(
         self,

@@ -23,6 +23,10 @@ class Recipe:
     image placeholder (LLaVA templates); "parts" renders it as a list of content parts, `<image>` becoming an
     image part and the text around it text parts, so templates that wrap images themselves (Qwen's
     `<|vision_start|><|image_pad|><|vision_end|>`) do so.
+    `image_resize`: the recipe's own resize of every image before the processor's, `{"factor", "min_pixels",
+    "max_pixels"}` by Qwen's `smart_resize` rule (HOMIE: factor 28, 4·28² to 625·28² pixels); patch models only.
+    `matryoshka`: `{"min_dim": N}` where the model was trained for shorter outputs (Qwen3-VL-Embedding): an
+    embedding may be cut to its first D ≥ N values and renormalised (`--embedding-dim`); None: never cut.
     """
 
     name: str
@@ -31,6 +35,8 @@ class Recipe:
     pooling: Any  # "last_token" or {"before_token": "<emb>"}
     system: str | None = None
     content: str = "string"
+    image_resize: dict[str, int] | None = None
+    matryoshka: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,7 +51,7 @@ def default_recipe_path() -> Path:
 
 
 def shipped_recipe_path(name: str) -> Path:
-    """`pue/data/recipe_<name>.json`: the recipes shipped with pue (e5v, gme)."""
+    """`pue/data/recipe_<name>.json`: the recipes shipped with pue (e5v, gme, homie, qwen3_vl_embedding)."""
     return Path(__file__).resolve().parent.parent / "data" / f"recipe_{name}.json"
 
 
@@ -90,6 +96,21 @@ def recipe_from_dict(data: dict[str, Any], origin: str = "recipe") -> Recipe:
         problems.append("system must be a string or null")
     if data.get("content", "string") not in CONTENT_FORMS:
         problems.append(f"content must be one of {', '.join(CONTENT_FORMS)}")
+    resize = data.get("image_resize")
+    if resize is not None and (
+        not isinstance(resize, dict)
+        or set(resize) != {"factor", "min_pixels", "max_pixels"}
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in resize.values())
+    ):
+        problems.append("image_resize must map factor, min_pixels and max_pixels to positive integers")
+    matryoshka = data.get("matryoshka")
+    if matryoshka is not None and (
+        not isinstance(matryoshka, dict)
+        or set(matryoshka) != {"min_dim"}
+        or not isinstance(matryoshka["min_dim"], int)
+        or matryoshka["min_dim"] < 1
+    ):
+        problems.append('matryoshka must be {"min_dim": N} with N a positive integer')
     if problems:
         raise PueError(f"{origin} is not a valid recipe: " + "; ".join(problems))
     return Recipe(
@@ -99,6 +120,8 @@ def recipe_from_dict(data: dict[str, Any], origin: str = "recipe") -> Recipe:
         pooling=pooling,
         system=data.get("system"),
         content=data.get("content", "string"),
+        image_resize=None if resize is None else dict(resize),
+        matryoshka=None if matryoshka is None else dict(matryoshka),
     )
 
 
@@ -220,3 +243,23 @@ def image_separator(processor: Any, checked_up_to: int = 4) -> str | None:
 def image_placeholder(processor: Any) -> str:
     """The checkpoint's image token string; recipes write `<image>` and get the checkpoint's own."""
     return getattr(processor, "image_token", None) or RECIPE_IMAGE
+
+
+def check_embedding_dim(recipe: Recipe | dict[str, Any], hidden: int, wanted: int | None) -> int:
+    """The output dimension of a bundle: the model's width, or a Matryoshka cut the recipe allows."""
+    if wanted is None or wanted == hidden:
+        return hidden
+    matryoshka = recipe.get("matryoshka") if isinstance(recipe, dict) else recipe.matryoshka
+    name = recipe.get("name") if isinstance(recipe, dict) else recipe.name
+    if not matryoshka:
+        raise PueError(
+            f"embedding dimension {wanted} requested, but the recipe '{name}' allows only the model's {hidden}",
+            'embeddings may be cut only where the model was trained for it (a recipe with "matryoshka")',
+        )
+    low = int(matryoshka["min_dim"])
+    if not low <= wanted <= hidden:
+        raise PueError(
+            f"embedding dimension {wanted} is outside the recipe's Matryoshka range {low}..{hidden}",
+            f"choose a dimension from {low} to {hidden}",
+        )
+    return int(wanted)

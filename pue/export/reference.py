@@ -13,9 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from pue.errors import InputError
+from pue.errors import InputError, PueError
 from pue.export.checkpoint import CheckpointInfo, inspect_checkpoint, load_model, load_processor
-from pue.export.recipe import TEXT_FIELD, Recipe, image_placeholder, image_separator, load_recipe, render_prompts
+from pue.export.recipe import (
+    TEXT_FIELD,
+    Recipe,
+    check_embedding_dim,
+    image_placeholder,
+    image_separator,
+    load_recipe,
+    render_prompts,
+)
 from pue.runtime.images import fit_to_tile, load_image
 from pue.runtime.prompts import join_images
 
@@ -28,7 +36,14 @@ class ReferenceEmbedder:
     """Embeds images, texts and composed queries with the PyTorch model (one forward pass, no generation)."""
 
     def __init__(
-        self, info: CheckpointInfo, model: Any, processor: Any, recipe: Recipe, tile_size: int, batch_size: int = 8
+        self,
+        info: CheckpointInfo,
+        model: Any,
+        processor: Any,
+        recipe: Recipe,
+        tile_size: int,
+        batch_size: int = 8,
+        embedding_dim: int | None = None,
     ) -> None:
         from pue.export.architectures import get_architecture
 
@@ -39,7 +54,16 @@ class ReferenceEmbedder:
         self.tile_size = tile_size
         self.batch_size = batch_size
         self.architecture = get_architecture(info.model_type)
+        if recipe.image_resize is not None:
+            if not hasattr(processor, "pre_resize"):
+                raise PueError(
+                    f"the recipe '{recipe.name}' resizes images itself (image_resize), which only Qwen-VL "
+                    f"processors do; {info.model_type} does not",
+                    "use a recipe without image_resize",
+                )
+            processor.pre_resize = dict(recipe.image_resize)
         self.geometry = self.architecture.geometry(model, tile_size, processor)
+        self.embedding_dim = check_embedding_dim(recipe, self.architecture.hidden_size(model), embedding_dim)
         self.image_token = image_placeholder(processor)
         self.rendered_prompts = render_prompts(processor, recipe)
         self.image_separator = image_separator(processor)
@@ -57,14 +81,16 @@ class ReferenceEmbedder:
         recipe: str | Path | Recipe | None = None,
         batch_size: int = 8,
         processor: str | Path | None = None,
+        embedding_dim: int | None = None,
     ) -> ReferenceEmbedder:
-        """`processor`: a folder to read the processor from instead of the checkpoint (`--processor`)."""
+        """`processor`: a folder to read the processor from instead of the checkpoint (`--processor`);
+        `embedding_dim`: a Matryoshka cut where the recipe allows one (the bundle's `embedding_dim`)."""
         info = inspect_checkpoint(checkpoint)
         resolved = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         processor = load_processor(info, processor)
         processor.tokenizer.padding_side = "right"  # HF positions are arange: right padding keeps them exact
         model = load_model(info, dtype=dtype, device=device)
-        return cls(info, model, processor, resolved, tile_size, batch_size)
+        return cls(info, model, processor, resolved, tile_size, batch_size, embedding_dim)
 
     @property
     def takes_image_sets(self) -> bool:
@@ -114,22 +140,32 @@ class ReferenceEmbedder:
 
     def image_features(self, images: Sequence[Any]) -> np.ndarray:
         """The HF model's packed image features [N, tokens_per_image, hidden] (vision.onnx's ground truth)."""
+        return self.vision_outputs(images)["image_features"]
+
+    def vision_outputs(self, images: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Every tensor vision.onnx returns, as the HF model computes it: `image_features` and, for Qwen3-VL,
+        `deepstack_features` [N, tokens_per_image, levels, hidden]."""
         import torch
 
         tiles = self.tiles(images)
-        out = []
+        out: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(tiles), self.batch_size):
             pixels = self.pixel_values(tiles[start : start + self.batch_size])
             with torch.inference_mode():
-                out.append(self.architecture.reference_image_features(self.model, pixels, self.geometry).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.geometry.tokens_per_image, 0), np.float32)
+                got = self.architecture.reference_image_features(self.model, pixels, self.geometry)
+            for name, value in (got if isinstance(got, dict) else {"image_features": got}).items():
+                out.setdefault(name, []).append(value.cpu().numpy())
+        if not out:
+            return {"image_features": np.zeros((0, self.geometry.tokens_per_image, 0), np.float32)}
+        return {name: np.concatenate(values) for name, values in out.items()}
 
     # --- helpers --------------------------------------------------------------------------------------
     def tiles(self, images: Sequence[Any]) -> list[Any]:
         tiles, resized = [], 0
         for index, item in enumerate(images):
             tile, changed = fit_to_tile(load_image(item, index), self.tile_size)
-            tiles.append(tile)
+            prepare = getattr(self.processor, "prepare", None)
+            tiles.append(tile if prepare is None else prepare(tile))
             resized += int(changed)
         if resized:
             log.info("brought %d of %d images to the %d px tile size", resized, len(tiles), self.tile_size)
@@ -163,7 +199,7 @@ class ReferenceEmbedder:
         import torch
 
         count = len(image_sets) if image_sets is not None else len(texts or [])
-        hidden = self.architecture.hidden_size(self.model)
+        hidden = self.embedding_dim
         tile_sets = [self.tiles(images) for images in image_sets] if image_sets is not None else None
         prompts = [
             self.prompt(
@@ -201,6 +237,8 @@ class ReferenceEmbedder:
             index = (positions * (input_ids == self.pool_token_id)).amax(dim=1) - 1
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index].float()
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        if self.embedding_dim < pooled.shape[-1]:  # Matryoshka: the first values, renormalised
+            pooled = torch.nn.functional.normalize(pooled[:, : self.embedding_dim], dim=-1)
         return pooled.cpu().numpy().astype(np.float32)
 
     def close(self) -> None:

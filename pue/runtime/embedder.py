@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from pue.bundle import Manifest, read_manifest, verify_files
-from pue.errors import InputError, PueError
+from pue.errors import BundleError, InputError, PueError
+from pue.runtime.backends.base import decoder_output_width
 from pue.runtime.backends.registry import open_backend
 from pue.runtime.images import fit_to_tile, load_image, load_tiles
 from pue.runtime.preprocess import ImagePreprocessor
@@ -77,6 +78,15 @@ class Embedder:
         self.batch_size = int(batch_size or manifest.default_batch_size)
         if self.batch_size < 1:
             raise PueError(f"batch_size must be at least 1, got {self.batch_size}")
+        width = decoder_output_width(manifest)
+        if manifest.embedding_dim > width or (
+            manifest.embedding_dim < width and not (manifest.recipe or {}).get("matryoshka")
+        ):
+            raise BundleError(
+                f"the bundle's embedding_dim {manifest.embedding_dim} differs from its decoder's output width {width}, "
+                "and its recipe allows no Matryoshka cut to it",
+                "rebuild the bundle with pue-export onnx",
+            )
         self.preprocessor = ImagePreprocessor(manifest.preprocessing)
         self.prompts = PromptTokenizer.for_bundle(bundle_dir, manifest)
         self.stage_seconds: dict[str, float] = {"load": 0.0, "preprocess": 0.0, "tokenize": 0.0}
@@ -218,21 +228,27 @@ class Embedder:
             return np.zeros((0, self.dimension), np.float32)
         ids, _ = self.prompts.encode("image", None)
         input_ids, attention_mask = self.prompts.pad([ids] * rows)
-        return self.backend.run(input_ids, attention_mask, pixels, np.arange(rows, dtype=np.int64))
+        return self._output(self.backend.run(input_ids, attention_mask, pixels, np.arange(rows, dtype=np.int64)))
 
     def image_features(self, images: Sequence[Any]) -> np.ndarray:
         """`vision.onnx`'s output for these images (used by the parity gate and calibration)."""
+        return self.vision_outputs(images)["image_features"]
+
+    def vision_outputs(self, images: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Every output of `vision.onnx` for these images, by name (`image_features`; Qwen3-VL adds
+        `deepstack_features`)."""
         self._require_open()
-        outputs = []
+        outputs: dict[str, list[np.ndarray]] = {}
         items = list(images)
         for start in range(0, len(items), self.batch_size):
             pixels = self.pixel_values(items[start : start + self.batch_size], first_index=start)
-            outputs.append(self.backend.vision.infer({"pixel_values": pixels})["image_features"])
-        return (
-            np.concatenate(outputs)
-            if outputs
-            else np.zeros((0, self.manifest.tokens_per_image, self.manifest.hidden_size), np.float32)
-        )
+            for name, value in self.backend.vision.infer({"pixel_values": pixels}).items():
+                outputs.setdefault(name, []).append(value)
+        if not outputs:
+            return {
+                "image_features": np.zeros((0, self.manifest.tokens_per_image, self.manifest.hidden_size), np.float32)
+            }
+        return {name: np.concatenate(values) for name, values in outputs.items()}
 
     def stage_times(self) -> dict[str, float]:
         """Cumulative seconds per stage: preprocess, tokenize, and the backend's vision and decoder."""
@@ -257,7 +273,21 @@ class Embedder:
             pixels = self.preprocessor(tiles)
             self.stage_seconds["preprocess"] += time.perf_counter() - started
         input_ids, attention_mask = self.prompts.pad(rows)
-        return self.backend.run(input_ids, attention_mask, pixels, np.asarray(image_rows, dtype=np.int64))
+        return self._output(self.backend.run(input_ids, attention_mask, pixels, np.asarray(image_rows, dtype=np.int64)))
+
+    def _output(self, embeddings: np.ndarray) -> np.ndarray:
+        """The graph's unit vectors, cut to the bundle's `embedding_dim` and renormalised where the recipe allows
+        it (Matryoshka; checked at load); unchanged otherwise."""
+        return matryoshka_cut(embeddings, self.dimension)
+
+
+def matryoshka_cut(embeddings: np.ndarray, dimension: int) -> np.ndarray:
+    """The first `dimension` values of each row, renormalised to unit length (rows already that wide unchanged)."""
+    if embeddings.shape[-1] <= dimension:
+        return embeddings
+    cut = embeddings[..., :dimension]
+    norms = np.maximum(np.linalg.norm(cut, axis=-1, keepdims=True), 1e-12)
+    return (cut / norms).astype(np.float32)
 
 
 def _as_list(items: Any, what: str) -> list[Any]:

@@ -1,4 +1,4 @@
-"""Native-resolution patch preprocessing (Qwen2-VL / Qwen2.5-VL), in numpy + Pillow.
+"""Native-resolution patch preprocessing (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), in numpy + Pillow.
 
 transformers' ``Qwen2VLImageProcessorPil`` resizes an image to a size whose sides are multiples of
 ``patch_size × merge_size`` with its pixel count inside [min_pixels, max_pixels] (``smart_resize``), rescales
@@ -63,14 +63,36 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def preprocessing_for_patches(processor_config: dict[str, Any], tile_size: int) -> ImagePreprocessing:
+def pre_resized_size(tile_size: int, pre_resize: dict[str, Any] | None) -> tuple[int, int]:
+    """(height, width) of a square tile after a recipe's own resize before the processor (HOMIE: factor 28,
+    4·28² to 625·28² pixels, as `qwen_vl_utils.fetch_image` does it); the tile's size without one."""
+    if not pre_resize:
+        return tile_size, tile_size
+    try:
+        return smart_resize(
+            tile_size,
+            tile_size,
+            int(pre_resize["factor"]),
+            int(pre_resize["min_pixels"]),
+            int(pre_resize["max_pixels"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"the recipe's image_resize {pre_resize!r} is not factor, min_pixels, max_pixels: {exc}"
+        ) from exc
+
+
+def preprocessing_for_patches(
+    processor_config: dict[str, Any], tile_size: int, pre_resize: dict[str, Any] | None = None
+) -> ImagePreprocessing:
     """The bundle's `ImagePreprocessing` of a Qwen2-VL-style image processor for square tiles of `tile_size`.
 
     `processor_config` is the image processor's dict (`preprocessor_config.json`, or `processor_config.json`'s
     ``image_processor``); ``min_pixels`` / ``max_pixels`` are read from those keys or from ``size``
     (``shortest_edge`` / ``longest_edge``, transformers 5's form). The resolved settings and the fixed layout of
     one tile (``resized``, ``grid_thw``, ``patches``, ``patch_dim``, ``tokens_per_image``) are kept in
-    ``processor_config``.
+    ``processor_config``. `pre_resize` is a recipe's own resize before the processor's (``image_resize``: HOMIE's
+    factor-28 rule); kept as ``pre_resize`` with the size it gives, from which the processor then resizes.
     """
     if not isinstance(processor_config, dict):
         raise CheckpointError(f"the image processor config must be a dict, got {type(processor_config).__name__}")
@@ -84,13 +106,14 @@ def preprocessing_for_patches(processor_config: dict[str, Any], tile_size: int) 
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise CheckpointError(f"the image processor's {key} {value!r} is not a positive integer")
     factor = resolved["patch_size"] * resolved["merge_size"]
+    first_h, first_w = pre_resized_size(tile_size, pre_resize)
     if resolved["do_resize"]:
         try:
-            height, width = smart_resize(tile_size, tile_size, factor, resolved["min_pixels"], resolved["max_pixels"])
+            height, width = smart_resize(first_h, first_w, factor, resolved["min_pixels"], resolved["max_pixels"])
         except ValueError as exc:
             raise CheckpointError(f"the image processor cannot resize {tile_size}px tiles: {exc}") from exc
     else:
-        height = width = tile_size
+        height, width = first_h, first_w
     if height % factor or width % factor:
         raise CheckpointError(
             f"{tile_size}px tiles stay {width}x{height}px, not a multiple of patch_size × merge_size = {factor}",
@@ -106,6 +129,12 @@ def preprocessing_for_patches(processor_config: dict[str, Any], tile_size: int) 
         patch_dim=3 * resolved["temporal_patch_size"] * patch * patch,
         tokens_per_image=grid_h * grid_w // resolved["merge_size"] ** 2,
     )
+    if pre_resize:
+        resolved["pre_resize"] = {
+            **{key: int(pre_resize[key]) for key in ("factor", "min_pixels", "max_pixels")},
+            "resized": [first_h, first_w],
+            "resample": int(Image.Resampling.BICUBIC),  # Pillow's default for RGB, as qwen_vl_utils calls it
+        }
     return ImagePreprocessing(
         kind=PATCHES,
         tile_size=int(tile_size),
@@ -142,6 +171,8 @@ class PatchPreprocessor:
         if (self.height // self.patch) * (self.width // self.patch) != self.patches:
             raise BundleError(f"the bundle's patch preprocessing is inconsistent: {config}", "rebuild the bundle")
         self.resample = int(spec.resample)
+        pre = config.get("pre_resize") or None
+        self.pre_resize = None if pre is None else (tuple(int(v) for v in pre["resized"]), int(pre["resample"]))
         self._lut = lookup_table
 
     @property
@@ -152,6 +183,9 @@ class PatchPreprocessor:
         out = np.empty((len(tiles), self.patches, self.patch_dim), dtype=np.float32)
         for index, tile in enumerate(tiles):
             self._check_tile(tile, index)
+            if self.pre_resize is not None:  # the recipe's own resize first (HOMIE), then the processor's
+                (height, width), resample = self.pre_resize
+                tile = tile if tile.size == (width, height) else tile.resize((width, height), resample=resample)
             resized = (
                 tile
                 if tile.size == (self.width, self.height)

@@ -73,7 +73,7 @@ def _rows(tokens: int, image_id: int, start_id: int, end_id: int) -> list[list[i
     ]
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, "qwen3_vl"])  # Qwen3-VL: the same ids, interleaved by its rotary
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_mrope_ids_are_get_rope_index_for_every_row_of_a_mixed_padded_batch(arch, side):
     import onnxruntime as ort
@@ -109,7 +109,11 @@ def test_mrope_ids_are_get_rope_index_for_every_row_of_a_mixed_padded_batch(arch
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "positions.onnx"
         torch.onnx.export(
-            Positions(), (mask, is_image), str(path), input_names=["mask", "image"], dynamo=False,
+            Positions(),
+            (mask, is_image),
+            str(path),
+            input_names=["mask", "image"],
+            dynamo=False,
             dynamic_axes={"mask": {0: "b", 1: "s"}, "image": {0: "b", 1: "s"}},
         )
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -127,7 +131,7 @@ def test_the_export_passes_the_parity_gate_and_records_the_contract(arch, qwen_b
     cosines = {c["name"]: c["value"] for c in checks if c["metric"] == "min cosine"}
     assert set(cosines) == {"images", "texts", "composed", "image_sets"}
     assert min(cosines.values()) >= 0.9999
-    assert manifest.format_version == "1.3" and manifest.preprocessing.kind == "patches"
+    assert manifest.format_version == "1.4" and manifest.preprocessing.kind == "patches"
     assert manifest.export.vision_input == {"layout": "patches", "shape": ["batch", 256, 1176], "grid_thw": [1, 16, 16]}
     assert manifest.export.positions["kind"] == "mrope" and manifest.export.positions["image_grid"] == [1, 8, 8]
     assert manifest.tokens_per_image == 64 and manifest.recipe["name"] == RECIPE

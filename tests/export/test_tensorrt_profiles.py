@@ -80,6 +80,14 @@ def test_profiles_cover_rows_of_several_images(e5v):
     assert profiles["decoder"]["image_features"] == ShapeRange((1, 1, 4096), (8, 1176, 4096), (32, 2352, 4096))
 
 
+def test_a_deepstack_input_gets_the_image_feature_ranges(e5v):
+    """Qwen3-VL's decoder takes deepstack_features [batch, image_tokens, levels, hidden] beside image_features."""
+    e5v.graphs["decoder"].inputs.append(TensorSpec("deepstack_features", "float32", ["batch", "image_tokens", 3, 4096]))
+    decoder = engine_profiles(e5v, BatchRange(1, 8, 32), 2880, max_images=2)["decoder"]
+    assert decoder["deepstack_features"] == ShapeRange((1, 1, 3, 4096), (8, 1176, 3, 4096), (32, 2352, 3, 4096))
+    assert decoder["image_features"] == ShapeRange((1, 1, 4096), (8, 1176, 4096), (32, 2352, 4096))
+
+
 def test_max_images_needs_a_bundle_that_takes_several(e5v):
     assert check_max_images(e5v, 4) == 4
     with pytest.raises(PueError, match="must be a positive integer"):

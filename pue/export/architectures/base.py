@@ -70,6 +70,15 @@ class Architecture(abc.ABC):
             getattr(model.config, "image_grid_pinpoints", None),
         )
 
+    def extra_image_features(self, model: Any) -> dict[str, int]:
+        """Per-image tensors beyond `image_features` that `vision.onnx` returns and `decoder.onnx` takes, each
+        `[batch, tokens, levels, hidden]`, name → levels (Qwen3-VL's `deepstack_features`); none by default."""
+        return {}
+
+    def feature_record(self, model: Any) -> dict[str, Any]:
+        """What the manifest records about the extra image tensors (`export.deepstack`); empty without them."""
+        return {}
+
     def positions(self, model: Any, geometry: VisionGeometry) -> dict[str, Any]:
         """How the decoder graph positions tokens (manifest `export.positions`)."""
         return {"kind": "1d", "computed": "in decoder.onnx from attention_mask (running count of real tokens)"}
@@ -81,8 +90,9 @@ class Architecture(abc.ABC):
     @abc.abstractmethod
     def reference_image_features(
         self, model: Any, pixel_values: torch.Tensor, geometry: VisionGeometry
-    ) -> torch.Tensor:
-        """The HF model's own packed image features for `pixel_values` (what the gate compares vision.onnx with)."""
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The HF model's own packed image features for `pixel_values` (what the gate compares vision.onnx with);
+        a dict by output name where the vision graph has more outputs (`extra_image_features`)."""
 
     def decoder_module(
         self, model: Any, image_token_id: int, pool_token_id: int | None, geometry: VisionGeometry | None = None

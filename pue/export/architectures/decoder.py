@@ -48,6 +48,17 @@ class EmbeddingDecoder(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor
     ) -> torch.Tensor:
+        return self.embed(input_ids, attention_mask, image_features)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_features: torch.Tensor,
+        deepstack_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The graph's body; `deepstack_features` [batch, image_tokens, levels, hidden] (Qwen3-VL) are placed by the
+        same per-row gather as `image_features` and handed to the language model, zero at every other position."""
         batch, seq = input_ids.shape
         is_image = input_ids == self.image_token_id
         text_ids = torch.where(is_image, torch.zeros_like(input_ids), input_ids)
@@ -57,14 +68,25 @@ class EmbeddingDecoder(nn.Module):
         # k-th image token of a row -> slot k; every other position reads slot 0 and is discarded below
         slot = (torch.cumsum(is_image.to(torch.int64), dim=1) - 1) * is_image.to(torch.int64)
         row_offset = torch.arange(batch, device=input_ids.device, dtype=torch.int64).unsqueeze(1) * slots_per_row
+        gather = slot + row_offset
         flat_features = image_features.reshape(batch * slots_per_row, image_features.shape[-1]).to(embeds.dtype)
-        placed = flat_features[slot + row_offset]
-        embeds = torch.where(is_image.unsqueeze(-1), placed, embeds)
+        embeds = torch.where(is_image.unsqueeze(-1), flat_features[gather], embeds)
+        extra = {}
+        if deepstack_features is not None:
+            levels = deepstack_features.shape[2]
+            flat = deepstack_features.reshape(batch * slots_per_row, levels, deepstack_features.shape[-1])
+            placed = flat.to(embeds.dtype)[gather] * is_image.to(embeds.dtype)[:, :, None, None]
+            extra = {"visual_pos_masks": is_image, "deepstack_visual_embeds": list(placed.unbind(dim=2))}
 
         mask = attention_mask.to(torch.int64)
         position_ids = self.positions(mask, is_image)
         hidden = self.language_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False, return_dict=True
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=False,
+            return_dict=True,
+            **extra,
         ).last_hidden_state
 
         positions = torch.arange(seq, device=input_ids.device, dtype=torch.int64).unsqueeze(0)

@@ -100,7 +100,9 @@ class QwenVL(Architecture):
 
         if processor is None:
             raise CheckpointError(f"{self.model_type}: the token count per image needs the image processor")
-        spec = preprocessing_for_patches(processor.image_processor.to_dict(), tile_size)
+        spec = preprocessing_for_patches(
+            processor.image_processor.to_dict(), tile_size, getattr(processor, "pre_resize", None)
+        )
         vision, config = model.config.vision_config, spec.processor_config
         mine = (config["patch_size"], config["temporal_patch_size"], config["merge_size"])
         tower = (int(vision.patch_size), int(vision.temporal_patch_size), int(vision.spatial_merge_size))

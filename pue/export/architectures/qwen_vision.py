@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL vision tower over a batch of same-size tiles, with the grid's constants in the graph.
+"""The Qwen-VL vision towers (2, 2.5, 3) over a batch of same-size tiles, with the grid's constants in the graph.
 
 HF's tower takes every image's patches concatenated (`[total_patches, patch_dim]`) plus `grid_thw`, and splits
 attention per image (and per window in Qwen2.5-VL) over `cu_seqlens` with a data-dependent `torch.split`: dynamo
@@ -6,7 +6,11 @@ cannot export it, and a TorchScript trace would freeze the dummy batch's split. 
 the same grid, so this wrapper runs the tower's own blocks (their norms, `qkv`, `proj`, MLP: weights shared, not
 copied) on `[batch, patches, dim]` with attention batched per image. What depends on the grid alone is computed
 once by HF's own functions and stored as constants: the 2-D rotary table, Qwen2.5-VL's window order and its
-block-diagonal window mask, and the order the merger's output is put back in.
+block-diagonal window mask, the order the merger's output is put back in, and Qwen3-VL's bilinear taps that
+resample its learned position table to the grid (the table itself stays a weight the graph gathers from).
+
+Qwen3-VL's DeepStack: the outputs of the blocks in `deepstack_visual_indexes`, each through its own merger, are a
+second output `[batch, tokens, levels, hidden]` (`deepstack_features`), level i for decoder layer i.
 """
 
 from __future__ import annotations
@@ -23,11 +27,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class QwenVisionTower(nn.Module):
-    """pixel_values [batch, patches, patch_dim] → image_features [batch, patches / merge², hidden] (fp32)."""
+    """pixel_values [batch, patches, patch_dim] → image_features [batch, patches / merge², hidden] (fp32), and with
+    DeepStack (Qwen3-VL) also deepstack_features [batch, patches / merge², levels, hidden]."""
 
     def __init__(self, visual: nn.Module, grid_thw: tuple[int, int, int]) -> None:
         super().__init__()
-        from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+        from transformers.vision_utils import (
+            get_vision_interpolation_indices_and_weights,
+            get_vision_position_ids,
+            get_vision_window_index,
+        )
 
         self.visual = visual
         self.merge_unit = int(visual.spatial_merge_size) ** 2
@@ -55,21 +64,48 @@ class QwenVisionTower(nn.Module):
         self.register_buffer("window_order", order.to(torch.int64), persistent=False)
         self.register_buffer("restore_order", torch.argsort(order).to(torch.int64), persistent=False)
         self.register_buffer("window_mask", window_mask.to(anchor.device), persistent=False)
+        self.learned_positions = hasattr(visual, "pos_embed")
+        if self.learned_positions:  # Qwen3-VL: the learned square table resampled to this grid, in merge-block order
+            taps, weights = get_vision_interpolation_indices_and_weights(
+                grid,
+                num_grid_per_side=int(visual.num_grid_per_side),
+                mode=visual.interpolation_mode,
+                align_corners=visual.interpolation_align_corners,
+                spatial_merge_size=int(visual.spatial_merge_size),
+            )
+            self.register_buffer("position_taps", taps.to(anchor.device), persistent=False)
+            self.register_buffer("position_weights", weights.float().to(anchor.device), persistent=False)
+        self.deepstack_blocks = [int(i) for i in getattr(visual, "deepstack_visual_indexes", None) or ()]
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         batch, patches, patch_dim = pixel_values.shape
         visual = self.visual
         dtype = next(visual.parameters()).dtype
         hidden = visual.patch_embed(pixel_values.reshape(batch * patches, patch_dim).to(dtype))
         hidden = hidden.reshape(batch, patches, hidden.shape[-1])
+        if self.learned_positions:
+            table = (visual.pos_embed(self.position_taps) * self.position_weights[:, :, None].to(dtype)).sum(1)
+            hidden = hidden + table.to(hidden.dtype)
         if self.windowed:
             units = hidden.reshape(batch, patches // self.merge_unit, self.merge_unit, hidden.shape[-1])
             hidden = units[:, self.window_order].reshape(batch, patches, -1)
+        levels = []
         for index, block in enumerate(visual.blocks):
             mask = None if index in self.full_attention else self.window_mask
             hidden = hidden + self._attention(block.attn, block.norm1(hidden), mask)
             hidden = hidden + block.mlp(block.norm2(hidden))
-        merged = visual.merger(hidden.reshape(batch * patches, hidden.shape[-1]))
+            if index in self.deepstack_blocks:
+                merger = visual.deepstack_merger_list[self.deepstack_blocks.index(index)]
+                levels.append(self._merge(merger, hidden))
+        merged = self._merge(visual.merger, hidden)
+        if not self.deepstack_blocks:
+            return merged
+        return merged, torch.stack(levels, dim=2)
+
+    def _merge(self, merger: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """A patch merger over [batch, patches, dim] → [batch, tokens, hidden] fp32, in the model's token order."""
+        batch, patches, dim = hidden.shape
+        merged = merger(hidden.reshape(batch * patches, dim))
         merged = merged.reshape(batch, patches // self.merge_unit, merged.shape[-1])
         if self.windowed:
             merged = merged[:, self.restore_order]
@@ -92,10 +128,17 @@ class QwenVisionTower(nn.Module):
         return attention.proj(context)
 
 
-def reference_image_features(model: Any, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
-    """HF's own features for [batch, patches, patch_dim]: the images concatenated as its processor sends them."""
+def reference_image_features(
+    model: Any, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int], deepstack: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """HF's own features for [batch, patches, patch_dim]: the images concatenated as its processor sends them
+    (with `deepstack`, also Qwen3-VL's DeepStack features [batch, tokens, levels, hidden])."""
     batch = pixel_values.shape[0]
     flat = pixel_values.reshape(-1, pixel_values.shape[-1]).to(model.dtype)
     grids = torch.tensor([list(grid_thw)] * batch, dtype=torch.int64, device=flat.device)
     out = model.model.get_image_features(flat, grids, return_dict=True)
-    return torch.stack(list(out.pooler_output)).to(torch.float32)
+    features = torch.stack(list(out.pooler_output)).to(torch.float32)
+    if not deepstack:
+        return features
+    levels = torch.stack([torch.stack(list(level)) for level in out.deepstack_features], dim=2)
+    return features, levels.to(torch.float32)

@@ -6,7 +6,8 @@
 - decoder `input_ids` / `attention_mask`: batch MIN:OPT:MAX, sequence 1..max-seq, tuned for an image prompt
   (tokens_per_image + 64);
 - decoder `image_features`: batch MIN:OPT:MAX, image tokens 1..max-images × tokens_per_image (all-text batches
-  send 1; a row of k images takes k × tokens_per_image).
+  send 1; a row of k images takes k × tokens_per_image); any other per-image input (Qwen3-VL's
+  `deepstack_features [batch, image_tokens, levels, hidden]`) the same ranges.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from pue.bundle import Manifest, TensorSpec
 from pue.errors import BundleError, PueError
-from pue.runtime.backends.base import ATTENTION_MASK, IMAGE_FEATURES, INPUT_IDS, PIXEL_VALUES
+from pue.runtime.backends.base import ATTENTION_MASK, IMAGE_FEATURES, INPUT_IDS, PIXEL_VALUES, feature_inputs
 from pue.runtime.backends.tensorrt_compat import ShapeRange
 
 DEFAULT_BATCH = "1:8:32"
@@ -125,5 +126,17 @@ def engine_profiles(
             IMAGE_FEATURES: ShapeRange(
                 (batch.min, 1, hidden), (batch.opt, tokens, hidden), (batch.max, max_images * tokens, hidden)
             ),
+            **{
+                spec.name: _per_image_range(spec, batch, tokens, max_images, hidden)
+                for spec in feature_inputs(manifest.graphs["decoder"].inputs)
+                if spec.name != IMAGE_FEATURES
+            },
         },
     }
+
+
+def _per_image_range(spec: TensorSpec, batch: BatchRange, tokens: int, max_images: int, hidden: int) -> ShapeRange:
+    """A per-image decoder input beyond image_features ([batch, image_tokens, levels, hidden], e.g. DeepStack): the
+    same batch and image-token ranges, its other dimensions as the manifest fixes them."""
+    rest = tuple(d if isinstance(d, int) and d > 0 else hidden for d in spec.shape[2:])
+    return ShapeRange((batch.min, 1, *rest), (batch.opt, tokens, *rest), (batch.max, max_images * tokens, *rest))

@@ -238,17 +238,14 @@ class Backend(abc.ABC):
         image_rows: np.ndarray,
     ) -> np.ndarray:
         """The host path: vision on all images, each row's features placed one image after another, decoder."""
-        features_dtype = self._input_dtype(self.decoder, IMAGE_FEATURES)
+        vision_outputs = None
         if len(image_rows):
             pixel_values = pixel_values.astype(self._input_dtype(self.vision, PIXEL_VALUES), copy=False)
-            vision_features = self.vision.infer({PIXEL_VALUES: pixel_values})[IMAGE_FEATURES]
-            image_features = place_image_features(vision_features, image_rows, input_ids.shape[0], features_dtype)
-        else:
-            # The decoder's image-token dimension is dynamic and text rows ignore their features.
-            image_features = np.zeros((input_ids.shape[0], 1, self.hidden_size()), dtype=features_dtype)
-        outputs = self.decoder.infer(
-            {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, IMAGE_FEATURES: image_features}
+            vision_outputs = self.vision.infer({PIXEL_VALUES: pixel_values})
+        feed = decoder_feed(
+            self.decoder.input_metadata(), input_ids, attention_mask, vision_outputs, image_rows, self.hidden_size()
         )
+        outputs = self.decoder.infer(feed)
         return np.asarray(outputs[SENTENCE_EMBEDDING], dtype=np.float32)
 
     def hidden_size(self) -> int:
@@ -305,16 +302,59 @@ class Backend(abc.ABC):
         return rows
 
 
-def place_image_features(features: np.ndarray, image_rows: np.ndarray, batch: int, dtype: np.dtype) -> np.ndarray:
-    """The decoder's `image_features` [batch, max images × tokens, hidden]: row b's images one after another.
+def decoder_output_width(manifest: Manifest) -> int:
+    """The width of the decoder graph's `sentence_embedding` (the manifest's `embedding_dim` may be a Matryoshka cut
+    of it, which the Embedder makes)."""
+    decoder = manifest.graphs.get("decoder")
+    for spec in decoder.outputs if decoder is not None else []:
+        if spec.name == SENTENCE_EMBEDDING and spec.shape and isinstance(spec.shape[-1], int) and spec.shape[-1] > 0:
+            return int(spec.shape[-1])
+    return int(manifest.embedding_dim)
 
-    `features` [images, tokens, hidden] is the vision graph's output, `image_rows` the row of each image
-    (non-decreasing). Row b's k-th image-token position reads slot k of its row (the decoder's gather), so its
-    j-th image lands at slots j × tokens .. (j + 1) × tokens; slots past a row's images stay zero.
+
+def feature_inputs(decoder_inputs: list[TensorSpec]) -> list[TensorSpec]:
+    """The decoder's per-image inputs, in graph order: `image_features` and any an architecture adds (Qwen3-VL's
+    `deepstack_features`): every input but `input_ids` and `attention_mask`, each a vision output of that name."""
+    return [spec for spec in decoder_inputs if spec.name not in (INPUT_IDS, ATTENTION_MASK)]
+
+
+def decoder_feed(
+    decoder_inputs: list[TensorSpec],
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    vision_outputs: Mapping[str, np.ndarray] | None,
+    image_rows: np.ndarray,
+    hidden_size: int,
+) -> dict[str, np.ndarray]:
+    """The decoder's feed for one tokenized batch: the one place where its inputs are built (backends, calibration).
+
+    `vision_outputs` is the vision graph's outputs for the batch's images (None when no row has one), `image_rows`
+    the row of each image. Every per-image input is placed per row (`place_image_features`); an all-text batch gets
+    zeros of one image token (the dimension is dynamic and text rows ignore them).
     """
-    images, tokens, hidden = features.shape
+    feed = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask}
+    batch = input_ids.shape[0]
+    for spec in feature_inputs(decoder_inputs):
+        dtype = np.dtype(spec.dtype)
+        if vision_outputs is not None and len(image_rows):
+            feed[spec.name] = place_image_features(np.asarray(vision_outputs[spec.name]), image_rows, batch, dtype)
+        else:
+            trailing = [d if isinstance(d, int) and d > 0 else hidden_size for d in spec.shape[2:]]
+            feed[spec.name] = np.zeros((batch, 1, *trailing), dtype=dtype)
+    return feed
+
+
+def place_image_features(features: np.ndarray, image_rows: np.ndarray, batch: int, dtype: np.dtype) -> np.ndarray:
+    """A per-image decoder input [batch, max images × tokens, ...]: row b's images one after another.
+
+    `features` [images, tokens, ...] is a vision graph output (`image_features` [images, tokens, hidden], or
+    `deepstack_features` [images, tokens, levels, hidden]), `image_rows` the row of each image (non-decreasing). Row
+    b's k-th image-token position reads slot k of its row (the decoder's gather), so its j-th image lands at slots
+    j × tokens .. (j + 1) × tokens; slots past a row's images stay zero.
+    """
+    images, tokens = features.shape[:2]
     per_row = np.bincount(image_rows, minlength=batch) if images else np.zeros(batch, np.int64)
-    placed = np.zeros((batch, max(1, int(per_row.max(initial=0))) * tokens, hidden), dtype=dtype)
+    placed = np.zeros((batch, max(1, int(per_row.max(initial=0))) * tokens, *features.shape[2:]), dtype=dtype)
     first_of_row = np.searchsorted(image_rows, np.arange(batch))
     for image, row in enumerate(int(r) for r in image_rows):
         slot = image - int(first_of_row[row])

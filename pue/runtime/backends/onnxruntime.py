@@ -24,7 +24,6 @@ from pue.extras import package_versions
 from pue.precisions import CPU_INT8_ADVICE
 from pue.runtime.backends.base import (
     ATTENTION_MASK,
-    IMAGE_FEATURES,
     INPUT_IDS,
     PIXEL_VALUES,
     SENTENCE_EMBEDDING,
@@ -33,6 +32,7 @@ from pue.runtime.backends.base import (
     FeedValue,
     Runner,
     check_feed,
+    feature_inputs,
     parse_device,
 )
 from pue.runtime.backends.cpu_int8 import refuse_cpu_int8_on_cuda, refuse_saturating_int8, s8_qdq_in_float
@@ -387,16 +387,18 @@ class OnnxRuntimeBackend(Backend):
         if not (self.use_io_binding and all_images and self._features_stay_on_device()):
             return super()._run_checked(input_ids, attention_mask, pixel_values, image_rows)
         pixel_values = pixel_values.astype(self._input_dtype(self.vision, PIXEL_VALUES), copy=False)
-        features = self.vision.infer_bound({PIXEL_VALUES: pixel_values}, device_outputs=[IMAGE_FEATURES])
+        names = [spec.name for spec in feature_inputs(self.decoder.input_metadata())]
+        features = self.vision.infer_bound({PIXEL_VALUES: pixel_values}, device_outputs=names)
         outputs = self.decoder.infer_bound(
-            {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, IMAGE_FEATURES: features[IMAGE_FEATURES]}
+            {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, **{name: features[name] for name in names}}
         )
         return np.asarray(outputs[SENTENCE_EMBEDDING], dtype=np.float32)
 
     def _features_stay_on_device(self) -> bool:
-        """The vision output can be bound as is only when its dtype is the one the decoder takes."""
-        produced = {spec.name: spec.dtype for spec in self.vision.output_metadata()}.get(IMAGE_FEATURES)
-        return produced is not None and np.dtype(produced) == self._input_dtype(self.decoder, IMAGE_FEATURES)
+        """The vision outputs can be bound as they are only when their dtypes are the ones the decoder takes."""
+        produced = {spec.name: spec.dtype for spec in self.vision.output_metadata()}
+        wanted = feature_inputs(self.decoder.input_metadata())
+        return all(spec.name in produced and np.dtype(produced[spec.name]) == np.dtype(spec.dtype) for spec in wanted)
 
 
 def _profiled(

@@ -32,6 +32,9 @@ from pue.runtime.backends.base import (
     FeedValue,
     Runner,
     check_feed,
+    decoder_feed,
+    decoder_output_width,
+    feature_inputs,
     parse_device,
     place_image_features,
 )
@@ -390,7 +393,7 @@ class TensorRTBackend(Backend):
         probe = (self.decoder.min_batch, input_ids.shape[1])
         self.decoder.check_shapes({INPUT_IDS: probe, ATTENTION_MASK: probe})
         self._check_images_per_row(image_rows)
-        output = np.empty((input_ids.shape[0], self.manifest.embedding_dim), np.float32)
+        output = np.empty((input_ids.shape[0], decoder_output_width(self.manifest)), np.float32)
         for chunk in split_batch(input_ids.shape[0], image_rows, self.max_batch):
             pixels = None if pixel_values is None else pixel_values[chunk.pixel_start : chunk.pixel_stop]
             output[chunk.start : chunk.stop] = self._run_chunk(
@@ -421,12 +424,28 @@ class TensorRTBackend(Backend):
             if pixel_values is not None and len(image_rows) > len(pixel_values):
                 pixel_values = pad_rows(pixel_values, len(image_rows))
             input_ids, attention_mask = pad_rows(input_ids, padded), pad_rows(attention_mask, padded)
-        features = self._image_features(pixel_values, image_rows, padded)
         # int64 by the graph contract; cast in case a TensorRT version imported them as int32
         input_ids = input_ids.astype(self.decoder.dtype(INPUT_IDS), copy=False)
         attention_mask = attention_mask.astype(self.decoder.dtype(ATTENTION_MASK), copy=False)
+        if len(feature_inputs(self.decoder.input_metadata())) > 1:
+            # more per-image inputs than image_features (DeepStack): every one placed on the host by the shared feed
+            result = self.decoder.run(self._host_feed(input_ids, attention_mask, pixel_values, image_rows))
+            return np.asarray(result[SENTENCE_EMBEDDING][:rows], dtype=np.float32)
+        features = self._image_features(pixel_values, image_rows, padded)
         result = self.decoder.run({INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, IMAGE_FEATURES: features})
         return np.asarray(result[SENTENCE_EMBEDDING][:rows], dtype=np.float32)
+
+    def _host_feed(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: np.ndarray | None, image_rows: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        outputs = None
+        if len(image_rows):
+            images = len(image_rows)
+            pixels = pad_rows(pixel_values.astype(self.vision.dtype(PIXEL_VALUES), copy=False), self.vision.min_batch)
+            outputs = {name: value[:images] for name, value in self.vision.run({PIXEL_VALUES: pixels}).items()}
+        return decoder_feed(
+            self.decoder.input_metadata(), input_ids, attention_mask, outputs, image_rows, self.hidden_size()
+        )
 
     def _image_features(
         self, pixel_values: np.ndarray | None, image_rows: np.ndarray, batch: int

@@ -225,6 +225,16 @@ def _rms_norms(graph: _Graph) -> list[RmsNorm]:
     return norms
 
 
+def stream_norms(norms: list[RmsNorm]) -> list[RmsNorm]:
+    """The norms of the residual stream: those as wide as the last one (the final norm before pooling). Narrower
+    ones normalise per attention head (Qwen3's q_norm / k_norm read q_proj / k_proj outputs, which a rotation of the
+    stream leaves unchanged: those projections absorb it)."""
+    if not norms:
+        return []
+    width = int(norms[-1].gain.shape[0])
+    return [norm for norm in norms if int(norm.gain.shape[0]) == width]
+
+
 def _readers(graph: _Graph, tensor: str) -> tuple[list[Any], list[Any]]:
     """The weight MatMuls that read `tensor` through row-moving ops, and every other op that reads it."""
     found, others, stack = [], [], [tensor]
@@ -295,12 +305,10 @@ def rotate_decoder(model: Any, seed: int = 0, identity: bool = False) -> Rotatio
     fold the gains only (Q = I), to see which outliers the gains alone put there.
     """
     graph = _Graph(model)
-    norms = _rms_norms(graph)
+    norms = stream_norms(_rms_norms(graph))
     if not norms:
         raise RotationError("no RMSNorm found in the decoder graph", "rotation needs a Llama-style language model")
     width = int(norms[0].gain.shape[0])
-    if any(int(n.gain.shape[0]) != width for n in norms):
-        raise RotationError("the decoder's RMSNorms have different widths: more than one residual stream")
     readers, others = {}, {}
     for norm in norms:
         readers[norm.gain_node], others[norm.gain_node] = _readers(graph, norm.output)
@@ -418,15 +426,24 @@ def rotate_for_int8(
     decoder = models["decoder"]
     rows = list(decoder_feeds(samples))
     graph = _Graph(decoder)
-    normed = {node.name for norm in _rms_norms(graph) for node in _readers(graph, norm.output)[0]}
+    normed = {node.name for norm in stream_norms(_rms_norms(graph)) for node in _readers(graph, norm.output)[0]}
 
     def worst_channel_ratio(model: Any) -> float:
         ops = [op for op in weight_ops(model, "decoder") if op.node in normed]
         return max((t.channel_ratio for t in collect_outliers(model, ops, rows)), default=0.0)
 
+    def rotated(model: Any, **kwargs: Any) -> RotationSummary:
+        try:
+            return rotate_decoder(model, **kwargs)
+        except RotationError as error:
+            raise RotationError(
+                f"--rotate {mode}: this decoder's residual stream cannot be rotated: {error.message}",
+                "quantize with --rotate off; smoothing, per-token handling and the float fallback still apply",
+            ) from error
+
     before = worst_channel_ratio(decoder)
     gains_folded = copy.deepcopy(decoder)
-    rotate_decoder(gains_folded, identity=True)
+    rotated(gains_folded, identity=True)
     without_gains = worst_channel_ratio(gains_folded)
     del gains_folded
     record: dict[str, Any] = {
@@ -441,7 +458,7 @@ def rotate_for_int8(
             "them into the weights and spread every writer's int8 error onto the channels those gains amplify"
         )
         return dict(record, applied=False, why=why)
-    summary = rotate_decoder(decoder, seed)
+    summary = rotated(decoder, seed=seed)
     summary.check_min_cosine = rotation_cosine(decoder_path, decoder, rows)
     if summary.check_min_cosine < MIN_COSINE:
         raise RotationError(

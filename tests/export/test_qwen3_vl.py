@@ -330,6 +330,25 @@ def test_an_int8_dynamic_bundle_passes_the_fidelity_gate(bundles, tmp_path):
         assert embedder.embed_images(export_heldout()[:1]).shape == (1, 64)
 
 
+def test_rotate_on_is_refused_with_what_to_do(bundles):
+    """The per-head q/k norms are not the residual stream's (no width error); the DeepStack additions are not folded
+    by the rotation yet, so `--rotate on` says so and names --rotate off, before anything is written."""
+    import onnx
+
+    from pue.calibration.readers import DecoderFeeds, default_captions, make_plan
+    from pue.calibration.rotation import RotationError, rotate_for_int8
+    from pue.calibration.sampling import sample_patches
+    from pue.calibration.sources import open_sources
+    from pue.runtime import Embedder
+
+    path = bundles["homie"] / "decoder.onnx"
+    with Embedder.load(bundles["homie"]) as embedder:
+        patches, _ = sample_patches(open_sources(None, patch_size=embedder.manifest.tile_size), 2)
+        plan = make_plan(patches, default_captions(2))
+        with pytest.raises(RotationError, match=r"--rotate on: this decoder.s residual stream cannot be.*Split"):
+            rotate_for_int8({"decoder": onnx.load(str(path))}, path, lambda n: DecoderFeeds(embedder, plan, n), "on")
+
+
 # --- the 8 B resource plan --------------------------------------------------------------------------------------
 
 

@@ -23,8 +23,6 @@ from pue.extras import package_versions
 from pue.precisions import PrecisionSpec
 
 OPENVINO_BACKEND = "openvino"
-# OpenVINO's CPU plugin names a kernel's precision at the end of its exec_type ("brgemm_avx2_I8", "jit_avx2_U8").
-INT8_EXEC_SUFFIXES = ("_I8", "_U8")
 
 
 def needs_openvino(spec: PrecisionSpec) -> bool:
@@ -55,11 +53,9 @@ def openvino_gate_device() -> str:
 def int8_layers(profile: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The executed layers of an OpenVINO profile (`OpenVinoBackend.profiling_data()[graph]`) that ran in an int8
     kernel, with their kernel names."""
-    return [
-        row
-        for row in profile
-        if row.get("status") == "EXECUTED" and str(row.get("exec_type", "")).upper().endswith(INT8_EXEC_SUFFIXES)
-    ]
+    from pue.runtime.backends.openvino import int8_kernel
+
+    return [row for row in profile if row.get("status") == "EXECUTED" and int8_kernel(row.get("exec_type", ""))]
 
 
 __all__ = ["check_openvino_request", "int8_layers", "needs_openvino", "openvino_gate_device"]

@@ -8,6 +8,11 @@ INT8"). Needs `pip install "pue[nncf]"`. NNCF's telemetry is off (NNCF_CI makes 
 OpenVINO's runtime (`Core.read_model`, no `convert_model`) is used, which sends nothing.
 
     nice -n 19 python scripts/nncf_openvino_int8.py FP32_BUNDLE --out DIR [--num-patches 16] [--overflow-fix enable]
+        [--graphs vision,decoder] [--smooth-quant-alpha A] [--no-bias-correction] [--ignore-types Convolution]
+
+Diagnostics (BENCHMARKS.md "OpenVINO INT8"): `--graphs` names the graphs NNCF quantizes (the others stay the parent's
+FP32 graphs), `--smooth-quant-alpha` sets SmoothQuant's alpha for MatMuls (-1 turns it off), `--no-bias-correction`
+turns off NNCF's fast bias correction, `--ignore-types` keeps those OpenVINO op types float (nncf.IgnoredScope).
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ def main() -> None:
     parser.add_argument("--num-captions", type=int, default=8)
     parser.add_argument("--overflow-fix", default="enable", choices=["enable", "first_layer_only", "disable"])
     parser.add_argument("--heldout", type=Path, default=None)
+    parser.add_argument("--graphs", default="vision,decoder", help="graphs NNCF quantizes; the rest stay FP32")
+    parser.add_argument("--smooth-quant-alpha", type=float, default=None, help="MatMul alpha; -1: no SmoothQuant")
+    parser.add_argument("--no-bias-correction", action="store_true", help="no fast bias correction")
+    parser.add_argument("--ignore-types", default="", help="OpenVINO op types kept float, e.g. Convolution")
     args = parser.parse_args()
 
     from pue.extras import require_extras
@@ -37,7 +46,11 @@ def main() -> None:
     require_extras(["nncf", "cpu"], "scripts/nncf_openvino_int8.py")
     import nncf
     import openvino as ov
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        AdvancedSmoothQuantParameters,
+        OverflowFix,
+    )
 
     from pue.bundle import file_entry, write_manifest
     from pue.calibration.readers import DecoderFeeds, VisionFeeds, default_captions, make_plan
@@ -58,18 +71,29 @@ def main() -> None:
         reference = gate_set.embed(parent)
     timings["calibration_feeds_and_reference_s"] = time.perf_counter() - started
     core = ov.Core()
-    advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix(args.overflow_fix))
+    advanced = AdvancedQuantizationParameters(
+        overflow_fix=OverflowFix(args.overflow_fix), disable_bias_correction=args.no_bias_correction
+    )
+    if args.smooth_quant_alpha is not None:
+        advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(matmul=args.smooth_quant_alpha)
+    ignored = nncf.IgnoredScope(types=[t for t in args.ignore_types.split(",") if t], validate=False)
+    quantized_graphs = {g for g in args.graphs.split(",") if g}
     with derive_bundle(args.bundle, args.out, overwrite=True) as child:
         manifest = child.child_manifest(precision="int8", target="openvino")
         manifest.backend = "openvino"
         started = time.perf_counter()
         for name, graph in child.parent.graphs.items():
+            if name not in quantized_graphs:  # the parent's FP32 graph, unchanged
+                manifest.graphs[name].file = child.link_from_parent(graph.file.path)
+                manifest.graphs[name].external_data = [child.link_from_parent(e.path) for e in graph.external_data]
+                continue
             model = core.read_model(str(args.bundle / graph.file.path))
             quantized = nncf.quantize(
                 model,
                 nncf.Dataset(feeds[name]),
                 model_type=nncf.ModelType.TRANSFORMER,  # SmoothQuant on MatMuls; attention products in float
                 subset_size=len(feeds[name]),
+                ignored_scope=ignored,
                 advanced_parameters=advanced,
             )
             ov.save_model(quantized, str(child.staging / f"{name}.xml"), compress_to_fp16=False)
@@ -84,7 +108,7 @@ def main() -> None:
         with Embedder.load(child.staging, backend="openvino", options={"cache_dir": False}) as candidate:
             report = measure_fidelity(gate_set.embed(candidate), reference, FidelityThresholds())
         timings["gate_s"] = time.perf_counter() - started
-        child.gate(report, "fidelity gate (NNCF)", {"overflow_fix": args.overflow_fix})
+        child.gate(report, "fidelity gate (NNCF)", vars_of(args))
         child.write_json("fidelity.json", {"gate": report.to_dict(), "method": "nncf.quantize", **vars_of(args)})
         child.commit(manifest, ["fidelity.json"])
     overall = report.to_dict()["overall"]
@@ -92,7 +116,7 @@ def main() -> None:
     print("| way | mean cosine | min cosine | top-1 | nncf.quantize s | gate s |")
     print("|---|---|---|---|---|---|")
     print(
-        f"| nncf.quantize (overflow_fix {args.overflow_fix}) | {overall['mean_cosine']:.5f} | "
+        f"| nncf.quantize ({args.graphs}; overflow_fix {args.overflow_fix}) | {overall['mean_cosine']:.5f} | "
         f"{overall['min_cosine']:.5f} | {overall['top1']:.3f} | {timings['nncf_quantize_s']:.1f} | "
         f"{timings['gate_s']:.1f} |"
     )

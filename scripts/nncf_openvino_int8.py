@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--smooth-quant-alpha", type=float, default=None, help="MatMul alpha; -1: no SmoothQuant")
     parser.add_argument("--no-bias-correction", action="store_true", help="no fast bias correction")
     parser.add_argument("--ignore-types", default="", help="OpenVINO op types kept float, e.g. Convolution")
+    parser.add_argument(
+        "--ignore-attention-matmuls", action="store_true", help="keep activation×activation MatMuls float"
+    )
     args = parser.parse_args()
 
     from pue.extras import require_extras
@@ -88,14 +91,21 @@ def main() -> None:
                 manifest.graphs[name].external_data = [child.link_from_parent(e.path) for e in graph.external_data]
                 continue
             model = core.read_model(str(args.bundle / graph.file.path))
+            scope = ignored
+            if args.ignore_attention_matmuls:
+                names = attention_matmuls(model)
+                scope = nncf.IgnoredScope(names=names, types=ignored.types, validate=False)
+                print(f"{name}: {len(names)} activation×activation MatMuls kept float")
             quantized = nncf.quantize(
                 model,
                 nncf.Dataset(feeds[name]),
                 model_type=nncf.ModelType.TRANSFORMER,  # SmoothQuant on MatMuls; attention products in float
                 subset_size=len(feeds[name]),
-                ignored_scope=ignored,
+                ignored_scope=scope,
                 advanced_parameters=advanced,
             )
+            quantized_inputs = [op for op in attention_matmuls(quantized) if fake_quantized_inputs(quantized, op)]
+            print(f"{name}: {len(quantized_inputs)} activation×activation MatMuls read FakeQuantize outputs")
             ov.save_model(quantized, str(child.staging / f"{name}.xml"), compress_to_fp16=False)
             graph_entry = manifest.graphs[name]
             graph_entry.file = file_entry(child.staging, f"{name}.xml")
@@ -120,6 +130,39 @@ def main() -> None:
         f"{overall['min_cosine']:.5f} | {overall['top1']:.3f} | {timings['nncf_quantize_s']:.1f} | "
         f"{timings['gate_s']:.1f} |"
     )
+
+
+PASS_THROUGH = ("Convert", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Multiply", "Subtract")
+
+
+def _rooted_in_constant(node: object) -> bool:
+    """Whether a MatMul input comes from a weight (a Constant behind converts, reshapes and dequantization)."""
+    seen = 0
+    while node.get_type_name() in PASS_THROUGH + ("FakeQuantize",) and seen < 8:
+        node, seen = node.input_value(0).get_node(), seen + 1
+    return node.get_type_name() == "Constant"
+
+
+def attention_matmuls(model: object) -> list[str]:
+    """Friendly names of the MatMuls whose inputs are both activations (attention's scores and softmax×V)."""
+    return [
+        op.get_friendly_name()
+        for op in model.get_ops()
+        if op.get_type_name() == "MatMul"
+        and not any(_rooted_in_constant(op.input_value(i).get_node()) for i in range(2))
+    ]
+
+
+def fake_quantized_inputs(model: object, name: str) -> bool:
+    """Whether the named MatMul reads a FakeQuantize output (through pass-through ops) on either input."""
+    op = next(o for o in model.get_ops() if o.get_friendly_name() == name)
+    for i in range(2):
+        node, seen = op.input_value(i).get_node(), 0
+        while node.get_type_name() in PASS_THROUGH and seen < 8:
+            node, seen = node.input_value(0).get_node(), seen + 1
+        if node.get_type_name() == "FakeQuantize":
+            return True
+    return False
 
 
 def vars_of(args: argparse.Namespace) -> dict[str, str]:

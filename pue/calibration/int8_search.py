@@ -165,11 +165,12 @@ def search_int8(
                     onnx.load(str(path)), [o for o in all_ops if o.graph == name], all_stats, scheme
                 )
             ranking.sort(key=lambda s: s["sqnr_db"])
+        ranked = [s["node"] for s in ranking if s["node"] not in floated]  # a token-outlier op is float already
         keep = max(1, keep * 2)
-        if keep > len(ranking):
+        if keep > len(ranked):
             stopped = "every ranked op was tried in float"
             break
-        wider = floated | {s["node"] for s in ranking[:keep]}
+        wider = floated | set(ranked[:keep])
         if int8_flop_share(all_ops, wider, tokens) < MIN_INT8_FLOP_SHARE:
             stopped = (
                 f"keeping the {keep} most sensitive ops in float would leave less than {MIN_INT8_FLOP_SHARE:.0%} of "

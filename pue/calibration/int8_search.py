@@ -67,6 +67,8 @@ def search_int8(
     # (int8-dynamic, `pue.calibration.per_token`) or float (OpenVINO: no per-token int8 kernel, and only while the
     # first attempt fails); the check set decides whether the step is taken.
     token_mode = options.spec.token_outliers if options.per_token else None
+    if token_mode == TokenOutliers.FLOAT and not options.fallback:  # --no-fallback: nothing is kept float
+        token_mode = None
     token_candidates = set()
     if token_mode is not None:
         token_candidates = {

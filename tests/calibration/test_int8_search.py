@@ -191,6 +191,10 @@ def test_openvino_tries_the_massive_token_readers_in_float_first(tmp_path):
         tmp_path / "passes", passes_when=lambda floats: True, target="openvino", feeds=massive_token_feeds
     )
     assert seen == [set()]
+    # --no-fallback keeps nothing float, these ops included
+    (tmp_path / "no-fallback").mkdir()
+    _, seen, _, _ = search(tmp_path / "no-fallback", fallback=False, target="openvino", feeds=massive_token_feeds)
+    assert seen == [set()]
     # onnxruntime's static INT8 has no such step (its table entry names none): the ranking alone
     _, seen, _, _ = search(tmp_path / "ort", feeds=massive_token_feeds)
     assert seen[1] != {"good3"}

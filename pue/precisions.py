@@ -34,6 +34,15 @@ class ActivationScheme(Choice):
     DYNAMIC = "dynamic"  # uint8, scale computed per run by the kernel: onnxruntime on CPU
 
 
+class TokenOutliers(Choice):
+    """How an INT8 precision treats weight ops whose inputs carry massive tokens (`PrecisionSpec.token_outliers`)."""
+
+    PER_TOKEN = "per_token"  # dynamic per-row scales, where the target's kernels run them in int8 (onnxruntime)
+    # kept in float where the target has no per-token int8 kernel: OpenVINO computes the per-token rewrite's
+    # MatMulInteger in f32 kernels on CPUs without its dynamic quantization (measured on AVX2), so float is cheaper
+    FLOAT = "float"
+
+
 @dataclass(frozen=True)
 class QdqFlavour:
     """The Q/DQ nodes an INT8 bundle's graphs carry."""
@@ -101,6 +110,10 @@ class PrecisionSpec:
     # The manifest's `backend` kind: the backend whose kernels the gate measured (`auto` picks it first); None: the
     # parent's (ONNX graphs any capable backend runs).
     backend: str | None = None
+    # What the INT8 search tries first for weight ops whose inputs carry massive tokens (one token's max |x| at least
+    # 20× the median token's: a per-tensor step starves every other token): `TokenOutliers`, or None (the float
+    # fallback's ranking alone decides).
+    token_outliers: TokenOutliers | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -195,6 +208,7 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
         devices=(DeviceKind.CPU,),
         engine_source=False,
         note="unsigned activations and 7-bit weights, compiled by OpenVINO's CPU plugin into int8 kernels",
+        token_outliers=TokenOutliers.FLOAT,
         device_advice=(
             "an INT8 bundle for OpenVINO runs on the CPU; on a GPU, INT8 runs through TensorRT: re-quantize with "
             "`pue-export quantize FP32_BUNDLE -o OUT --precision int8 --target tensorrt`, then `pue-export trt`"
@@ -215,6 +229,7 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
         engine_source=False,
         note="dynamic INT8 (activations quantized at run time) runs only in onnxruntime on CPU",
         device_advice=CPU_INT8_ADVICE,
+        token_outliers=TokenOutliers.PER_TOKEN,
     ),
     PrecisionSpec(
         Precision.BF16,
@@ -249,6 +264,7 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
         devices=(DeviceKind.CPU,),
         engine_source=False,
         note="int8 weight MatMuls with bf16 for the rest, in OpenVINO's CPU plugin on CPUs with native bf16",
+        token_outliers=TokenOutliers.FLOAT,
         device_advice="an int8-bf16 bundle runs in OpenVINO on a CPU with native bf16 (AVX512-BF16 or AMX)",
         compute="bfloat16",
         backend="openvino",
@@ -338,6 +354,7 @@ __all__ = [
     "PrecisionKind",
     "PrecisionSpec",
     "QdqFlavour",
+    "TokenOutliers",
     "bundle_spec",
     "engine_precisions",
     "engine_source_for",

@@ -8,6 +8,11 @@ INT8"). Needs `pip install "pue[nncf]"`. NNCF's telemetry is off (NNCF_CI makes 
 OpenVINO's runtime (`Core.read_model`, no `convert_model`) is used, which sends nothing.
 
     nice -n 19 python scripts/nncf_openvino_int8.py FP32_BUNDLE --out DIR [--num-patches 16] [--overflow-fix enable]
+        [--graphs vision,decoder] [--smooth-quant-alpha A] [--no-bias-correction] [--ignore-types Convolution]
+
+Diagnostics (BENCHMARKS.md "OpenVINO INT8"): `--graphs` names the graphs NNCF quantizes (the others stay the parent's
+FP32 graphs), `--smooth-quant-alpha` sets SmoothQuant's alpha for MatMuls (-1 turns it off), `--no-bias-correction`
+turns off NNCF's fast bias correction, `--ignore-types` keeps those OpenVINO op types float (nncf.IgnoredScope).
 """
 
 from __future__ import annotations
@@ -30,6 +35,13 @@ def main() -> None:
     parser.add_argument("--num-captions", type=int, default=8)
     parser.add_argument("--overflow-fix", default="enable", choices=["enable", "first_layer_only", "disable"])
     parser.add_argument("--heldout", type=Path, default=None)
+    parser.add_argument("--graphs", default="vision,decoder", help="graphs NNCF quantizes; the rest stay FP32")
+    parser.add_argument("--smooth-quant-alpha", type=float, default=None, help="MatMul alpha; -1: no SmoothQuant")
+    parser.add_argument("--no-bias-correction", action="store_true", help="no fast bias correction")
+    parser.add_argument("--ignore-types", default="", help="OpenVINO op types kept float, e.g. Convolution")
+    parser.add_argument(
+        "--ignore-attention-matmuls", action="store_true", help="keep activation×activation MatMuls float"
+    )
     args = parser.parse_args()
 
     from pue.extras import require_extras
@@ -37,7 +49,11 @@ def main() -> None:
     require_extras(["nncf", "cpu"], "scripts/nncf_openvino_int8.py")
     import nncf
     import openvino as ov
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        AdvancedSmoothQuantParameters,
+        OverflowFix,
+    )
 
     from pue.bundle import file_entry, write_manifest
     from pue.calibration.readers import DecoderFeeds, VisionFeeds, default_captions, make_plan
@@ -58,20 +74,38 @@ def main() -> None:
         reference = gate_set.embed(parent)
     timings["calibration_feeds_and_reference_s"] = time.perf_counter() - started
     core = ov.Core()
-    advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix(args.overflow_fix))
+    advanced = AdvancedQuantizationParameters(
+        overflow_fix=OverflowFix(args.overflow_fix), disable_bias_correction=args.no_bias_correction
+    )
+    if args.smooth_quant_alpha is not None:
+        advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(matmul=args.smooth_quant_alpha)
+    ignored = nncf.IgnoredScope(types=[t for t in args.ignore_types.split(",") if t], validate=False)
+    quantized_graphs = {g for g in args.graphs.split(",") if g}
     with derive_bundle(args.bundle, args.out, overwrite=True) as child:
         manifest = child.child_manifest(precision="int8", target="openvino")
         manifest.backend = "openvino"
         started = time.perf_counter()
         for name, graph in child.parent.graphs.items():
+            if name not in quantized_graphs:  # the parent's FP32 graph, unchanged
+                manifest.graphs[name].file = child.link_from_parent(graph.file.path)
+                manifest.graphs[name].external_data = [child.link_from_parent(e.path) for e in graph.external_data]
+                continue
             model = core.read_model(str(args.bundle / graph.file.path))
+            scope = ignored
+            if args.ignore_attention_matmuls:
+                names = attention_matmuls(model)
+                scope = nncf.IgnoredScope(names=names, types=ignored.types, validate=False)
+                print(f"{name}: {len(names)} activation×activation MatMuls kept float")
             quantized = nncf.quantize(
                 model,
                 nncf.Dataset(feeds[name]),
                 model_type=nncf.ModelType.TRANSFORMER,  # SmoothQuant on MatMuls; attention products in float
                 subset_size=len(feeds[name]),
+                ignored_scope=scope,
                 advanced_parameters=advanced,
             )
+            quantized_inputs = [op for op in attention_matmuls(quantized) if fake_quantized_inputs(quantized, op)]
+            print(f"{name}: {len(quantized_inputs)} activation×activation MatMuls read FakeQuantize outputs")
             ov.save_model(quantized, str(child.staging / f"{name}.xml"), compress_to_fp16=False)
             graph_entry = manifest.graphs[name]
             graph_entry.file = file_entry(child.staging, f"{name}.xml")
@@ -84,7 +118,7 @@ def main() -> None:
         with Embedder.load(child.staging, backend="openvino", options={"cache_dir": False}) as candidate:
             report = measure_fidelity(gate_set.embed(candidate), reference, FidelityThresholds())
         timings["gate_s"] = time.perf_counter() - started
-        child.gate(report, "fidelity gate (NNCF)", {"overflow_fix": args.overflow_fix})
+        child.gate(report, "fidelity gate (NNCF)", vars_of(args))
         child.write_json("fidelity.json", {"gate": report.to_dict(), "method": "nncf.quantize", **vars_of(args)})
         child.commit(manifest, ["fidelity.json"])
     overall = report.to_dict()["overall"]
@@ -92,10 +126,43 @@ def main() -> None:
     print("| way | mean cosine | min cosine | top-1 | nncf.quantize s | gate s |")
     print("|---|---|---|---|---|---|")
     print(
-        f"| nncf.quantize (overflow_fix {args.overflow_fix}) | {overall['mean_cosine']:.5f} | "
+        f"| nncf.quantize ({args.graphs}; overflow_fix {args.overflow_fix}) | {overall['mean_cosine']:.5f} | "
         f"{overall['min_cosine']:.5f} | {overall['top1']:.3f} | {timings['nncf_quantize_s']:.1f} | "
         f"{timings['gate_s']:.1f} |"
     )
+
+
+PASS_THROUGH = ("Convert", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Multiply", "Subtract")
+
+
+def _rooted_in_constant(node: object) -> bool:
+    """Whether a MatMul input comes from a weight (a Constant behind converts, reshapes and dequantization)."""
+    seen = 0
+    while node.get_type_name() in PASS_THROUGH + ("FakeQuantize",) and seen < 8:
+        node, seen = node.input_value(0).get_node(), seen + 1
+    return node.get_type_name() == "Constant"
+
+
+def attention_matmuls(model: object) -> list[str]:
+    """Friendly names of the MatMuls whose inputs are both activations (attention's scores and softmax×V)."""
+    return [
+        op.get_friendly_name()
+        for op in model.get_ops()
+        if op.get_type_name() == "MatMul"
+        and not any(_rooted_in_constant(op.input_value(i).get_node()) for i in range(2))
+    ]
+
+
+def fake_quantized_inputs(model: object, name: str) -> bool:
+    """Whether the named MatMul reads a FakeQuantize output (through pass-through ops) on either input."""
+    op = next(o for o in model.get_ops() if o.get_friendly_name() == name)
+    for i in range(2):
+        node, seen = op.input_value(i).get_node(), 0
+        while node.get_type_name() in PASS_THROUGH and seen < 8:
+            node, seen = node.input_value(0).get_node(), seen + 1
+        if node.get_type_name() == "FakeQuantize":
+            return True
+    return False
 
 
 def vars_of(args: argparse.Namespace) -> dict[str, str]:

@@ -126,20 +126,42 @@ def summarize(events: list[dict[str, Any]], runs: int) -> dict[str, Any]:
 
 def summarize_openvino(per_run: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """Layer time per OpenVINO op type over the profiled runs (`OpenVinoRunner.profiling_data` of each), with the
-    kernels OpenVINO chose (`exec_type`, e.g. brgemm_avx2_f32) for each op type."""
+    kernels OpenVINO chose (`exec_type`, e.g. brgemm_avx2_f32) for each op type, the part of it spent in int8
+    kernels (`int8_ms`), and for the matmul layers (FullyConnected, Convolution, MatMul) together: their time, how
+    much of it ran in int8 kernels, and how many of their layers did (`matmuls`)."""
+    from pue.runtime.backends.openvino import MATMUL_LAYERS, int8_kernel
+
     time_us: dict[str, float] = defaultdict(float)
+    int8_us: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
     kernels: dict[str, set[str]] = defaultdict(set)
+    matmul = {"us": 0.0, "int8_us": 0.0, "layers": 0, "int8_layers": 0}
     for layers in per_run:
         for layer in layers:
             if layer["status"] != "EXECUTED":
                 continue
-            time_us[layer["node_type"]] += layer["real_time_us"]
-            count[layer["node_type"]] += 1
-            kernels[layer["node_type"]].add(layer["exec_type"])
-    summary = _per_op(time_us, count, len(per_run))
+            kind, us, int8 = layer["node_type"], layer["real_time_us"], int8_kernel(layer["exec_type"])
+            time_us[kind] += us
+            int8_us[kind] += us if int8 else 0.0
+            count[kind] += 1
+            kernels[kind].add(layer["exec_type"])
+            if kind in MATMUL_LAYERS:
+                matmul["us"] += us
+                matmul["int8_us"] += us if int8 else 0.0
+                matmul["layers"] += 1
+                matmul["int8_layers"] += int(int8)
+    runs = len(per_run)
+    summary = _per_op(time_us, count, runs)
     for op in summary["ops"]:
         op["kernels"] = sorted(kernels[op["op_type"]])
+        op["int8_ms"] = int8_us[op["op_type"]] / 1000 / runs
+    summary["matmuls"] = {
+        "ms": matmul["us"] / 1000 / runs,
+        "int8_ms": matmul["int8_us"] / 1000 / runs,
+        "int8_share": matmul["int8_us"] / matmul["us"] if matmul["us"] else 0.0,
+        "layers": matmul["layers"] // runs,
+        "int8_layers": matmul["int8_layers"] // runs,
+    }
     return summary
 
 

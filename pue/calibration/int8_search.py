@@ -10,6 +10,7 @@ from typing import Any
 
 from pue.calibration.graph_ops import int8_flop_share, weight_ops
 from pue.fidelity import GateReport
+from pue.precisions import TokenOutliers
 
 MIN_INT8_FLOP_SHARE = 0.80
 
@@ -61,15 +62,29 @@ def search_int8(
     timings["statistics_s"] = time.perf_counter() - started
     phase_done("statistics")
 
-    # int8-dynamic: ops whose inputs carry token outliers (massive activations) may quantize per token instead of
-    # per tensor (`pue.calibration.per_token`); the check set decides whether they do.
+    # Ops whose inputs carry token outliers (massive activations, high-norm ViT tokens): one per-tensor step starves
+    # every other token. The precision's entry says what is tried for them after the first attempt: per token
+    # (int8-dynamic, `pue.calibration.per_token`) or float (OpenVINO: no per-token int8 kernel, and only while the
+    # first attempt fails); the check set decides whether the step is taken.
+    token_mode = options.spec.token_outliers if options.per_token else None
+    if token_mode == TokenOutliers.FLOAT and not options.fallback:  # --no-fallback: nothing is kept float
+        token_mode = None
     token_candidates = set()
-    if not static and options.per_token:
+    if token_mode is not None:
         token_candidates = {
             op.node
             for op in all_ops
             if all_stats.get(op.activation) is not None and all_stats[op.activation].token_ratio >= TOKEN_OUTLIER_RATIO
         }
+    if token_mode == TokenOutliers.FLOAT and token_candidates:
+        if int8_flop_share(all_ops, token_candidates, tokens) < MIN_INT8_FLOP_SHARE:
+            say(
+                f"token outliers: {len(token_candidates)} ops read massive tokens; keeping them float would leave "
+                f"less than {MIN_INT8_FLOP_SHARE:.0%} of the weight FLOPs in int8: not tried"
+            )
+            token_candidates = set()
+        else:
+            say(f"token outliers: {len(token_candidates)} ops read massive tokens: tried in float if int8 fails")
 
     def quantize(float_nodes: set[str], per_token: set[str] = frozenset()) -> dict[str, Any]:
         quantized = {}
@@ -105,6 +120,7 @@ def search_int8(
     float_nodes: set[str] = set()
     per_token: set[str] = set()
     token_tried = not token_candidates
+    floated: set[str] = set()  # token-outlier ops the fallback keeps float under its ranked ones (token step taken)
     stopped = None
     while True:
         share = int8_flop_share(all_ops, float_nodes, tokens)
@@ -134,8 +150,14 @@ def search_int8(
         if taken:
             best = (set(float_nodes), check, candidate, set(per_token))
         per_token = best[3]
-        if not token_tried:  # next: the same ops, those reading massive tokens quantized per token
-            token_tried, per_token = True, set(token_candidates)
+        floated = best[0] & token_candidates if token_mode == TokenOutliers.FLOAT else set()
+        if not token_tried and not (token_mode == TokenOutliers.FLOAT and best[1].passed):
+            # next: the same ops, those reading massive tokens per token (or float)
+            token_tried = True
+            if token_mode == TokenOutliers.PER_TOKEN:
+                per_token = set(token_candidates)
+            else:
+                float_nodes = set(token_candidates)
             continue
         if best[1].passed or not options.fallback:
             break
@@ -145,11 +167,12 @@ def search_int8(
                     onnx.load(str(path)), [o for o in all_ops if o.graph == name], all_stats, scheme
                 )
             ranking.sort(key=lambda s: s["sqnr_db"])
+        ranked = [s["node"] for s in ranking if s["node"] not in floated]  # a token-outlier op is float already
         keep = max(1, keep * 2)
-        if keep > len(ranking):
+        if keep > len(ranked):
             stopped = "every ranked op was tried in float"
             break
-        wider = {s["node"] for s in ranking[:keep]}
+        wider = floated | set(ranked[:keep])
         if int8_flop_share(all_ops, wider, tokens) < MIN_INT8_FLOP_SHARE:
             stopped = (
                 f"keeping the {keep} most sensitive ops in float would leave less than {MIN_INT8_FLOP_SHARE:.0%} of "

@@ -4,14 +4,20 @@ targets, which all go through `quantize_bundle`'s calibration, search and gate.
 - **The graphs.** pue's own static Q/DQ graphs (the precision table's entry: uint8 asymmetric activations, 7-bit
   symmetric per-channel weights, standard ONNX attention). OpenVINO's CPU plugin folds each Q/DQ pair into its
   consumer and runs the weight MatMuls in int8 kernels; 7-bit weights cannot saturate the int16 pair sums of x86 CPUs
-  without VNNI (`pue.runtime.cpu.saturating_u8s8`), so the bundle's gate holds on every x86 CPU.
+  without VNNI (`pue.runtime.cpu.saturating_u8s8`), so the bundle's gate holds on every x86 CPU. On such CPUs
+  OpenVINO's int8 FullyConnected kernel (`jit_gemm_I8`) is slower than its fp32 `brgemm` (the `bench` preset: 0.75×
+  OpenVINO fp32 on an AVX2 EPYC); its `brgemm` int8 kernels need VNNI or AMX.
+- **Massive tokens.** OpenVINO has no per-token int8 kernel (its dynamic quantization is not applied on AVX2, and
+  pue's per-token MatMulInteger rewrite compiles to an fp32 FullyConnected), so the precision table's entry says
+  `token_outliers: float`: ops whose inputs carry massive tokens are the search's first float step.
 - **The gate** runs OpenVINO (the manifest's `backend` is `openvino`, so `auto` picks it): what is gated is the
   arithmetic that ships, int8 kernels included. `int8_layers` reads OpenVINO's performance counters to show it.
 - **Mixed precision** (`int8-bf16`: int8 weight MatMuls, bf16 for the rest) needs a CPU with native bf16 to be
   gated: on any other CPU the command refuses before any work, as the bf16 deployment does.
 
 NNCF's post-training quantization is the alternative it is compared with (scripts/nncf_openvino_int8.py, on the same
-calibration readers and gate; BENCHMARKS.md "OpenVINO INT8").
+calibration readers and gate; it passes only with attention's activation products kept float; BENCHMARKS.md
+"OpenVINO INT8").
 """
 
 from __future__ import annotations
@@ -23,8 +29,6 @@ from pue.extras import package_versions
 from pue.precisions import PrecisionSpec
 
 OPENVINO_BACKEND = "openvino"
-# OpenVINO's CPU plugin names a kernel's precision at the end of its exec_type ("brgemm_avx2_I8", "jit_avx2_U8").
-INT8_EXEC_SUFFIXES = ("_I8", "_U8")
 
 
 def needs_openvino(spec: PrecisionSpec) -> bool:
@@ -55,11 +59,9 @@ def openvino_gate_device() -> str:
 def int8_layers(profile: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The executed layers of an OpenVINO profile (`OpenVinoBackend.profiling_data()[graph]`) that ran in an int8
     kernel, with their kernel names."""
-    return [
-        row
-        for row in profile
-        if row.get("status") == "EXECUTED" and str(row.get("exec_type", "")).upper().endswith(INT8_EXEC_SUFFIXES)
-    ]
+    from pue.runtime.backends.openvino import int8_kernel
+
+    return [row for row in profile if row.get("status") == "EXECUTED" and int8_kernel(row.get("exec_type", ""))]
 
 
 __all__ = ["check_openvino_request", "int8_layers", "needs_openvino", "openvino_gate_device"]

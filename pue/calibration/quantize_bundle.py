@@ -57,7 +57,9 @@ class QuantizeOptions:
     smooth: bool = True
     rotate: str = "off"  # "auto" | "on" | "off": rotate the decoder's residual stream first (INT8 only)
     fallback: bool = True
-    per_token: bool = True  # int8-dynamic: inputs carrying massive tokens may quantize per token (checked, not assumed)
+    # inputs carrying massive tokens may quantize per token (int8-dynamic) or stay float (OpenVINO INT8): checked, not
+    # assumed (`PrecisionSpec.token_outliers`)
+    per_token: bool = True
     magnification: float | None = None
     mpp: float | None = None
     thresholds: FidelityThresholds = field(default_factory=FidelityThresholds)

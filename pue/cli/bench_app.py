@@ -219,12 +219,22 @@ def profile(
             title=f"{name}: {graph['wall_ms']:.0f} ms per batch of {result['batch_size']} "
             f"({result['precision']} on {result['backend']}, kernels {graph['kernel_ms']:.0f} ms)"
         )
-        for column in ("op type", "ms", "share", "nodes", "kernels"):
+        openvino = "matmuls" in graph  # OpenVINO's counters name each kernel's precision
+        columns = ("op type", "ms", "share", "nodes") + (("int8 ms",) if openvino else ()) + ("kernels",)
+        for column in columns:
             table.add_column(column, justify="left" if column in ("op type", "kernels") else "right")
         for op in graph["ops"][:top]:
             kernels = ", ".join(op.get("kernels", []))
-            table.add_row(op["op_type"], f"{op['ms']:.1f}", f"{op['share']:.1%}", str(op["nodes"]), kernels)
+            int8 = (f"{op['int8_ms']:.1f}",) if openvino else ()
+            table.add_row(op["op_type"], f"{op['ms']:.1f}", f"{op['share']:.1%}", str(op["nodes"]), *int8, kernels)
         out.print(table)
+        if openvino:
+            matmuls = graph["matmuls"]
+            out.print(
+                f"{name}: matmul layers (FullyConnected, Convolution, MatMul) {matmuls['ms']:.0f} ms, "
+                f"{matmuls['int8_share']:.1%} of it in int8 kernels ({matmuls['int8_layers']} of {matmuls['layers']} "
+                "layers)"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ printing

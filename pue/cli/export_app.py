@@ -159,7 +159,9 @@ def quantize(
     no_smooth: bool = typer.Option(False, "--no-smooth", help="Do not migrate activation outliers (diagnostics)."),
     no_fallback: bool = typer.Option(False, "--no-fallback", help="Never keep sensitive layers in float."),
     no_per_token: bool = typer.Option(
-        False, "--no-per-token", help="int8-dynamic: never quantize massive-token inputs per token (diagnostics)."
+        False,
+        "--no-per-token",
+        help="Never try massive-token inputs per token (int8-dynamic) or in float (OpenVINO INT8) (diagnostics).",
     ),
     rotate: Rotate = typer.Option(
         Rotate.OFF.value,

@@ -114,7 +114,9 @@ def float_matmuls(model: onnx.ModelProto) -> set[str]:
     return {n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers}
 
 
-def search(tmp_path, passes_when=None, fallback=True, minimum_of=None, gate_passes=None):
+def search(
+    tmp_path, passes_when=None, fallback=True, minimum_of=None, gate_passes=None, target="onnxruntime", feeds=None
+):
     """search_int8 with fake judges: the check records which MatMuls each candidate left in float (its minimum
     cosine from `minimum_of`), the gate records what it was shown."""
     seen: list[set[str]] = []
@@ -131,10 +133,10 @@ def search(tmp_path, passes_when=None, fallback=True, minimum_of=None, gate_pass
         return Verdict(passed=gate_passes if gate_passes is not None else passes_when is not None)
 
     messages: list[str] = []
-    options = QuantizeOptions(precision="int8", target="onnxruntime", smooth=False, fallback=fallback)
+    options = QuantizeOptions(precision="int8", target=target, smooth=False, fallback=fallback)
     result = search_int8(
         {"decoder": parallel_matmuls()},
-        {"decoder": calibration_feeds},
+        {"decoder": feeds or calibration_feeds},
         {"decoder": 1},
         tmp_path,
         options,
@@ -163,6 +165,39 @@ def test_float_set_doubles_worst_first_and_stops_at_the_80_percent_rule(tmp_path
     assert result["why"][-1].startswith("no float fallback within the 80% int8 FLOP rule passes (keeping the 8")
     assert result["why"][0] == "mean cosine 0.9 < 0.995"
     assert all(a["int8_flop_share"] >= MIN_INT8_FLOP_SHARE for a in result["attempts"])
+
+
+def massive_token_feeds() -> list[dict[str, np.ndarray]]:
+    """The calibration feeds with one massive token (row 0, 1000×) at good3's input."""
+    feeds = calibration_feeds()
+    for feed in feeds:
+        feed["x_good3"][0] *= 1000.0
+    return feeds
+
+
+def test_openvino_tries_the_massive_token_readers_in_float_first(tmp_path):
+    """OpenVINO has no per-token int8 kernel: once everything in int8 fails, the ops reading massive tokens (good3)
+    are tried in float; the ranked fallback then adds its worst ops to them (never repeating them), within 80 %."""
+    result, seen, messages, gated = search(tmp_path, target="openvino", feeds=massive_token_feeds)
+    bad = list(BAD)
+    assert seen == [set(), {"good3"}, {"good3", *bad[:1]}, {"good3", *bad[:2]}, {"good3", *bad[:4]}]
+    assert any("token outliers: 1 ops read massive tokens" in m for m in messages)
+    assert result["per_token_nodes"] == [] and gated == [{"good3", *bad}]
+    assert result["share"] == pytest.approx(1 - (256 + 64) / (4 * 16 + 6 * 256))  # exactly 80 %: allowed
+    # the first attempt passes: nothing is kept float for the massive tokens
+    (tmp_path / "passes").mkdir()
+    (tmp_path / "ort").mkdir()
+    _, seen, _, _ = search(
+        tmp_path / "passes", passes_when=lambda floats: True, target="openvino", feeds=massive_token_feeds
+    )
+    assert seen == [set()]
+    # --no-fallback keeps nothing float, these ops included
+    (tmp_path / "no-fallback").mkdir()
+    _, seen, _, _ = search(tmp_path / "no-fallback", fallback=False, target="openvino", feeds=massive_token_feeds)
+    assert seen == [set()]
+    # onnxruntime's static INT8 has no such step (its table entry names none): the ranking alone
+    _, seen, _, _ = search(tmp_path / "ort", feeds=massive_token_feeds)
+    assert seen[1] != {"good3"}
 
 
 def test_search_stops_at_the_first_candidate_that_passes(tmp_path):

@@ -38,6 +38,17 @@ CACHE_ENV = "PUE_OPENVINO_CACHE_DIR"
 CPU_DEVICE = "CPU"
 # OpenVINO's element types for the compute types a precision entry names.
 INFERENCE_TYPES = {"float32": "f32", "bfloat16": "bf16"}
+# OpenVINO's CPU plugin names a kernel's precision at the end of its exec_type ("brgemm_avx2_I8", "jit_avx2_U8"). Data
+# movement and masks run in I8 too (Reshape, Gather, Select): int8 *arithmetic* is an int8 kernel of these layer types.
+INT8_EXEC_SUFFIXES = ("_I8", "_U8")
+MATMUL_LAYERS = ("FullyConnected", "Convolution", "MatMul")
+
+
+def int8_kernel(exec_type: str) -> bool:
+    """Whether OpenVINO's kernel name (a performance counter's `exec_type`) says it ran in int8."""
+    return str(exec_type).upper().endswith(INT8_EXEC_SUFFIXES)
+
+
 BF16_CPUS = (
     "Intel Xeon with AMX (4th generation Xeon Scalable 'Sapphire Rapids' and later) or AVX512-BF16 (3rd generation "
     "'Cooper Lake'), or AMD Zen 4 / Zen 5 (AVX512-BF16)"

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from pue.bundle import read_manifest, verify_files
 from pue.calibration.openvino_int8 import int8_layers
+from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
 from pue.cli.export_app import app
 from pue.data import patch_set
 from pue.errors import EXIT_ERROR

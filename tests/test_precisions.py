@@ -204,12 +204,12 @@ def test_no_magic_default_patch_size(tmp_path):
     import tensorrt_fakes as fakes
 
     from pue.bundle import read_manifest
-    from pue.calibration.quantize_bundle import _vision_tokens
+    from pue.calibration.quantize_plan import vision_tokens
 
     manifest = read_manifest(fakes.make_tiny_bundle(tmp_path / "b"))
     manifest.export = ExportInfo(patch_size=8)
     crops, side = manifest.preprocessing.num_crops, manifest.preprocessing.crop_size
-    assert _vision_tokens(manifest) == crops * (side // 8) ** 2
+    assert vision_tokens(manifest) == crops * (side // 8) ** 2
     manifest.export = ExportInfo()
     with pytest.raises(BundleError, match="does not record the vision patch size"):
-        _vision_tokens(manifest)
+        vision_tokens(manifest)

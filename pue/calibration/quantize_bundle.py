@@ -23,17 +23,11 @@ from pue.calibration.fidelity_plot import plot_fidelity
 from pue.calibration.fp16 import convert_with_gate
 from pue.calibration.int8_search import Judges, search_int8
 from pue.calibration.openvino_int8 import check_openvino_request, openvino_gate_device
-from pue.calibration.resources import (
-    GraphLoad,
-    PhasePeaks,
-    QuantizePlan,
-    activation_bytes,
-    attention_bytes,
-    plan_quantize,
-)
+from pue.calibration.quantize_plan import OUTLIER_SAMPLES, most_images_per_row, run_plan, vision_tokens
+from pue.calibration.resources import PhasePeaks
 from pue.choices import Attention, CalibrationMethod, Precision, QuantizePrecision, Rotate, parse_choice
 from pue.derive import Derivation, derive_bundle
-from pue.errors import BundleError, PueError
+from pue.errors import PueError
 from pue.fidelity import FidelityThresholds, GateReport, GateSet, measure_fidelity
 from pue.precisions import PrecisionSpec, quantize_spec
 from pue.runtime.cpu import saturating_u8s8
@@ -173,11 +167,9 @@ def quantize_bundle(
             "vision": lambda limit=None: VisionFeeds(parent, plan.patches, limit),
             "decoder": lambda limit=None: DecoderFeeds(parent, plan, limit),
         }
-        tokens = {"vision": _vision_tokens(parent_manifest), "decoder": len(parent.prompts.image_prompt())}
-        images_per_row, set_rows = _most_images_per_row(parent, gate_set, plan)
-        resources = _resource_plan(
-            parent_manifest, models, feeds, tokens, (images_per_row, set_rows), gate_set, options
-        )
+        tokens = {"vision": vision_tokens(parent_manifest), "decoder": len(parent.prompts.image_prompt())}
+        images_per_row, set_rows = most_images_per_row(parent, gate_set, plan)
+        resources = run_plan(parent_manifest, models, feeds, tokens, (images_per_row, set_rows), gate_set, options)
         for line in resources.lines():
             say(f"plan: {line}")
         if not resources.fits:
@@ -286,75 +278,6 @@ def gate_device(spec: PrecisionSpec) -> str:
     return openvino_gate_device() if spec.backend == "openvino" else "cpu (onnxruntime)"
 
 
-OUTLIER_SAMPLES = 8  # calibration rows per graph for the outlier report (fidelity.json, inspect)
-
-
-def _most_images_per_row(parent: Any, gate_set: GateSet, plan: Any) -> tuple[int, int]:
-    """The most images one decoder row of this run holds (image sets of the gate and of calibration, if any), and how
-    many gate rows hold that many (they share a batch: the runtime batches rows of one length together)."""
-    if not getattr(parent, "takes_image_sets", False):
-        return 1, 0
-    fitting = [len(s) for s in gate_set.image_sets if len(s) <= parent.max_images_per_row]
-    calibration = [len(s) for s in plan.image_sets if len(s) <= parent.max_images_per_row]  # the rest are not run
-    most = max([1, *fitting, *calibration])
-    return most, max(1, fitting.count(most))
-
-
-def _resource_plan(
-    manifest: Manifest,
-    models: dict[str, Any],
-    feeds: dict[str, Callable[..., Any]],
-    tokens: dict[str, int],
-    longest_rows: tuple[int, int],
-    gate_set: GateSet,
-    options: QuantizeOptions,
-) -> QuantizePlan:
-    """Peak memory and passes of this run, from the graphs (weights, quantized inputs, attention over the longest
-    row: the image prompt with `longest_rows[0]` images, `longest_rows[1]` of them in a gate batch) and the options."""
-    from pue.calibration.graph_ops import weight_ops
-
-    static = options.spec.calibrated
-    export = manifest.export
-    crop_tokens = (export.crop_size // export.patch_size) ** 2 + 1 if export.crop_size and export.patch_size else 0
-    images_per_row, set_rows = longest_rows
-    longest = tokens["decoder"] + (images_per_row - 1) * manifest.tokens_per_image
-    sequences = {"vision": (export.num_crops or 1, crop_tokens), "decoder": (1, longest)}
-    graphs, op_count = {}, 0
-    for name, model in models.items():
-        spec = manifest.graphs[name]
-        ops = [op for op in weight_ops(model, name) if static or op.op_type == "MatMul"]
-        op_count += len(ops)
-        layers = sum(node.op_type == "Softmax" for node in model.graph.node)
-        heads = int((export.attention.get(name) or {}).get("heads", 0))
-        count, length = sequences[name]
-        graphs[name] = GraphLoad(
-            weights_bytes=spec.file.size + sum(entry.size for entry in spec.external_data),
-            activation_bytes_per_row=activation_bytes(ops, sequences[name][0] * sequences[name][1]),
-            attention_bytes_per_row=attention_bytes(heads, length, layers, count),
-            attention_layers=layers,
-            rows_per_pass=len(feeds[name]()),
-        )
-    return plan_quantize(
-        options.precision,
-        graphs,
-        calibrated=static,
-        fallback=options.fallback,
-        op_count=op_count,
-        outlier_rows=OUTLIER_SAMPLES,
-        gate_items=gate_set.item_count(),
-        batch_attention_bytes=_batch_attention(graphs, manifest, tokens["decoder"], longest, set_rows),
-    )
-
-
-def _batch_attention(graphs: dict[str, GraphLoad], manifest: Manifest, single: int, longest: int, set_rows: int) -> int:
-    """One layer's attention scores for the largest batch the gate embeds: a batch of single-image rows, of vision
-    crops, or the image sets of the longest kind together."""
-    batch = manifest.default_batch_size
-    vision, decoder = graphs["vision"].layer_attention_bytes, graphs["decoder"].layer_attention_bytes
-    decoder_single = decoder * single * single // max(1, longest * longest)  # `decoder` was counted at `longest`
-    return int(max(batch * vision, batch * decoder_single, set_rows * decoder))
-
-
 def _outliers(models: dict[str, Any], feeds: dict[str, Callable[..., Any]]) -> dict[str, Any]:
     """Where the FP32 graphs' activation outliers are, on the first calibration rows (before any rewrite)."""
     from pue.calibration.graph_ops import weight_ops
@@ -436,17 +359,6 @@ def _check_disjoint(gate_set: GateSet, patches: list[Any]) -> None:
             f"{len(overlap)} calibration patches are also held-out gate patches (e.g. {overlap[0]})",
             "calibration and the gate must not share images",
         )
-
-
-def _vision_tokens(manifest: Manifest) -> int:
-    config = manifest.preprocessing
-    patch = manifest.export.patch_size
-    if not patch:
-        raise BundleError(
-            "the bundle's manifest does not record the vision patch size (export.patch_size)",
-            "re-export the FP32 bundle with this version of pue-export",
-        )
-    return int(config.num_crops * (config.crop_size // patch) ** 2)
 
 
 def _write_graphs(models: dict[str, Any], staging: Path) -> dict[str, tuple[str, list[str]]]:

@@ -54,7 +54,10 @@ def quantize_static_graph(
     target: str,
     method: str = "minmax",
     cache_path: Path | None = None,
+    ranges: dict[str, tuple[float, float]] | None = None,
 ) -> None:
+    """Static Q/DQ of `nodes`' inputs. `ranges`: each activation's [rmin, rmax] (`pue.calibration.ranges`), given to
+    onnxruntime as overrides; the reader then only has to let its calibrator run (one row is enough)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not nodes:
@@ -80,6 +83,10 @@ def quantize_static_graph(
         # No CalibMaxIntermediateOutputs: in onnxruntime 1.32 it discards the collected chunk without merging its
         # ranges. MinMax augments the graph with ReduceMin/ReduceMax, so each sample keeps only scalars anyway.
     }
+    if ranges:
+        from pue.calibration.ranges import range_overrides
+
+        extra["TensorQuantOverrides"] = range_overrides(ranges)
     kwargs: dict[str, Any] = {}
     if cache_path is not None and "calibration_cache_path" in inspect.signature(quantize_static).parameters:
         kwargs["calibration_cache_path"] = cache_path

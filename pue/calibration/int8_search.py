@@ -71,13 +71,30 @@ def search_int8(
             if all_stats.get(op.activation) is not None and all_stats[op.activation].token_ratio >= TOKEN_OUTLIER_RATIO
         }
 
-    def quantize(float_nodes: set[str], per_token: set[str] = frozenset()) -> dict[str, Any]:
+    # Static INT8 with MinMax: each activation's range is pue's (`pue.calibration.ranges`), handed to onnxruntime as
+    # overrides (its calibration pass then reads one row); the error-chosen ranges are a second candidate.
+    own_ranges = static and options.method == "minmax"
+    range_rules: dict[str, dict[str, tuple[float, float]]] = {}
+    clips: dict[str, float] = {}
+    if own_ranges:
+        from pue.calibration.ranges import minmax_ranges, mse_ranges
+
+        range_rules["minmax"] = minmax_ranges(all_ops, all_stats)
+        range_rules["mse"] = {}
+        for name, path in float_paths.items():
+            chosen_ranges, chosen_clips = mse_ranges(
+                onnx.load(str(path)), [o for o in all_ops if o.graph == name], all_stats, scheme
+            )
+            range_rules["mse"].update(chosen_ranges)
+            clips.update(chosen_clips)
+
+    def quantize(float_nodes: set[str], per_token: set[str] = frozenset(), rule: str = "minmax") -> dict[str, Any]:
         quantized = {}
         for name, path in float_paths.items():
             nodes = [op.node for op in all_ops if op.graph == name and op.node not in float_nodes | per_token]
             out = work / f"{name}.int8.onnx"
             if static:
-                reader = OrtReader(feeds[name]())
+                reader = OrtReader(feeds[name](1) if own_ranges else feeds[name]())
                 quantize_static_graph(
                     path,
                     out,
@@ -86,6 +103,7 @@ def search_int8(
                     options.target,
                     options.method,
                     cache_path=work / f"{name}.calibration.json",
+                    ranges=range_rules.get(rule),
                 )
             elif nodes:
                 quantize_dynamic_graph(path, out, nodes)
@@ -100,16 +118,23 @@ def search_int8(
 
     ranking: list[dict] = []
     attempts: list[dict] = []
-    best: tuple[set[str], Any, dict[str, Any], set[str]] | None = None  # (float nodes, check, graphs, per token)
+    best: tuple[set[str], Any, dict[str, Any], set[str], str] | None = None  # (float, check, graphs, per token, rule)
     keep = 0
     float_nodes: set[str] = set()
     per_token: set[str] = set()
-    token_tried = not token_candidates
+    rule = "minmax"
+    # what is tried on the same float set before any op falls back: per-token inputs (int8-dynamic), error-chosen
+    # ranges (static); each is taken only if the calibration check says it is better
+    variants: list[tuple[set[str], str]] = []
+    if token_candidates:
+        variants.append((set(token_candidates), "minmax"))
+    if own_ranges and options.error_ranges and any(clip < 1.0 for clip in clips.values()):
+        variants.append((set(), "mse"))
     stopped = None
     while True:
         share = int8_flop_share(all_ops, float_nodes, tokens)
         started = time.perf_counter()
-        candidate = quantize(float_nodes, per_token)
+        candidate = quantize(float_nodes, per_token, rule)
         check = judges.check(candidate)
         phase_done("check")
         taken = best is None or _better(check, best[1])
@@ -117,6 +142,7 @@ def search_int8(
             {
                 "float_nodes": sorted(float_nodes),
                 "per_token_nodes": sorted(per_token - float_nodes),
+                "ranges": rule if static else "dynamic",
                 "int8_flop_share": share,
                 "check": check.overall,
                 "check_passed": check.passed,
@@ -125,17 +151,18 @@ def search_int8(
             }
         )
         say(
-            f"attempt {len(attempts)}: {len(float_nodes)} ops in float, {len(per_token - float_nodes)} per token, "
-            f"int8 share {share:.1%}, calibration check: "
+            f"attempt {len(attempts)}: {len(float_nodes)} ops in float, {len(per_token - float_nodes)} per token"
+            + (f", {rule} ranges" if own_ranges else "")
+            + f", int8 share {share:.1%}, calibration check: "
             f"mean cos {check.overall['mean_cosine']:.5f}, min {check.overall['min_cosine']:.5f}, "
             f"top-1 {check.overall['top1']:.3f} → {'pass' if check.passed else 'fail'}"
             + ("" if taken else " (lowers the minimum or the mean: not taken)")
         )
         if taken:
-            best = (set(float_nodes), check, candidate, set(per_token))
-        per_token = best[3]
-        if not token_tried:  # next: the same ops, those reading massive tokens quantized per token
-            token_tried, per_token = True, set(token_candidates)
+            best = (set(float_nodes), check, candidate, set(per_token), rule)
+        per_token, rule = best[3], best[4]
+        if variants:  # next: the same float set, another way to quantize it
+            per_token, rule = variants.pop(0)
             continue
         if best[1].passed or not options.fallback:
             break
@@ -159,7 +186,7 @@ def search_int8(
             break
         float_nodes = wider
     assert best is not None
-    chosen, check, graphs, chosen_per_token = best
+    chosen, check, graphs, chosen_per_token, chosen_rule = best
     fidelity = judges.gate(graphs)
     phase_done("gate")
     say(
@@ -182,9 +209,16 @@ def search_int8(
         "per_token_nodes": sorted(chosen_per_token - chosen),
         "share": int8_flop_share(all_ops, chosen, tokens),
         "smoothed": smoothed,
+        "ranges": _ranges_record(chosen_rule, clips) if own_ranges else None,
         "ranking": ranking,
         "why": why,
     }
+
+
+def _ranges_record(rule: str, clips: dict[str, float]) -> dict[str, Any]:
+    """What fidelity.json says of the activation ranges: the rule taken, and per tensor the clip it would apply."""
+    clipped = {name: clip for name, clip in sorted(clips.items()) if clip < 1.0}
+    return {"rule": rule, "clipped": clipped if rule == "mse" else {}, "mse_would_clip": len(clipped)}
 
 
 @dataclass(frozen=True)

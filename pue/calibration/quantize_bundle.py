@@ -57,6 +57,7 @@ class QuantizeOptions:
     smooth: bool = True
     rotate: str = "off"  # "auto" | "on" | "off": rotate the decoder's residual stream first (INT8 only)
     fallback: bool = True
+    error_ranges: bool = True  # static INT8 (MinMax): also try ranges chosen by output error (`ranges`), if better
     per_token: bool = True  # int8-dynamic: inputs carrying massive tokens may quantize per token (checked, not assumed)
     magnification: float | None = None
     mpp: float | None = None
@@ -228,6 +229,7 @@ def quantize_bundle(
             "per_token_nodes": outcome.get("per_token_nodes", []),
             "int8_flop_share": outcome.get("share"),
             "smoothed": outcome.get("smoothed", []),
+            "ranges": outcome.get("ranges"),
             "attention": {"mode": attention_mode(options), "graphs": fusion},
             "sensitivity": outcome.get("ranking", [])[:20],
             "fp16_kept_fp32": outcome.get("fp16_blocked", []),
@@ -504,6 +506,7 @@ def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -
         "float_nodes": report["float_nodes"],
         "per_token_nodes": report["per_token_nodes"],
         "smoothed_groups": len(report["smoothed"]),
+        "activation_ranges": (report.get("ranges") or {}).get("rule"),
         "gate_device": report["gate_device"],
         "outliers": {k: v for k, v in report["outliers"].items() if k != "worst"},
     }

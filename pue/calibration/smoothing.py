@@ -120,6 +120,7 @@ def smooth_model(
             channel.maximum / best_scale,
             [rows / best_scale for rows in channel.samples],
             channel.token_ratio,  # measured before the migration: a token outlier is not a channel's to move
+            [rows / best_scale for rows in channel.peaks],
         )
         for op in group:
             op.activation = target

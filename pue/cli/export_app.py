@@ -155,6 +155,11 @@ def quantize(
     no_per_token: bool = typer.Option(
         False, "--no-per-token", help="int8-dynamic: never quantize massive-token inputs per token (diagnostics)."
     ),
+    no_error_ranges: bool = typer.Option(
+        False,
+        "--no-error-ranges",
+        help="Static INT8: MinMax activation ranges only (never try ranges chosen by output error; diagnostics).",
+    ),
     rotate: Rotate = typer.Option(
         Rotate.OFF.value,
         "--rotate",
@@ -211,6 +216,7 @@ def quantize(
         smooth=not no_smooth,
         fallback=not no_fallback,
         per_token=not no_per_token,
+        error_ranges=not no_error_ranges,
         rotate=rotate.value,
         magnification=magnification,
         mpp=mpp,

@@ -131,7 +131,9 @@ def search(tmp_path, passes_when=None, fallback=True, minimum_of=None, gate_pass
         return Verdict(passed=gate_passes if gate_passes is not None else passes_when is not None)
 
     messages: list[str] = []
-    options = QuantizeOptions(precision="int8", target="onnxruntime", smooth=False, fallback=fallback)
+    options = QuantizeOptions(
+        precision="int8", target="onnxruntime", smooth=False, fallback=fallback, error_ranges=False
+    )
     result = search_int8(
         {"decoder": parallel_matmuls()},
         {"decoder": calibration_feeds},
@@ -208,11 +210,11 @@ def test_exactly_80_percent_is_allowed_less_is_not(tmp_path, layers, float_nodes
         {f"w{i}": rng.normal(size=(K, 4)).astype(np.float32) for i in range(layers)},
     )
     feeds = [{f"x{i}": rng.normal(size=(8, K)).astype(np.float32) for i in range(layers)} for _ in range(2)]
-    options = QuantizeOptions(precision="int8", target="tensorrt", smooth=False, fallback=True)
+    options = QuantizeOptions(precision="int8", target="tensorrt", smooth=False, fallback=True, error_ranges=False)
     calls, messages = [], []
     result = search_int8(
         {"decoder": model},
-        {"decoder": lambda: feeds},
+        {"decoder": lambda limit=None: feeds[:limit]},
         {"decoder": 1},
         tmp_path,
         options,

@@ -24,6 +24,7 @@ def search_int8(
     say: Callable[[str], None],
     timings: dict[str, float],
     phase_done: Callable[[str], None] = lambda phase: None,
+    layouts: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Statistics, smoothing, then quantize → check, keeping the most sensitive layers float while checks fail;
     the held-out gate judges the chosen candidate once.
@@ -32,6 +33,7 @@ def search_int8(
     against the FP32 parent on calibration patches, captions and composed rows (end to end, what the gate
     measures); a fallback step that lowers the minimum cosine is never taken. `judges.gate` then runs the held-out
     gate on the chosen candidate, whose graphs end up in `models`. `phase_done` is told when each phase ends.
+    `layouts`: each graph's attention heads (the manifest's `export.attention`), for smoothing's v_proj fold.
     """
     import onnx
 
@@ -50,7 +52,7 @@ def search_int8(
         say(f"{name}: activation statistics of {len(ops)} weight-bearing ops")
         stats = collect_channel_stats(model, ops, feeds[name](), seed=options.seed)
         if options.smooth:
-            ops, stats, groups = smooth_model(model, ops, stats, scheme)
+            ops, stats, groups = smooth_model(model, ops, stats, scheme, layout=(layouts or {}).get(name))
             smoothed += [dict(g.to_dict(), graph=name) for g in groups]
         all_ops += ops
         all_stats.update(stats)
@@ -61,15 +63,15 @@ def search_int8(
     timings["statistics_s"] = time.perf_counter() - started
     phase_done("statistics")
 
-    # int8-dynamic: ops whose inputs carry token outliers (massive activations) may quantize per token instead of
-    # per tensor (`pue.calibration.per_token`); the check set decides whether they do.
-    token_candidates = set()
-    if not static and options.per_token:
-        token_candidates = {
-            op.node
-            for op in all_ops
-            if all_stats.get(op.activation) is not None and all_stats[op.activation].token_ratio >= TOKEN_OUTLIER_RATIO
-        }
+    # Ops whose inputs carry token outliers (massive activations): int8-dynamic may quantize them per token instead
+    # of per tensor (`pue.calibration.per_token`); static INT8, which has no per-token path in standard ONNX, may keep
+    # them in float (within the 80 % rule). The check set decides whether either is done.
+    massive = {
+        op.node
+        for op in all_ops
+        if all_stats.get(op.activation) is not None and all_stats[op.activation].token_ratio >= TOKEN_OUTLIER_RATIO
+    }
+    token_candidates = massive if not static and options.per_token else set()
 
     # Static INT8 with MinMax: each activation's range is pue's (`pue.calibration.ranges`), handed to onnxruntime as
     # overrides (its calibration pass then reads one row); the error-chosen ranges are a second candidate.
@@ -94,7 +96,7 @@ def search_int8(
             nodes = [op.node for op in all_ops if op.graph == name and op.node not in float_nodes | per_token]
             out = work / f"{name}.int8.onnx"
             if static:
-                reader = OrtReader(feeds[name](1) if own_ranges else feeds[name]())
+                reader = OrtReader(feeds[name]())  # read lazily: one row when every range is pue's
                 quantize_static_graph(
                     path,
                     out,
@@ -123,13 +125,17 @@ def search_int8(
     float_nodes: set[str] = set()
     per_token: set[str] = set()
     rule = "minmax"
-    # what is tried on the same float set before any op falls back: per-token inputs (int8-dynamic), error-chosen
-    # ranges (static); each is taken only if the calibration check says it is better
-    variants: list[tuple[set[str], str]] = []
+    # what is tried before the sensitivity fallback, each taken only if the calibration check says it is better:
+    # (float ops, per-token ops, ranges, only while the best so far fails)
+    variants: list[tuple[set[str], set[str], str, bool]] = []
     if token_candidates:
-        variants.append((set(token_candidates), "minmax"))
+        variants.append((set(), set(token_candidates), "minmax", False))
+    if not static and options.per_token:  # every input per token: what helps when norm gains make errors compound
+        variants.append((set(), {op.node for op in all_ops if op.op_type == "MatMul"}, "minmax", True))
     if own_ranges and options.error_ranges and any(clip < 1.0 for clip in clips.values()):
-        variants.append((set(), "mse"))
+        variants.append((set(), set(), "mse", False))
+    if static and options.fallback and massive and int8_flop_share(all_ops, massive, tokens) >= MIN_INT8_FLOP_SHARE:
+        variants.append((set(massive), set(), "best", True))
     stopped = None
     while True:
         share = int8_flop_share(all_ops, float_nodes, tokens)
@@ -160,9 +166,13 @@ def search_int8(
         )
         if taken:
             best = (set(float_nodes), check, candidate, set(per_token), rule)
-        per_token, rule = best[3], best[4]
-        if variants:  # next: the same float set, another way to quantize it
-            per_token, rule = variants.pop(0)
+        float_nodes, per_token, rule = best[0], best[3], best[4]
+        variants = [v for v in variants if not (v[3] and best[1].passed)]
+        if variants:  # next: another way to quantize, before the sensitivity fallback
+            extra_float, per_token, variant_rule, _ = variants.pop(0)
+            float_nodes = float_nodes | extra_float
+            per_token = per_token if not extra_float else best[3]
+            rule = best[4] if variant_rule == "best" else variant_rule
             continue
         if best[1].passed or not options.fallback:
             break
@@ -176,7 +186,7 @@ def search_int8(
         if keep > len(ranking):
             stopped = "every ranked op was tried in float"
             break
-        wider = {s["node"] for s in ranking[:keep]}
+        wider = best[0] | {s["node"] for s in ranking[:keep]}
         if int8_flop_share(all_ops, wider, tokens) < MIN_INT8_FLOP_SHARE:
             stopped = (
                 f"keeping the {keep} most sensitive ops in float would leave less than {MIN_INT8_FLOP_SHARE:.0%} of "

@@ -217,7 +217,8 @@ def quantize_bundle(
             outcome = convert_with_gate(models, feeds, options, evaluate, say, timings)
             peaks.end("conversion and gate")
         else:
-            outcome = search_int8(models, feeds, tokens, work, options, judges, say, timings, peaks.end)
+            heads = dict(parent_manifest.export.attention)
+            outcome = search_int8(models, feeds, tokens, work, options, judges, say, timings, peaks.end, heads)
         fidelity, attempts = outcome["fidelity"], outcome["attempts"]
         report = {
             "precision": options.precision,

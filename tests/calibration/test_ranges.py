@@ -130,3 +130,20 @@ def test_the_search_takes_error_chosen_ranges_only_when_the_check_is_better(tmp_
     result, _ = run_search(tmp_path / "worse", mse_minimum=0.94)  # lowers the minimum: never taken
     assert [a["taken"] for a in result["attempts"]] == [True, False]
     assert result["ranges"] == {"rule": "minmax", "clipped": {}, "mse_would_clip": 1}
+
+
+def test_the_fidelity_plot_says_what_was_done_to_the_groups():
+    from pue.calibration.fidelity_plot import treatment_line
+
+    report = {
+        "int8_flop_share": 0.9,
+        "float_nodes": ["conv"],
+        "per_token_nodes": [],
+        "smoothed": [{"fold": "v_proj"}, {"fold": "mul"}],
+        "ranges": {"rule": "mse", "clipped": {"x": 0.5}},
+        "rotation": {"applied": False},
+    }
+    assert treatment_line(report) == (
+        "1 ops float; 0 per token; 2 groups smoothed (1 folded exactly); ranges mse (1 clipped); not rotated"
+    )
+    assert treatment_line({"int8_flop_share": None}) == ""  # fp16: no INT8 search

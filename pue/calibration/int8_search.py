@@ -134,10 +134,10 @@ def search_int8(
         variants.append((set(), {op.node for op in all_ops if op.op_type == "MatMul"}, "minmax", True))
     if own_ranges and options.error_ranges and any(clip < 1.0 for clip in clips.values()):
         variants.append((set(), set(), "mse", False))
-    # ops the SQNR ranking cannot score (Conv: the vision patch embedding, whose int8 input and weights cost the
-    # ci-sized fixtures up to 0.009 of minimum cosine), then the massive-token ops, in float while the check fails
+    # the massive-token ops, then the ops the SQNR ranking cannot score (Conv: the vision patch embedding, whose int8
+    # input and weights cost the ci-sized fixtures up to 0.009 of minimum cosine), in float while the check fails
     unscored = {op.node for op in all_ops if op.op_type != "MatMul"}
-    for extra in (unscored, massive):
+    for extra in (massive, unscored):
         if static and options.fallback and extra and int8_flop_share(all_ops, extra, tokens) >= MIN_INT8_FLOP_SHARE:
             variants.append((set(extra), set(), "best", True))
     stopped = None

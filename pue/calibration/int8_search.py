@@ -187,10 +187,13 @@ def search_int8(
                 )
             ranking.sort(key=lambda s: s["sqnr_db"])
         keep = max(1, keep * 2)
+        wider = best[0] | {s["node"] for s in ranking[:keep]}
+        while wider <= best[0] and keep <= len(ranking):  # the variants already keep these in float: go wider
+            keep *= 2
+            wider = best[0] | {s["node"] for s in ranking[:keep]}
         if keep > len(ranking):
             stopped = "every ranked op was tried in float"
             break
-        wider = best[0] | {s["node"] for s in ranking[:keep]}
         if int8_flop_share(all_ops, wider, tokens) < MIN_INT8_FLOP_SHARE:
             stopped = (
                 f"keeping the {keep} most sensitive ops in float would leave less than {MIN_INT8_FLOP_SHARE:.0%} of "

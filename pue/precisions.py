@@ -181,6 +181,7 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
         engine_source=False,
         note="unsigned activations, for onnxruntime on x86 CPUs",
         device_advice=CPU_INT8_ADVICE,
+        token_outliers=TokenOutliers.FLOAT,  # static Q/DQ has no per-token scales
     ),
     PrecisionSpec(
         Precision.INT8,
@@ -194,6 +195,7 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
         attention=(Attention.STANDARD,),
         devices=(DeviceKind.CPU, DeviceKind.CUDA),
         engine_source=True,
+        token_outliers=TokenOutliers.FLOAT,  # standard ONNX has no per-token int8
     ),
     PrecisionSpec(
         Precision.INT8,

@@ -3,7 +3,11 @@ held-out patches by `pue-export quantize`'s own fidelity gate (issue 13). Not ru
 
     python scripts/fidelity_matrix.py --work /tmp/matrix [--seeds 0,1,2] [--archs llava_next,llava]
         [--fixtures gains-few,gains-all,massive,vit-highnorm] [--modes int8:onnxruntime,int8:tensorrt,int8-dynamic]
-        [--calibrations shipped,svs8] [--rotate off,on] [--no-fallback] [--json matrix.json] [--markdown matrix.md]
+        [--calibrations shipped,svs8] [--rotate off,on] [--methods on,off] [--no-fallback] [--json matrix.json]
+        [--markdown matrix.md]
+
+`--methods off` quantizes with issue 14's methods switched off (`--no-smooth --no-per-token --no-error-ranges
+--no-fallback`: everything int8, per tensor, MinMax ranges), to show they are what makes a fixture pass.
 
 Calibration sets: `shipped` (the 64-patch default) and `svs8`: 8 tissue tiles cut from
 `../shared/data/cmu_small_region.svs` at its native resolution, chosen spatially disjoint from the shipped held-out
@@ -91,6 +95,8 @@ def gate_row(out: Path, code: int) -> dict:
         "int8_flop_share": report.get("int8_flop_share"),
         "float_nodes": len(report.get("float_nodes", [])),
         "smoothed_groups": len(report.get("smoothed", [])),
+        "per_token": len(report.get("per_token_nodes", [])),
+        "ranges": (report.get("ranges") or {}).get("rule", "-"),
     }
 
 
@@ -103,6 +109,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(f"{p}:{t}" for p, t in MODES), help="precision:target list")
     parser.add_argument("--calibrations", default="shipped,svs8")
     parser.add_argument("--rotate", default="off", help="`pue-export quantize --rotate` values to run, e.g. off,on")
+    parser.add_argument("--methods", default="on", help="on,off: issue 14's methods on, or all switched off")
     parser.add_argument("--no-fallback", action="store_true", help="one attempt per run: everything int8")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
@@ -134,10 +141,12 @@ def main() -> None:
                         "--overwrite",
                     )
                     pue_export("onnx", str(model), "-o", str(fp32), "--overwrite")
-                for precision, target, calib, rotate in runs(args):
-                    out = work / f"{fp32.name}-{precision}-{target}-{calib}-rotate-{rotate}"
+                for precision, target, calib, rotate, methods in runs(args):
+                    out = work / f"{fp32.name}-{precision}-{target}-{calib}-rotate-{rotate}-methods-{methods}"
                     extra = ["--calib", str(svs_folder), "--num-patches", "8"] if calib == "svs8" else []
                     extra += ["--rotate", rotate] + (["--no-fallback"] if args.no_fallback else [])
+                    if methods == "off":
+                        extra += ["--no-smooth", "--no-per-token", "--no-error-ranges", "--no-fallback"]
                     code, seconds, peak_mb = pue_export(
                         "quantize",
                         str(fp32),
@@ -158,6 +167,7 @@ def main() -> None:
                         "target": target,
                         "calibration": calib,
                         "rotate": rotate,
+                        "methods": methods,
                         "exit": code,
                         "seconds": round(seconds, 1),
                         "peak_mb": round(peak_mb),
@@ -174,14 +184,15 @@ def main() -> None:
     print(table)
 
 
-def runs(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
-    """(precision, target, calibration set, --rotate) for every quantize of one fixture and seed."""
+def runs(args: argparse.Namespace) -> list[tuple[str, str, str, str, str]]:
+    """(precision, target, calibration set, --rotate, methods) for every quantize of one fixture and seed."""
     modes = [(m.split(":") + ["onnxruntime"])[:2] for m in args.modes.split(",")]
     return [
-        (precision, target, calib, rotate)
+        (precision, target, calib, rotate, methods)
         for precision, target in modes
         for calib in args.calibrations.split(",")
         for rotate in args.rotate.split(",")
+        for methods in args.methods.split(",")
     ]
 
 
@@ -190,17 +201,18 @@ def markdown(rows: list[dict]) -> str:
         return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     lines = [
-        "| arch | fixture | seed | mode | calibration | rotate | gate | mean cos | min cos | top-1 | int8 FLOPs "
-        "| float ops | smoothed | s | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arch | fixture | seed | mode | calibration | methods | gate | mean cos | min cos | top-1 | int8 FLOPs "
+        "| float ops | per token | smoothed | ranges | s | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mode = r["precision"] + ("" if r["precision"] == "int8-dynamic" else f" ({r['target']})")
         lines.append(
-            f"| {r['arch']} | {r['fixture']} | {r['seed']} | {mode} | {r['calibration']} | {r.get('rotate', 'off')} | "
+            f"| {r['arch']} | {r['fixture']} | {r['seed']} | {mode} | {r['calibration']} | {r.get('methods', 'on')} | "
             f"{'pass' if r.get('passed') else 'FAIL'} | {fmt(r.get('mean_cosine'))} | {fmt(r.get('min_cosine'))} | "
             f"{fmt(r.get('top1'), 3)} | {fmt(r.get('int8_flop_share'), 2)} | {fmt(r.get('float_nodes'))} | "
-            f"{fmt(r.get('smoothed_groups'))} | {r['seconds']} | {r['peak_mb']} |"
+            f"{fmt(r.get('per_token'))} | {fmt(r.get('smoothed_groups'))} | {r.get('ranges', '-')} | {r['seconds']} | "
+            f"{r['peak_mb']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -5,6 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def treatment_line(report: dict) -> str:
+    """What the INT8 search did to the op groups, in one line ("" for precisions without one)."""
+    if report.get("int8_flop_share") is None:
+        return ""
+    smoothed = report.get("smoothed", [])
+    folds = sum(1 for group in smoothed if group.get("fold", "mul") != "mul")
+    ranges = report.get("ranges") or {}
+    parts = [
+        f"{len(report.get('float_nodes', []))} ops float",
+        f"{len(report.get('per_token_nodes', []))} per token",
+        f"{len(smoothed)} groups smoothed ({folds} folded exactly)",
+        *([f"ranges {ranges['rule']} ({len(ranges['clipped'])} clipped)"] if ranges else []),
+        "rotated" if (report.get("rotation") or {}).get("applied") else "not rotated",
+    ]
+    return "; ".join(parts)
+
+
 def plot_fidelity(report: dict, path: Path) -> bool:
     from pue.extras import have_extra
 
@@ -28,6 +45,9 @@ def plot_fidelity(report: dict, path: Path) -> bool:
         f"top-5 {overall['top5']:.3f}" + (f", int8 FLOPs {share:.0%}" if share is not None else ""),
         fontsize=9,
     )
+    treatment = treatment_line(report)
+    if treatment:
+        axis.text(0.01, 0.97, treatment, transform=axis.transAxes, fontsize=7, va="top", color="#333")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

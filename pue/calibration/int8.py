@@ -54,7 +54,12 @@ def quantize_static_graph(
     target: str,
     method: str = "minmax",
     cache_path: Path | None = None,
+    ranges: dict[str, tuple[float, float]] | None = None,
 ) -> None:
+    """Static Q/DQ of `nodes`' inputs. `ranges`: each activation's [rmin, rmax] (`pue.calibration.ranges`), given to
+    onnxruntime as overrides; when every one of them is a tensor onnxruntime's quantizer sees (its shape inference
+    names it), its calibrator only has to run, on the reader's first row; otherwise those few keep its MinMax over
+    every row (the same values as pue's MinMax)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not nodes:
@@ -80,6 +85,13 @@ def quantize_static_graph(
         # No CalibMaxIntermediateOutputs: in onnxruntime 1.32 it discards the collected chunk without merging its
         # ranges. MinMax augments the graph with ReduceMin/ReduceMax, so each sample keeps only scalars anyway.
     }
+    if ranges:
+        from pue.calibration.ranges import range_overrides
+
+        known = _inferred_tensors(model_path)
+        extra["TensorQuantOverrides"] = range_overrides({name: r for name, r in ranges.items() if name in known})
+        if all(name in known for name in ranges):
+            reader = _FirstRows(reader, 1)
     kwargs: dict[str, Any] = {}
     if cache_path is not None and "calibration_cache_path" in inspect.signature(quantize_static).parameters:
         kwargs["calibration_cache_path"] = cache_path
@@ -119,6 +131,35 @@ def quantize_dynamic_graph(model_path: Path, output_path: Path, nodes: list[str]
             nodes_to_quantize=matmuls,
             extra_options={"MatMulConstBOnly": True},
         )
+
+
+def _inferred_tensors(model_path: Path) -> set[str]:
+    """The tensor names onnxruntime's quantizer accepts overrides for (inputs, outputs, shape-inferred values)."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path), load_external_data=False))
+    graph = model.graph
+    return {v.name for v in [*graph.value_info, *graph.input, *graph.output]}
+
+
+class _FirstRows:
+    """The first `count` rows of a calibration reader (get_next/rewind)."""
+
+    def __init__(self, reader: Any, count: int) -> None:
+        self.reader, self.count, self.given = reader, count, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.given >= self.count:
+            return None
+        self.given += 1
+        return self.reader.get_next()
+
+    def rewind(self) -> None:
+        self.reader.rewind()
+        self.given = 0
+
+    def __len__(self) -> int:
+        return min(self.count, len(self.reader))
 
 
 @contextlib.contextmanager

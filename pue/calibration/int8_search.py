@@ -25,6 +25,7 @@ def search_int8(
     say: Callable[[str], None],
     timings: dict[str, float],
     phase_done: Callable[[str], None] = lambda phase: None,
+    layouts: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Statistics, smoothing, then quantize → check, keeping the most sensitive layers float while checks fail;
     the held-out gate judges the chosen candidate once.
@@ -33,6 +34,7 @@ def search_int8(
     against the FP32 parent on calibration patches, captions and composed rows (end to end, what the gate
     measures); a fallback step that lowers the minimum cosine is never taken. `judges.gate` then runs the held-out
     gate on the chosen candidate, whose graphs end up in `models`. `phase_done` is told when each phase ends.
+    `layouts`: each graph's attention heads (the manifest's `export.attention`), for smoothing's v_proj fold.
     """
     import onnx
 
@@ -51,7 +53,7 @@ def search_int8(
         say(f"{name}: activation statistics of {len(ops)} weight-bearing ops")
         stats = collect_channel_stats(model, ops, feeds[name](), seed=options.seed)
         if options.smooth:
-            ops, stats, groups = smooth_model(model, ops, stats, scheme)
+            ops, stats, groups = smooth_model(model, ops, stats, scheme, layout=(layouts or {}).get(name))
             smoothed += [dict(g.to_dict(), graph=name) for g in groups]
         all_ops += ops
         all_stats.update(stats)
@@ -63,36 +65,49 @@ def search_int8(
     phase_done("statistics")
 
     # Ops whose inputs carry token outliers (massive activations, high-norm ViT tokens): one per-tensor step starves
-    # every other token. The precision's entry says what is tried for them after the first attempt: per token
-    # (int8-dynamic, `pue.calibration.per_token`) or float (OpenVINO: no per-token int8 kernel, and only while the
-    # first attempt fails); the check set decides whether the step is taken.
-    token_mode = options.spec.token_outliers if options.per_token else None
-    if token_mode == TokenOutliers.FLOAT and not options.fallback:  # --no-fallback: nothing is kept float
+    # every other token. The precision's entry (`PrecisionSpec.token_outliers`) says what is tried for them: per token
+    # (int8-dynamic, `pue.calibration.per_token`) or float (static INT8: standard ONNX and OpenVINO have no per-token
+    # int8 kernel; within the 80 % rule, while the check fails). The check set decides whether either is done.
+    massive = {
+        op.node
+        for op in all_ops
+        if all_stats.get(op.activation) is not None and all_stats[op.activation].token_ratio >= TOKEN_OUTLIER_RATIO
+    }
+    token_mode = options.spec.token_outliers
+    if token_mode == TokenOutliers.PER_TOKEN and not options.per_token:  # --no-per-token
         token_mode = None
-    token_candidates = set()
-    if token_mode is not None:
-        token_candidates = {
-            op.node
-            for op in all_ops
-            if all_stats.get(op.activation) is not None and all_stats[op.activation].token_ratio >= TOKEN_OUTLIER_RATIO
-        }
-    if token_mode == TokenOutliers.FLOAT and token_candidates:
-        if int8_flop_share(all_ops, token_candidates, tokens) < MIN_INT8_FLOP_SHARE:
-            say(
-                f"token outliers: {len(token_candidates)} ops read massive tokens; keeping them float would leave "
-                f"less than {MIN_INT8_FLOP_SHARE:.0%} of the weight FLOPs in int8: not tried"
-            )
-            token_candidates = set()
-        else:
-            say(f"token outliers: {len(token_candidates)} ops read massive tokens: tried in float if int8 fails")
+    if token_mode == TokenOutliers.FLOAT and not options.fallback:  # --no-fallback: nothing is kept in float
+        token_mode = None
+    token_candidates = massive if token_mode == TokenOutliers.PER_TOKEN else set()
+    massive_float = massive if token_mode == TokenOutliers.FLOAT else set()
+    if massive:
+        what = {TokenOutliers.PER_TOKEN: "tried per token", TokenOutliers.FLOAT: "tried in float if int8 fails"}
+        say(f"token outliers: {len(massive)} ops read massive tokens: {what.get(token_mode, 'left as they are')}")
 
-    def quantize(float_nodes: set[str], per_token: set[str] = frozenset()) -> dict[str, Any]:
+    # Static INT8 with MinMax: each activation's range is pue's (`pue.calibration.ranges`), handed to onnxruntime as
+    # overrides (its calibration pass then reads one row); the error-chosen ranges are a second candidate.
+    own_ranges = static and options.method == "minmax"
+    range_rules: dict[str, dict[str, tuple[float, float]]] = {}
+    clips: dict[str, float] = {}
+    if own_ranges:
+        from pue.calibration.ranges import minmax_ranges, mse_ranges
+
+        range_rules["minmax"] = minmax_ranges(all_ops, all_stats)
+        range_rules["mse"] = {}
+        for name, path in float_paths.items():
+            chosen_ranges, chosen_clips = mse_ranges(
+                onnx.load(str(path)), [o for o in all_ops if o.graph == name], all_stats, scheme
+            )
+            range_rules["mse"].update(chosen_ranges)
+            clips.update(chosen_clips)
+
+    def quantize(float_nodes: set[str], per_token: set[str] = frozenset(), rule: str = "minmax") -> dict[str, Any]:
         quantized = {}
         for name, path in float_paths.items():
             nodes = [op.node for op in all_ops if op.graph == name and op.node not in float_nodes | per_token]
             out = work / f"{name}.int8.onnx"
             if static:
-                reader = OrtReader(feeds[name]())
+                reader = OrtReader(feeds[name]())  # read lazily: one row when every range is pue's
                 quantize_static_graph(
                     path,
                     out,
@@ -101,6 +116,7 @@ def search_int8(
                     options.target,
                     options.method,
                     cache_path=work / f"{name}.calibration.json",
+                    ranges=range_rules.get(rule),
                 )
             elif nodes:
                 quantize_dynamic_graph(path, out, nodes)
@@ -115,17 +131,31 @@ def search_int8(
 
     ranking: list[dict] = []
     attempts: list[dict] = []
-    best: tuple[set[str], Any, dict[str, Any], set[str]] | None = None  # (float nodes, check, graphs, per token)
+    best: tuple[set[str], Any, dict[str, Any], set[str], str] | None = None  # (float, check, graphs, per token, rule)
     keep = 0
     float_nodes: set[str] = set()
     per_token: set[str] = set()
-    token_tried = not token_candidates
-    floated: set[str] = set()  # token-outlier ops the fallback keeps float under its ranked ones (token step taken)
+    rule = "minmax"
+    # what is tried before the sensitivity fallback, each taken only if the calibration check says it is better:
+    # (float ops, per-token ops, ranges, only while the best so far fails)
+    variants: list[tuple[set[str], set[str], str, bool]] = []
+    if token_candidates:
+        variants.append((set(), set(token_candidates), "minmax", False))
+    if not static and options.per_token:  # every input per token: what helps when norm gains make errors compound
+        variants.append((set(), {op.node for op in all_ops if op.op_type == "MatMul"}, "minmax", True))
+    if own_ranges and options.error_ranges and any(clip < 1.0 for clip in clips.values()):
+        variants.append((set(), set(), "mse", False))
+    # the massive-token ops, then the ops the SQNR ranking cannot score (Conv: the vision patch embedding, whose int8
+    # input and weights cost the ci-sized fixtures up to 0.009 of minimum cosine), in float while the check fails
+    unscored = {op.node for op in all_ops if op.op_type != "MatMul"}
+    for extra in (massive_float, unscored):
+        if static and options.fallback and extra and int8_flop_share(all_ops, extra, tokens) >= MIN_INT8_FLOP_SHARE:
+            variants.append((set(extra), set(), "best", True))
     stopped = None
     while True:
         share = int8_flop_share(all_ops, float_nodes, tokens)
         started = time.perf_counter()
-        candidate = quantize(float_nodes, per_token)
+        candidate = quantize(float_nodes, per_token, rule)
         check = judges.check(candidate)
         phase_done("check")
         taken = best is None or _better(check, best[1])
@@ -133,6 +163,7 @@ def search_int8(
             {
                 "float_nodes": sorted(float_nodes),
                 "per_token_nodes": sorted(per_token - float_nodes),
+                "ranges": rule if static else "dynamic",
                 "int8_flop_share": share,
                 "check": check.overall,
                 "check_passed": check.passed,
@@ -141,23 +172,22 @@ def search_int8(
             }
         )
         say(
-            f"attempt {len(attempts)}: {len(float_nodes)} ops in float, {len(per_token - float_nodes)} per token, "
-            f"int8 share {share:.1%}, calibration check: "
+            f"attempt {len(attempts)}: {len(float_nodes)} ops in float, {len(per_token - float_nodes)} per token"
+            + (f", {rule} ranges" if own_ranges else "")
+            + f", int8 share {share:.1%}, calibration check: "
             f"mean cos {check.overall['mean_cosine']:.5f}, min {check.overall['min_cosine']:.5f}, "
             f"top-1 {check.overall['top1']:.3f} → {'pass' if check.passed else 'fail'}"
             + ("" if taken else " (lowers the minimum or the mean: not taken)")
         )
         if taken:
-            best = (set(float_nodes), check, candidate, set(per_token))
-        per_token = best[3]
-        floated = best[0] & token_candidates if token_mode == TokenOutliers.FLOAT else set()
-        if not token_tried and not (token_mode == TokenOutliers.FLOAT and best[1].passed):
-            # next: the same ops, those reading massive tokens per token (or float)
-            token_tried = True
-            if token_mode == TokenOutliers.PER_TOKEN:
-                per_token = set(token_candidates)
-            else:
-                float_nodes = set(token_candidates)
+            best = (set(float_nodes), check, candidate, set(per_token), rule)
+        float_nodes, per_token, rule = best[0], best[3], best[4]
+        variants = [v for v in variants if not (v[3] and best[1].passed)]
+        if variants:  # next: another way to quantize, before the sensitivity fallback
+            extra_float, per_token, variant_rule, _ = variants.pop(0)
+            float_nodes = float_nodes | extra_float
+            per_token = per_token if not extra_float else best[3]
+            rule = best[4] if variant_rule == "best" else variant_rule
             continue
         if best[1].passed or not options.fallback:
             break
@@ -167,12 +197,14 @@ def search_int8(
                     onnx.load(str(path)), [o for o in all_ops if o.graph == name], all_stats, scheme
                 )
             ranking.sort(key=lambda s: s["sqnr_db"])
-        ranked = [s["node"] for s in ranking if s["node"] not in floated]  # a token-outlier op is float already
         keep = max(1, keep * 2)
-        if keep > len(ranked):
+        wider = best[0] | {s["node"] for s in ranking[:keep]}
+        while wider <= best[0] and keep <= len(ranking):  # the variants already keep these in float: go wider
+            keep *= 2
+            wider = best[0] | {s["node"] for s in ranking[:keep]}
+        if keep > len(ranking):
             stopped = "every ranked op was tried in float"
             break
-        wider = floated | set(ranked[:keep])
         if int8_flop_share(all_ops, wider, tokens) < MIN_INT8_FLOP_SHARE:
             stopped = (
                 f"keeping the {keep} most sensitive ops in float would leave less than {MIN_INT8_FLOP_SHARE:.0%} of "
@@ -182,7 +214,7 @@ def search_int8(
             break
         float_nodes = wider
     assert best is not None
-    chosen, check, graphs, chosen_per_token = best
+    chosen, check, graphs, chosen_per_token, chosen_rule = best
     fidelity = judges.gate(graphs)
     phase_done("gate")
     say(
@@ -205,9 +237,16 @@ def search_int8(
         "per_token_nodes": sorted(chosen_per_token - chosen),
         "share": int8_flop_share(all_ops, chosen, tokens),
         "smoothed": smoothed,
+        "ranges": _ranges_record(chosen_rule, clips) if own_ranges else None,
         "ranking": ranking,
         "why": why,
     }
+
+
+def _ranges_record(rule: str, clips: dict[str, float]) -> dict[str, Any]:
+    """What fidelity.json says of the activation ranges: the rule taken, and per tensor the clip it would apply."""
+    clipped = {name: clip for name, clip in sorted(clips.items()) if clip < 1.0}
+    return {"rule": rule, "clipped": clipped if rule == "mse" else {}, "mse_would_clip": len(clipped)}
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,9 @@ class QuantizeOptions:
     smooth: bool = True
     rotate: str = "off"  # "auto" | "on" | "off": rotate the decoder's residual stream first (INT8 only)
     fallback: bool = True
-    # inputs carrying massive tokens may quantize per token (int8-dynamic) or stay float (OpenVINO INT8): checked, not
-    # assumed (`PrecisionSpec.token_outliers`)
+    error_ranges: bool = True  # static INT8 (MinMax): also try ranges chosen by output error (`ranges`), if better
+    # int8-dynamic: inputs carrying massive tokens may quantize per token (checked, not assumed); static INT8 keeps them
+    # float instead, as part of the fallback (`PrecisionSpec.token_outliers`)
     per_token: bool = True
     magnification: float | None = None
     mpp: float | None = None
@@ -210,7 +211,8 @@ def quantize_bundle(
             outcome = convert_with_gate(models, feeds, options, evaluate, say, timings)
             peaks.end("conversion and gate")
         else:
-            outcome = search_int8(models, feeds, tokens, work, options, judges, say, timings, peaks.end)
+            heads = dict(parent_manifest.export.attention)
+            outcome = search_int8(models, feeds, tokens, work, options, judges, say, timings, peaks.end, heads)
         fidelity, attempts = outcome["fidelity"], outcome["attempts"]
         report = {
             "precision": options.precision,
@@ -222,6 +224,7 @@ def quantize_bundle(
             "per_token_nodes": outcome.get("per_token_nodes", []),
             "int8_flop_share": outcome.get("share"),
             "smoothed": outcome.get("smoothed", []),
+            "ranges": outcome.get("ranges"),
             "attention": {"mode": attention_mode(options), "graphs": fusion},
             "sensitivity": outcome.get("ranking", [])[:20],
             "fp16_kept_fp32": outcome.get("fp16_blocked", []),
@@ -418,6 +421,7 @@ def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -
         "float_nodes": report["float_nodes"],
         "per_token_nodes": report["per_token_nodes"],
         "smoothed_groups": len(report["smoothed"]),
+        "activation_ranges": (report.get("ranges") or {}).get("rule"),
         "gate_device": report["gate_device"],
         "outliers": {k: v for k, v in report["outliers"].items() if k != "worst"},
     }

@@ -3,7 +3,8 @@
 Per input channel j of a group of MatMuls sharing one activation: x_j / s_j and W_j,: · s_j leave the product
 unchanged while flattening the outlier channels that make a per-tensor int8 scale useless. 1/s is folded into
 the producing `Mul` by a constant vector (an RMSNorm/LayerNorm weight) when that Mul feeds only this group,
-otherwise an explicit `Mul` is inserted. α is chosen per group by the simulated int8 error on calibration rows.
+otherwise an explicit `Mul` is inserted (`pue.calibration.folds` says where a fold exists: norm gains, LayerNorms,
+up_proj → down_proj, v_proj → o_proj). α is chosen per group by the simulated int8 error on calibration rows.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class SmoothedGroup:
     sqnr_before_db: float
     sqnr_after_db: float
     folded_into: str | None
+    fold: str = "mul"  # how 1/s was applied: a `pue.calibration.folds` kind, or "mul" (an inserted Mul)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,14 +41,6 @@ class SmoothedGroup:
 
 def _weights(model: Any) -> dict[str, Any]:
     return {init.name: init for init in model.graph.initializer}
-
-
-def _consumers(model: Any) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            out.setdefault(name, []).append(node)
-    return out
 
 
 def _group_sqnr(
@@ -63,14 +57,17 @@ def smooth_model(
     stats: dict[str, ChannelStats],
     scheme: str,
     threshold: float = DEFAULT_OUTLIER_THRESHOLD,
+    layout: dict[str, Any] | None = None,
+    alphas: tuple[float, ...] = ALPHAS,
 ) -> tuple[list[WeightOp], dict[str, ChannelStats], list[SmoothedGroup]]:
     """Smooth every MatMul group whose input's outlier ratio exceeds `threshold`, in place on `model`.
 
+    `layout`: the graph's attention heads (`export.attention`), so that o_proj's 1/s can fold into v_proj.
     Returns the ops and stats re-keyed to the (possibly renamed) activation tensors, and what was done.
     """
+    from pue.calibration.folds import find_fold
+
     initializers = _weights(model)
-    consumers = _consumers(model)
-    producers = {o: node for node in model.graph.node for o in node.output}
     weight_use = {}
     for node in model.graph.node:
         for name in node.input:
@@ -99,8 +96,11 @@ def smooth_model(
         ones = np.ones_like(absmax_x)
         before = _group_sqnr(group, channel, weights, ones, scheme)
         best_alpha, best_scale, best = None, ones, before
-        for alpha in ALPHAS:
+        site = find_fold(model, activation, {op.node for op in group}, int(absmax_x.shape[0]), layout)
+        for alpha in alphas:
             scale = np.clip(absmax_x**alpha / absmax_w ** (1 - alpha), 1e-5, 1e5).astype(np.float32)
+            if site is not None:
+                scale = site.tie(scale)
             score = _group_sqnr(group, channel, weights, scale, scheme)
             if score > best:
                 best_alpha, best_scale, best = alpha, scale, score
@@ -111,15 +111,18 @@ def smooth_model(
             initializers[op.weight].CopyFrom(
                 numpy_helper.from_array((weights[op.weight] * best_scale[:, None]).astype(np.float32), op.weight)
             )
-        folded = _fold_into_producer(model, activation, group, producers, consumers, initializers, best_scale)
-        target = activation
-        if folded is None:
+        target, folded = activation, None
+        if site is not None:
+            site.apply(best_scale)
+            folded = site.node
+        else:
             target = _insert_mul(model, activation, group, best_scale)
         new_stats[target] = ChannelStats(
             channel.minimum / best_scale,
             channel.maximum / best_scale,
             [rows / best_scale for rows in channel.samples],
             channel.token_ratio,  # measured before the migration: a token outlier is not a channel's to move
+            [rows / best_scale for rows in channel.peaks],
         )
         for op in group:
             op.activation = target
@@ -134,39 +137,10 @@ def smooth_model(
                 before,
                 best,
                 folded,
+                site.kind if site is not None else "mul",
             )
         )
     return new_ops, new_stats, done
-
-
-def _fold_into_producer(
-    model: Any,
-    activation: str,
-    group: list[WeightOp],
-    producers: dict[str, Any],
-    consumers: dict[str, list[Any]],
-    initializers: dict[str, Any],
-    scale: np.ndarray,
-) -> str | None:
-    """Divide the norm weight that multiplies `activation` by `scale`, if that is exactly and only this group's."""
-    producer = producers.get(activation)
-    group_nodes = {op.node for op in group}
-    if producer is None or producer.op_type != "Mul":
-        return None
-    if {node.name for node in consumers.get(activation, [])} != group_nodes:
-        return None
-    if any(o.name == activation for o in model.graph.output):
-        return None
-    for name in producer.input:
-        init = initializers.get(name)
-        if init is None:
-            continue
-        vector = numpy_helper.to_array(init)
-        uses = len(consumers.get(name, []))
-        if vector.ndim == 1 and vector.shape[0] == scale.shape[0] and uses == 1:
-            init.CopyFrom(numpy_helper.from_array((vector / scale).astype(vector.dtype), name))
-            return producer.name
-    return None
 
 
 def _insert_mul(model: Any, activation: str, group: list[WeightOp], scale: np.ndarray) -> str:

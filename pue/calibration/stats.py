@@ -17,6 +17,7 @@ from pue.calibration.graph_ops import WeightOp
 
 SENSITIVITY_SAMPLES = 8
 TOKENS_PER_SAMPLE = 256
+PEAK_TOKENS = 4  # each calibration row's largest tokens, kept beside the random sample (range choice: `ranges`)
 
 
 @dataclass
@@ -25,6 +26,7 @@ class ChannelStats:
     maximum: np.ndarray
     samples: list[np.ndarray] = field(default_factory=list)  # [tokens, channels] rows for sensitivity
     token_ratio: float = 0.0  # largest token's max |x| over the median token's, worst calibration row (massive tokens)
+    peaks: list[np.ndarray] = field(default_factory=list)  # each row's PEAK_TOKENS largest tokens [k, channels]
 
     @property
     def absmax(self) -> np.ndarray:
@@ -74,6 +76,7 @@ def collect_channel_stats(
             token_absmax = np.abs(rows).max(axis=1)
             ratio = float(token_absmax.max() / max(float(np.median(token_absmax)), 1e-12))
             stats[name].token_ratio = max(stats[name].token_ratio, ratio)
+            stats[name].peaks.append(rows[np.sort(np.argsort(token_absmax)[-PEAK_TOKENS:])])
             if sample_index < SENSITIVITY_SAMPLES:
                 take = rng.choice(len(rows), size=min(TOKENS_PER_SAMPLE, len(rows)), replace=False)
                 stats[name].samples.append(rows[np.sort(take)])

@@ -163,6 +163,11 @@ def quantize(
         "--no-per-token",
         help="Never try massive-token inputs per token (int8-dynamic) or in float (OpenVINO INT8) (diagnostics).",
     ),
+    no_error_ranges: bool = typer.Option(
+        False,
+        "--no-error-ranges",
+        help="Static INT8: MinMax activation ranges only (never try ranges chosen by output error; diagnostics).",
+    ),
     rotate: Rotate = typer.Option(
         Rotate.OFF.value,
         "--rotate",
@@ -219,6 +224,7 @@ def quantize(
         smooth=not no_smooth,
         fallback=not no_fallback,
         per_token=not no_per_token,
+        error_ranges=not no_error_ranges,
         rotate=rotate.value,
         magnification=magnification,
         mpp=mpp,

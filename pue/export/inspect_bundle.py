@@ -18,14 +18,23 @@ def _fidelity_report(root: Path, manifest: Any) -> dict[str, Any]:
 
 
 def _treatment(report: dict[str, Any]) -> dict[str, Any] | None:
-    """What INT8 did to the op groups (None for bundles without an INT8 search): kept float, per token, smoothed (and
-    with which migration strength), the rotation."""
+    """What INT8 did to the op groups (None for bundles without an INT8 search): kept float, per token, smoothed (with
+    which migration strength, and where 1/s went: an exact fold or an inserted Mul), the activation ranges (clipped
+    by output error, per tensor), the rotation."""
     if "float_nodes" not in report:
         return None
     return {
         "float_nodes": report.get("float_nodes", []),
         "per_token_nodes": report.get("per_token_nodes", []),
-        "smoothed": [{"nodes": g["nodes"], "alpha": g["alpha"]} for g in report.get("smoothed", [])],
+        "smoothed": [
+            {
+                "nodes": g["nodes"],
+                "alpha": g["alpha"],
+                "fold": g.get("fold", "folded" if g.get("folded_into") else "mul"),
+            }
+            for g in report.get("smoothed", [])
+        ],
+        "ranges": report.get("ranges"),
         "rotated": bool((report.get("rotation") or {}).get("applied")),
     }
 
@@ -173,6 +182,11 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
         for node in treatment["float_nodes"]:
             console.print(f"  float: {node}")
         for group in treatment["smoothed"]:
-            console.print(f"  smoothed (alpha {group['alpha']}): {', '.join(group['nodes'])}")
+            console.print(f"  smoothed (alpha {group['alpha']}, {group['fold']}): {', '.join(group['nodes'])}")
+        ranges = treatment.get("ranges") or {}
+        if ranges:
+            console.print(f"  activation ranges: {ranges['rule']}, {len(ranges['clipped'])} tensors clipped")
+            for tensor, clip in ranges["clipped"].items():
+                console.print(f"  clipped to {clip:g} of MinMax: {tensor}")
     passed = summary["fidelity"]["passed"]
     console.print("fidelity: " + ("PASSED" if passed else "FAILED" if passed is False else "not recorded"))

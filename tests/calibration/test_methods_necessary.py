@@ -1,0 +1,31 @@
+"""Issue 14's acceptance, on the cheapest representative cell of the fidelity matrix (scripts/fidelity_matrix.py):
+static INT8 of the `massive` fixture (Qwen2-style llava, seed 0) passes the gate with the search's methods
+(smoothing folded into up_proj, the massive-token op kept in float within the 80 % rule) and fails it with them
+switched off (everything int8, per tensor, MinMax). int8-dynamic's counterpart is
+tests/calibration/test_quantize.py::test_massive_tokens_need_per_token_dynamic_int8."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
+from pue.errors import GateFailedError
+
+FAST = {"num_patches": 16, "num_captions": 8}
+OFF = {"smooth": False, "fallback": False, "per_token": False, "error_ranges": False}
+
+
+def test_massive_static_int8_passes_with_the_methods_and_fails_without(fp32_bundle, heldout_dir, tmp_path):
+    parent = fp32_bundle("llava", "massive")
+    options = QuantizeOptions(precision="int8", target="onnxruntime", heldout=heldout_dir, **FAST)
+    result = quantize_bundle(parent, tmp_path / "on", options)
+    assert result.fidelity.passed and result.int8_flop_share >= 0.8
+    report = json.loads((tmp_path / "on" / "fidelity.json").read_text())
+    assert report["float_nodes"] == ["/language_model/layers.1/mlp/down_proj/MatMul"]  # reads the massive tokens
+    assert [g["fold"] for g in report["smoothed"]] == ["up_proj"]
+    off = QuantizeOptions(precision="int8", target="onnxruntime", heldout=heldout_dir, **FAST, **OFF)
+    with pytest.raises(GateFailedError):
+        quantize_bundle(parent, tmp_path / "off", off)
+    assert not (tmp_path / "off").exists()

@@ -1,0 +1,114 @@
+"""What the INT8 search tries before its sensitivity fallback (issue 14, items 3 and 5), on a graph whose first op
+reads a massive token: int8-dynamic tries that op per token, then (only while the check still fails) every op per
+token; static INT8 tries error-chosen ranges, then (only while failing) the massive-token op in float within the
+80 % rule. Each is taken only when the calibration check says it is better."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import helper
+from onnx_graphs import float_input, make_model
+
+from pue.calibration.int8_search import Judges, search_int8
+from pue.calibration.quantize_bundle import QuantizeOptions
+
+K, N = 16, 64  # the wide op is most of the FLOPs, so keeping `massive` float stays within the 80 % rule
+
+
+def two_matmuls():
+    rng = np.random.default_rng(0)
+    plain = rng.normal(size=(N, N)).astype(np.float32)
+    plain[0] = 0.0
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "w_massive"], ["y"], name="massive"),
+            helper.make_node("MatMul", ["z", "w_plain"], ["u"], name="plain"),
+        ],
+        [float_input("x", ["rows", K]), float_input("z", ["rows", N])],
+        ["y", "u"],
+        {
+            "w_massive": rng.normal(size=(K, 2)).astype(np.float32),
+            "w_plain": plain,
+        },
+    )
+    feeds = []
+    for _ in range(3):
+        x = rng.normal(size=(32, K)).astype(np.float32)
+        x[0] *= 1000.0  # a massive token
+        z = rng.normal(size=(32, N)).astype(np.float32)
+        z[3, 0] = 15.0  # a spike the weights ignore (row 0 is zero): the error-chosen range clips it
+        feeds.append({"x": x, "z": z})
+    return model, feeds
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    overall: dict = field(default_factory=dict)
+
+    def failures(self) -> list[str]:
+        return [] if self.passed else ["min cosine"]
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "overall": self.overall}
+
+
+def describe(model) -> tuple[frozenset[str], frozenset[str]]:
+    """(per-token ops, float ops) of a candidate graph."""
+    outputs = {"y": "massive", "u": "plain"}
+    per_token = {
+        outputs[n.output[0]] for n in model.graph.node if n.name.startswith("pue_token_") and n.output[0] in outputs
+    }
+    initializers = {i.name for i in model.graph.initializer}
+    floats = {n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers}
+    return frozenset(per_token), frozenset(floats)
+
+
+def search(tmp_path, precision, scores):
+    """search_int8 with a check that scores each candidate by `scores[(per-token ops, float ops)]` (min cosine)."""
+    tmp_path.mkdir(parents=True)
+    model, feeds = two_matmuls()
+    seen = []
+
+    def check(quantized):
+        seen.append(describe(quantized["decoder"]))
+        minimum = scores.get(seen[-1], 0.9)
+        return Verdict(minimum >= 0.98, {"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0})
+
+    target = "tensorrt" if precision == "int8" else "onnxruntime"
+    options = QuantizeOptions(precision=precision, target=target, smooth=False)
+    result = search_int8(
+        {"decoder": model},
+        {"decoder": lambda limit=None: feeds[:limit]},
+        {"decoder": 1},
+        tmp_path,
+        options,
+        Judges(check=check, gate=lambda quantized: check(quantized)),
+        lambda message: None,
+        {},
+    )
+    return result, seen[:-1]  # the last one is the gate's
+
+
+NONE = frozenset()
+
+
+def test_dynamic_tries_the_massive_op_per_token_then_everything_per_token_while_failing(tmp_path):
+    massive, both = frozenset({"massive"}), frozenset({"massive", "plain"})
+    result, seen = search(tmp_path / "a", "int8-dynamic", {(massive, NONE): 0.95, (both, NONE): 0.99})
+    assert [s[0] for s in seen] == [NONE, massive, both]
+    assert [a["taken"] for a in result["attempts"]] == [True, True, True]
+    assert result["per_token_nodes"] == ["massive", "plain"] and result["fidelity"].passed
+    # the massive op per token already passes: everything per token is not tried
+    result, seen = search(tmp_path / "b", "int8-dynamic", {(massive, NONE): 0.99})
+    assert [s[0] for s in seen] == [NONE, massive] and result["per_token_nodes"] == ["massive"]
+
+
+def test_static_tries_error_chosen_ranges_then_the_massive_op_in_float(tmp_path):
+    result, seen = search(tmp_path / "a", "int8", {(NONE, frozenset({"massive"})): 0.99})
+    assert [a["ranges"] for a in result["attempts"]][:2] == ["minmax", "mse"]
+    assert [s[1] for s in seen][-1] == frozenset({"massive"})
+    assert result["float_nodes"] == ["massive"] and result["fidelity"].passed
+    assert result["share"] >= 0.8

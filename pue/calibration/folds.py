@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from onnx import numpy_helper
+
+from pue.calibration.graph_index import GraphIndex
 
 PREFIX = "pue_fold_"
 PASS_THROUGH = {"Reshape", "Transpose"}  # attention output → o_proj input: channels moved, not mixed
@@ -43,51 +44,18 @@ class FoldSite:
     apply: Callable[[np.ndarray], None]
 
 
-class _Index:
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.initializers = {init.name: init for init in model.graph.initializer}
-        self.producers = {out: node for node in model.graph.node for out in node.output}
-        self.consumers: dict[str, list[Any]] = {}
-        for node in model.graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.outputs = {o.name for o in model.graph.output}
-
-    def readers(self, tensor: str) -> list[Any]:
-        """Who reads `tensor`'s values (Shape only reads its shape)."""
-        return [n for n in self.consumers.get(tensor, []) if n.op_type != "Shape"]
-
+class _Index(GraphIndex):
     def only_read_by(self, tensor: str, node: Any) -> bool:
         return tensor not in self.outputs and [n.name for n in self.readers(tensor)] == [node.name]
 
-    def constant(self, name: str) -> np.ndarray | None:
-        """An initializer, or an `Identity` of one (the exporter shares equal tensors that way)."""
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
-        node = self.producers.get(name)
-        if node is not None and node.op_type == "Identity":
-            return self.constant(node.input[0])
-        return None
-
     def divide_input(self, node: Any, index: int, scale: np.ndarray, axis: int = -1) -> None:
         """node.input[index] ← its constant / scale along `axis`, in a private copy when anything else reads it."""
-        name = node.input[index]
-        value = self.constant(name)
+        value = self.constant(node.input[index])
         assert value is not None, f"{node.name} input {index} is not a constant"
         shape = [1] * value.ndim
         shape[axis] = -1
         new = (value.astype(np.float64) / scale.reshape(shape)).astype(value.dtype)
-        if name in self.initializers and len(self.consumers.get(name, [])) == 1:
-            self.initializers[name].CopyFrom(numpy_helper.from_array(new, name))
-            return
-        private = f"{PREFIX}{node.name}_{index}".replace("/", "_")
-        init = numpy_helper.from_array(new, private)
-        self.model.graph.initializer.append(init)
-        self.initializers[private] = init
-        self.consumers[name].remove(node)
-        self.consumers.setdefault(private, []).append(node)
-        node.input[index] = private
+        self.replace_constant_input(node, index, new, f"{PREFIX}{node.name}_{index}".replace("/", "_"))
 
 
 def _same(scale: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from onnx import helper, numpy_helper
 
+from pue.calibration.graph_index import GraphIndex
 from pue.errors import PueError
 
 PREFIX = "pue_rotation_"
@@ -101,32 +102,8 @@ def orthogonal_matrix(width: int, seed: int = 0) -> tuple[np.ndarray, str]:
     return q * np.sign(np.diag(r))[None, :], "random-orthogonal"
 
 
-class _Graph:
-    """Producers, consumers and constants of an ONNX graph, with the edits a rotation needs."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.graph = model.graph
-        self.initializers = {init.name: init for init in self.graph.initializer}
-        self.producers = {out: node for node in self.graph.node for out in node.output}
-        self.consumers: dict[str, list[Any]] = {}
-        for node in self.graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.inputs = {value.name for value in self.graph.input}
-
-    def constant(self, name: str) -> np.ndarray | None:
-        """The value of an initializer, a `Constant` output or an `Identity` of one; None for computed tensors."""
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
-        node = self.producers.get(name)
-        if node is not None and node.op_type == "Identity":
-            return self.constant(node.input[0])
-        if node is not None and node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    return numpy_helper.to_array(attribute.t)
-        return None
+class _Graph(GraphIndex):
+    """The graph index with the edits a rotation needs."""
 
     def weight(self, node: Any, index: int) -> np.ndarray:
         return numpy_helper.to_array(self.initializers[node.input[index]]).astype(np.float64)
@@ -134,18 +111,8 @@ class _Graph:
     def set_weight(self, node: Any, index: int, value: np.ndarray) -> None:
         """Replace `node`'s initializer input; a copy is made when another node shares it."""
         name = node.input[index]
-        old = self.initializers[name]
-        array = value.astype(numpy_helper.to_array(old).dtype)
-        if len(self.consumers.get(name, [])) > 1:
-            new_name = f"{PREFIX}{name}_{node.name}".replace("/", "_")
-            init = numpy_helper.from_array(array, new_name)
-            self.graph.initializer.append(init)
-            self.initializers[new_name] = init
-            self.consumers[name].remove(node)
-            self.consumers.setdefault(new_name, []).append(node)
-            node.input[index] = new_name
-        else:
-            old.CopyFrom(numpy_helper.from_array(array, name))
+        array = value.astype(numpy_helper.to_array(self.initializers[name]).dtype)
+        self.replace_constant_input(node, index, array, f"{PREFIX}{name}_{node.name}".replace("/", "_"))
 
     def add_initializer(self, name: str, value: np.ndarray) -> str:
         init = numpy_helper.from_array(value.astype(np.float32), name)

@@ -62,6 +62,8 @@ class MropeEmbeddingDecoder(EmbeddingDecoder):
 class QwenVL(Architecture):
     """One Qwen-VL generation: the transformers class name and the tower's width attribute differ."""
 
+    decoder_class: type[nn.Module] = MropeEmbeddingDecoder  # Qwen3-VL's adds DeepStack
+
     def __init__(self, model_type: str, class_name: str, description: str) -> None:
         self.model_type = model_type
         self.class_name = class_name
@@ -128,7 +130,7 @@ class QwenVL(Architecture):
         base = model.model
         use_eager_attention(base.language_model)
         _, grid_h, grid_w = self._llm_grid(model, geometry)
-        return MropeEmbeddingDecoder(
+        return self.decoder_class(
             language_model=base.language_model,
             embed_tokens=base.get_input_embeddings(),
             image_token_id=image_token_id,

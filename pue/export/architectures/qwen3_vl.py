@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pue.export.architectures.base import VisionGeometry, use_eager_attention
+from pue.export.architectures.base import VisionGeometry
 from pue.export.architectures.qwen2_vl import MropeEmbeddingDecoder, QwenVL
 from pue.export.architectures.qwen_vision import reference_image_features
 from pue.export.architectures.registry import register
@@ -68,6 +68,8 @@ class DeepstackEmbeddingDecoder(MropeEmbeddingDecoder):
 class Qwen3VL(QwenVL):
     """Qwen3-VL: `QwenVL` plus the DeepStack tensor in both graphs."""
 
+    decoder_class = DeepstackEmbeddingDecoder
+
     def extra_image_features(self, model: Any) -> dict[str, int]:
         return {DEEPSTACK_FEATURES: len(model.config.vision_config.deepstack_visual_indexes)}
 
@@ -76,22 +78,6 @@ class Qwen3VL(QwenVL):
     ) -> dict[str, torch.Tensor]:
         features, deepstack = reference_image_features(model, pixel_values, geometry.grid_thw, deepstack=True)
         return {"image_features": features, DEEPSTACK_FEATURES: deepstack}
-
-    def decoder_module(
-        self, model: Any, image_token_id: int, pool_token_id: int | None, geometry: VisionGeometry | None = None
-    ) -> nn.Module:
-        base = model.model
-        use_eager_attention(base.language_model)
-        _, grid_h, grid_w = self._llm_grid(model, geometry)
-        return DeepstackEmbeddingDecoder(
-            language_model=base.language_model,
-            embed_tokens=base.get_input_embeddings(),
-            image_token_id=image_token_id,
-            pool_token_id=pool_token_id,
-            tokens_per_image=grid_h * grid_w,
-            grid_h=grid_h,
-            grid_w=grid_w,
-        )
 
     def positions(self, model: Any, geometry: VisionGeometry) -> dict[str, Any]:
         # transformers' Qwen3-VL rotary module interleaves the sections whatever the config's flag says

@@ -106,8 +106,12 @@ def test_massive_tokens_pass_with_their_readers_float(fp32_bundle, heldout_dir, 
     result = quantize_bundle(parent, out, options)
     assert result.fidelity.passed and result.int8_flop_share >= 0.8
     report = json.loads((out / "fidelity.json").read_text())
-    first, second = report["attempts"][:2]
+    first = report["attempts"][0]
     assert first["float_nodes"] == [] and not first["check_passed"]
-    assert second["taken"] and second["check"]["min_cosine"] > first["check"]["min_cosine"]
-    assert len(second["float_nodes"]) == 1 and "layers.1/mlp/down_proj" in second["float_nodes"][0]
-    assert report["float_nodes"] == second["float_nodes"] and report["per_token_nodes"] == []
+    # the next step keeps the massive-token reader float; it is measured and taken (the error-chosen ranges may be
+    # tried on top of it)
+    token_step = report["attempts"][1]
+    assert len(token_step["float_nodes"]) == 1 and "layers.1/mlp/down_proj" in token_step["float_nodes"][0]
+    assert token_step["taken"]
+    assert token_step["check"]["min_cosine"] > first["check"]["min_cosine"]
+    assert report["float_nodes"] == token_step["float_nodes"] and report["per_token_nodes"] == []

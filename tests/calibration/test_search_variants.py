@@ -106,9 +106,12 @@ def test_dynamic_tries_the_massive_op_per_token_then_everything_per_token_while_
     assert [s[0] for s in seen] == [NONE, massive] and result["per_token_nodes"] == ["massive"]
 
 
-def test_static_tries_error_chosen_ranges_then_the_massive_op_in_float(tmp_path):
+def test_static_tries_the_massive_op_in_float_then_error_chosen_ranges(tmp_path):
+    """The massive-token reader first (a range clip fitted to the check's rows cuts the massive tokens themselves),
+    then the error-chosen ranges on top of the best so far."""
     result, seen = search(tmp_path / "a", "int8", {(NONE, frozenset({"massive"})): 0.99})
-    assert [a["ranges"] for a in result["attempts"]][:2] == ["minmax", "mse"]
+    assert [s[1] for s in seen][:2] == [NONE, frozenset({"massive"})]
+    assert [a["ranges"] for a in result["attempts"]][:3] == ["minmax", "minmax", "mse"]
     assert [s[1] for s in seen][-1] == frozenset({"massive"})
     assert result["float_nodes"] == ["massive"] and result["fidelity"].passed
     assert result["share"] >= 0.8

@@ -18,17 +18,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from qwen_helpers import mixed_batch_cosines, small_heldout  # noqa: E402
+
 from pue.bundle import file_entry, read_manifest, write_manifest  # noqa: E402
-from pue.data import patch_set  # noqa: E402
 
 ARCH = "qwen3_vl"
 HOMIE_TILE = 256  # HOMIE's factor-28 resize makes it 252 px, the Qwen3 processor 256 again: a real double resize
 CUT = 32  # the Matryoshka dimension of the Qwen3-VL-Embedding bundle (the tiny model is 64 wide)
-
-
-def small_heldout() -> list[Path]:
-    paths = patch_set("heldout")
-    return [p for p in paths if not p.name.startswith("ihc")][:3] + [p for p in paths if p.name.startswith("ihc")][:1]
 
 
 def export_heldout() -> list[Path]:
@@ -133,29 +129,7 @@ def test_the_embedding_recipe_cuts_to_its_matryoshka_dimension(bundles):
 
 
 def test_a_mixed_padded_batch_matches_the_reference_per_sample(bundles, homie_reference):
-    from pue.runtime import Embedder, Query
-
-    images = small_heldout()
-    reference = homie_reference
-    expected = np.concatenate(
-        [
-            reference.embed_texts(["a long caption: invasive ductal carcinoma with stroma"]),
-            reference.embed_images(images[:1]),
-            reference.embed_composed(images[1:2], ["as IHC"]),
-            reference.embed_image_sets([images[2:4]]),
-            reference.embed_texts(["necrosis"]),
-        ]
-    )
-    queries = [
-        Query(text="a long caption: invasive ductal carcinoma with stroma"),
-        Query(image=images[0]),
-        Query(image=images[1], text="as IHC"),
-        Query(images=images[2:4]),
-        Query(text="necrosis"),
-    ]
-    with Embedder.load(bundles["homie"]) as embedder:
-        got = embedder.embed(queries, batch_size=len(queries))
-    cosines = np.sum(got * expected, axis=1)
+    cosines = mixed_batch_cosines(bundles["homie"], homie_reference)
     assert cosines.min() >= 0.9999, cosines
 
 

@@ -15,17 +15,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from qwen_helpers import mixed_batch_cosines, small_heldout  # noqa: E402
+
 from pue.bundle import file_entry, read_manifest, write_manifest  # noqa: E402
-from pue.data import patch_set  # noqa: E402
 from pue.export.architectures.qwen2_vl import mrope_position_ids  # noqa: E402
 
 ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl")
 RECIPE = "gme"
-
-
-def small_heldout() -> list[Path]:
-    paths = patch_set("heldout")
-    return [p for p in paths if not p.name.startswith("ihc")][:3] + [p for p in paths if p.name.startswith("ihc")][:1]
 
 
 @pytest.fixture(scope="module")
@@ -141,29 +137,7 @@ def test_the_export_passes_the_parity_gate_and_records_the_contract(arch, qwen_b
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_a_mixed_padded_batch_matches_the_reference_per_sample(arch, qwen_bundle, qwen_reference):
-    from pue.runtime import Embedder, Query
-
-    images = small_heldout()
-    reference = qwen_reference(arch)
-    expected = np.concatenate(
-        [
-            reference.embed_texts(["a long caption: invasive ductal carcinoma with stroma"]),
-            reference.embed_images(images[:1]),
-            reference.embed_composed(images[1:2], ["as IHC"]),
-            reference.embed_image_sets([images[2:4]]),
-            reference.embed_texts(["necrosis"]),
-        ]
-    )
-    queries = [
-        Query(text="a long caption: invasive ductal carcinoma with stroma"),
-        Query(image=images[0]),
-        Query(image=images[1], text="as IHC"),
-        Query(images=images[2:4]),
-        Query(text="necrosis"),
-    ]
-    with Embedder.load(qwen_bundle(arch)) as embedder:
-        got = embedder.embed(queries, batch_size=len(queries))
-    cosines = np.sum(got * expected, axis=1)
+    cosines = mixed_batch_cosines(qwen_bundle(arch), qwen_reference(arch))
     assert cosines.min() >= 0.9999, cosines
 
 

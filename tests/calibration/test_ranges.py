@@ -5,12 +5,11 @@ better."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 from onnx_graphs import float_input, make_model
+from search_fakes import Verdict
 
 from pue.calibration.graph_ops import weight_ops
 from pue.calibration.int8 import quantize_static_graph
@@ -73,18 +72,6 @@ def test_the_quantizer_writes_the_given_ranges(tmp_path):
         quantize = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
         scale = next(i for i in q.graph.initializer if i.name == quantize.input[1])
         assert numpy_helper.to_array(scale) == np.float32(expected_scale)
-
-
-@dataclass
-class Verdict:
-    passed: bool
-    overall: dict = field(default_factory=dict)
-
-    def failures(self) -> list[str]:
-        return [] if self.passed else ["min cosine"]
-
-    def to_dict(self) -> dict:
-        return {"passed": self.passed, "overall": self.overall}
 
 
 def activation_scale(quantized: dict) -> float:

@@ -5,11 +5,10 @@ token; static INT8 tries error-chosen ranges, then (only while failing) the mass
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 from onnx import helper
 from onnx_graphs import float_input, make_model
+from search_fakes import Verdict
 
 from pue.calibration.int8_search import Judges, search_int8
 from pue.calibration.quantize_bundle import QuantizeOptions
@@ -41,18 +40,6 @@ def two_matmuls():
         z[3, 0] = 15.0  # a spike the weights ignore (row 0 is zero): the error-chosen range clips it
         feeds.append({"x": x, "z": z})
     return model, feeds
-
-
-@dataclass
-class Verdict:
-    passed: bool
-    overall: dict = field(default_factory=dict)
-
-    def failures(self) -> list[str]:
-        return [] if self.passed else ["min cosine"]
-
-    def to_dict(self) -> dict:
-        return {"passed": self.passed, "overall": self.overall}
 
 
 def describe(model) -> tuple[frozenset[str], frozenset[str]]:

@@ -45,7 +45,8 @@ def quantize(
     no_per_token: bool = typer.Option(
         False,
         "--no-per-token",
-        help="Never try massive-token inputs per token (int8-dynamic) or in float (OpenVINO INT8) (diagnostics).",
+        help="int8-dynamic: never quantize massive-token inputs per token (diagnostics; static INT8 keeps them in "
+        "float as part of the fallback: --no-fallback).",
     ),
     no_error_ranges: bool = typer.Option(
         False,

@@ -3,6 +3,7 @@ are converted; delicate reductions join the keep-list only when the gate fails w
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -10,8 +11,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 from onnx_graphs import float_input, make_model, run
+from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from pue.calibration.fp16 import DELICATE_OPS, FP16_SAFE_LIMIT, FP16_STAT_SAMPLES, convert_with_gate, nodes_over_limit
+from pue.calibration.fp16 import (
+    DELICATE_OPS,
+    FP16_SAFE_LIMIT,
+    FP16_STAT_SAMPLES,
+    convert_fp16,
+    convert_with_gate,
+    nodes_over_limit,
+)
 
 
 def test_nodes_over_limit_is_strictly_over():
@@ -28,8 +37,9 @@ def test_nodes_over_limit_is_strictly_over():
     )
     absmax = {"at_limit": FP16_SAFE_LIMIT, "over": FP16_SAFE_LIMIT + 0.5, "infinite": float("inf")}
     assert FP16_SAFE_LIMIT == 16_000.0
-    assert nodes_over_limit(model, absmax) == ["b", "c"]
-    assert nodes_over_limit(model, absmax, limit=20_000.0) == ["c"]
+    # writers and readers of an over-limit tensor: an FP16 reader would get it through a Cast to FP16 (inf over 65,504)
+    assert nodes_over_limit(model, absmax) == ["b", "c", "d"]
+    assert nodes_over_limit(model, absmax, limit=20_000.0) == ["c", "d"]
 
 
 @dataclass
@@ -92,17 +102,17 @@ def test_convert_with_gate_keeps_the_ops_over_the_limit(tmp_path):
         {"decoder": model}, {"decoder": feeds}, SimpleNamespace(fallback=True), evaluate, messages.append, timings
     )
     assert asked == [FP16_STAT_SAMPLES]
-    assert result["fp16_blocked"] == ["decoder:scale_up"]
-    assert messages == ["decoder: 1 ops exceed |16,000| on calibration data and stay FP32"]
+    assert result["fp16_blocked"] == ["decoder:scale_up", "decoder:scale_down"]
+    assert messages == ["decoder: 2 ops write or read |activation| > 16,000 on calibration data: FP32"]
     assert len(evaluated) == 1 and result["attempts"] == [{"op_block_list": [], "overall": {}, "passed": True}]
     assert timings["statistics_s"] > 0
 
     converted = evaluated[0]["decoder"]
     kept = fp32_nodes(converted)
-    assert "scale_up" in kept and "scale_down" not in kept and "mm" not in kept
+    assert "scale_up" in kept and "scale_down" in kept and "mm" not in kept
     dtypes = {init.name: init.data_type for init in converted.graph.initializer}
-    assert dtypes["w"] == TensorProto.FLOAT16 and dtypes["milli"] == TensorProto.FLOAT16
-    assert dtypes["thousand"] == TensorProto.FLOAT
+    assert dtypes["w"] == TensorProto.FLOAT16
+    assert dtypes["thousand"] == TensorProto.FLOAT and dtypes["milli"] == TensorProto.FLOAT  # the kept ops' weights
     assert [i.type.tensor_type.elem_type for i in converted.graph.input] == [TensorProto.FLOAT]  # FP32 I/O kept
     x = np.full((1, 4), 19.0, np.float32)
     (want,), (got,) = run(model, {"x": x}, ["y"]), run(converted, {"x": x}, ["y"])
@@ -135,3 +145,35 @@ def test_a_failing_gate_also_keeps_the_delicate_ops():
     options.fallback = False
     result = convert_with_gate({"decoder": model}, {"decoder": feeds}, options, evaluate, lambda m: None, {})
     assert len(result["attempts"]) == 1 and not result["fidelity"].passed
+
+
+def test_a_kept_chain_carries_values_over_the_fp16_range_in_fp32():
+    """x·100,000 → ·0.00001: the intermediate (up to 2,000,000) is far over FP16's 65,504. Both ops are kept FP32 by
+    the activation rule; the converter alone still routes the tensor between them through FP16 (inf)."""
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [
+            helper.make_node("Mul", ["x", "big"], ["up"], name="scale_up"),
+            helper.make_node("Mul", ["up", "small"], ["down"], name="scale_down"),
+            helper.make_node("MatMul", ["down", "w"], ["y"], name="mm"),
+        ],
+        [float_input("x", ["rows", 4])],
+        ["y"],
+        {
+            "big": np.array(1e5, np.float32),
+            "small": np.array(1e-5, np.float32),
+            "w": rng.normal(size=(4, 3)).astype(np.float32),
+        },
+    )
+    x = rng.uniform(-20.0, 20.0, size=(6, 4)).astype(np.float32)
+    absmax = {"x": 20.0, "up": 2e6, "down": 20.0, "y": 100.0}
+    kept = nodes_over_limit(model, absmax)
+    assert kept == ["scale_up", "scale_down"]
+    converted = convert_fp16(copy.deepcopy(model), kept)
+    assert "mm" not in fp32_nodes(converted) and {"scale_up", "scale_down"} <= fp32_nodes(converted)
+    (want,), (got,) = run(model, {"x": x}, ["y"]), run(converted, {"x": x}, ["y"])
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+    plain = convert_float_to_float16(copy.deepcopy(model), keep_io_types=True, node_block_list=kept)
+    (overflowed,) = run(plain, {"x": x}, ["y"])
+    assert not np.isfinite(overflowed).all()  # what the converter alone does with the same keep-list

@@ -152,6 +152,7 @@ class OutlierGain(Choice):
     """The fixed norm gains of the `gains-few` / `gains-all` tiny presets."""
 
     G20 = "20"
+    G70 = "70"  # the 60-80x of the LLaVA-NeXT checkpoint issue 13 describes
     G100 = "100"
     G1000 = "1000"
 

@@ -3,8 +3,13 @@ held-out patches by `pue-export quantize`'s own fidelity gate (issue 13). Not ru
 
     python scripts/fidelity_matrix.py --work /tmp/matrix [--seeds 0,1,2] [--archs llava_next,llava]
         [--fixtures gains-few,gains-all,massive,vit-highnorm] [--modes int8:onnxruntime,int8:tensorrt,int8-dynamic]
+        [--gains 100]
         [--calibrations shipped,svs8] [--rotate off,on] [--methods on,off] [--no-fallback] [--json matrix.json]
         [--markdown matrix.md]
+
+`--gains 20,100,1000`: the norm gains the `gains-*` fixtures are built with (`tiny-model --outlier-gain`; 100 is
+the presets' default and keeps the old directory names). A mode `fp16` measures how much the fixture amplifies
+rounding alone (issue 14's conditioning table).
 
 `--methods off` quantizes with issue 14's methods switched off (`--no-smooth --no-per-token --no-error-ranges
 --no-fallback`: everything int8, per tensor, MinMax ranges), to show they are what makes a fixture pass.
@@ -107,6 +112,7 @@ def main() -> None:
     parser.add_argument("--archs", default="llava_next,llava")
     parser.add_argument("--fixtures", default="gains-few,gains-all,massive,vit-highnorm")
     parser.add_argument("--modes", default=",".join(f"{p}:{t}" for p, t in MODES), help="precision:target list")
+    parser.add_argument("--gains", default="100", help="norm gains of the gains-* fixtures, e.g. 20,100,1000")
     parser.add_argument("--calibrations", default="shipped,svs8")
     parser.add_argument("--rotate", default="off", help="`pue-export quantize --rotate` values to run, e.g. off,on")
     parser.add_argument("--methods", default="on", help="on,off: issue 14's methods on, or all switched off")
@@ -124,9 +130,10 @@ def main() -> None:
         (work / "svs8.json").write_text(json.dumps(svs_tiles, indent=2) + "\n")
     rows = []
     for arch in args.archs.split(","):
-        for fixture in args.fixtures.split(","):
+        for fixture, gain in fixtures_and_gains(args):
             for seed in (int(s) for s in args.seeds.split(",")):
-                model = work / f"{arch}-{fixture}-{seed}"
+                label = fixture if gain in (None, 100) else f"{fixture}@{gain}"
+                model = work / f"{arch}-{label}-{seed}"
                 fp32 = Path(str(model) + "-fp32")
                 if not fp32.is_dir():
                     pue_export(
@@ -139,6 +146,7 @@ def main() -> None:
                         "--seed",
                         str(seed),
                         "--overwrite",
+                        *(["--outlier-gain", str(gain)] if gain is not None else []),
                     )
                     pue_export("onnx", str(model), "-o", str(fp32), "--overwrite")
                 for precision, target, calib, rotate, methods in runs(args):
@@ -147,6 +155,7 @@ def main() -> None:
                     extra += ["--rotate", rotate] + (["--no-fallback"] if args.no_fallback else [])
                     if methods == "off":
                         extra += ["--no-smooth", "--no-per-token", "--no-error-ranges", "--no-fallback"]
+                    target_args = [] if precision == "fp16" else ["--target", target]
                     code, seconds, peak_mb = pue_export(
                         "quantize",
                         str(fp32),
@@ -154,14 +163,13 @@ def main() -> None:
                         str(out),
                         "--precision",
                         precision,
-                        "--target",
-                        target,
+                        *target_args,
                         "--overwrite",
                         *extra,
                     )
                     row = {
                         "arch": arch,
-                        "fixture": fixture,
+                        "fixture": label,
                         "seed": seed,
                         "precision": precision,
                         "target": target,
@@ -182,6 +190,16 @@ def main() -> None:
     if args.markdown:
         args.markdown.write_text(table)
     print(table)
+
+
+def fixtures_and_gains(args: argparse.Namespace) -> list[tuple[str, int | None]]:
+    """(fixture, norm gain) pairs: every `--gains` value for the gains-* fixtures, None for the others."""
+    gains = [int(g) for g in args.gains.split(",")]
+    return [
+        (fixture, gain)
+        for fixture in args.fixtures.split(",")
+        for gain in (gains if fixture.startswith("gains-") else [None])
+    ]
 
 
 def runs(args: argparse.Namespace) -> list[tuple[str, str, str, str, str]]:
@@ -206,7 +224,7 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        mode = r["precision"] + ("" if r["precision"] == "int8-dynamic" else f" ({r['target']})")
+        mode = r["precision"] + ("" if r["precision"] in ("int8-dynamic", "fp16") else f" ({r['target']})")
         lines.append(
             f"| {r['arch']} | {r['fixture']} | {r['seed']} | {mode} | {r['calibration']} | {r.get('methods', 'on')} | "
             f"{'pass' if r.get('passed') else 'FAIL'} | {fmt(r.get('mean_cosine'))} | {fmt(r.get('min_cosine'))} | "

@@ -143,7 +143,7 @@ def build_tiny_model(
     """Write a tiny `arch` checkpoint for `preset` to `output` (atomically) and return its path.
 
     The same `seed` gives byte-identical weights. An existing `output` is refused unless `overwrite`.
-    `outlier_gain` (20, 100 or 1000) is the norm gain of the `gains-few` / `gains-all` presets.
+    `outlier_gain` (20, 70, 100 or 1000) is the norm gain of the `gains-few` / `gains-all` presets.
     """
     spec = _check_names(arch, preset)
     from pue.export.tiny_outliers import NORM_GAINS

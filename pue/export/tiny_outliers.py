@@ -5,7 +5,7 @@ Trained LLMs and ViTs carry outliers that are part of their function, and they a
 - ``outliers`` (the compensated case, kept for comparison): a few residual channels get RMSNorm gains of 100-400 in
   every block and the projections that read them are divided by the same gains. The function is unchanged, so
   smoothing recovers it exactly; real models are not like that.
-- ``gains-few`` / ``gains-all``: three residual channels get a fixed RMSNorm gain of 20, 100 or 1000 (input and
+- ``gains-few`` / ``gains-all``: three residual channels get a fixed RMSNorm gain of 20, 70, 100 or 1000 (input and
   post-attention norms) in two blocks / in every block, read by the ordinary, uncompensated projections: the
   function changes, as in trained models whose outlier channels carry information.
 - ``massive``: "massive activations" (Sun et al. 2024): the MLP of one early block writes one residual channel at
@@ -27,7 +27,9 @@ from typing import Any
 
 COMPENSATED_CHANNELS = 3
 COMPENSATED_GAIN_RANGE = (100.0, 400.0)
-NORM_GAINS = (20.0, 100.0, 1000.0)  # the values a `gains-*` fixture takes (`--outlier-gain`), fixed for comparison
+# the values a `gains-*` fixture takes (`--outlier-gain`), fixed for comparison; 70: the 60-80x of the checkpoint
+# issue 13 describes (its FP16 bundle: min cosine 0.99968), to compare the fixture's conditioning with a real model's
+NORM_GAINS = (20.0, 70.0, 100.0, 1000.0)
 NORM_GAIN_CHANNELS = 3
 MASSIVE_RATIO = 2000.0  # trigger tokens' value on the massive channel / median |residual| at the writing block
 MASSIVE_TRIGGERS = ("<s>", ":")
@@ -87,7 +89,7 @@ def plant_compensated(model: Any, seed: int) -> dict[str, Any]:
 
 
 def plant_norm_gains(model: Any, seed: int, every_block: bool, gain: float = 100.0) -> dict[str, Any]:
-    """A fixed gain (20, 100 or 1000) on three residual channels of the norms of two blocks or of every block."""
+    """A fixed gain (20, 70, 100 or 1000) on three residual channels of the norms of two blocks or of every block."""
     import torch
 
     if gain not in NORM_GAINS:

@@ -16,7 +16,8 @@ Presets (`ARCHITECTURES` x `PRESETS`):
 - ``gains-few``, ``gains-all``, ``massive``, ``vit-highnorm``: ``ci`` with outliers that change the function, as
   trained models carry them (uncompensated norm gains of 20/100/1000 in two or all blocks; massive activations on
   fixed tokens; high-norm vision tokens): see `pue.export.tiny_outliers`.
-- ``bench``: 50-60 M parameters; llava_next in the E5-V geometry, llava with SigLIP-384 (729 image tokens).
+- ``bench``: 50-60 M parameters; llava_next in the E5-V geometry, llava with SigLIP-384 (729 image tokens);
+  qwen3_vl: about 360 M parameters, Qwen3-VL-2B's layer shapes at reduced depth (`pue.export.tiny_qwen`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pue.errors import OutputExistsError, PueError
-from pue.export.tiny_qwen import QWEN_ARCHITECTURES, QWEN_PRESETS
+from pue.export.tiny_qwen import QWEN_ARCHITECTURES, QWEN_BENCH_ARCHITECTURES, QWEN_PRESETS
 from pue.export.tiny_tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, make_tokenizer
 
 ARCHITECTURES = ("llava_next", "llava", *QWEN_ARCHITECTURES)
@@ -47,10 +48,10 @@ PRESETS = ("ci", "e5v", "bench", *OUTLIER_PRESETS)
 UNSUPPORTED = {
     ("llava", "e5v"): "e5v is the LLaVA-NeXT geometry (CLIP-336 anyres); use --arch llava_next or another preset",
     **{
-        (arch, preset): f"Qwen-VL presets so far: {', '.join(QWEN_PRESETS)}"
+        (arch, preset): f"Qwen-VL presets so far: ci (every arch), bench ({', '.join(QWEN_BENCH_ARCHITECTURES)})"
         for arch in QWEN_ARCHITECTURES
         for preset in PRESETS
-        if preset not in QWEN_PRESETS
+        if preset not in QWEN_PRESETS or (preset == "bench" and arch not in QWEN_BENCH_ARCHITECTURES)
     },
 }
 
@@ -218,7 +219,7 @@ def _build(arch: str, preset: str, spec: _Spec | None, seed: int, outlier_gain: 
     if spec is None:
         from pue.export.tiny_qwen import build_qwen
 
-        model, processor, details = build_qwen(arch, seed)
+        model, processor, details = build_qwen(arch, seed, preset)
         info = {
             "arch": arch,
             "preset": preset,

@@ -15,6 +15,12 @@ and std; a learned 8 × 8 position table that the tower interpolates bilinearly 
 from vision blocks 1, 2 and 3 of 4 (three levels, added after decoder layers 0-2 of 4); interleaved M-RoPE
 (sections [2, 3, 3] of head_dim 16, ``mrope_interleaved``). Its attention normalises q and k per head, so the
 position gain goes on the q/k norms' weights instead of the projections, and is smaller (`QWEN3_NORM_GAIN`).
+
+Qwen3-VL's ``bench`` preset has Qwen3-VL-2B's layer shapes at reduced depth (`QWEN3_2B`): vision width 1024 (MLP
+4096, 16 heads, a 48 × 48 learned position table), mergers to 2048, language model width 2048 (MLP 6144, 16 heads,
+8 KV heads, head_dim 128, M-RoPE sections [24, 20, 20] interleaved); 4 vision blocks (DeepStack from blocks 1-3, as
+the released model takes blocks 5, 11 and 17 of 24) and 4 decoder layers instead of 24 and 28. About 360 M
+parameters: the per-layer cost of the 2B model, so that per-token latency and int8 speed-ups carry over per layer.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 QWEN_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-QWEN_PRESETS = ("ci",)
+QWEN_PRESETS = ("ci", "bench")
+#: The `bench` preset per architecture: only Qwen3-VL so far (issue 17's scaled benchmark).
+QWEN_BENCH_ARCHITECTURES = ("qwen3_vl",)
 QWEN_TOKENS = (
     "<|im_start|>",
     "<|im_end|>",
@@ -65,6 +73,32 @@ _TEXT = {
     "rms_norm_eps": 1e-6,
 }
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+#: Qwen3-VL-2B's shapes (its config.json), at the `bench` preset's reduced depth.
+QWEN3_2B = {
+    "text": {
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 5_000_000.0,
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+        },
+    },
+    "vision": {
+        "depth": 4,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_heads": 16,
+        "out_hidden_size": 2048,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [1, 2, 3],
+    },
+}
 #: Gain on the language model's q and k weights. At random init (std 0.02) attention is nearly uniform and ignores
 #: positions: 1-D instead of M-RoPE ids moved image embeddings by cosine 0.99997 only, so no gate could tell them
 #: apart. With q and k × 4 (logits × 16) the same mistake gives 0.99 (measured on the ci preset).
@@ -100,8 +134,8 @@ class TinyQwenProcessor:
         (Path(path) / "chat_template.jinja").write_text(self.chat_template)
 
 
-def build_qwen(arch: str, seed: int) -> tuple[Any, TinyQwenProcessor, dict[str, Any]]:
-    """(model, processor, info) of the tiny `arch` checkpoint; the same seed gives the same weights."""
+def build_qwen(arch: str, seed: int, preset: str = "ci") -> tuple[Any, TinyQwenProcessor, dict[str, Any]]:
+    """(model, processor, info) of the tiny `arch` checkpoint for `preset`; the same seed gives the same weights."""
     import torch
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -143,6 +177,11 @@ def build_qwen(arch: str, seed: int) -> tuple[Any, TinyQwenProcessor, dict[str, 
         )
         config = transformers.Qwen2_5_VLConfig(vision_config=vision.to_dict(), text_config=text, **tokens)
         model_class = transformers.Qwen2_5_VLForConditionalGeneration
+    elif preset == "bench":
+        vision = transformers.Qwen3VLVisionConfig(**QWEN3_2B["vision"])
+        text = {**text, **QWEN3_2B["text"]}
+        config = transformers.Qwen3VLConfig(vision_config=vision.to_dict(), text_config=text, **tokens)
+        model_class = transformers.Qwen3VLForConditionalGeneration
     else:
         vision = transformers.Qwen3VLVisionConfig(
             depth=4,

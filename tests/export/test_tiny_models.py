@@ -213,6 +213,39 @@ def test_llava_e5v_is_refused(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_the_qwen_bench_preset_is_qwen3_vl_only(tmp_path, arch):
+    with pytest.raises(PueError, match="bench \\(qwen3_vl\\)") as exc:
+        build_tiny_model(tmp_path / "x", arch=arch, preset="bench")
+    assert f"presets for {arch}: ci" in str(exc.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_qwen3_bench_preset_has_the_2b_layer_shapes():
+    """Qwen3-VL-2B's config.json at reduced depth; its per-layer parameter counts, on the meta device."""
+    import torch
+    import transformers
+
+    from pue.export.tiny_qwen import QWEN3_2B
+
+    vision = transformers.Qwen3VLVisionConfig(**QWEN3_2B["vision"])
+    text = {**QWEN3_2B["text"], "vocab_size": 1024, "rms_norm_eps": 1e-6}
+    config = transformers.Qwen3VLConfig(vision_config=vision.to_dict(), text_config=text)
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3
+
+    with torch.device("meta"):
+        layer = qwen3.Qwen3VLTextDecoderLayer(config.text_config, 0)
+        block = qwen3.Qwen3VLVisionBlock(config.vision_config)
+    # q 2048x2048, k/v 2048x1024 (8 KV heads of 128), o 2048x2048, MLP 3 x 2048x6144, two norms, q/k norms of 128
+    attention = 2 * 2048 * 2048 + 2 * 2048 * 1024
+    assert sum(p.numel() for p in layer.parameters()) == attention + 3 * 2048 * 6144 + 2 * 2048 + 2 * 128
+    # fused qkv and proj with biases, MLP 1024-4096-1024 with biases, two LayerNorms (gain and bias)
+    mlp = 2 * 1024 * 4096 + 4096 + 1024
+    assert sum(p.numel() for p in block.parameters()) == 4 * (1024 * 1024 + 1024) + mlp + 4 * 1024
+    assert config.text_config.num_hidden_layers == 4 and config.vision_config.depth == 4
+    assert config.vision_config.deepstack_visual_indexes == [1, 2, 3] and config.vision_config.out_hidden_size == 2048
+
+
 @pytest.mark.parametrize(
     ("arch", "preset", "listed"),
     [

@@ -125,7 +125,7 @@ def search_int8(
             quantized[name] = onnx.load(str(out))
             token_ops = [op for op in all_ops if op.graph == name and op.node in per_token - float_nodes]
             if token_ops:
-                quantize_per_token(quantized[name], token_ops, options.spec.qdq.weight_qmax)
+                quantize_per_token(quantized[name], token_ops)
         phase_done("calibration" if static else "quantization")
         return quantized
 

@@ -8,7 +8,6 @@ are checked against reference embeddings computed once."""
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import types
 from pathlib import Path
@@ -18,44 +17,25 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qwen_helpers import mixed_batch_cosines, small_heldout  # noqa: E402
+from qwen_helpers import MATRYOSHKA_CUT, export_heldout, mixed_batch_cosines, small_heldout  # noqa: E402
 
 from pue.bundle import file_entry, read_manifest, write_manifest  # noqa: E402
 
 ARCH = "qwen3_vl"
 HOMIE_TILE = 256  # HOMIE's factor-28 resize makes it 252 px, the Qwen3 processor 256 again: a real double resize
-CUT = 32  # the Matryoshka dimension of the Qwen3-VL-Embedding bundle (the tiny model is 64 wide)
-
-
-def export_heldout() -> list[Path]:
-    """The exports' gate images: one of each stain (their image sets are the pair)."""
-    images = small_heldout()
-    return [images[0], images[-1]]
-
-
-def embedding_recipe(folder: Path) -> Path:
-    """The shipped Qwen3-VL-Embedding recipe with a Matryoshka minimum the 64-wide tiny model can show."""
-    from pue.export.recipe import shipped_recipe_path
-
-    data = json.loads(shipped_recipe_path("qwen3_vl_embedding").read_text())
-    data["matryoshka"] = {"min_dim": 16}
-    path = folder / "recipe_qwen3_vl_embedding.json"
-    path.write_text(json.dumps(data))
-    return path
+CUT = MATRYOSHKA_CUT
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tiny_checkpoint) -> dict[str, Path]:
+def bundles(tmp_path_factory, tiny_checkpoint, qwen3_embedding_bundle) -> dict[str, Path]:
+    """HOMIE's bundle, exported here, and the session's Qwen3-VL-Embedding bundle (Matryoshka cut to CUT)."""
     from pue.export.onnx_bundle import export_onnx_bundle
 
-    folder = tmp_path_factory.mktemp("qwen3")
-    checkpoint = tiny_checkpoint(ARCH, "ci")
-    homie, embedding = folder / "homie", folder / "embedding"
-    export_onnx_bundle(checkpoint, homie, recipe="homie", tile_size=HOMIE_TILE, heldout=export_heldout())
+    homie = tmp_path_factory.mktemp("qwen3") / "homie"
     export_onnx_bundle(
-        checkpoint, embedding, recipe=embedding_recipe(folder), embedding_dim=CUT, heldout=export_heldout()
+        tiny_checkpoint(ARCH, "ci"), homie, recipe="homie", tile_size=HOMIE_TILE, heldout=export_heldout()
     )
-    return {"homie": homie, "embedding": embedding}
+    return {"homie": homie, "embedding": qwen3_embedding_bundle}
 
 
 @pytest.fixture(scope="module")

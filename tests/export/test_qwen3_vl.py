@@ -262,19 +262,24 @@ def test_inspect_shows_deepstack_and_the_matryoshka_cut(bundles):
 # --- quantization -----------------------------------------------------------------------------------------------
 
 
-def test_an_int8_dynamic_bundle_passes_the_fidelity_gate(bundles, tmp_path):
+@pytest.fixture(scope="module")
+def quantize_heldout(tmp_path_factory) -> Path:
+    """The small held-out set as a folder (the fidelity gate's minimum of 4 tiles)."""
+    folder = tmp_path_factory.mktemp("heldout")
+    for path in small_heldout():
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_an_int8_dynamic_bundle_passes_the_fidelity_gate(bundles, quantize_heldout, tmp_path):
     """`pue-export quantize` on the DeepStack graphs: calibration feeds and the gate carry deepstack_features.
     (FP16 passes too, cosine 1.0 on CPU; left out of CI for its 30-40 s.)"""
     from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
     from pue.runtime import Embedder
 
-    heldout = tmp_path / "heldout"
-    heldout.mkdir()
-    for path in small_heldout():  # the fidelity gate's minimum of 4
-        shutil.copy(path, heldout / path.name)
     precision = "int8-dynamic"
     out = tmp_path / precision
-    options = QuantizeOptions(precision=precision, heldout=heldout, num_patches=8, num_captions=4)
+    options = QuantizeOptions(precision=precision, heldout=quantize_heldout, num_patches=8, num_captions=4)
     result = quantize_bundle(bundles["homie"], out, options)
     assert result.fidelity.passed, [(c.name, c.metric, c.value) for c in result.fidelity.checks]
     manifest = read_manifest(out)
@@ -282,6 +287,34 @@ def test_an_int8_dynamic_bundle_passes_the_fidelity_gate(bundles, tmp_path):
     assert [t.name for t in manifest.graphs["decoder"].inputs][-1] == "deepstack_features"
     with Embedder.load(out) as embedder:
         assert embedder.embed_images(export_heldout()[:1]).shape == (1, 64)
+
+
+def test_a_static_int8_bundle_passes_the_fidelity_gate(qwen3_embedding_bundle, quantize_heldout, tmp_path):
+    """Static INT8, TensorRT's Q/DQ flavour, on the Matryoshka bundle: calibration feeds carry the patch layout and
+    deepstack_features, every weight MatMul stays int8, the cut survives. The other modes and arches: README's table
+    (scripts/fidelity_matrix.py)."""
+    import onnx
+
+    from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
+    from pue.runtime import Embedder
+
+    out = tmp_path / "int8"
+    options = QuantizeOptions(
+        precision="int8", target="tensorrt", heldout=quantize_heldout, num_patches=8, num_captions=4
+    )
+    result = quantize_bundle(qwen3_embedding_bundle, out, options)
+    assert result.fidelity.passed, [(c.name, c.metric, c.value) for c in result.fidelity.checks]
+    assert result.int8_flop_share >= 0.8
+    for graph in ("vision", "decoder"):
+        ops = {node.op_type for node in onnx.load(str(out / f"{graph}.onnx"), load_external_data=False).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops and not {"MultiHeadAttention", "GroupQueryAttention"} & ops
+    manifest = read_manifest(out)
+    assert (
+        manifest.embedding_dim == CUT
+        and [t.name for t in manifest.graphs["decoder"].inputs][-1] == "deepstack_features"
+    )
+    with Embedder.load(out) as embedder:
+        assert embedder.embed_composed(export_heldout()[:1], ["as IHC"]).shape == (1, CUT)
 
 
 def test_rotate_on_is_refused_with_what_to_do(bundles):

@@ -11,7 +11,9 @@ import pytest
 # A test that asks for one of these builds a tiny checkpoint (torch, transformers) and usually exports it to ONNX
 # with its parity gate: seconds each, once per session. Such tests are marked `slow` at collection, so that
 # `pytest -m "not slow"` (README: the fast subset) never pays for a model build.
-MODEL_FIXTURES = frozenset({"tiny_checkpoint", "fp32_bundle", "reference_embedder", "quantized_bundle"})
+MODEL_FIXTURES = frozenset(
+    {"tiny_checkpoint", "fp32_bundle", "reference_embedder", "quantized_bundle", "qwen3_embedding_bundle"}
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -85,6 +87,23 @@ def fp32_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Calla
         return cache[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def qwen3_embedding_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Callable[..., Path]) -> Path:
+    """The `qwen3_vl/ci` checkpoint exported with the Qwen3-VL-Embedding recipe, cut to `MATRYOSHKA_CUT` (a gated
+    FP32 bundle with DeepStack, M-RoPE and a Matryoshka output; its gate on two held-out tiles), once per session."""
+    from qwen_helpers import MATRYOSHKA_CUT, embedding_recipe, export_heldout
+
+    from pue.export.onnx_bundle import export_onnx_bundle
+
+    folder = tmp_path_factory.mktemp("qwen3-embedding")
+    out = folder / "bundle"
+    recipe = embedding_recipe(folder)
+    export_onnx_bundle(
+        tiny_checkpoint("qwen3_vl", "ci"), out, recipe=recipe, embedding_dim=MATRYOSHKA_CUT, heldout=export_heldout()
+    )
+    return out
 
 
 @pytest.fixture(scope="session")

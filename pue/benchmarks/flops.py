@@ -130,7 +130,11 @@ def _vision_config(config: dict[str, Any]) -> dict[str, Any]:
     vision = dict(config.get("vision_config") or {})
     model_type = vision.get("model_type", "clip_vision_model")
     base = _LLAVA_VISION if not config.get("vision_config") else _VISION_DEFAULTS.get(model_type, {})
-    return {**base, **{k: v for k, v in vision.items() if v is not None}, "model_type": model_type}
+    merged = {**base, **{k: v for k, v in vision.items() if v is not None}, "model_type": model_type}
+    missing = [key for key in _VISION_KEYS if merged.get(key) is None]
+    if missing:  # not a fixed-size ViT (Qwen-VL's native-resolution towers): the bundle's graphs are counted instead
+        raise PueError(f"the vision config ({model_type}) has no {', '.join(missing)}: not countable from the config")
+    return merged
 
 
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:

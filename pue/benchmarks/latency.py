@@ -127,6 +127,7 @@ def run_latency(
                 dtype=DTYPE_OF_PRECISION[precision],
                 tile_size=first.tile_size,
                 recipe=first.recipe,
+                embedding_dim=first.embedding_dim,
                 **common,
             )
             name = f"pytorch {precision}"
@@ -190,10 +191,11 @@ def check_reference(reference: str | Path, targets: list[tuple[str, Path, Manife
                 f"{digest[:16]}…, the bundle was built from '{manifest.source_checkpoint.name}' ({recorded[:16]}…)",
                 "pass the checkpoint the bundle was exported from, or leave --reference out",
             )
-    sizes = {(m.tile_size, json.dumps(m.recipe, sort_keys=True)) for _, _, m in targets}
+    sizes = {(m.tile_size, json.dumps(m.recipe, sort_keys=True), m.embedding_dim) for _, _, m in targets}
     if len(sizes) > 1:
         raise PueError(
-            "the bundles were built with different tile sizes or recipes, so one reference cannot match them all",
+            "the bundles were built with different tile sizes, recipes or output dimensions, so one reference cannot "
+            "match them all",
             "benchmark them in separate runs",
         )
     return info
@@ -339,8 +341,8 @@ def _count_flops(
         try:
             sequence = image_sequence_length(path, manifest)
             if checkpoint is not None:
-                count = patch_flops(checkpoint.config, bundle_crops(manifest), manifest.tokens_per_image, sequence)
-            elif source.sha256 not in models:
+                count = _config_flops(checkpoint.config, manifest, sequence)
+            if count is None and source.sha256 not in models:
                 count = graph_flops(path, manifest, sequence)
         except PueError as exc:
             notes.append(f"FLOPs of {name} not counted: {exc}")
@@ -358,6 +360,15 @@ def _count_flops(
     if checkpoint is not None and models:
         next(iter(models.values()))["reference"] = str(checkpoint.path)
     return list(models.values())
+
+
+def _config_flops(config: Any, manifest: Manifest, sequence: int) -> FlopCount | None:
+    """The count from the checkpoint's config, or None where the config is not one of a fixed-size ViT tower (the
+    Qwen-VL architectures): their graphs are counted instead."""
+    try:
+        return patch_flops(config, bundle_crops(manifest), manifest.tokens_per_image, sequence)
+    except PueError:
+        return None
 
 
 def _flops_of(path: str, models: list[dict[str, Any]]) -> int | None:

@@ -36,7 +36,8 @@ STAGES = ("preprocess", "tokenize", "vision", "decoder")
 
 @dataclass
 class WorkerSpec:
-    """What one worker measures. `recipe` and `tile_size` apply to the reference (taken from the bundle)."""
+    """What one worker measures. `recipe`, `tile_size` and `embedding_dim` (a Matryoshka cut, None: the model's
+    width) apply to the reference (taken from the bundle)."""
 
     kind: str
     path: str
@@ -50,6 +51,7 @@ class WorkerSpec:
     backend: str = "auto"
     tile_size: int = 224
     recipe: dict[str, Any] | None = None
+    embedding_dim: int | None = None
     images_per_row: int = 1  # > 1: every row is one query of that many images (issue 16's multi-image row)
 
     def to_json(self) -> str:
@@ -187,6 +189,7 @@ class _ReferenceTarget:
             tile_size=spec.tile_size,
             recipe=recipe,
             batch_size=max(spec.batch_sizes),
+            embedding_dim=spec.embedding_dim,
         )
         self.seconds = {"preprocess": 0.0, "vision": 0.0}
         self.total = 0.0

@@ -24,6 +24,7 @@ from pue.export.recipe import (
     load_recipe,
     render_prompts,
 )
+from pue.runtime.embedder import matryoshka_cut
 from pue.runtime.images import fit_to_tile, load_image
 from pue.runtime.prompts import join_images
 
@@ -237,9 +238,8 @@ class ReferenceEmbedder:
             index = (positions * (input_ids == self.pool_token_id)).amax(dim=1) - 1
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index].float()
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        if self.embedding_dim < pooled.shape[-1]:  # Matryoshka: the first values, renormalised
-            pooled = torch.nn.functional.normalize(pooled[:, : self.embedding_dim], dim=-1)
-        return pooled.cpu().numpy().astype(np.float32)
+        # Matryoshka: the runtime's own cut (the first values, renormalised), so both sides cut alike
+        return matryoshka_cut(pooled.cpu().numpy().astype(np.float32), self.embedding_dim)
 
     def close(self) -> None:
         """Free the model (the export frees torch before onnxruntime loads the graphs)."""

@@ -4,6 +4,8 @@ The root graphs compute attention the standard-ONNX way: the [batch, heads, seq,
 memory, scaled, masked and soft-maxed in separate passes. onnxruntime's contrib kernels do it in one:
 
 - vision towers (no mask): `com.microsoft.MultiHeadAttention`;
+- windowed vision towers (Qwen2.5-VL: most blocks attend within a window through a constant block-diagonal additive
+  mask, the others to every patch): `com.microsoft.MultiHeadAttention`, the mask as its `attention_bias`;
 - causal language models: the sequence split at c = ceil(seq / 2). The first c queries see only the first c
   keys, a square causal block: `com.microsoft.GroupQueryAttention`, which applies the causal mask itself.
   The other queries see every key up to their own position: `com.microsoft.MultiHeadAttention` with a
@@ -34,7 +36,11 @@ from pue.bundle import ExportInfo
 from pue.errors import PueError
 
 CONTRIB_DOMAIN = "com.microsoft"
-FUSED_OPS = {"encoder": "MultiHeadAttention", "causal": "GroupQueryAttention + MultiHeadAttention"}
+FUSED_OPS = {
+    "encoder": "MultiHeadAttention",
+    "windowed-encoder": "MultiHeadAttention",
+    "causal": "GroupQueryAttention + MultiHeadAttention",
+}
 
 
 @dataclass
@@ -89,6 +95,16 @@ class _Graph:
                 return None
             value = numpy_helper.to_array(attribute.t)
         return float(value) if value.size == 1 and np.issubdtype(value.dtype, np.floating) else None
+
+    def constant_rank(self, name: str) -> int | None:
+        """The rank of a constant tensor (initializer or Constant node), else None."""
+        if name in self.initializers:
+            return len(self.initializers[name].dims)
+        node = self.producer.get(name)
+        if node is None or node.op_type != "Constant":
+            return None
+        attribute = next((a for a in node.attribute if a.name == "value"), None)
+        return None if attribute is None else len(attribute.t.dims)
 
     def only_consumer(self, name: str) -> Any | None:
         users = self.consumers.get(name, [])
@@ -194,8 +210,9 @@ def attention_layout(export: ExportInfo, graph: str) -> dict[str, Any]:
 def fuse_attention(model: Any, graph: str, layout: dict[str, Any]) -> tuple[Any, FusionSummary]:
     """A copy of `model` whose attention sites run as one onnxruntime contrib op each.
 
-    `layout`: {"kind": "encoder"|"causal", "heads": int, "head_dim": int}. Refuses (PueError) a graph with no
-    attention to fuse: the caller asked for fused attention and would otherwise silently get the slow graph.
+    `layout`: {"kind": "encoder"|"windowed-encoder"|"causal", "heads": int, "head_dim": int}. Refuses (PueError) a
+    graph with no attention to fuse: the caller asked for fused attention and would otherwise silently get the slow
+    graph.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -215,6 +232,7 @@ def fuse_attention(model: Any, graph: str, layout: dict[str, Any]) -> tuple[Any,
         raise PueError(f"{graph}.onnx's attention is masked, but its manifest says it is an unmasked encoder")
     if kind == "causal" and any(site.mask is None for site in sites):
         raise PueError(f"{graph}.onnx's attention has no mask, but its manifest says it is causal")
+    mask_ranks = _window_mask_ranks(_Graph(fused), graph, sites) if kind == "windowed-encoder" else {}
 
     graph_proto = fused.graph
     removed = {name for site in sites for name in site.nodes}
@@ -227,6 +245,8 @@ def fuse_attention(model: Any, graph: str, layout: dict[str, Any]) -> tuple[Any,
     if kind == "causal":
         shared, causal_constants = _causal_split_inputs(prefix, _batch_seq_source(graph_proto))
         constants += causal_constants
+    if 2 in mask_ranks.values():
+        constants.append(helper.make_tensor(f"{prefix}/axes01", TensorProto.INT64, [2], [0, 1]))
     per_site: dict[str, list[Any]] = {}
     for index, site in enumerate(sites):
         p = f"{prefix}/{index}"
@@ -240,11 +260,20 @@ def fuse_attention(model: Any, graph: str, layout: dict[str, Any]) -> tuple[Any,
             helper.make_node("Transpose", [site.value], [f"{v}_t"], name=f"{v}_T", perm=[0, 2, 1, 3]),
             helper.make_node("Reshape", [f"{v}_t", f"{prefix}/bshd"], [v], name=f"{v}_R"),
         ]
-        if kind == "encoder":
+        if kind != "causal":
+            inputs = [q, k, v]
+            if site.mask is not None:  # a window mask: MultiHeadAttention's attention_bias, [1, 1, seq, seq]
+                bias = site.mask
+                if mask_ranks[site.mask] == 2:
+                    bias = f"{p}/bias"
+                    new_nodes.append(
+                        helper.make_node("Unsqueeze", [site.mask, f"{prefix}/axes01"], [bias], name=f"{p}/bias_U")
+                    )
+                inputs += ["", "", bias]
             new_nodes.append(
                 helper.make_node(
                     "MultiHeadAttention",
-                    [q, k, v],
+                    inputs,
                     [f"{p}/out"],
                     name=f"{p}/MultiHeadAttention",
                     domain=CONTRIB_DOMAIN,
@@ -275,6 +304,23 @@ def fuse_attention(model: Any, graph: str, layout: dict[str, Any]) -> tuple[Any,
     if not any(opset.domain == CONTRIB_DOMAIN for opset in fused.opset_import):
         fused.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
     return fused, FusionSummary(graph=graph, kind=kind, fused=len(sites), op=FUSED_OPS[kind])
+
+
+def _window_mask_ranks(g: _Graph, graph: str, sites: list[AttentionSite]) -> dict[str, int]:
+    """The rank of each window mask of a windowed encoder: constants of [seq, seq] or [1, 1, seq, seq] (the same for
+    every tile); anything computed from the inputs is refused."""
+    ranks: dict[str, int] = {}
+    for site in sites:
+        if site.mask is None:
+            continue
+        rank = g.constant_rank(site.mask)
+        if rank not in (2, 4):
+            raise PueError(
+                f"{graph}.onnx's window mask {site.mask} is not a constant [seq, seq] or [1, 1, seq, seq] tensor",
+                "quantize with --attention standard to keep the exported attention",
+            )
+        ranks[site.mask] = rank
+    return ranks
 
 
 def _causal_split_inputs(prefix: str, batch_seq: str) -> tuple[list[Any], list[Any]]:

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pue.runtime import Embedder, Query
+from pue.runtime.embedder import matryoshka_cut
 from pue.runtime.prompts import PromptTokenizer
 from pue.serve.batcher import Batcher, Draining, QueueFull
 from pue.serve.config import ServeSettings
@@ -49,6 +50,7 @@ class ServerState:
         self.metrics = metrics
         # Validation tokenizes in request threads; its own tokenizer keeps it off the Embedder's state.
         self.prompts = PromptTokenizer.for_bundle(embedder.bundle_dir, embedder.manifest)
+
         def embed(queries: list[Query]) -> np.ndarray:
             return embedder.embed(queries, batch_size=settings.max_batch)
 
@@ -210,7 +212,7 @@ async def _embeddings(state: ServerState, request: Request) -> Response:
         raise bad_request("the request body is not valid JSON", code="invalid_json") from exc
     parsed = parse_request(payload, settings.limits)
     _check_model(settings.model_name, parsed.model)
-    _check_dimensions(state.embedder.dimension, parsed.dimensions)
+    _check_dimensions(state.embedder, parsed.dimensions)
     if not batcher.has_room(len(parsed.rows)):
         raise unavailable("the queue is full; retry later")
     prepared = await run_in_threadpool(prepare_rows, parsed, state.prompts, settings.limits)
@@ -223,6 +225,8 @@ async def _embeddings(state: ServerState, request: Request) -> Response:
     except Draining:
         raise unavailable("the server is shutting down", code="shutting_down") from None
     encoding_started = time.perf_counter()
+    if parsed.dimensions is not None:
+        vectors = matryoshka_cut(vectors, parsed.dimensions)
     content = embeddings_body(vectors, parsed.encoding_format, settings.model_name, prepared.prompt_tokens)
     for kind in prepared.kinds:
         metrics.rows.labels(kind).inc()
@@ -258,12 +262,18 @@ def _check_model(served: str, asked: str | None) -> None:
         )
 
 
-def _check_dimensions(dimension: int, asked: int | None) -> None:
-    # No recipe declares shorter (Matryoshka-style) outputs yet: the bundle's own dimension is the only one.
-    if asked is not None and asked != dimension:
+def _check_dimensions(embedder: Embedder, asked: int | None) -> None:
+    """The bundle's own dimension, or where its recipe allows a Matryoshka cut (Qwen3-VL-Embedding) any dimension
+    from the recipe's minimum up to the bundle's: the rows are then cut and renormalised as the runtime cuts them."""
+    dimension = embedder.dimension
+    matryoshka = (embedder.manifest.recipe or {}).get("matryoshka")
+    low = min(int(matryoshka["min_dim"]), dimension) if matryoshka else dimension
+    if asked is not None and not low <= asked <= dimension:
+        supported = f"[{dimension}]" if low == dimension else f"{low} to {dimension}"
         raise bad_request(
-            f"dimensions={asked} is not supported: this bundle's recipe produces {dimension}-dimensional embeddings "
-            f"only (supported dimensions: [{dimension}])",
+            f"dimensions={asked} is not supported: this bundle produces {dimension}-dimensional embeddings"
+            f"{' only' if low == dimension else ', cut to fewer down to its recipe minimum'} "
+            f"(supported dimensions: {supported})",
             param="dimensions",
             code="unsupported_dimensions",
         )

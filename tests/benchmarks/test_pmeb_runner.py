@@ -70,7 +70,6 @@ class FakeEmbedder:
         out = self.embed_images(images) + 0.3 * self.embed_texts(texts)
         return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
-
     def embed_image_sets(self, image_sets):
         self.calls["image_sets"] += 1
         out = np.stack([self.embed_images(images).mean(axis=0) for images in image_sets])
@@ -168,7 +167,7 @@ def fakes(monkeypatch):
         state["embedders"][Path(path).name] = embedder
         return embedder
 
-    def load_reference(checkpoint, device, dtype, tile_size, recipe):
+    def load_reference(checkpoint, device, dtype, bundle):
         state["reference_loads"] += 1
         return FakeEmbedder()
 

@@ -146,3 +146,23 @@ def test_shared_svs_at_10x_with_overlap(bundle: Path, tmp_path: Path) -> None:
         coords, attrs = handle["coords"][:], dict(handle["coords"].attrs)
     assert attrs["patch_size_level0"] == 448 and attrs["overlap"] == 32 and attrs["level0_magnification"] == 20
     assert set(np.unique(coords[:, 0] % 384)) == {0} and len(coords) >= 10  # stride 448 - 64
+
+
+def test_slides_on_a_qwen3_bundle(slides_dir: Path, qwen3_embedding_bundle: Path, tmp_path: Path) -> None:
+    """The slide job on a Qwen3-VL bundle (patch-layout vision input, DeepStack, a Matryoshka cut to 32): the
+    vectors are the runtime's for the tiles the reader gives."""
+    h5py = require("h5py")
+    from qwen_helpers import MATRYOSHKA_CUT
+
+    from pue.runtime import Embedder
+    from pue.slides.readers import open_slide
+
+    result = embed(str(slides_dir / "pyr.tif"), "-o", str(tmp_path), "--bundle", str(qwen3_embedding_bundle))
+    assert result.exit_code == 0, result.output
+    with h5py.File(tmp_path / FEATURES / "pyr.h5", "r") as handle:
+        coords, features = handle["coords"][:], handle["features"][:]
+    assert features.shape == (6, MATRYOSHKA_CUT) and features.dtype == np.float32
+    reader = open_slide(slides_dir / "pyr.tif")
+    with Embedder.load(qwen3_embedding_bundle) as embedder:
+        expected = embedder.embed_images([reader.read(int(x), int(y), 448, 224) for x, y in coords])
+    assert np.abs(features - expected).max() < 1e-5

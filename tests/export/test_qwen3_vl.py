@@ -8,7 +8,6 @@ are checked against reference embeddings computed once."""
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import types
 from pathlib import Path
@@ -18,44 +17,25 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qwen_helpers import mixed_batch_cosines, small_heldout  # noqa: E402
+from qwen_helpers import MATRYOSHKA_CUT, export_heldout, mixed_batch_cosines, small_heldout  # noqa: E402
 
 from pue.bundle import file_entry, read_manifest, write_manifest  # noqa: E402
 
 ARCH = "qwen3_vl"
 HOMIE_TILE = 256  # HOMIE's factor-28 resize makes it 252 px, the Qwen3 processor 256 again: a real double resize
-CUT = 32  # the Matryoshka dimension of the Qwen3-VL-Embedding bundle (the tiny model is 64 wide)
-
-
-def export_heldout() -> list[Path]:
-    """The exports' gate images: one of each stain (their image sets are the pair)."""
-    images = small_heldout()
-    return [images[0], images[-1]]
-
-
-def embedding_recipe(folder: Path) -> Path:
-    """The shipped Qwen3-VL-Embedding recipe with a Matryoshka minimum the 64-wide tiny model can show."""
-    from pue.export.recipe import shipped_recipe_path
-
-    data = json.loads(shipped_recipe_path("qwen3_vl_embedding").read_text())
-    data["matryoshka"] = {"min_dim": 16}
-    path = folder / "recipe_qwen3_vl_embedding.json"
-    path.write_text(json.dumps(data))
-    return path
+CUT = MATRYOSHKA_CUT
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tiny_checkpoint) -> dict[str, Path]:
+def bundles(tmp_path_factory, tiny_checkpoint, qwen3_embedding_bundle) -> dict[str, Path]:
+    """HOMIE's bundle, exported here, and the session's Qwen3-VL-Embedding bundle (Matryoshka cut to CUT)."""
     from pue.export.onnx_bundle import export_onnx_bundle
 
-    folder = tmp_path_factory.mktemp("qwen3")
-    checkpoint = tiny_checkpoint(ARCH, "ci")
-    homie, embedding = folder / "homie", folder / "embedding"
-    export_onnx_bundle(checkpoint, homie, recipe="homie", tile_size=HOMIE_TILE, heldout=export_heldout())
+    homie = tmp_path_factory.mktemp("qwen3") / "homie"
     export_onnx_bundle(
-        checkpoint, embedding, recipe=embedding_recipe(folder), embedding_dim=CUT, heldout=export_heldout()
+        tiny_checkpoint(ARCH, "ci"), homie, recipe="homie", tile_size=HOMIE_TILE, heldout=export_heldout()
     )
-    return {"homie": homie, "embedding": embedding}
+    return {"homie": homie, "embedding": qwen3_embedding_bundle}
 
 
 @pytest.fixture(scope="module")
@@ -282,19 +262,24 @@ def test_inspect_shows_deepstack_and_the_matryoshka_cut(bundles):
 # --- quantization -----------------------------------------------------------------------------------------------
 
 
-def test_an_int8_dynamic_bundle_passes_the_fidelity_gate(bundles, tmp_path):
+@pytest.fixture(scope="module")
+def quantize_heldout(tmp_path_factory) -> Path:
+    """The small held-out set as a folder (the fidelity gate's minimum of 4 tiles)."""
+    folder = tmp_path_factory.mktemp("heldout")
+    for path in small_heldout():
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_an_int8_dynamic_bundle_passes_the_fidelity_gate(bundles, quantize_heldout, tmp_path):
     """`pue-export quantize` on the DeepStack graphs: calibration feeds and the gate carry deepstack_features.
     (FP16 passes too, cosine 1.0 on CPU; left out of CI for its 30-40 s.)"""
     from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
     from pue.runtime import Embedder
 
-    heldout = tmp_path / "heldout"
-    heldout.mkdir()
-    for path in small_heldout():  # the fidelity gate's minimum of 4
-        shutil.copy(path, heldout / path.name)
     precision = "int8-dynamic"
     out = tmp_path / precision
-    options = QuantizeOptions(precision=precision, heldout=heldout, num_patches=8, num_captions=4)
+    options = QuantizeOptions(precision=precision, heldout=quantize_heldout, num_patches=8, num_captions=4)
     result = quantize_bundle(bundles["homie"], out, options)
     assert result.fidelity.passed, [(c.name, c.metric, c.value) for c in result.fidelity.checks]
     manifest = read_manifest(out)
@@ -302,6 +287,34 @@ def test_an_int8_dynamic_bundle_passes_the_fidelity_gate(bundles, tmp_path):
     assert [t.name for t in manifest.graphs["decoder"].inputs][-1] == "deepstack_features"
     with Embedder.load(out) as embedder:
         assert embedder.embed_images(export_heldout()[:1]).shape == (1, 64)
+
+
+def test_a_static_int8_bundle_passes_the_fidelity_gate(qwen3_embedding_bundle, quantize_heldout, tmp_path):
+    """Static INT8, TensorRT's Q/DQ flavour, on the Matryoshka bundle: calibration feeds carry the patch layout and
+    deepstack_features, every weight MatMul stays int8, the cut survives. The other modes and arches: README's table
+    (scripts/fidelity_matrix.py)."""
+    import onnx
+
+    from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
+    from pue.runtime import Embedder
+
+    out = tmp_path / "int8"
+    options = QuantizeOptions(
+        precision="int8", target="tensorrt", heldout=quantize_heldout, num_patches=8, num_captions=4
+    )
+    result = quantize_bundle(qwen3_embedding_bundle, out, options)
+    assert result.fidelity.passed, [(c.name, c.metric, c.value) for c in result.fidelity.checks]
+    assert result.int8_flop_share >= 0.8
+    for graph in ("vision", "decoder"):
+        ops = {node.op_type for node in onnx.load(str(out / f"{graph}.onnx"), load_external_data=False).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops and not {"MultiHeadAttention", "GroupQueryAttention"} & ops
+    manifest = read_manifest(out)
+    assert (
+        manifest.embedding_dim == CUT
+        and [t.name for t in manifest.graphs["decoder"].inputs][-1] == "deepstack_features"
+    )
+    with Embedder.load(out) as embedder:
+        assert embedder.embed_composed(export_heldout()[:1], ["as IHC"]).shape == (1, CUT)
 
 
 def test_rotate_on_is_refused_with_what_to_do(bundles):

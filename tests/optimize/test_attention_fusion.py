@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from pue.bundle import file_entry, read_manifest, write_manifest
 from pue.errors import PueError
@@ -126,6 +126,56 @@ def test_scales_are_folded_exactly(scale_style):
     feeds = {n: rng.standard_normal((3, 2, 7, 8)).astype(np.float32) for n in ("q", "k", "v")}
     assert np.abs(_run(model, feeds) - _run(fused, feeds)).max() < 1e-5
     onnx.checker.check_model(fused)
+
+
+def _windowed_graph(mask_from_input: bool = False):
+    """Two attentions over [B, 2, 8, 8] (Qwen2.5-VL's vision blocks): the first within windows of 4 through a constant
+    block-diagonal additive mask [8, 8], the second over every patch."""
+    window = np.repeat(np.arange(2), 4)
+    mask = np.where(window[:, None] == window[None, :], 0.0, np.finfo(np.float32).min).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["mask"], value=numpy_helper.from_array(mask))]
+    if mask_from_input:
+        nodes = [helper.make_node("Mul", ["q", "zero"], ["qz"]), helper.make_node("ReduceMean", ["qz"], ["mask"])]
+    inits = [
+        helper.make_tensor("c", TensorProto.FLOAT, [], [8**0.5]),
+        helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+    ]
+    hidden = "q"
+    for index, masked in enumerate((True, False)):
+        p = f"a{index}"
+        nodes += [
+            helper.make_node("Transpose", ["k"], [f"{p}/kt"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMul", [hidden, f"{p}/kt"], [f"{p}/s0"]),
+            helper.make_node("Div", [f"{p}/s0", "c"], [f"{p}/s1" if masked else f"{p}/s"]),
+        ]
+        if masked:
+            nodes.append(helper.make_node("Add", [f"{p}/s1", "mask"], [f"{p}/s"]))
+        nodes += [
+            helper.make_node("Softmax", [f"{p}/s"], [f"{p}/p"], axis=-1),
+            helper.make_node("MatMul", [f"{p}/p", "v"], [f"{p}/o"]),
+        ]
+        hidden = f"{p}/o"
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", 2, 8, 8]) for n in ("q", "k", "v")]
+    output = helper.make_tensor_value_info(hidden, TensorProto.FLOAT, ["B", 2, 8, 8])
+    return helper.make_model(
+        helper.make_graph(nodes, "windowed", inputs, [output], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+
+
+def test_windowed_encoder_takes_its_window_mask_as_attention_bias():
+    model = _windowed_graph()
+    layout = {"kind": "windowed-encoder", "heads": 2, "head_dim": 8}
+    fused, summary = fuse_attention(model, "vision", layout)
+    assert summary.fused == 2 and summary.op == "MultiHeadAttention"
+    assert [n.op_type for n in fused.graph.node].count("MultiHeadAttention") == 2
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((3, 2, 8, 8)).astype(np.float32) for n in ("q", "k", "v")}
+    assert np.abs(_run(model, feeds) - _run(fused, feeds)).max() < 1e-5
+    onnx.checker.check_model(fused)
+    with pytest.raises(PueError, match="masked"):  # a plain encoder refuses a mask
+        fuse_attention(model, "vision", {**layout, "kind": "encoder"})
+    with pytest.raises(PueError, match="not a constant"):  # a mask computed from the inputs is no window mask
+        fuse_attention(_windowed_graph(mask_from_input=True), "vision", layout)
 
 
 def test_refusals(fp32_bundle):

@@ -2,8 +2,8 @@
 
 A cache entry is keyed by the task (its name, the sha256 of task.json and its data files, and the names and
 sizes of its images: re-hashing a dataset's images on every run would cost more than it protects), the
-checkpoint's weights sha256, the recipe, the tile size and the dtype. Entries are `.npz` files (no pickles)
-written atomically; an unreadable entry is ignored and recomputed.
+checkpoint's weights sha256, the recipe, the tile size, the dtype and the output dimension (a Matryoshka cut).
+Entries are `.npz` files (no pickles) written atomically; an unreadable entry is ignored and recomputed.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def task_fingerprint(task: Task) -> str:
     return digest.hexdigest()
 
 
-def reference_key(task: Task, checkpoint_sha256: str, recipe: dict[str, Any], tile_size: int, dtype: str) -> str:
+def reference_key(
+    task: Task, checkpoint_sha256: str, recipe: dict[str, Any], tile_size: int, dtype: str, embedding_dim: int
+) -> str:
     identity = {
         "format": CACHE_FORMAT,
         "task": task.name,
@@ -52,6 +54,7 @@ def reference_key(task: Task, checkpoint_sha256: str, recipe: dict[str, Any], ti
         "recipe": recipe,
         "tile_size": int(tile_size),
         "dtype": dtype,
+        "embedding_dim": int(embedding_dim),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 

@@ -57,11 +57,13 @@ class BundleInfo:
     recipe: dict[str, Any]
     tile_size: int
     manifest_sha256: str
+    embedding_dim: int  # below the model's width where the bundle makes a Matryoshka cut: the reference cuts alike
 
     @property
     def reference_setup(self) -> str:
-        """Bundles sharing a recipe and tile size share the reference's embeddings."""
-        return hashlib.sha256(json.dumps([self.recipe, self.tile_size], sort_keys=True).encode()).hexdigest()
+        """Bundles sharing a recipe, tile size and output dimension share the reference's embeddings."""
+        identity = [self.recipe, self.tile_size, self.embedding_dim]
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def read_bundle_info(path: Path) -> BundleInfo:
@@ -76,6 +78,7 @@ def read_bundle_info(path: Path) -> BundleInfo:
         recipe=dict(manifest.recipe),
         tile_size=int(manifest.tile_size),
         manifest_sha256=manifest_sha256(path),
+        embedding_dim=int(manifest.embedding_dim),
     )
 
 
@@ -94,7 +97,8 @@ def checkpoint_identity(path: Path) -> tuple[str, str]:
     return info.name, checkpoint_sha256(info)
 
 
-def load_reference(checkpoint: Path, device: str, dtype: str, tile_size: int, recipe: dict[str, Any]) -> Any:
+def load_reference(checkpoint: Path, device: str, dtype: str, bundle: BundleInfo) -> Any:
+    """The reference with the bundle's recipe, tile size and output dimension (its Matryoshka cut, if any)."""
     from pue.export import ReferenceEmbedder
     from pue.export.recipe import recipe_from_dict
 
@@ -102,8 +106,9 @@ def load_reference(checkpoint: Path, device: str, dtype: str, tile_size: int, re
         checkpoint,
         device=device,
         dtype=dtype,
-        tile_size=tile_size,
-        recipe=recipe_from_dict(recipe, "the bundle's recipe"),
+        tile_size=bundle.tile_size,
+        recipe=recipe_from_dict(bundle.recipe, "the bundle's recipe"),
+        embedding_dim=bundle.embedding_dim,
     )
 
 
@@ -235,6 +240,8 @@ def _run(
         setups = {b.reference_setup: b for b in infos}
         for setup, bundle in setups.items():
             label = name if len(setups) == 1 else f"{name} @{bundle.tile_size}px/{bundle.recipe.get('name', '?')}"
+            if len(setups) > 1 and len({b.embedding_dim for b in infos}) > 1:
+                label += f"/{bundle.embedding_dim}d"
 
             def reference_finished(result: TaskResult, task: Task, label: str = label) -> None:
                 finished(result, task, label, "pytorch", REFERENCE_PRECISION[dtype], result)
@@ -296,12 +303,12 @@ def _reference_results(
     embedder = None
     try:
         for task in task_list:
-            key = reference_key(task, sha256, bundle.recipe, bundle.tile_size, dtype)
+            key = reference_key(task, sha256, bundle.recipe, bundle.tile_size, dtype, bundle.embedding_dim)
             embeddings = cache.load(task.name, key)
             if embeddings is None:
                 if embedder is None:
                     say(f"reference: loading {checkpoint} ({dtype}, {device})")
-                    embedder = load_reference(checkpoint, device, dtype, bundle.tile_size, bundle.recipe)
+                    embedder = load_reference(checkpoint, device, dtype, bundle)
                 embeddings = embed_task(task, embedder, say, "reference: ")
                 cache.save(task.name, key, embeddings)
             else:

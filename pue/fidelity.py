@@ -91,6 +91,15 @@ class FidelityThresholds:
         given = {"mean_cosine": mean_cosine, "min_cosine": min_cosine, "top1": top1}
         return cls(**{k: v for k, v in given.items() if v is not None})
 
+    def for_check(self) -> FidelityThresholds:
+        """What the INT8 search's calibration check asks: the gate's, with the minimum half-way to 1 (0.98 → 0.99).
+
+        The check measures fewer items than the held-out gate (48 against 72 by default), so its minimum, the one
+        figure that follows the worst item, overstates the gate's: measured on `llava_next gains-few`
+        int8-dynamic, a check minimum of 0.9816 came with a gate minimum of 0.9632, and 0.9949 with 0.9796. The mean
+        and top-1 are averages and are kept."""
+        return replace(self, min_cosine=self.min_cosine + (1.0 - self.min_cosine) / 2)
+
 
 @dataclass
 class Check:

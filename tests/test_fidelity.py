@@ -64,6 +64,11 @@ def test_thresholds_overrides_keep_one_copy_of_the_defaults():
     assert FidelityThresholds.with_overrides(min_cosine=0.9) == FidelityThresholds(0.995, 0.9, 0.98)
 
 
+def test_the_int8_searchs_check_asks_a_minimum_half_way_to_one():
+    assert FidelityThresholds().for_check() == FidelityThresholds(0.995, 0.99, 0.98)
+    assert FidelityThresholds.with_overrides(min_cosine=0.9).for_check().min_cosine == pytest.approx(0.95)
+
+
 def test_parity_checks_and_a_nan_never_passes():
     report = GateReport(PARITY, "bundle vs reference")
     want = np.array([[1.0, 0.0], [0.0, 1.0]])

@@ -194,7 +194,12 @@ def quantize_bundle(
             peaks.end("rotation")
         fusion: dict[str, dict] = {}
 
-        def evaluate(candidate: dict[str, Any], items: GateSet = gate_set, parent_rows: dict = reference) -> GateReport:
+        def evaluate(
+            candidate: dict[str, Any],
+            items: GateSet = gate_set,
+            parent_rows: dict = reference,
+            thresholds: FidelityThresholds = options.thresholds,
+        ) -> GateReport:
             """Stage the candidate's graphs as a bundle (the last one staged is what gets written) and measure it on
             `items` (the held-out gate set unless told otherwise) against the parent's rows.
 
@@ -202,9 +207,12 @@ def quantize_bundle(
             """
             if layouts is not None:
                 candidate = _fuse(candidate, layouts, fusion)
-            return _evaluate(candidate, child, items, parent_rows, options)
+            return _evaluate(candidate, child, items, parent_rows, options, thresholds)
 
-        judges = Judges(check=lambda candidate: evaluate(candidate, check_set, check_reference), gate=evaluate)
+        check_thresholds = options.thresholds.for_check()
+        judges = Judges(
+            check=lambda candidate: evaluate(candidate, check_set, check_reference, check_thresholds), gate=evaluate
+        )
 
         child.link_from_parent(parent_manifest.tokenizer.file.path)
         if options.spec.qdq is None:
@@ -394,13 +402,14 @@ def _evaluate(
     gate_set: GateSet,
     reference: dict,
     options: QuantizeOptions,
+    thresholds: FidelityThresholds,
 ) -> GateReport:
     from pue.runtime import Embedder
 
     written = _write_graphs(models, child.staging)
     write_manifest(child.staging, _staged_manifest(child, written, options))
     with Embedder.load(child.staging) as candidate:
-        return measure_fidelity(gate_set.embed(candidate), reference, options.thresholds)
+        return measure_fidelity(gate_set.embed(candidate), reference, thresholds)
 
 
 def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -> Manifest:

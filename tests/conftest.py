@@ -30,9 +30,22 @@ def heldout_tiles(he: int = 10) -> list[Path]:
 
 
 def gate_subset() -> list[Path]:
-    """The gate of the session's bundles and of `heldout_dir`: both stains, 6 tiles, so one set of 2 and one of 4
-    images (the gate's time grows with its image rows; every fixture bundle and every quantization pays it)."""
+    """The gate of the `ci` torchscript bundles and of `heldout_dir`: both stains, 6 tiles, so one set of 2 and one
+    of 4 images (the gate's time grows with its image rows; every such bundle and every quantization pays it)."""
     return heldout_tiles(he=4)
+
+
+def small_gate() -> list[Path]:
+    """One H&E and one IHC tile, the gate's minimum (so one set of 2 images): the export gate of the session's other
+    bundles (the e5v geometry, the dynamo exporter, the outlier presets). It still checks every kind (images, texts,
+    composed, a set, vision features) on both stains; the tests of those bundles check them on more tiles where
+    that is their subject (test_multi_image_parity.py for dynamo) or read them as quantization parents."""
+    return heldout_tiles(he=1)[:1] + heldout_tiles(he=0)[:1]
+
+
+# The bundles many tests read (and test_onnx_export.py checks the gate of on the gate subset): the two `ci` geometries
+# through the default exporter.
+FULL_GATE_BUNDLES = frozenset({("llava_next", "ci", "torchscript"), ("llava", "ci", "torchscript")})
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +84,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
 
 @pytest.fixture(scope="session")
 def fp32_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Callable[..., Path]) -> Callable[..., Path]:
-    """fp32_bundle(arch, preset, exporter) → path of a gated FP32 bundle built once per session."""
+    """fp32_bundle(arch, preset, exporter) → path of a gated FP32 bundle built once per session (gated on the gate
+    subset for FULL_GATE_BUNDLES, on `small_gate()` otherwise)."""
     cache: dict[tuple[str, str, str], Path] = {}
 
     def build(arch: str = "llava_next", preset: str = "ci", exporter: str = "torchscript") -> Path:
@@ -80,7 +94,8 @@ def fp32_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Calla
             from pue.export.onnx_bundle import export_onnx_bundle
 
             out = tmp_path_factory.mktemp("bundles") / f"{arch}-{preset}-{exporter}"
-            export_onnx_bundle(tiny_checkpoint(arch, preset), out, exporter=exporter, heldout=gate_subset())
+            heldout = gate_subset() if key in FULL_GATE_BUNDLES else small_gate()
+            export_onnx_bundle(tiny_checkpoint(arch, preset), out, exporter=exporter, heldout=heldout)
             cache[key] = out
         return cache[key]
 

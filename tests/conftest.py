@@ -11,7 +11,9 @@ import pytest
 # A test that asks for one of these builds a tiny checkpoint (torch, transformers) and usually exports it to ONNX
 # with its parity gate: seconds each, once per session. Such tests are marked `slow` at collection, so that
 # `pytest -m "not slow"` (README: the fast subset) never pays for a model build.
-MODEL_FIXTURES = frozenset({"tiny_checkpoint", "fp32_bundle", "reference_embedder", "quantized_bundle"})
+MODEL_FIXTURES = frozenset(
+    {"tiny_checkpoint", "fp32_bundle", "reference_embedder", "quantized_bundle", "outlier_report"}
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -138,3 +140,20 @@ def quantized_bundle(tmp_path_factory: pytest.TempPathFactory, fp32_bundle: Call
         return cache[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def outlier_report(fp32_bundle: Callable[..., Path]) -> Callable[..., Any]:
+    """outlier_report(arch, preset, rotate=False) → `bundle_outliers` of that session bundle on 4 patches and 4
+    captions, once per session (test_outliers.py and test_rotation.py measure the gains bundles alike); read only."""
+    cache: dict[tuple[str, str, bool], Any] = {}
+
+    def measure(arch: str, preset: str, rotate: bool = False) -> Any:
+        key = (arch, preset, rotate)
+        if key not in cache:
+            from pue.calibration.outliers import bundle_outliers
+
+            cache[key] = bundle_outliers(fp32_bundle(arch, preset), num_patches=4, num_captions=4, rotate=rotate)
+        return cache[key]
+
+    return measure

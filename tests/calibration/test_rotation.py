@@ -310,9 +310,7 @@ def test_outlier_fixtures_keep_their_embedding(fp32_bundle, rotated_decoder, arc
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llava_next", "llava"])
 @pytest.mark.parametrize("preset", ["gains-few", "gains-all"])
-def test_norm_gain_outlier_channels_are_flattened(fp32_bundle, rotated_decoder, arch, preset):
-    from pue.calibration.outliers import bundle_outliers
-
+def test_norm_gain_outlier_channels_are_flattened(fp32_bundle, rotated_decoder, outlier_report, arch, preset):
     bundle = fp32_bundle(arch, preset)
     record, _ = rotated_decoder(bundle, "on")
     assert record["applied"] and record["channel_ratio_before"] >= 50 and record["channel_ratio_after"] < 5
@@ -322,7 +320,7 @@ def test_norm_gain_outlier_channels_are_flattened(fp32_bundle, rotated_decoder, 
 
     normed = set(record["rotation"]["readers"])
     for rotate in (False, True):
-        report = bundle_outliers(bundle, num_patches=4, num_captions=4, rotate=rotate)["decoder"]
+        report = outlier_report(arch, preset, rotate=rotate)["decoder"]
         worst = max(t.channel_ratio for t in report if set(t.readers) & normed)
         assert worst < 5 if rotate else worst >= 50
 

@@ -12,7 +12,14 @@ import pytest
 # with its parity gate: seconds each, once per session. Such tests are marked `slow` at collection, so that
 # `pytest -m "not slow"` (README: the fast subset) never pays for a model build.
 MODEL_FIXTURES = frozenset(
-    {"tiny_checkpoint", "fp32_bundle", "reference_embedder", "quantized_bundle", "qwen3_embedding_bundle"}
+    {
+        "tiny_checkpoint",
+        "fp32_bundle",
+        "reference_embedder",
+        "quantized_bundle",
+        "qwen3_embedding_bundle",
+        "outlier_report",
+    }
 )
 
 
@@ -32,9 +39,22 @@ def heldout_tiles(he: int = 10) -> list[Path]:
 
 
 def gate_subset() -> list[Path]:
-    """The gate of the session's bundles and of `heldout_dir`: both stains, 6 tiles, so one set of 2 and one of 4
-    images (the gate's time grows with its image rows; every fixture bundle and every quantization pays it)."""
+    """The gate of the `ci` torchscript bundles and of `heldout_dir`: both stains, 6 tiles, so one set of 2 and one
+    of 4 images (the gate's time grows with its image rows; every such bundle and every quantization pays it)."""
     return heldout_tiles(he=4)
+
+
+def small_gate() -> list[Path]:
+    """One H&E and one IHC tile, the gate's minimum (so one set of 2 images): the export gate of the session's other
+    bundles (the e5v geometry, the dynamo exporter, the outlier presets). It still checks every kind (images, texts,
+    composed, a set, vision features) on both stains; the tests of those bundles check them on more tiles where
+    that is their subject (test_multi_image_parity.py for dynamo) or read them as quantization parents."""
+    return heldout_tiles(he=1)[:1] + heldout_tiles(he=0)[:1]
+
+
+# The bundles many tests read (and test_onnx_export.py checks the gate of on the gate subset): the two `ci` geometries
+# through the default exporter.
+FULL_GATE_BUNDLES = frozenset({("llava_next", "ci", "torchscript"), ("llava", "ci", "torchscript")})
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +93,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
 
 @pytest.fixture(scope="session")
 def fp32_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Callable[..., Path]) -> Callable[..., Path]:
-    """fp32_bundle(arch, preset, exporter) → path of a gated FP32 bundle built once per session."""
+    """fp32_bundle(arch, preset, exporter) → path of a gated FP32 bundle built once per session (gated on the gate
+    subset for FULL_GATE_BUNDLES, on `small_gate()` otherwise)."""
     cache: dict[tuple[str, str, str], Path] = {}
 
     def build(arch: str = "llava_next", preset: str = "ci", exporter: str = "torchscript") -> Path:
@@ -82,7 +103,8 @@ def fp32_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Calla
             from pue.export.onnx_bundle import export_onnx_bundle
 
             out = tmp_path_factory.mktemp("bundles") / f"{arch}-{preset}-{exporter}"
-            export_onnx_bundle(tiny_checkpoint(arch, preset), out, exporter=exporter, heldout=gate_subset())
+            heldout = gate_subset() if key in FULL_GATE_BUNDLES else small_gate()
+            export_onnx_bundle(tiny_checkpoint(arch, preset), out, exporter=exporter, heldout=heldout)
             cache[key] = out
         return cache[key]
 
@@ -142,3 +164,20 @@ def quantized_bundle(tmp_path_factory: pytest.TempPathFactory, fp32_bundle: Call
         return cache[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def outlier_report(fp32_bundle: Callable[..., Path]) -> Callable[..., Any]:
+    """outlier_report(arch, preset, rotate=False) → `bundle_outliers` of that session bundle on 4 patches and 4
+    captions, once per session (test_outliers.py and test_rotation.py measure the gains bundles alike); read only."""
+    cache: dict[tuple[str, str, bool], Any] = {}
+
+    def measure(arch: str, preset: str, rotate: bool = False) -> Any:
+        key = (arch, preset, rotate)
+        if key not in cache:
+            from pue.calibration.outliers import bundle_outliers
+
+            cache[key] = bundle_outliers(fp32_bundle(arch, preset), num_patches=4, num_captions=4, rotate=rotate)
+        return cache[key]
+
+    return measure

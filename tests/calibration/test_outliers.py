@@ -11,7 +11,7 @@ from onnx import helper
 from onnx_graphs import float_input, make_model
 
 from pue.calibration.graph_ops import weight_ops
-from pue.calibration.outliers import bundle_outliers, collect_outliers, summarize
+from pue.calibration.outliers import collect_outliers, summarize
 
 
 def test_channels_and_positions_by_hand():
@@ -39,9 +39,9 @@ def test_channels_and_positions_by_hand():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llava_next", "llava"])
-def test_report_finds_the_planted_norm_gain_channels(fp32_bundle, tiny_checkpoint, arch):
+def test_report_finds_the_planted_norm_gain_channels(outlier_report, tiny_checkpoint, arch):
     info = json.loads((tiny_checkpoint(arch, "gains-few") / "pue_tiny.json").read_text())["outliers"]
-    report = bundle_outliers(fp32_bundle(arch, "gains-few"), num_patches=4, num_captions=4)
+    report = outlier_report(arch, "gains-few")
     flagged = [t for t in report["decoder"] if t.channel_ratio >= 20]
     assert flagged  # the q/k/v and gate/up inputs after the gained norms
     assert all(set(t.top_channels) == set(info["channels"]) for t in flagged)
@@ -49,12 +49,12 @@ def test_report_finds_the_planted_norm_gain_channels(fp32_bundle, tiny_checkpoin
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llava_next", "llava"])
-def test_report_finds_the_massive_tokens(fp32_bundle, tiny_checkpoint, arch):
+def test_report_finds_the_massive_tokens(fp32_bundle, outlier_report, tiny_checkpoint, arch):
     from pue.runtime import Embedder
 
     info = json.loads((tiny_checkpoint(arch, "massive") / "pue_tiny.json").read_text())["outliers"]
     bundle = fp32_bundle(arch, "massive")
-    report = bundle_outliers(bundle, num_patches=4, num_captions=4)
+    report = outlier_report(arch, "massive")
     writer = max(report["decoder"], key=lambda t: t.token_ratio)
     assert writer.token_ratio >= 100 and writer.top_channels[0] == info["intermediate_unit"]
     assert f"layers.{info['layer']}/" in writer.readers[0] and "down_proj" in writer.readers[0]
@@ -66,9 +66,9 @@ def test_report_finds_the_massive_tokens(fp32_bundle, tiny_checkpoint, arch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llava_next", "llava"])
-def test_report_finds_the_high_norm_vision_tokens(fp32_bundle, tiny_checkpoint, arch):
+def test_report_finds_the_high_norm_vision_tokens(outlier_report, tiny_checkpoint, arch):
     info = json.loads((tiny_checkpoint(arch, "vit-highnorm") / "pue_tiny.json").read_text())["outliers"]
-    report = bundle_outliers(fp32_bundle(arch, "vit-highnorm"), num_patches=4, num_captions=4)
+    report = outlier_report(arch, "vit-highnorm")
     projector = [t for t in report["vision"] if any("projector" in r for r in t.readers)]
     first = projector[0]  # the projector's first linear reads the un-normalised vision layer
     offset = 1 if info["position_includes_cls"] else 0  # CLIP's CLS token is dropped before the projector

@@ -257,6 +257,21 @@ def _rotate_bundle_decoder(bundle, mode: str) -> tuple[dict, onnx.ModelProto]:
     return record, models["decoder"]
 
 
+@pytest.fixture(scope="module")
+def rotated_decoder():
+    """rotated_decoder(bundle, mode) → _rotate_bundle_decoder's (record, decoder), once per bundle and mode for the
+    module (the outlier-fixture tests and the flattening tests rotate the same gains bundles "on"); read only."""
+    cache: dict[tuple[str, str], tuple[dict, onnx.ModelProto]] = {}
+
+    def rotate(bundle, mode: str) -> tuple[dict, onnx.ModelProto]:
+        key = (str(bundle), mode)
+        if key not in cache:
+            cache[key] = _rotate_bundle_decoder(bundle, mode)
+        return cache[key]
+
+    return rotate
+
+
 def test_exported_decoder_keeps_its_embedding(fp32_bundle):
     record, rotated = _rotate_bundle_decoder(fp32_bundle("llava_next", "ci"), "on")
     rotation = record["rotation"]
@@ -287,19 +302,17 @@ def test_fp16_refuses_rotate_on(fp32_bundle, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llava_next", "llava"])
 @pytest.mark.parametrize("preset", ["gains-few", "gains-all", "massive"])
-def test_outlier_fixtures_keep_their_embedding(fp32_bundle, arch, preset):
-    record, _ = _rotate_bundle_decoder(fp32_bundle(arch, preset), "on")
+def test_outlier_fixtures_keep_their_embedding(fp32_bundle, rotated_decoder, arch, preset):
+    record, _ = rotated_decoder(fp32_bundle(arch, preset), "on")
     assert record["applied"] and record["rotation"]["check_min_cosine"] >= 0.99999
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llava_next", "llava"])
 @pytest.mark.parametrize("preset", ["gains-few", "gains-all"])
-def test_norm_gain_outlier_channels_are_flattened(fp32_bundle, arch, preset):
-    from pue.calibration.outliers import bundle_outliers
-
+def test_norm_gain_outlier_channels_are_flattened(fp32_bundle, rotated_decoder, outlier_report, arch, preset):
     bundle = fp32_bundle(arch, preset)
-    record, _ = _rotate_bundle_decoder(bundle, "on")
+    record, _ = rotated_decoder(bundle, "on")
     assert record["applied"] and record["channel_ratio_before"] >= 50 and record["channel_ratio_after"] < 5
     # the outliers are the gains' doing: auto does not rotate (BENCHMARKS.md, "Rotation": it measured worse)
     auto, _ = _rotate_bundle_decoder(bundle, "auto")
@@ -307,7 +320,7 @@ def test_norm_gain_outlier_channels_are_flattened(fp32_bundle, arch, preset):
 
     normed = set(record["rotation"]["readers"])
     for rotate in (False, True):
-        report = bundle_outliers(bundle, num_patches=4, num_captions=4, rotate=rotate)["decoder"]
+        report = outlier_report(arch, preset, rotate=rotate)["decoder"]
         worst = max(t.channel_ratio for t in report if set(t.readers) & normed)
         assert worst < 5 if rotate else worst >= 50
 

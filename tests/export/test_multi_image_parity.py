@@ -33,13 +33,8 @@ def left_padded(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int) 
     return ids, mask
 
 
-@pytest.mark.parametrize(("arch", "exporter"), LAYOUTS)
-def test_multi_image_rows_match_reference_in_a_mixed_batch(
-    fp32_bundle, reference_embedder, gate_images, arch, exporter
-):
-    bundle = fp32_bundle(arch, "ci", exporter)
-    reference = reference_embedder(arch)
-    tiles = gate_images
+def queries_and_expected(reference, tiles) -> tuple[list[Query], np.ndarray]:
+    """The mixed batch (texts, sets of 1, 2 and 4 images, single images, composed rows) and the reference's rows."""
     four, two, one = tiles[0:4], tiles[4:6], tiles[6:7]
     composed_pair = (tiles[7:9], "more lymphocytes")
     queries = [
@@ -66,6 +61,31 @@ def test_multi_image_rows_match_reference_in_a_mixed_batch(
     )
     # k = 1 through images= is the single-image row
     np.testing.assert_allclose(want[6], reference.embed_images(one)[0], atol=1e-6)
+    return queries, want
+
+
+@pytest.fixture(scope="module")
+def expected_rows(reference_embedder, gate_images):
+    """expected_rows(arch) → (queries, the reference's rows): computed once per architecture, for both exporters."""
+    cache: dict[str, tuple[list[Query], np.ndarray]] = {}
+
+    def get(arch: str) -> tuple[list[Query], np.ndarray]:
+        if arch not in cache:
+            cache[arch] = queries_and_expected(reference_embedder(arch), gate_images)
+        return cache[arch]
+
+    return get
+
+
+@pytest.mark.parametrize(("arch", "exporter"), LAYOUTS)
+def test_multi_image_rows_match_reference_in_a_mixed_batch(
+    fp32_bundle, reference_embedder, expected_rows, gate_images, arch, exporter
+):
+    bundle = fp32_bundle(arch, "ci", exporter)
+    reference = reference_embedder(arch)
+    queries, want = expected_rows(arch)
+    tiles = gate_images
+    four, two, one = tiles[0:4], tiles[4:6], tiles[6:7]
     with Embedder.load(bundle) as embedder:
         assert embedder.takes_image_sets
         # both sides agree how many images fit max_seq_len (the gate embeds only sets that fit)

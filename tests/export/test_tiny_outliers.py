@@ -12,7 +12,6 @@ torch = pytest.importorskip("torch")
 
 from pue.data import patch_set  # noqa: E402
 from pue.export import ReferenceEmbedder  # noqa: E402
-from pue.export.tiny_models import build_tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TEXTS = ["tumor", "benign stroma", "Lymph node with metastatic carcinoma in the subcapsular sinus."]
@@ -25,12 +24,14 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tiny_checkpoint):
+    """The session's checkpoints (seed 0, as the outlier bundles' parents); a reference of the module's own, since
+    test_outliers_matter_to_the_function changes its weights (and puts them back)."""
     cache: dict[tuple[str, str], tuple] = {}
 
     def get(arch: str, preset: str):
         if (arch, preset) not in cache:
-            out = build_tiny_model(tmp_path_factory.mktemp("outliers") / f"{arch}-{preset}", arch=arch, preset=preset)
+            out = tiny_checkpoint(arch, preset)
             info = json.loads((out / "pue_tiny.json").read_text())["outliers"]
             reference = ReferenceEmbedder.load(out, tile_size=224)
             images = patch_set("heldout")

@@ -1,170 +1,34 @@
-"""The onnxruntime backend on tiny hand-built graphs: input checks, timing, row placement, provider checks."""
+"""The onnxruntime backend on tests/fake_bundle.py's hand-built graphs: session options, the runner contract (input
+checks, timing), row placement, batch checks, external data, lifecycle. Devices and providers:
+test_onnxruntime_devices.py; the CPU int8 rules: test_cpu_int8_rules.py."""
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
+from fake_bundle import (
+    CROPS,
+    DIM,
+    HIDDEN,
+    IMAGE_TOKEN_ID,
+    SIDE,
+    TOKENS,
+    expected_embeddings,
+    make_batch,
+    make_manifest,
+    numpy_decoder,
+    numpy_vision,
+    rng,
+)
 
-from pue.bundle import (
-    GraphSpec,
-    ImagePreprocessing,
-    Manifest,
-    Prompts,
-    SourceCheckpoint,
-    TensorSpec,
-    TokenizerInfo,
-    file_entry,
-)
-from pue.errors import BundleError, MissingDependencyError, ProviderError, PueError
-from pue.runtime.backends import Device, OnnxRuntimeBackend, OnnxRuntimeRunner, parse_device
+from pue.bundle import GraphSpec, Manifest, TensorSpec
+from pue.errors import BundleError, PueError
+from pue.runtime.backends import OnnxRuntimeBackend, OnnxRuntimeRunner
 from pue.runtime.backends.base import place_image_features
-from pue.runtime.backends.onnxruntime import (
-    INT8_ON_CUDA_ADVICE,
-    SESSION_CONFIG,
-    providers_for,
-)
+from pue.runtime.backends.onnxruntime import SESSION_CONFIG
 from pue.runtime.cpu import physical_core_count
 
-onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
-
-CROPS, SIDE = 2, 4
-TOKENS, HIDDEN, DIM, VOCAB = 3, 4, 5, 16
-IMAGE_TOKEN_ID, PAD_ID = 7, 0
-
-rng = np.random.default_rng(0)
-VISION_WEIGHT = rng.standard_normal((CROPS * 3 * SIDE * SIDE, TOKENS * HIDDEN)).astype(np.float32)
-EMBEDDINGS = rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32)
-PROJECTION = rng.standard_normal((HIDDEN, DIM)).astype(np.float32)
-
-
-def vision_graph():
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes = [
-        helper.make_node("Reshape", ["pixel_values", "flat_shape"], ["flat"]),
-        helper.make_node("MatMul", ["flat", "weight"], ["mixed"]),
-        helper.make_node("Reshape", ["mixed", "features_shape"], ["image_features"]),
-    ]
-    initializers = [
-        numpy_helper.from_array(np.array([0, -1], dtype=np.int64), "flat_shape"),
-        numpy_helper.from_array(np.array([0, TOKENS, HIDDEN], dtype=np.int64), "features_shape"),
-        numpy_helper.from_array(VISION_WEIGHT, "weight"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "vision",
-        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", CROPS, 3, SIDE, SIDE])],
-        [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["batch", TOKENS, HIDDEN])],
-        initializers,
-    )
-    return _model(graph)
-
-
-def decoder_graph():
-    """sentence_embedding = (sum of masked token embeddings + sum of image_features over tokens) @ projection."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes = [
-        helper.make_node("Gather", ["embeddings", "input_ids"], ["token_embeddings"]),
-        helper.make_node("Cast", ["attention_mask"], ["mask_float"], to=TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", ["mask_float", "last_axis"], ["mask_3d"]),
-        helper.make_node("Mul", ["token_embeddings", "mask_3d"], ["masked"]),
-        helper.make_node("ReduceSum", ["masked", "axis_1"], ["text_sum"], keepdims=0),
-        helper.make_node("ReduceSum", ["image_features", "axis_1"], ["image_sum"], keepdims=0),
-        helper.make_node("Add", ["text_sum", "image_sum"], ["pooled"]),
-        helper.make_node("MatMul", ["pooled", "projection"], ["sentence_embedding"]),
-    ]
-    initializers = [
-        numpy_helper.from_array(EMBEDDINGS, "embeddings"),
-        numpy_helper.from_array(PROJECTION, "projection"),
-        numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_axis"),
-        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis_1"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "decoder",
-        [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
-            helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["batch", "image_tokens", HIDDEN]),
-        ],
-        [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", DIM])],
-        initializers,
-    )
-    return _model(graph)
-
-
-def _model(graph):
-    from onnx import helper
-
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    return model
-
-
-def numpy_vision(pixel_values):
-    return (pixel_values.reshape(len(pixel_values), -1) @ VISION_WEIGHT).reshape(-1, TOKENS, HIDDEN)
-
-
-def numpy_decoder(input_ids, attention_mask, image_features):
-    text = (EMBEDDINGS[input_ids] * attention_mask[..., None]).sum(axis=1)
-    return (text + image_features.sum(axis=1)) @ PROJECTION
-
-
-def make_manifest(directory, precision="fp32", target="onnxruntime", external_decoder=False) -> Manifest:
-    onnx.save_model(vision_graph(), directory / "vision.onnx")
-    if external_decoder:
-        onnx.save_model(
-            decoder_graph(),
-            directory / "decoder.onnx",
-            save_as_external_data=True,
-            location="decoder.onnx.data",
-            size_threshold=64,  # only the weights: onnxruntime needs axes constants inline
-        )
-    else:
-        onnx.save_model(decoder_graph(), directory / "decoder.onnx")
-    (directory / "tokenizer.json").write_text("{}")
-    external = [file_entry(directory, "decoder.onnx.data")] if external_decoder else []
-    return Manifest(
-        architecture="tiny",
-        precision=precision,
-        target=target,
-        backend="onnxruntime",
-        graphs={
-            "vision": GraphSpec(
-                file=file_entry(directory, "vision.onnx"),
-                inputs=[TensorSpec("pixel_values", "float32", ["batch", CROPS, 3, SIDE, SIDE])],
-                outputs=[TensorSpec("image_features", "float32", ["batch", TOKENS, HIDDEN])],
-            ),
-            "decoder": GraphSpec(
-                file=file_entry(directory, "decoder.onnx"),
-                inputs=[
-                    TensorSpec("input_ids", "int64", ["batch", "seq"]),
-                    TensorSpec("attention_mask", "int64", ["batch", "seq"]),
-                    TensorSpec("image_features", "float32", ["batch", "image_tokens", HIDDEN]),
-                ],
-                outputs=[TensorSpec("sentence_embedding", "float32", ["batch", DIM])],
-                external_data=external,
-            ),
-        },
-        tile_size=SIDE,
-        preprocessing=ImagePreprocessing("anyres", SIDE, SIDE, CROPS, [0.5] * 3, [0.5] * 3, 1 / 255, 3),
-        recipe={"name": "e5v"},
-        prompts=Prompts("<image>\n", "{text}\n", "<image>{text}\n", "<image>"),
-        pooling="last_token",
-        tokenizer=TokenizerInfo(file=file_entry(directory, "tokenizer.json"), pad_token_id=PAD_ID),
-        image_token_id=IMAGE_TOKEN_ID,
-        tokens_per_image=TOKENS,
-        embedding_dim=DIM,
-        hidden_size=HIDDEN,
-        max_seq_len=32,
-        default_batch_size=4,
-        source_checkpoint=SourceCheckpoint("tiny", "0" * 64, "llava_next"),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -178,126 +42,6 @@ def backend(bundle):
     directory, manifest = bundle
     with OnnxRuntimeBackend(directory, manifest, device="cpu", threads=1) as backend:
         yield backend
-
-
-def make_batch(image_rows, batch=4, seq=8, seed=1):
-    """Image rows: TOKENS image ids then text ids; text rows: text ids only, right-padded."""
-    generator = np.random.default_rng(seed)
-    input_ids = np.full((batch, seq), PAD_ID, dtype=np.int64)
-    attention_mask = np.zeros((batch, seq), dtype=np.int64)
-    for row in range(batch):
-        length = int(generator.integers(TOKENS + 1, seq + 1))
-        ids = generator.choice([i for i in range(1, VOCAB) if i != IMAGE_TOKEN_ID], size=length)
-        if row in image_rows:
-            ids[:TOKENS] = IMAGE_TOKEN_ID
-        input_ids[row, :length] = ids
-        attention_mask[row, :length] = 1
-    pixel_values = generator.standard_normal((len(image_rows), CROPS, 3, SIDE, SIDE)).astype(np.float32)
-    return input_ids, attention_mask, (pixel_values if len(image_rows) else None), np.array(image_rows, dtype=np.int64)
-
-
-def expected_embeddings(input_ids, attention_mask, pixel_values, image_rows):
-    features = np.zeros((len(input_ids), TOKENS, HIDDEN), dtype=np.float32)
-    if len(image_rows):
-        features[image_rows] = numpy_vision(pixel_values)
-    return numpy_decoder(input_ids, attention_mask, features)
-
-
-# Devices and providers
-
-
-@pytest.mark.parametrize(
-    ("text", "device"),
-    [("cpu", Device("cpu")), ("cuda", Device("cuda", 0)), ("cuda:0", Device("cuda", 0)), ("cuda:3", Device("cuda", 3))],
-)
-def test_parse_device(text, device):
-    assert parse_device(text) == device
-    assert str(parse_device(text)) == ("cuda:0" if text == "cuda" else text)
-
-
-@pytest.mark.parametrize("bad", ["gpu", "CUDA", "cuda:", "cuda:x", "cuda:-1", "cpu:0", " cpu", "", "mps", None, 0])
-def test_bad_device_strings_list_the_valid_forms(bad, bundle):
-    with pytest.raises(PueError, match=r'unknown device .*"cpu", "cuda" or "cuda:N"'):
-        parse_device(bad)
-    directory, manifest = bundle
-    with pytest.raises(PueError, match="unknown device"):
-        OnnxRuntimeBackend(directory, manifest, device=bad)
-
-
-def test_providers_for_each_device():
-    assert providers_for("cpu") == ["CPUExecutionProvider"]
-    assert providers_for("cuda") == [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
-    assert providers_for("cuda:2") == [("CUDAExecutionProvider", {"device_id": 2}), "CPUExecutionProvider"]
-
-
-@pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(), reason="CUDA is available")
-@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
-def test_cuda_without_cuda_provider_raises_a_helpful_provider_error(bundle, device):
-    directory, manifest = bundle
-    with pytest.raises(ProviderError) as info:
-        OnnxRuntimeBackend(directory, manifest, device=device)
-    message = str(info.value)
-    assert "asked onnxruntime for ['CUDAExecutionProvider', 'CPUExecutionProvider']" in message
-    assert "the session got ['CPUExecutionProvider']" in message
-    assert f"get_available_providers() is {onnxruntime.get_available_providers()}" in message
-    assert 'pip install "pue[gpu]"' in message and 'never together with "pue[cpu]"' in message
-
-
-def test_silent_cuda_fallback_is_caught_after_session_creation(bundle, monkeypatch):
-    """onnxruntime-gpu lists CUDA but falls back to CPU when e.g. libcublasLt is missing: refuse loudly."""
-    directory, manifest = bundle
-    real = onnxruntime.get_available_providers()
-    if "CUDAExecutionProvider" in real:
-        pytest.skip("CUDA is available; the fallback cannot be provoked here")
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
-    with pytest.raises(ProviderError, match="the session got \\['CPUExecutionProvider'\\]") as info:
-        OnnxRuntimeRunner(directory / "vision.onnx", "cuda:0").activate()
-    assert "could not start CUDA" in str(info.value) and "libcublasLt" in str(info.value)
-
-
-@pytest.mark.parametrize("precision", ["int8", "int8-dynamic"])
-@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
-def test_cpu_int8_bundle_on_cuda_is_refused_with_advice(tmp_path, precision, device, monkeypatch):
-    manifest = make_manifest(tmp_path, precision=precision, target="onnxruntime")
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # refused before onnxruntime is even needed
-    with pytest.raises(PueError) as info:
-        OnnxRuntimeBackend(tmp_path, manifest, device=device)
-    assert str(info.value) == INT8_ON_CUDA_ADVICE
-    assert "--target tensorrt" in str(info.value) and "pue-export trt" in str(info.value)
-
-
-def test_int8_bundles_are_not_refused_where_they_belong(tmp_path):
-    manifest = make_manifest(tmp_path, precision="int8", target="onnxruntime")
-    with OnnxRuntimeBackend(tmp_path, manifest, device="cpu", threads=1) as backend:
-        assert backend.run(*make_batch([0])).shape == (4, DIM)
-    tensorrt_int8 = make_manifest(tmp_path, precision="int8", target="tensorrt")
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        with pytest.raises(ProviderError):  # not the INT8 refusal: it only lacks CUDA here
-            OnnxRuntimeBackend(tmp_path, tensorrt_int8, device="cuda")
-
-
-@pytest.mark.parametrize(("device", "extra"), [("cpu", "pue[cpu]"), ("cuda", "pue[gpu]")])
-def test_missing_onnxruntime_names_the_extra(bundle, monkeypatch, device, extra):
-    directory, manifest = bundle
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(MissingDependencyError) as info:
-        OnnxRuntimeBackend(directory, manifest, device=device)
-    message = str(info.value)
-    assert "'onnxruntime'" in message and f'pip install "{extra}"' in message
-    assert "pue[gpu]" in message  # the CPU message also says what to install for CUDA
-    with pytest.raises(MissingDependencyError):
-        OnnxRuntimeRunner(directory / "vision.onnx")
-
-
-def test_importing_the_backends_does_not_import_onnxruntime():
-    import subprocess
-
-    code = (
-        "import sys, pue.runtime.backends, pue.runtime.backends.openvino; "
-        "print('onnxruntime' in sys.modules, 'openvino' in sys.modules)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False False"
 
 
 # Session options
@@ -552,56 +296,3 @@ def test_missing_or_escaping_graphs_are_bundle_errors(bundle, tmp_path):
         OnnxRuntimeBackend(directory, escaping)
     with pytest.raises(BundleError, match="does not exist"):
         OnnxRuntimeRunner(tmp_path / "absent.onnx").activate()
-
-
-def quantized(manifest: Manifest, weights: str) -> Manifest:
-    import dataclasses
-
-    from pue.bundle import QuantizationInfo
-
-    info = QuantizationInfo(manifest.precision, manifest.target, "minmax", "uint8", weights)
-    return dataclasses.replace(manifest, export=dataclasses.replace(manifest.export, quantization=info))
-
-
-@pytest.mark.parametrize("precision", ["int8", "int8-dynamic"])
-def test_full_range_u8s8_bundles_are_refused_where_int8_kernels_saturate(tmp_path, monkeypatch, precision):
-    from pue.precisions import INT8_WEIGHTS, INT8_WEIGHTS_7BIT
-
-    manifest = make_manifest(tmp_path, precision=precision, target="onnxruntime")
-    monkeypatch.setattr("pue.runtime.backends.cpu_int8.saturating_u8s8", lambda: True)
-    with pytest.raises(BundleError, match="saturate") as info:
-        OnnxRuntimeBackend(tmp_path, quantized(manifest, INT8_WEIGHTS), device="cpu", threads=1)
-    assert "re-quantize" in str(info.value) and "VNNI" in str(info.value)
-    with OnnxRuntimeBackend(tmp_path, quantized(manifest, INT8_WEIGHTS_7BIT), device="cpu", threads=1) as backend:
-        assert backend.run(*make_batch([0])).shape == (4, DIM)  # 7-bit weights cannot saturate
-    monkeypatch.setattr("pue.runtime.backends.cpu_int8.saturating_u8s8", lambda: False)
-    with OnnxRuntimeBackend(tmp_path, quantized(manifest, INT8_WEIGHTS), device="cpu", threads=1) as backend:
-        assert backend.run(*make_batch([0])).shape == (4, DIM)  # VNNI / AMX / ARM: full range is fine
-
-
-def test_saturation_is_a_property_of_x86_without_vnni(monkeypatch):
-    from pue.runtime import cpu
-
-    monkeypatch.setattr("platform.machine", lambda: "x86_64")
-    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert cpu.saturating_u8s8()
-    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
-    assert not cpu.saturating_u8s8()
-    monkeypatch.setattr("platform.machine", lambda: "aarch64")
-    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"asimd"}))
-    assert not cpu.saturating_u8s8()
-
-
-def test_s8_qdq_graphs_run_in_float_where_int8_kernels_saturate(tmp_path, monkeypatch, caplog):
-    from pue.runtime.backends.cpu_int8 import QDQ_IN_FLOAT, s8_qdq_in_float
-
-    tensorrt_int8 = make_manifest(tmp_path, precision="int8", target="tensorrt")
-    onnxruntime_int8 = make_manifest(tmp_path, precision="int8", target="onnxruntime")
-    monkeypatch.setattr("pue.runtime.backends.cpu_int8.saturating_u8s8", lambda: True)
-    with caplog.at_level("WARNING"):
-        assert s8_qdq_in_float(tensorrt_int8, parse_device("cpu")) == QDQ_IN_FLOAT
-    assert "run in float" in caplog.text  # said, never silent
-    assert s8_qdq_in_float(onnxruntime_int8, parse_device("cpu")) == {}  # 7-bit u8×s8: the int8 kernels are exact
-    assert s8_qdq_in_float(tensorrt_int8, parse_device("cuda")) == {}
-    monkeypatch.setattr("pue.runtime.backends.cpu_int8.saturating_u8s8", lambda: False)
-    assert s8_qdq_in_float(tensorrt_int8, parse_device("cpu")) == {}

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_onnxruntime_backend import expected_embeddings, make_batch, make_manifest
+from fake_bundle import expected_embeddings, make_batch, make_manifest
 
 from pue.bundle import QuantizationInfo, manifest_sha256, write_manifest
 from pue.errors import MissingDependencyError, PueError

@@ -15,7 +15,8 @@ Presets (`ARCHITECTURES` x `PRESETS`):
   next projections: the function is unchanged, and smoothing undoes them exactly).
 - ``gains-few``, ``gains-all``, ``massive``, ``vit-highnorm``: ``ci`` with outliers that change the function, as
   trained models carry them (uncompensated norm gains of 20/100/1000 in two or all blocks; massive activations on
-  fixed tokens; high-norm vision tokens): see `pue.export.tiny_outliers`.
+  fixed tokens; high-norm vision tokens): see `pue.export.tiny_outliers`. The Qwen-VL archs take ``gains-few``,
+  ``gains-all`` and ``massive`` on their ``ci`` preset (not ``vit-highnorm``: `UNSUPPORTED` says why).
 - ``bench``: 50-60 M parameters; llava_next in the E5-V geometry, llava with SigLIP-384 (729 image tokens);
   qwen3_vl: about 360 M parameters, Qwen3-VL-2B's layer shapes at reduced depth (`pue.export.tiny_qwen`).
 """

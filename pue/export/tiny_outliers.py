@@ -9,12 +9,18 @@ Trained LLMs and ViTs carry outliers that are part of their function, and they a
   post-attention norms) in two blocks / in every block, read by the ordinary, uncompensated projections: the
   function changes, as in trained models whose outlier channels carry information.
 - ``massive``: "massive activations" (Sun et al. 2024): the MLP of one early block writes one residual channel at
-  ~2000x the median residual magnitude on fixed token positions (the BOS token and the ``:`` of the chat template's
-  turn markers), and the residual stream carries it to the end, where it acts as an attention sink.
+  ~2000x the median residual magnitude on fixed token positions (the BOS token, ``<|im_start|>`` in Qwen-VL whose
+  templates render no BOS, and the ``:`` of the chat template's turn markers), and the residual stream carries it to
+  the end, where it acts as an attention sink.
 - ``vit-highnorm``: high-norm tokens of a ViT without registers (Darcet et al. 2024): three patch positions of the
   vision tower carry hidden states ~100x the median token norm, up to the layer the projector reads (un-normalised
   in LLaVA), so the projector's input has them; as in trained ViTs, the encoder layers after the writer attend to
   them (every head's softmax goes to them), so every patch token's features depend on them.
+
+The decoder-side planters run on LLaVA, LLaVA-NeXT and the Qwen-VL archs (Llama-like decoder layers); what
+differs per arch (the modules that write image features into the residual stream, the trigger tokens) comes from
+small per-arch tables (`image_feature_writers`, `massive_triggers`). ``vit-highnorm`` is LLaVA-only
+(`pue.export.tiny_qwen.QWEN_NO_VIT_HIGHNORM`).
 
 Each planter returns a record (channels, positions, gains, measured ratios) written to ``pue_tiny.json`` and an
 ``ablate`` description tests use to show the outliers matter. Values are fixed (seeded choice of channels and

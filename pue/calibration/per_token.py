@@ -15,10 +15,10 @@ ordinary integer kernel; each row's zero point comes off afterwards with the wei
 scale multiplies the result. Weights are per-output-channel symmetric with the full 8 bits (±127), stored
 as uint8 around 128: the u8×u8 kernel widens to 16 bits before it multiplies, so it is exact on every CPU, where the
 u8×s8 kernel of CPUs without VNNI sums pairs of products in int16 and saturates on full-range weights (which is why
-onnxruntime's own dynamic MatMul keeps 7-bit weights: `pue.precisions`). Measured on this AVX2 CPU (512×1024×1024, 2 threads):
-u8×s8 full range wrong by up to 169,846 in int32, u8×u8 exact at 0.86× its speed, s8×s8 exact at 0.16×. The 8th bit
-is what a model whose outlier channels make its errors compound needs (issue 14: `llava_next gains-few`, every op
-per token, simulated: min cosine 0.976 with 7-bit weights, 0.992 with 8-bit).
+onnxruntime's own dynamic MatMul keeps 7-bit weights: `pue.precisions`). Measured on an AVX2 CPU (512×1024×1024,
+2 threads): u8×s8 full range wrong by up to 169,846 in int32, u8×u8 exact at 0.86× its speed, s8×s8 exact at 0.16×.
+The 8th bit is what a model whose outlier channels make its errors compound needs (issue 14: `llava_next
+gains-few`, every op per token, simulated: min cosine 0.976 with 7-bit weights, 0.992 with 8-bit).
 """
 
 from __future__ import annotations

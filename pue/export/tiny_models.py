@@ -15,7 +15,8 @@ Presets (`ARCHITECTURES` x `PRESETS`):
   next projections: the function is unchanged, and smoothing undoes them exactly).
 - ``gains-few``, ``gains-all``, ``massive``, ``vit-highnorm``: ``ci`` with outliers that change the function, as
   trained models carry them (uncompensated norm gains of 20/100/1000 in two or all blocks; massive activations on
-  fixed tokens; high-norm vision tokens): see `pue.export.tiny_outliers`.
+  fixed tokens; high-norm vision tokens): see `pue.export.tiny_outliers`. The Qwen-VL archs take ``gains-few``,
+  ``gains-all`` and ``massive`` on their ``ci`` preset (not ``vit-highnorm``: `UNSUPPORTED` says why).
 - ``bench``: 50-60 M parameters; llava_next in the E5-V geometry, llava with SigLIP-384 (729 image tokens);
   qwen3_vl: about 360 M parameters, Qwen3-VL-2B's layer shapes at reduced depth (`pue.export.tiny_qwen`).
 """
@@ -31,7 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pue.errors import OutputExistsError, PueError
-from pue.export.tiny_qwen import QWEN_ARCHITECTURES, QWEN_BENCH_ARCHITECTURES, QWEN_PRESETS
+from pue.export.tiny_qwen import (
+    QWEN_ARCHITECTURES,
+    QWEN_BENCH_ARCHITECTURES,
+    QWEN_NO_VIT_HIGHNORM,
+    QWEN_OUTLIER_PRESETS,
+    QWEN_PRESETS,
+)
 from pue.export.tiny_tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, make_tokenizer
 
 ARCHITECTURES = ("llava_next", "llava", *QWEN_ARCHITECTURES)
@@ -48,10 +55,17 @@ PRESETS = ("ci", "e5v", "bench", *OUTLIER_PRESETS)
 UNSUPPORTED = {
     ("llava", "e5v"): "e5v is the LLaVA-NeXT geometry (CLIP-336 anyres); use --arch llava_next or another preset",
     **{
-        (arch, preset): f"Qwen-VL presets so far: ci (every arch), bench ({', '.join(QWEN_BENCH_ARCHITECTURES)})"
+        (arch, preset): (
+            f"Qwen-VL presets so far: ci and {', '.join(QWEN_OUTLIER_PRESETS)} (every arch),"
+            f" bench ({', '.join(QWEN_BENCH_ARCHITECTURES)})"
+        )
         for arch in QWEN_ARCHITECTURES
         for preset in PRESETS
         if preset not in QWEN_PRESETS or (preset == "bench" and arch not in QWEN_BENCH_ARCHITECTURES)
+    },
+    **{
+        (arch, "vit-highnorm"): f"vit-highnorm does not transfer to Qwen-VL towers: {QWEN_NO_VIT_HIGHNORM}"
+        for arch in QWEN_ARCHITECTURES
     },
 }
 
@@ -79,7 +93,6 @@ class _Spec:
     pinpoints: list = field(default_factory=list)  # llava_next only
     patch_size: int = 14
     max_position_embeddings: int = 4096
-    outliers: str | None = None  # a kind of pue.export.tiny_outliers
 
 
 _TINY = {
@@ -111,11 +124,8 @@ _SPECS: dict[tuple[str, str], _Spec] = {
     ("llava_next", "bench"): _Spec(image_size=336, pinpoints=LLAVA_16_PINPOINTS, **_BENCH),
     ("llava", "ci"): _Spec(image_size=224, **_TINY),
     ("llava", "bench"): _Spec(image_size=384, **_BENCH),
-    **{
-        ("llava_next", preset): _Spec(image_size=224, pinpoints=[[224, 224]], outliers=kind, **_TINY)
-        for preset, kind in OUTLIER_PRESETS.items()
-    },
-    **{("llava", preset): _Spec(image_size=224, outliers=kind, **_TINY) for preset, kind in OUTLIER_PRESETS.items()},
+    **{("llava_next", preset): _Spec(image_size=224, pinpoints=[[224, 224]], **_TINY) for preset in OUTLIER_PRESETS},
+    **{("llava", preset): _Spec(image_size=224, **_TINY) for preset in OUTLIER_PRESETS},
 }
 
 
@@ -219,7 +229,8 @@ def _build(arch: str, preset: str, spec: _Spec | None, seed: int, outlier_gain: 
     if spec is None:
         from pue.export.tiny_qwen import build_qwen
 
-        model, processor, details = build_qwen(arch, seed, preset)
+        model, processor, details = build_qwen(arch, seed, "bench" if preset == "bench" else "ci")
+        outlier_info = _plant(preset, model, processor.tokenizer, seed, outlier_gain)
         info = {
             "arch": arch,
             "preset": preset,
@@ -230,6 +241,8 @@ def _build(arch: str, preset: str, spec: _Spec | None, seed: int, outlier_gain: 
             "torch_version": torch.__version__.split("+")[0],
             **details,
         }
+        if outlier_info is not None:
+            info["outliers"] = outlier_info
         return model, processor, info
     tokenizer = make_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -244,12 +257,7 @@ def _build(arch: str, preset: str, spec: _Spec | None, seed: int, outlier_gain: 
         torch.manual_seed(seed)
         model = model_class(config)
     model = model.float().eval()
-
-    outlier_info = None
-    if spec.outliers:
-        from pue.export.tiny_outliers import plant
-
-        outlier_info = plant(spec.outliers, model, tokenizer, seed, gain=outlier_gain)
+    outlier_info = _plant(preset, model, tokenizer, seed, outlier_gain)
 
     processor = _make_processor(arch, spec, tokenizer)
     params = {id(p): p.numel() for p in model.parameters()}
@@ -267,6 +275,15 @@ def _build(arch: str, preset: str, spec: _Spec | None, seed: int, outlier_gain: 
     if outlier_info is not None:
         info["outliers"] = outlier_info
     return model, processor, info
+
+
+def _plant(preset: str, model, tokenizer, seed: int, outlier_gain: float) -> dict | None:
+    """Plant the outliers of an outlier preset (`OUTLIER_PRESETS`) into `model`; what was planted, or None."""
+    if preset not in OUTLIER_PRESETS:
+        return None
+    from pue.export.tiny_outliers import plant
+
+    return plant(OUTLIER_PRESETS[preset], model, tokenizer, seed, gain=outlier_gain)
 
 
 def _image_tokens(arch: str, spec: _Spec, processor, tile: int) -> int:

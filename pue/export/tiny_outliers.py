@@ -9,12 +9,18 @@ Trained LLMs and ViTs carry outliers that are part of their function, and they a
   post-attention norms) in two blocks / in every block, read by the ordinary, uncompensated projections: the
   function changes, as in trained models whose outlier channels carry information.
 - ``massive``: "massive activations" (Sun et al. 2024): the MLP of one early block writes one residual channel at
-  ~2000x the median residual magnitude on fixed token positions (the BOS token and the ``:`` of the chat template's
-  turn markers), and the residual stream carries it to the end, where it acts as an attention sink.
+  ~2000x the median residual magnitude on fixed token positions (the BOS token, ``<|im_start|>`` in Qwen-VL whose
+  templates render no BOS, and the ``:`` of the chat template's turn markers), and the residual stream carries it to
+  the end, where it acts as an attention sink.
 - ``vit-highnorm``: high-norm tokens of a ViT without registers (Darcet et al. 2024): three patch positions of the
   vision tower carry hidden states ~100x the median token norm, up to the layer the projector reads (un-normalised
   in LLaVA), so the projector's input has them; as in trained ViTs, the encoder layers after the writer attend to
   them (every head's softmax goes to them), so every patch token's features depend on them.
+
+The decoder-side planters run on LLaVA, LLaVA-NeXT and the Qwen-VL archs (Llama-like decoder layers); what
+differs per arch (the modules that write image features into the residual stream, the trigger tokens) comes from
+small per-arch tables (`image_feature_writers`, `massive_triggers`). ``vit-highnorm`` is LLaVA-only
+(`pue.export.tiny_qwen.QWEN_NO_VIT_HIGHNORM`).
 
 Each planter returns a record (channels, positions, gains, measured ratios) written to ``pue_tiny.json`` and an
 ``ablate`` description tests use to show the outliers matter. Values are fixed (seeded choice of channels and
@@ -32,7 +38,10 @@ COMPENSATED_GAIN_RANGE = (100.0, 400.0)
 NORM_GAINS = (20.0, 70.0, 100.0, 1000.0)
 NORM_GAIN_CHANNELS = 3
 MASSIVE_RATIO = 2000.0  # trigger tokens' value on the massive channel / median |residual| at the writing block
+#: the trigger tokens of the `massive` fixture per family: the prompt's first token (LLaVA's BOS; Qwen's chat
+#: template renders no BOS, its prompts open on ``<|im_start|>``) and the ``:`` of the turn markers / the prompt
 MASSIVE_TRIGGERS = ("<s>", ":")
+QWEN_MASSIVE_TRIGGERS = ("<|im_start|>", ":")
 HIGH_NORM_POSITIONS = 3
 HIGH_NORM_RATIO = 100.0  # high-norm tokens' hidden-state norm / median token norm, at the layer the projector reads
 
@@ -131,16 +140,17 @@ def plant_massive_activations(model: Any, tokenizer: Any, seed: int) -> dict[str
     unit = _pick(1, text.config.intermediate_size, gen)[0]
     direction = torch.randn(hidden, generator=gen)
     direction /= direction.norm()
-    triggers = [tokenizer.convert_tokens_to_ids(t) for t in MASSIVE_TRIGGERS]
+    trigger_tokens = massive_triggers(model)
+    triggers = [tokenizer.convert_tokens_to_ids(t) for t in trigger_tokens]
     embed = text.embed_tokens.weight
-    projector = model.model.multi_modal_projector.linear_2
     mlp = text.layers[writer].mlp
     with torch.no_grad():
         typical = float(embed.norm(dim=1).median())
         embed -= torch.outer(embed @ direction, direction)
         embed[torch.tensor(triggers)] += direction * 5.0 * typical
-        projector.weight -= torch.outer(direction, direction @ projector.weight)
-        projector.bias -= direction * float(projector.bias @ direction)
+        for projector in image_feature_writers(model):  # image features carry no d either
+            projector.weight -= torch.outer(direction, direction @ projector.weight)
+            projector.bias -= direction * float(projector.bias @ direction)
         mlp.gate_proj.weight[unit] = direction * 4.0
         mlp.up_proj.weight[unit] = direction * 4.0
         mlp.down_proj.weight[:, unit] = 0.0
@@ -161,7 +171,7 @@ def plant_massive_activations(model: Any, tokenizer: Any, seed: int) -> dict[str
         "layer": writer,
         "channel": channel,
         "intermediate_unit": unit,
-        "trigger_tokens": list(MASSIVE_TRIGGERS),
+        "trigger_tokens": list(trigger_tokens),
         "trigger_token_ids": triggers,
         "ratio_to_median_at_trigger_tokens": reached,
         "max_ratio_at_other_tokens": round(others, 1),
@@ -276,6 +286,44 @@ def _scale_written(model: Any, mlp: Any, unit: int, probe: Any, layer: int, posi
 
 def _marked(norms: Any, positions: list[int]) -> float:
     return float(norms[:, positions].mean())
+
+
+# ----------------------------------------------------------------------------------------------------- per arch
+
+#: The last linear of every module that writes image features into the language model's residual stream: LLaVA's
+#: projector; Qwen-VL's patch merger (Qwen2/2.5: ``mlp`` = Linear, GELU, Linear) and Qwen3-VL's DeepStack mergers,
+#: whose outputs are added after the first decoder layers.
+_IMAGE_FEATURE_WRITERS = {
+    "llava": lambda inner: [inner.multi_modal_projector.linear_2],
+    "llava_next": lambda inner: [inner.multi_modal_projector.linear_2],
+    "qwen2_vl": lambda inner: [inner.visual.merger.mlp[-1]],
+    "qwen2_5_vl": lambda inner: [inner.visual.merger.mlp[-1]],
+    "qwen3_vl": lambda inner: [m.linear_fc2 for m in (inner.visual.merger, *inner.visual.deepstack_merger_list)],
+}
+_TRIGGERS = {
+    "llava": MASSIVE_TRIGGERS,
+    "llava_next": MASSIVE_TRIGGERS,
+    "qwen2_vl": QWEN_MASSIVE_TRIGGERS,
+    "qwen2_5_vl": QWEN_MASSIVE_TRIGGERS,
+    "qwen3_vl": QWEN_MASSIVE_TRIGGERS,
+}
+
+
+def _model_type(model: Any) -> str:
+    kind = model.config.model_type
+    if kind not in _IMAGE_FEATURE_WRITERS:
+        raise ValueError(f"no outlier planters for model type {kind!r}; known: {', '.join(_IMAGE_FEATURE_WRITERS)}")
+    return kind
+
+
+def image_feature_writers(model: Any) -> list[Any]:
+    """The linears whose outputs enter the residual stream as image features (`_IMAGE_FEATURE_WRITERS`)."""
+    return _IMAGE_FEATURE_WRITERS[_model_type(model)](model.model)
+
+
+def massive_triggers(model: Any) -> tuple[str, ...]:
+    """The tokens the `massive` fixture writes its channel on, for `model`'s prompt format."""
+    return _TRIGGERS[_model_type(model)]
 
 
 # ----------------------------------------------------------------------------------------------------- probes

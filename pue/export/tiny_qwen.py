@@ -29,7 +29,16 @@ from pathlib import Path
 from typing import Any
 
 QWEN_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-QWEN_PRESETS = ("ci", "bench")
+#: `ci` with trained-like outliers in the language model (`pue.export.tiny_outliers`); not ``vit-highnorm``: see
+#: `QWEN_NO_VIT_HIGHNORM`.
+QWEN_OUTLIER_PRESETS = ("gains-few", "gains-all", "massive")
+QWEN_PRESETS = ("ci", "bench", *QWEN_OUTLIER_PRESETS)
+QWEN_NO_VIT_HIGHNORM = (
+    "the LLaVA fixture marks patch positions through the tower's learned position table and its projector reads the "
+    "un-normalised tower output; Qwen2/2.5-VL towers have no position table (2-D rotary positions only, so no "
+    "content-independent marker), and Qwen-VL's patch merger normalises every token before its first linear, so "
+    "high-norm tokens never reach the merger's linears as such"
+)
 #: The `bench` preset per architecture: only Qwen3-VL so far (issue 17's scaled benchmark).
 QWEN_BENCH_ARCHITECTURES = ("qwen3_vl",)
 QWEN_TOKENS = (

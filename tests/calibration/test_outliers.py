@@ -38,7 +38,7 @@ def test_channels_and_positions_by_hand():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llava_next", "llava"])
+@pytest.mark.parametrize("arch", ["llava_next", "llava", "qwen2_5_vl"])
 def test_report_finds_the_planted_norm_gain_channels(outlier_report, tiny_checkpoint, arch):
     info = json.loads((tiny_checkpoint(arch, "gains-few") / "pue_tiny.json").read_text())["outliers"]
     report = outlier_report(arch, "gains-few")
@@ -48,7 +48,7 @@ def test_report_finds_the_planted_norm_gain_channels(outlier_report, tiny_checkp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llava_next", "llava"])
+@pytest.mark.parametrize("arch", ["llava_next", "llava", "qwen3_vl"])
 def test_report_finds_the_massive_tokens(fp32_bundle, outlier_report, tiny_checkpoint, arch):
     from pue.runtime import Embedder
 
@@ -60,7 +60,8 @@ def test_report_finds_the_massive_tokens(fp32_bundle, outlier_report, tiny_check
     assert f"layers.{info['layer']}/" in writer.readers[0] and "down_proj" in writer.readers[0]
     with Embedder.load(bundle) as embedder:
         image_prompt = embedder.prompts.image_prompt()
-    # the leading positions are trigger tokens of the image prompt (BOS, the ':' of the turn markers)
+    # the leading positions are trigger tokens of the image prompt (BOS or Qwen's <|im_start|>, the ':' of the turn
+    # markers)
     assert all(image_prompt[p] in info["trigger_token_ids"] for p in writer.top_positions if p < len(image_prompt))
 
 

@@ -15,7 +15,7 @@ from pue.errors import OutputExistsError, PueError  # noqa: E402
 from pue.export.tiny_models import ARCHITECTURES, PRESETS, build_tiny_model  # noqa: E402
 from pue.export.tiny_qwen import QWEN_ARCHITECTURES  # noqa: E402
 
-# the LLaVA family here; the Qwen-VL presets (ci only) are built and checked in test_qwen_vl.py
+# the LLaVA family here; the Qwen-VL presets are built and checked in test_qwen_vl.py (ci) and test_tiny_outliers.py
 LLAVA_ARCHITECTURES = tuple(a for a in ARCHITECTURES if a not in QWEN_ARCHITECTURES)
 
 # the trained-like outlier presets (gains-*, massive, vit-highnorm) have their own tests: test_tiny_outliers.py
@@ -218,6 +218,16 @@ def test_the_qwen_bench_preset_is_qwen3_vl_only(tmp_path, arch):
     with pytest.raises(PueError, match="bench \\(qwen3_vl\\)") as exc:
         build_tiny_model(tmp_path / "x", arch=arch, preset="bench")
     assert f"presets for {arch}: ci" in str(exc.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arch", QWEN_ARCHITECTURES)
+def test_vit_highnorm_is_refused_for_qwen_with_the_reason(tmp_path, arch):
+    with pytest.raises(PueError, match="vit-highnorm does not transfer to Qwen-VL towers") as exc:
+        build_tiny_model(tmp_path / "x", arch=arch, preset="vit-highnorm")
+    assert "2-D rotary positions only" in str(exc.value) and "\n" not in str(exc.value)
+    offered = "ci, bench, gains-few" if arch == "qwen3_vl" else "ci, gains-few"
+    assert f"presets for {arch}: {offered}, gains-all, massive)" in str(exc.value)
     assert list(tmp_path.iterdir()) == []
 
 

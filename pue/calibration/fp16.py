@@ -58,12 +58,21 @@ def drop_fp16_round_trips(model: Any) -> Any:
     def cast_to(node: Any) -> int | None:
         return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
 
+    declared = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+
+    def is_fp32(name: str) -> bool:
+        """A graph input, a value_info or output declared FP32, or a Cast to FP32's output."""
+        if name in declared:
+            return declared[name] == TensorProto.FLOAT
+        node = producer.get(name)
+        return node is not None and cast_to(node) == TensorProto.FLOAT
+
     fp32_source: dict[str, str] = {}  # output of Cast(FP16→FP32) → the FP32 tensor before its Cast(FP32→FP16)
     for node in graph.node:
         if cast_to(node) != TensorProto.FLOAT:
             continue
         first = producer.get(node.input[0])
-        if first is not None and cast_to(first) == TensorProto.FLOAT16 and _is_fp32(graph, first.input[0], producer):
+        if first is not None and cast_to(first) == TensorProto.FLOAT16 and is_fp32(first.input[0]):
             fp32_source[node.output[0]] = first.input[0]
     for node in graph.node:
         for index, name in enumerate(node.input):
@@ -77,21 +86,6 @@ def drop_fp16_round_trips(model: Any) -> Any:
             return model
         for node in unread:
             graph.node.remove(node)
-
-
-def _is_fp32(graph: Any, name: str, producer: dict[str, Any]) -> bool:
-    """Whether tensor `name` is FP32 in the converted graph: a graph input, a value_info, or a Cast to FP32's output."""
-    from onnx import TensorProto
-
-    for value in [*graph.input, *graph.value_info, *graph.output]:
-        if value.name == name:
-            return value.type.tensor_type.elem_type == TensorProto.FLOAT
-    node = producer.get(name)
-    return (
-        node is not None
-        and node.op_type == "Cast"
-        and any(a.name == "to" and a.i == TensorProto.FLOAT for a in node.attribute)
-    )
 
 
 def convert_with_gate(

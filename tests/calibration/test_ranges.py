@@ -9,11 +9,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 from onnx_graphs import float_input, make_model
-from search_fakes import Verdict
+from search_fakes import Verdict, search_decoder
 
 from pue.calibration.graph_ops import weight_ops
 from pue.calibration.int8 import quantize_static_graph
-from pue.calibration.int8_search import Judges, search_int8
 from pue.calibration.quantize_bundle import QuantizeOptions
 from pue.calibration.ranges import minmax_ranges, mse_ranges
 from pue.calibration.readers import OrtReader
@@ -93,18 +92,11 @@ def run_search(tmp_path, mse_minimum: float) -> tuple[dict, list[float]]:
         return Verdict(False, {"mean_cosine": 0.99, "min_cosine": minimum, "top1": 1.0})
 
     options = QuantizeOptions(precision="int8", target="tensorrt", smooth=False, fallback=False)
-    result = search_int8(
-        {"decoder": model},
-        {"decoder": lambda limit=None: rows[:limit]},
-        {"decoder": 1},
-        tmp_path,
-        options,
-        Judges(
-            check=check, gate=lambda quantized: Verdict(False, {"mean_cosine": 0.99, "min_cosine": 0.9, "top1": 1.0})
-        ),
-        lambda message: None,
-        {},
-    )
+
+    def gate(quantized):
+        return Verdict(False, {"mean_cosine": 0.99, "min_cosine": 0.9, "top1": 1.0})
+
+    result = search_decoder(model, rows, tmp_path, options, check, gate)
     assert len(scales) == 2 and np.isclose(scales[0], minmax_scale) and scales[1] < minmax_scale / 3
     return result, scales
 

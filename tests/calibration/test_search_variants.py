@@ -8,9 +8,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 from onnx_graphs import float_input, make_model
-from search_fakes import Verdict
+from search_fakes import Verdict, search_decoder
 
-from pue.calibration.int8_search import Judges, search_int8
 from pue.calibration.quantize_bundle import QuantizeOptions
 
 K, N = 16, 64  # the wide op is most of the FLOPs, so keeping `massive` float stays within the 80 % rule
@@ -66,16 +65,7 @@ def search(tmp_path, precision, scores):
 
     target = "tensorrt" if precision == "int8" else "onnxruntime"
     options = QuantizeOptions(precision=precision, target=target, smooth=False)
-    result = search_int8(
-        {"decoder": model},
-        {"decoder": lambda limit=None: feeds[:limit]},
-        {"decoder": 1},
-        tmp_path,
-        options,
-        Judges(check=check, gate=lambda quantized: check(quantized)),
-        lambda message: None,
-        {},
-    )
+    result = search_decoder(model, feeds, tmp_path, options, check, gate=check)
     return result, seen[:-1]  # the last one is the gate's
 
 

@@ -308,6 +308,32 @@ class GateSet:
         kept = [images for images in self.image_sets if len(images) <= most]
         return replace(self, image_sets=kept)
 
+    def select(self, rows: dict[str, np.ndarray], indices: Sequence[int]) -> tuple[GateSet, dict[str, np.ndarray]]:
+        """The items at `indices` of the measured order (`rows`: this set's embeddings as `embed` returns them, kinds
+        in order, the order of a report's `cosines`), as a smaller set and its rows."""
+        wanted = set(indices)
+        kept: dict[str, list[int]] = {}
+        start = 0
+        for kind, embedded in rows.items():
+            kept[kind] = [i - start for i in range(start, start + len(embedded)) if i in wanted]
+            start += len(embedded)
+        if wanted - set(range(start)):
+            raise PueError(f"items {sorted(wanted - set(range(start)))} are not among the {start} measured ones")
+        composed = kept.get("composed", [])
+        sets = self.image_sets
+        if "image_sets" in rows and len(rows["image_sets"]) != len(sets):  # `embed` measured those that fit a row
+            sizes = sorted({len(s) for s in sets})
+            most = next(n for n in sizes if len(self.up_to_images(n).image_sets) == len(rows["image_sets"]))
+            sets = self.up_to_images(most).image_sets
+        subset = GateSet(
+            images=[self.images[i] for i in kept.get("images", [])],
+            texts=[self.texts[i] for i in kept.get("texts", [])],
+            composed_images=[self.composed_images[i] for i in composed],
+            composed_texts=[self.composed_texts[i] for i in composed],
+            image_sets=[sets[i] for i in kept.get("image_sets", [])],
+        )
+        return subset, {kind: rows[kind][kept[kind]] for kind in rows if kept[kind]}
+
     def counts(self) -> str:
         sizes = "/".join(str(len(s)) for s in self.image_sets)
         sets = f", {len(self.image_sets)} image sets ({sizes} images)" if self.image_sets else ""

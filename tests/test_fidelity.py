@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from pue.errors import GateFailedError
+from pue.errors import GateFailedError, PueError
 from pue.fidelity import (
     FIDELITY,
     PARITY,
@@ -162,3 +162,23 @@ def test_gate_set_embeds_image_sets_only_where_the_bundle_takes_them():
     # a fidelity report covers every kind the parent embedded, image sets included
     report = measure_fidelity(gate.embed(new), gate.embed(new))
     assert report.per_kind["image_sets"]["count"] == 2
+
+
+def test_select_takes_the_items_at_a_reports_indices():
+    """Indices run over the measured order (images, texts, composed, image sets) as a report's `cosines` do; with
+    image sets that did not fit a row left out of `rows`, an index counts the measured ones only."""
+    gate = GateSet(list("abcdef"), ["t0", "t1"], ["a", "b"], ["m0", "m1"], image_sets_of(list("abcdef")))
+    rows = gate.embed(_Embedder(True))  # 6 images, 2 texts, 2 composed, 2 sets: indices 0-11
+    subset, picked = gate.select(rows, [1, 7, 9, 11])
+    assert subset.images == ["b"] and subset.texts == ["t1"] and subset.composed_images == ["b"]
+    assert subset.composed_texts == ["m1"] and subset.image_sets == [list("cdef")]
+    assert {kind: len(r) for kind, r in picked.items()} == {"images": 1, "texts": 1, "composed": 1, "image_sets": 1}
+    np.testing.assert_array_equal(picked["images"], rows["images"][[1]])
+    # what the subset embeds lines up with the parent rows it was given
+    report = measure_fidelity(subset.embed(_Embedder(True)), picked)
+    assert report.overall["count"] == 4
+    only_small = gate.embed(_Embedder(True, max_images_per_row=3))  # the 4-image set was not measured
+    subset, picked = gate.select(only_small, [10])
+    assert subset.image_sets == [list("ab")] and set(picked) == {"image_sets"}
+    with pytest.raises(PueError, match=r"items \[12\] are not among the 12 measured ones"):
+        gate.select(rows, [12])

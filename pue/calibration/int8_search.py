@@ -129,7 +129,10 @@ def search_int8(
         phase_done("calibration" if static else "quantization")
         return quantized
 
-    ranking: list[dict] = []
+    ranking: list[dict] = []  # SQNR, worst first
+    order: list[str] = []  # the fallback's order: measured end to end where `judges.rank` is given, then SQNR
+    measured_ranking: list[dict] = []
+    edge = False  # the fallback took its last step: as many ops as the 80 % rule allows
     attempts: list[dict] = []
     best: tuple[set[str], Any, dict[str, Any], set[str], str] | None = None  # (float, check, graphs, per token, rule)
     keep = 0
@@ -202,21 +205,33 @@ def search_int8(
                     onnx.load(str(path)), [o for o in all_ops if o.graph == name], all_stats, scheme
                 )
             ranking.sort(key=lambda s: s["sqnr_db"])
+            order = [s["node"] for s in ranking]
+            if judges.rank is not None:
+                measured_ranking = _rank_measured(
+                    float_paths, all_ops, all_stats, best, range_rules, order, options, judges, say
+                )
+                first = [m["node"] for m in measured_ranking]
+                order = first + [node for node in order if node not in set(first)]
+        previous = keep
         keep = max(1, keep * 2)
-        wider = best[0] | {s["node"] for s in ranking[:keep]}
-        while wider <= best[0] and keep <= len(ranking):  # the variants already keep these in float: go wider
+        wider = best[0] | set(order[:keep])
+        while wider <= best[0] and keep <= len(order):  # the variants already keep these in float: go wider
             keep *= 2
-            wider = best[0] | {s["node"] for s in ranking[:keep]}
-        if keep > len(ranking):
+            wider = best[0] | set(order[:keep])
+        if keep > len(order) and wider <= best[0]:
             stopped = "every ranked op was tried in float"
             break
-        if int8_flop_share(all_ops, wider, tokens) < MIN_INT8_FLOP_SHARE:
-            stopped = (
-                f"keeping the {keep} most sensitive ops in float would leave less than {MIN_INT8_FLOP_SHARE:.0%} of "
-                "the weight FLOPs in int8"
-            )
-            say(stopped)
-            break
+        if edge or int8_flop_share(all_ops, wider, tokens) < MIN_INT8_FLOP_SHARE:
+            # the last step within the rule: as many of the next ops as still fit, once
+            fitting = _widest_fitting(order, best[0], previous, min(keep, len(order)), all_ops, tokens)
+            if edge or fitting is None:
+                stopped = (
+                    f"the fallback stops at {len(best[0])} ops in float: one more would leave less than "
+                    f"{MIN_INT8_FLOP_SHARE:.0%} of the weight FLOPs in int8"
+                )
+                say(stopped)
+                break
+            (keep, wider), edge = fitting, True
         float_nodes = wider
     assert best is not None
     chosen, check, graphs, chosen_per_token, chosen_rule = best
@@ -244,6 +259,7 @@ def search_int8(
         "smoothed": smoothed,
         "ranges": _ranges_record(chosen_rule, clips) if own_ranges else None,
         "ranking": ranking,
+        "measured_ranking": measured_ranking,
         "why": why,
     }
 
@@ -257,10 +273,69 @@ def _ranges_record(rule: str, clips: dict[str, float]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Judges:
     """How a candidate is measured: `check` on calibration items (every search decision), `gate` on held-out ones
-    (once, on the chosen candidate). Both stage the candidate's graphs and compare with the FP32 parent."""
+    (once, on the chosen candidate). Both stage the candidate's graphs and compare with the FP32 parent. `rank`
+    (optional) measures simulated graphs (Q/DQ computed in float) on the check items at the given indices: the
+    fallback's end-to-end ranking (`pue.calibration.measured_ranking`); without it the fallback follows SQNR."""
 
     check: Callable[[dict[str, Any]], GateReport]
     gate: Callable[[dict[str, Any]], GateReport]
+    rank: Callable[[dict[str, Any], list[int]], GateReport] | None = None
+
+
+def _rank_measured(
+    float_paths: dict[str, Path],
+    ops: list[Any],
+    stats: dict[str, Any],
+    best: tuple,
+    range_rules: dict[str, dict[str, tuple[float, float]]],
+    order: list[str],
+    options: Any,
+    judges: Judges,
+    say: Callable[[str], None],
+) -> list[dict]:
+    """The fallback's end-to-end ranking of the SQNR ranking's worst RANK_SHORTLIST ops not yet in float."""
+    import onnx
+
+    from pue.calibration.measured_ranking import (
+        RANK_SHORTLIST,
+        Candidate,
+        rank_end_to_end,
+        static_ranges,
+        worst_items,
+    )
+
+    float_nodes, check, _, per_token, rule = best
+    qdq = options.spec.qdq
+    candidate = Candidate(
+        float_nodes=frozenset(float_nodes),
+        per_token=frozenset(per_token - float_nodes),
+        ranges=static_ranges(ops, stats, range_rules.get(rule)) if qdq.static else {},
+        scheme=str(qdq.scheme),
+        weight_qmax=qdq.weight_qmax,
+    )
+    shortlist = [node for node in order if node not in float_nodes][:RANK_SHORTLIST]
+    items = worst_items(check.cosines)
+    assert judges.rank is not None
+    rank = judges.rank
+
+    def measure(graphs: dict[str, Any]) -> tuple[float, float]:
+        report = rank(graphs, items)
+        return report.overall["mean_cosine"], report.overall["min_cosine"]
+
+    models = {name: onnx.load(str(path)) for name, path in float_paths.items()}
+    return rank_end_to_end(models, ops, candidate, shortlist, measure, say)
+
+
+def _widest_fitting(
+    order: list[str], base: set[str], low: int, high: int, ops: list[Any], tokens: dict[str, int]
+) -> tuple[int, set[str]] | None:
+    """The longest prefix of `order` (between `low` and `high` ops) that, with `base`, fits the 80 % rule and adds an
+    op to `base`; None if none does."""
+    for keep in range(high, low, -1):
+        wider = base | set(order[:keep])
+        if not wider <= base and _fits(ops, wider, tokens):
+            return keep, wider
+    return None
 
 
 def _fits(ops: list[Any], floated: set[str], tokens: dict[str, int]) -> bool:

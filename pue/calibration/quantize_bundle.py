@@ -210,8 +210,16 @@ def quantize_bundle(
             return _evaluate(candidate, child, items, parent_rows, options, thresholds)
 
         check_thresholds = options.thresholds.for_check()
+
+        def rank(simulated: dict[str, Any], indices: list[int]) -> GateReport:
+            """Simulated graphs (Q/DQ in float arithmetic, unfused) on the check items at `indices`."""
+            items, rows = check_set.select(check_reference, indices)
+            return _evaluate(simulated, child, items, rows, options, check_thresholds, simulated=True)
+
         judges = Judges(
-            check=lambda candidate: evaluate(candidate, check_set, check_reference, check_thresholds), gate=evaluate
+            check=lambda candidate: evaluate(candidate, check_set, check_reference, check_thresholds),
+            gate=evaluate,
+            rank=rank,
         )
 
         child.link_from_parent(parent_manifest.tokenizer.file.path)
@@ -235,6 +243,7 @@ def quantize_bundle(
             "ranges": outcome.get("ranges"),
             "attention": {"mode": attention_mode(options), "graphs": fusion},
             "sensitivity": outcome.get("ranking", [])[:20],
+            "measured_ranking": outcome.get("measured_ranking", []),
             "fp16_kept_fp32": outcome.get("fp16_blocked", []),
             "outliers": outliers,
             "resources": {"plan": resources.to_dict(), "measured_peak_mb": peaks.peaks_mb},
@@ -403,12 +412,20 @@ def _evaluate(
     reference: dict,
     options: QuantizeOptions,
     thresholds: FidelityThresholds,
+    simulated: bool = False,
 ) -> GateReport:
+    """Stage `models` and measure them on `gate_set`. `simulated`: float graphs carrying Q/DQ arithmetic
+    (`pue.calibration.fake_quant`), run by onnxruntime with its Q/DQ fusion off, so the Q/DQ pairs compute in float."""
     from pue.runtime import Embedder
 
     written = _write_graphs(models, child.staging)
-    write_manifest(child.staging, _staged_manifest(child, written, options))
-    with Embedder.load(child.staging) as candidate:
+    staged_as = dataclasses.replace(options, target="onnxruntime") if simulated else options  # float graphs
+    write_manifest(child.staging, _staged_manifest(child, written, staged_as))
+    how: dict[str, Any] = {}
+    if simulated:  # just written here: not hashed again
+        config = {"session.disable_quant_qdq": "1"}
+        how = {"backend": "onnxruntime", "options": {"session_config": config}, "verify_hashes": False}
+    with Embedder.load(child.staging, **how) as candidate:
         return measure_fidelity(gate_set.embed(candidate), reference, thresholds)
 
 

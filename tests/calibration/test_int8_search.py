@@ -1,6 +1,7 @@
-"""The sensitivity search on a small graph with fake judges: layers ranked worst SQNR first, the float set doubling
-(1, 2, 4, ...) while the calibration check fails, the search stopping before the int8 share of weight FLOPs drops
-under 80 %, a step that lowers the check's minimum never taken, and the held-out gate run once on the chosen one."""
+"""The sensitivity search on a small graph with fake judges: layers ranked worst SQNR first (or measured end to end,
+where the judges can), the float set doubling (1, 2, 4, ...) while the calibration check fails, its last step as
+many as the 80 % rule allows, a step that lowers the check's minimum never taken, and the held-out gate run once on
+the chosen one."""
 
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ def test_rank_sensitivity_worst_first():
 class Verdict:
     passed: bool
     overall: dict = field(default_factory=lambda: {"mean_cosine": 0.9, "min_cosine": 0.8, "top1": 0.5})
+    cosines: list = field(default_factory=lambda: [0.8, 0.99, 0.95])
 
     def failures(self) -> list[str]:
         return [] if self.passed else ["mean cosine 0.9 < 0.995"]
@@ -115,10 +117,17 @@ def float_matmuls(model: onnx.ModelProto) -> set[str]:
 
 
 def search(
-    tmp_path, passes_when=None, fallback=True, minimum_of=None, gate_passes=None, target="onnxruntime", feeds=None
+    tmp_path,
+    passes_when=None,
+    fallback=True,
+    minimum_of=None,
+    gate_passes=None,
+    target="onnxruntime",
+    feeds=None,
+    rank=None,
 ):
     """search_int8 with fake judges: the check records which MatMuls each candidate left in float (its minimum
-    cosine from `minimum_of`), the gate records what it was shown."""
+    cosine from `minimum_of`), the gate records what it was shown; `rank` stands for the end-to-end ranking judge."""
     seen: list[set[str]] = []
     gated: list[set[str]] = []
 
@@ -140,7 +149,7 @@ def search(
         {"decoder": 1},
         tmp_path,
         options,
-        Judges(check=check, gate=gate),
+        Judges(check=check, gate=gate, rank=rank),
         messages.append,
         {},
     )
@@ -150,21 +159,56 @@ def search(
 def test_float_set_doubles_worst_first_and_stops_at_the_80_percent_rule(tmp_path):
     result, seen, messages, gated = search(tmp_path)
     bad = list(BAD)
-    assert seen == [set(), set(bad[:1]), set(bad[:2]), set(bad[:4])]  # 1, 2, 4; 8 would break the rule
+    fifth = result["ranking"][4]["node"]
+    assert fifth in GOOD
+    # 1, 2, 4; 8 would break the rule, so the last step keeps as many as fit: 5 (exactly 80 %)
+    assert seen == [set(), set(bad[:1]), set(bad[:2]), set(bad[:4]), {*bad, fifth}]
     assert [a["float_nodes"] for a in result["attempts"]] == [sorted(s) for s in seen]
     total = 4 * 16 + 6 * 256
     assert [a["int8_flop_share"] for a in result["attempts"]] == pytest.approx(
-        [1.0, 1 - 16 / total, 1 - 32 / total, 1 - 64 / total]
+        [1.0, 1 - 16 / total, 1 - 32 / total, 1 - 64 / total, 1 - 320 / total]
     )
     # the 8 worst: the four cheap layers and four expensive ones, (1024 + 64) / 1600 of the FLOPs in float
     assert int8_flop_share(weight_ops(parallel_matmuls(), "decoder"), set(bad + GOOD[:4]), {"decoder": 1}) < 0.8
-    assert any("keeping the 8 most sensitive ops in float would leave less than 80%" in m for m in messages)
-    assert result["float_nodes"] == sorted(bad) and result["share"] == pytest.approx(1 - 64 / total)
-    assert gated == [set(bad)]  # the held-out gate judged the chosen candidate, once
+    assert any("the fallback stops at 5 ops in float: one more would leave less than 80%" in m for m in messages)
+    assert result["float_nodes"] == sorted([*bad, fifth]) and result["share"] == pytest.approx(1 - 320 / total)
+    assert gated == [{*bad, fifth}]  # the held-out gate judged the chosen candidate, once
     assert [s["node"] for s in result["ranking"][:4]] == bad
-    assert result["why"][-1].startswith("no float fallback within the 80% int8 FLOP rule passes (keeping the 8")
+    assert result["why"][-1].startswith(
+        "no float fallback within the 80% int8 FLOP rule passes (the fallback stops at 5"
+    )
     assert result["why"][0] == "mean cosine 0.9 < 0.995"
     assert all(a["int8_flop_share"] >= MIN_INT8_FLOP_SHARE for a in result["attempts"])
+    assert result["measured_ranking"] == []  # these judges measure no simulated candidates: SQNR order
+
+
+def simulated_float(model: onnx.ModelProto) -> set[str]:
+    """MatMuls of a simulated candidate (`pue.calibration.fake_quant`) that read their original weight: float ones."""
+    return {n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == f"w_{n.name}"}
+
+
+def test_the_fallback_follows_the_end_to_end_ranking_where_the_judges_measure_it(tmp_path):
+    """good2 reads a clean input (SQNR ranks it after the four bad layers) but is what the embedding needs in float:
+    the ranking judge, shown simulated candidates on the check's worst items, says so, and the fallback's first step
+    keeps good2 in float, which passes. Each simulated candidate keeps in float what the best one does, plus one op
+    of the SQNR ranking's shortlist."""
+    measured: list[tuple[set[str], list[int]]] = []
+
+    def rank(simulated, items):
+        floated = simulated_float(simulated["decoder"])
+        measured.append((floated, items))
+        minimum = 0.99 if "good2" in floated else 0.8 + 0.001 * len(floated)
+        return Verdict(passed=False, overall={"mean_cosine": 0.995, "min_cosine": minimum, "top1": 1.0})
+
+    result, seen, messages, gated = search(tmp_path, passes_when=lambda floats: "good2" in floats, rank=rank)
+    assert seen == [set(), {"good2"}] and gated == [{"good2"}] and result["fidelity"].passed
+    assert measured[0][0] == set()  # the best candidate as it is
+    assert sorted(set().union(*(m[0] for m in measured[1:]))) == sorted(GRAPH_ORDER)  # each op once (10 < 24)
+    assert all(len(m[0]) == 1 for m in measured[1:]) and all(m[1] == [0, 1, 2] for m in measured)
+    first = result["measured_ranking"][0]
+    assert first["node"] == "good2" and first["min_cosine"] == 0.99 and first["min_gain"] == pytest.approx(0.19)
+    assert [s["node"] for s in result["ranking"][:4]] == list(BAD)  # the SQNR ranking is still recorded
+    assert any("fallback ranking: 10 ops measured end to end" in m and "best: good2" in m for m in messages)
 
 
 def massive_token_feeds() -> list[dict[str, np.ndarray]]:
@@ -211,10 +255,10 @@ def test_search_stops_at_the_first_candidate_that_passes(tmp_path):
 def test_a_step_that_lowers_the_minimum_is_never_taken(tmp_path):
     """Keeping bad0 alone in float makes the worst calibration item worse: that candidate is measured, not taken,
     and the held-out gate judges the best one the checks saw."""
-    minima = {0: 0.90, 1: 0.85, 2: 0.93, 4: 0.92}
+    minima = {0: 0.90, 1: 0.85, 2: 0.93, 4: 0.92, 5: 0.91}
     result, seen, messages, gated = search(tmp_path, minimum_of=lambda floats: minima[len(floats)])
-    assert [len(s) for s in seen] == [0, 1, 2, 4]
-    assert [a["taken"] for a in result["attempts"]] == [True, False, True, False]
+    assert [len(s) for s in seen] == [0, 1, 2, 4, 5]
+    assert [a["taken"] for a in result["attempts"]] == [True, False, True, False, False]
     assert gated == [{"bad0", "bad1"}] and result["float_nodes"] == ["bad0", "bad1"]
     assert "(lowers the minimum or the mean: not taken)" in messages[2]
 
@@ -262,5 +306,5 @@ def test_exactly_80_percent_is_allowed_less_is_not(tmp_path, layers, float_nodes
     assert [len(c) for c in calls] == list(range(float_nodes + 1))
     assert [a["int8_flop_share"] for a in result["attempts"]] == pytest.approx([1.0, 0.8][: float_nodes + 1])
     assert len(result["float_nodes"]) == float_nodes
-    assert f"keeping the {float_nodes + 1} most sensitive ops in float would leave less than 80%" in messages[-2]
+    assert f"the fallback stops at {float_nodes} ops in float: one more would leave less than 80%" in messages[-2]
     assert result["why"] is not None

@@ -1,0 +1,118 @@
+"""The float fallback's ranking measured end to end: which op, kept in float, raises the embedding cosine most.
+
+The SQNR ranking (`pue.calibration.int8.rank_sensitivity`) scores each op alone, without what comes after it: an op
+whose output the model amplifies (a ViT's fc2 that writes its high-norm tokens, read by every later attention) ranks
+ninth there and first end to end (measured on `llava_next vit-highnorm`, static u8: the fc2 of one vision block in
+float lifts the simulated minimum cosine from 0.959 to 0.972, the SQNR ranking's first choice to 0.961). So the
+fallback ranks a shortlist of ops by what the gate measures: for each op, the search's best candidate so far with
+that op also in float, simulated (`pue.calibration.fake_quant`: the candidate's Q/DQ in float arithmetic, its own
+activation ranges, per-token rows and weight range) and embedded end to end on the calibration check's worst items
+against the FP32 parent. The real candidates the fallback then builds are still judged by the full check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pue.calibration.fake_quant import ActivationQuant, fake_quantize
+from pue.calibration.graph_ops import WeightOp
+from pue.calibration.stats import ChannelStats
+
+# ops ranked end to end (the SQNR ranking's worst first): each costs one simulated candidate on RANK_ITEMS items
+RANK_SHORTLIST = 24
+RANK_ITEMS = 16  # the check's worst items under the best candidate so far: they decide its minimum and most of its mean
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the search's best candidate quantizes and how: the float ops, the per-token ops, the activation ranges
+    (static INT8: each activation's [lo, hi]; empty for dynamic), the activation scheme and the weights' range."""
+
+    float_nodes: frozenset[str]
+    per_token: frozenset[str]
+    ranges: dict[str, tuple[float, float]]
+    scheme: str  # "u8" | "s8" | "dynamic"
+    weight_qmax: int
+
+
+def simulate(
+    models: dict[str, Any], ops: list[WeightOp], candidate: Candidate, extra_float: Iterable[str] = ()
+) -> dict:
+    """Float graphs carrying `candidate`'s quantization as Q/DQ arithmetic, with `extra_float` ops also float."""
+    floated = set(candidate.float_nodes) | set(extra_float)
+    out = {}
+    for name, model in models.items():
+        picked = [op for op in ops if op.graph == name and op.node not in floated]
+        plans: dict[str, ActivationQuant] = {}
+        for op in picked:
+            if op.node in candidate.per_token:
+                plans[op.activation] = ActivationQuant("token")
+            elif candidate.scheme == "dynamic":
+                plans[op.activation] = ActivationQuant("dynamic")
+            else:
+                lo, hi = candidate.ranges[op.activation]
+                plans[op.activation] = ActivationQuant("static", candidate.scheme, lo, hi)
+        out[name] = fake_quantize(model, picked, plans, candidate.weight_qmax)
+    return out
+
+
+def static_ranges(
+    ops: list[WeightOp], stats: dict[str, ChannelStats], chosen: dict[str, tuple[float, float]] | None
+) -> dict[str, tuple[float, float]]:
+    """Each activation's range as the candidate uses it: the search's chosen rule where it gave one, else MinMax."""
+    ranges = {
+        op.activation: (float(stats[op.activation].minimum.min()), float(stats[op.activation].maximum.max()))
+        for op in ops
+        if op.activation in stats
+    }
+    ranges.update(chosen or {})
+    return ranges
+
+
+def worst_items(cosines: list[float], count: int = RANK_ITEMS) -> list[int]:
+    """Indices of the `count` lowest cosines, in item order."""
+    order = sorted(range(len(cosines)), key=lambda i: cosines[i])
+    return sorted(order[:count])
+
+
+def rank_end_to_end(
+    models: dict[str, Any],
+    ops: list[WeightOp],
+    candidate: Candidate,
+    shortlist: list[str],
+    measure: Callable[[dict[str, Any]], tuple[float, float]],
+    say: Callable[[str], None] = lambda line: None,
+) -> list[dict]:
+    """Each shortlisted op's end-to-end effect when kept in float on top of `candidate`: best first.
+
+    `measure(graphs)` embeds the ranking items with the simulated graphs and returns (mean, min) cosine against the
+    parent. Entries: node, graph, mean_cosine, min_cosine, and the gain over the candidate itself (`base`)."""
+    started = time.perf_counter()
+    base_mean, base_min = measure(simulate(models, ops, candidate))
+    graph_of = {op.node: op.graph for op in ops}
+    ranked = []
+    for node in shortlist:
+        mean, minimum = measure(simulate(models, ops, candidate, {node}))
+        ranked.append(
+            {
+                "graph": graph_of[node],
+                "node": node,
+                "mean_cosine": mean,
+                "min_cosine": minimum,
+                "min_gain": minimum - base_min,
+                "mean_gain": mean - base_mean,
+            }
+        )
+    ranked.sort(key=lambda r: (r["min_cosine"], r["mean_cosine"]), reverse=True)
+    say(
+        f"fallback ranking: {len(shortlist)} ops measured end to end (simulated, on the check's worst items: "
+        f"mean {base_mean:.5f}, min {base_min:.5f} with none added) in {time.perf_counter() - started:.0f} s; "
+        + (f"best: {ranked[0]['node']} → min {ranked[0]['min_cosine']:.5f}" if ranked else "none")
+    )
+    return ranked
+
+
+__all__ = ["RANK_ITEMS", "RANK_SHORTLIST", "Candidate", "rank_end_to_end", "simulate", "static_ranges", "worst_items"]

@@ -206,7 +206,7 @@ def search_int8(
                 )
             ranking.sort(key=lambda s: s["sqnr_db"])
             order = [s["node"] for s in ranking]
-            if judges.rank is not None:
+            if judges.rank is not None and options.rank_ops > 0:
                 measured_ranking = _rank_measured(
                     float_paths, all_ops, all_stats, best, range_rules, order, options, judges, say
                 )
@@ -293,16 +293,10 @@ def _rank_measured(
     judges: Judges,
     say: Callable[[str], None],
 ) -> list[dict]:
-    """The fallback's end-to-end ranking of the SQNR ranking's worst RANK_SHORTLIST ops not yet in float."""
+    """The fallback's end-to-end ranking of the SQNR ranking's worst `options.rank_ops` ops not yet in float."""
     import onnx
 
-    from pue.calibration.measured_ranking import (
-        RANK_SHORTLIST,
-        Candidate,
-        rank_end_to_end,
-        static_ranges,
-        worst_items,
-    )
+    from pue.calibration.measured_ranking import Candidate, rank_end_to_end, static_ranges, worst_items
 
     float_nodes, check, _, per_token, rule = best
     qdq = options.spec.qdq
@@ -313,7 +307,7 @@ def _rank_measured(
         scheme=str(qdq.scheme),
         weight_qmax=qdq.weight_qmax,
     )
-    shortlist = [node for node in order if node not in float_nodes][:RANK_SHORTLIST]
+    shortlist = [node for node in order if node not in float_nodes][: options.rank_ops]
     items = worst_items(check.cosines)
     assert judges.rank is not None
     rank = judges.rank

@@ -55,6 +55,8 @@ class QuantizeOptions:
     # int8-dynamic: inputs carrying massive tokens may quantize per token (checked, not assumed); static INT8 keeps them
     # float instead, as part of the fallback (`PrecisionSpec.token_outliers`)
     per_token: bool = True
+    # the float fallback's end-to-end ranking: how many of the SQNR ranking's worst ops it measures (0: SQNR order)
+    rank_ops: int = 24
     magnification: float | None = None
     mpp: float | None = None
     thresholds: FidelityThresholds = field(default_factory=FidelityThresholds)
@@ -100,6 +102,8 @@ def _check_request(manifest: Manifest, options: QuantizeOptions) -> None:
         raise PueError(f"--rotate on prepares INT8 activations; {options.precision} has none", "use --rotate off")
     if options.num_patches < 1:
         raise PueError(f"--num-patches must be at least 1, got {options.num_patches}")
+    if options.rank_ops < 0:
+        raise PueError(f"--rank-ops must be 0 or more, got {options.rank_ops}")
     if options.attention is not None:
         parse_choice(Attention, options.attention, "--attention")
     if options.attention is not None and options.attention not in spec.attention:
@@ -219,7 +223,7 @@ def quantize_bundle(
         judges = Judges(
             check=lambda candidate: evaluate(candidate, check_set, check_reference, check_thresholds),
             gate=evaluate,
-            rank=rank,
+            rank=rank if options.rank_ops > 0 else None,
         )
 
         child.link_from_parent(parent_manifest.tokenizer.file.path)

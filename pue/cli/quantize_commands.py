@@ -53,6 +53,12 @@ def quantize(
         "--no-error-ranges",
         help="Static INT8: MinMax activation ranges only (never try ranges chosen by output error; diagnostics).",
     ),
+    rank_ops: int = typer.Option(
+        24,
+        "--rank-ops",
+        help="Ops the float fallback measures end to end (simulated, each one staged and embedded on the check's "
+        "16 worst items) before keeping any in float; 0: the SQNR order alone (cheaper on very large models).",
+    ),
     rotate: Rotate = typer.Option(
         Rotate.OFF.value,
         "--rotate",
@@ -110,6 +116,7 @@ def quantize(
         fallback=not no_fallback,
         per_token=not no_per_token,
         error_ranges=not no_error_ranges,
+        rank_ops=rank_ops,
         rotate=rotate.value,
         magnification=magnification,
         mpp=mpp,

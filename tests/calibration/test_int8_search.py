@@ -125,6 +125,7 @@ def search(
     target="onnxruntime",
     feeds=None,
     rank=None,
+    rank_ops=24,
 ):
     """search_int8 with fake judges: the check records which MatMuls each candidate left in float (its minimum
     cosine from `minimum_of`), the gate records what it was shown; `rank` stands for the end-to-end ranking judge."""
@@ -142,7 +143,9 @@ def search(
         return Verdict(passed=gate_passes if gate_passes is not None else passes_when is not None)
 
     messages: list[str] = []
-    options = QuantizeOptions(precision="int8", target=target, smooth=False, fallback=fallback, error_ranges=False)
+    options = QuantizeOptions(
+        precision="int8", target=target, smooth=False, fallback=fallback, error_ranges=False, rank_ops=rank_ops
+    )
     result = search_int8(
         {"decoder": parallel_matmuls()},
         {"decoder": feeds or calibration_feeds},
@@ -209,6 +212,11 @@ def test_the_fallback_follows_the_end_to_end_ranking_where_the_judges_measure_it
     assert first["node"] == "good2" and first["min_cosine"] == 0.99 and first["min_gain"] == pytest.approx(0.19)
     assert [s["node"] for s in result["ranking"][:4]] == list(BAD)  # the SQNR ranking is still recorded
     assert any("fallback ranking: 10 ops measured end to end" in m and "best: good2" in m for m in messages)
+    # --rank-ops 3: the SQNR ranking's worst three (the bad layers) are measured, good2 is not among them
+    measured.clear()
+    (tmp_path / "three").mkdir()
+    result, seen, _, _ = search(tmp_path / "three", passes_when=lambda floats: "good2" in floats, rank=rank, rank_ops=3)
+    assert [m[0] for m in measured[1:]] == [{"bad0"}, {"bad1"}, {"bad2"}] and "good2" not in set().union(*seen)
 
 
 def massive_token_feeds() -> list[dict[str, np.ndarray]]:

@@ -29,3 +29,20 @@ def test_massive_static_int8_passes_with_the_methods_and_fails_without(fp32_bund
     with pytest.raises(GateFailedError):
         quantize_bundle(parent, tmp_path / "off", off)
     assert not (tmp_path / "off").exists()
+
+
+def test_vit_highnorm_static_int8_needs_the_measured_fallback(fp32_bundle, heldout_dir, tmp_path):
+    """`vit-highnorm` (a ViT whose few high-norm tokens every later block attends to, as in trained CLIPs): static
+    INT8 passes with the methods because the fallback, ranked end to end, keeps the fc2 that writes those tokens in
+    float (the SQNR ranking scores it well: its error only shows downstream), and fails with them switched off."""
+    parent = fp32_bundle("llava_next", "vit-highnorm")
+    options = QuantizeOptions(precision="int8", target="onnxruntime", heldout=heldout_dir, **FAST)
+    result = quantize_bundle(parent, tmp_path / "on", options)
+    assert result.fidelity.passed and result.int8_flop_share >= 0.8
+    report = json.loads((tmp_path / "on" / "fidelity.json").read_text())
+    assert any("/mlp/fc2/" in node for node in report["float_nodes"]), report["float_nodes"]
+    assert report["measured_ranking"] and "/mlp/fc2/" in report["measured_ranking"][0]["node"]
+    off = QuantizeOptions(precision="int8", target="onnxruntime", heldout=heldout_dir, **FAST, **OFF)
+    with pytest.raises(GateFailedError):
+        quantize_bundle(parent, tmp_path / "off", off)
+    assert not (tmp_path / "off").exists()

@@ -174,3 +174,25 @@ def test_actor_pool_leaves_a_cpu_for_reading() -> None:
     with pytest.raises(PueError, match="has no GPU"):
         pool_size(cluster(CPU=8), RayOptions(bundle=Path("b"), device="cuda"))
     assert np.prod(pool_size(cluster(CPU=3), RayOptions(bundle=Path("b"), threads=4))[:2]) == 4  # one actor
+
+
+def test_ray_engine_runs_a_qwen3_bundle_like_the_local_engine(
+    ray_cluster: Any, scans: Path, qwen3_embedding_bundle: Path, tmp_path: Path
+) -> None:
+    """A Qwen3-VL bundle (patch-layout vision input, DeepStack, M-RoPE, a Matryoshka cut) in Ray's actors: the same
+    file bytes as the local engine on the same slide."""
+    h5py = require("h5py")
+    from qwen_helpers import MATRYOSHKA_CUT
+
+    one = tmp_path / "scan"
+    one.mkdir()
+    (one / "s0.tif").symlink_to(scans / "s0.tif")
+    written = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+        result = runner.invoke(app, _arguments(one, out, qwen3_embedding_bundle, "--engine", engine))
+        assert result.exit_code == 0, result.output
+        written[engine] = _files(out)
+    assert list(written["ray"]) == ["s0.h5"] and written["ray"] == written["local"]
+    with h5py.File(tmp_path / "ray" / FEATURES / "s0.h5", "r") as handle:
+        assert handle["features"].shape[1] == MATRYOSHKA_CUT and handle["features"].shape[0] > 0

@@ -42,20 +42,21 @@ def simulate(
 ) -> dict:
     """Float graphs carrying `candidate`'s quantization as Q/DQ arithmetic, with `extra_float` ops also float."""
     floated = set(candidate.float_nodes) | set(extra_float)
-    out = {}
-    for name, model in models.items():
-        picked = [op for op in ops if op.graph == name and op.node not in floated]
-        plans: dict[str, ActivationQuant] = {}
-        for op in picked:
-            if op.node in candidate.per_token:
-                plans[op.activation] = ActivationQuant("token")
-            elif candidate.scheme == "dynamic":
-                plans[op.activation] = ActivationQuant("dynamic")
-            else:
-                lo, hi = candidate.ranges[op.activation]
-                plans[op.activation] = ActivationQuant("static", candidate.scheme, lo, hi)
-        out[name] = fake_quantize(model, picked, plans, candidate.weight_qmax)
-    return out
+    return {name: _simulate_graph(name, model, ops, candidate, floated) for name, model in models.items()}
+
+
+def _simulate_graph(name: str, model: Any, ops: list[WeightOp], candidate: Candidate, floated: set[str]) -> Any:
+    picked = [op for op in ops if op.graph == name and op.node not in floated]
+    plans: dict[str, ActivationQuant] = {}
+    for op in picked:
+        if op.node in candidate.per_token:
+            plans[op.activation] = ActivationQuant("token")
+        elif candidate.scheme == "dynamic":
+            plans[op.activation] = ActivationQuant("dynamic")
+        else:
+            lo, hi = candidate.ranges[op.activation]
+            plans[op.activation] = ActivationQuant("static", candidate.scheme, lo, hi)
+    return fake_quantize(model, picked, plans, candidate.weight_qmax)
 
 
 def static_ranges(
@@ -88,13 +89,19 @@ def rank_end_to_end(
     """Each shortlisted op's end-to-end effect when kept in float on top of `candidate`: best first.
 
     `measure(graphs)` embeds the ranking items with the simulated graphs and returns (mean, min) cosine against the
-    parent. Entries: node, graph, mean_cosine, min_cosine, and the gain over the candidate itself (`base`)."""
+    parent; the graphs an op does not touch are passed as the same objects each time (a judge may keep them staged).
+    Entries: node, graph, mean_cosine, min_cosine, and the gain over the candidate itself (`base`)."""
     started = time.perf_counter()
-    base_mean, base_min = measure(simulate(models, ops, candidate))
+    base = simulate(models, ops, candidate)
+    base_mean, base_min = measure(base)
     graph_of = {op.node: op.graph for op in ops}
     ranked = []
-    for node in shortlist:
-        mean, minimum = measure(simulate(models, ops, candidate, {node}))
+    # one graph changes per op: the others stay the base's objects, so the judge need not stage them again
+    for node in sorted(shortlist, key=lambda n: list(models).index(graph_of[n])):
+        graph = graph_of[node]
+        floated = set(candidate.float_nodes) | {node}
+        changed = _simulate_graph(graph, models[graph], ops, candidate, floated)
+        mean, minimum = measure({**base, graph: changed})
         ranked.append(
             {
                 "graph": graph_of[node],

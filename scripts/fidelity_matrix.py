@@ -5,7 +5,10 @@ held-out patches by `pue-export quantize`'s own fidelity gate (issue 13). Not ru
         [--fixtures gains-few,gains-all,massive,vit-highnorm] [--modes int8:onnxruntime,int8:tensorrt,int8-dynamic]
         [--gains 100]
         [--calibrations shipped,svs8] [--rotate off,on] [--methods on,off] [--no-fallback] [--json matrix.json]
-        [--markdown matrix.md]
+        [--markdown matrix.md] [--recipe gme --tile-size 448]
+
+`--recipe`/`--tile-size` export every FP32 bundle with that recipe and tile size (GME's processor turns a 224 px tile
+into 448, so its bundles take 448 px tiles); the row's fixture label says so (`ci+gme@448px`).
 
 `--gains 20,100,1000`: the norm gains the `gains-*` fixtures are built with (`tiny-model --outlier-gain`; 100 is
 the presets' default and keeps the old directory names). A mode `fp16` measures how much the fixture amplifies
@@ -117,6 +120,8 @@ def main() -> None:
     parser.add_argument("--rotate", default="off", help="`pue-export quantize --rotate` values to run, e.g. off,on")
     parser.add_argument("--methods", default="on", help="on,off: issue 14's methods on, or all switched off")
     parser.add_argument("--no-fallback", action="store_true", help="one attempt per run: everything int8")
+    parser.add_argument("--recipe", help="`pue-export onnx --recipe` of every FP32 bundle (e.g. gme)")
+    parser.add_argument("--tile-size", type=int, help="`pue-export onnx --tile-size` (e.g. 448 for GME's processor)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
@@ -132,9 +137,11 @@ def main() -> None:
     for arch in args.archs.split(","):
         for fixture, gain in fixtures_and_gains(args):
             for seed in (int(s) for s in args.seeds.split(",")):
-                label = fixture if gain in (None, 100) else f"{fixture}@{gain}"
-                model = work / f"{arch}-{label}-{seed}"
-                fp32 = Path(str(model) + "-fp32")
+                built = fixture if gain in (None, 100) else f"{fixture}@{gain}"
+                label = built + (f"+{args.recipe}" if args.recipe else "")
+                label += f"@{args.tile_size}px" if args.tile_size else ""
+                model = work / f"{arch}-{built}-{seed}"
+                fp32 = work / f"{arch}-{label}-{seed}-fp32"
                 if not fp32.is_dir():
                     pue_export(
                         "tiny-model",
@@ -148,7 +155,9 @@ def main() -> None:
                         "--overwrite",
                         *(["--outlier-gain", str(gain)] if gain is not None else []),
                     )
-                    pue_export("onnx", str(model), "-o", str(fp32), "--overwrite")
+                    recipe = ["--recipe", args.recipe] if args.recipe else []
+                    recipe += ["--tile-size", str(args.tile_size)] if args.tile_size else []
+                    pue_export("onnx", str(model), "-o", str(fp32), "--overwrite", *recipe)
                 for precision, target, calib, rotate, methods in runs(args):
                     out = work / f"{fp32.name}-{precision}-{target}-{calib}-rotate-{rotate}-methods-{methods}"
                     extra = ["--calib", str(svs_folder), "--num-patches", "8"] if calib == "svs8" else []

@@ -101,12 +101,19 @@ def search_int8(
             range_rules["mse"].update(chosen_ranges)
             clips.update(chosen_clips)
 
+    # each graph's last quantization: (its int8 ops, ranges) → file. An attempt that changes one graph's ops (most
+    # fallback and token steps change the decoder's only) reloads the other's file: the same inputs, the same graph
+    last: dict[str, tuple[tuple[tuple[str, ...], str], Path]] = {}
+
     def quantize(float_nodes: set[str], per_token: set[str] = frozenset(), rule: str = "minmax") -> dict[str, Any]:
         quantized = {}
         for name, path in float_paths.items():
             nodes = [op.node for op in all_ops if op.graph == name and op.node not in float_nodes | per_token]
             out = work / f"{name}.int8.onnx"
-            if static:
+            request = (tuple(nodes), rule if static else "dynamic")
+            if name in last and last[name][0] == request:
+                out = last[name][1]
+            elif static:
                 reader = OrtReader(feeds[name]())  # read lazily: one row when every range is pue's
                 quantize_static_graph(
                     path,
@@ -122,6 +129,7 @@ def search_int8(
                 quantize_dynamic_graph(path, out, nodes)
             else:  # every op of this graph is per token or float
                 out = path
+            last[name] = (request, out)
             quantized[name] = onnx.load(str(out))
             token_ops = [op for op in all_ops if op.graph == name and op.node in per_token - float_nodes]
             if token_ops:

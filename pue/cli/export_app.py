@@ -74,6 +74,9 @@ def onnx(
         ExportDtype.FLOAT32.value, "--dtype", help="Weights of the root bundle (float16 halves memory for 8 B models)."
     ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda: where the reference and its gate run."),
+    heldout: Path = typer.Option(
+        None, "--heldout", help="Folder of held-out patches for the parity gate (default: the shipped ones)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -99,6 +102,7 @@ def onnx(
             progress=progress_printer(out),
             processor=processor,
             embedding_dim=embedding_dim,
+            heldout=heldout,
         )
     except GateFailedError as exc:
         _print_gate(out, exc.report["gate"])

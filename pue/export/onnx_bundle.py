@@ -65,7 +65,7 @@ def export_onnx_bundle(
     device: str = "cpu",
     overwrite: bool = False,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-    heldout: list[Path] | None = None,
+    heldout: str | Path | list[Path] | None = None,
     progress: Callable[[str], None] | None = None,
     processor: str | Path | None = None,
     embedding_dim: int | None = None,

@@ -92,3 +92,57 @@ def test_static_tries_the_massive_op_in_float_then_error_chosen_ranges(tmp_path)
     assert [s[1] for s in seen][-1] == frozenset({"massive"})
     assert result["float_nodes"] == ["massive"] and result["fidelity"].passed
     assert result["share"] >= 0.8
+
+
+def test_a_graph_the_attempt_does_not_change_is_quantized_once(tmp_path, monkeypatch):
+    """Two graphs, three attempts each. int8-dynamic: per tensor, the massive op per token (the vision graph's file is
+    reloaded, not quantized again), every op per token (no graph left to quantize). Static INT8: per tensor, the
+    massive op in float (vision reloaded), the error-chosen ranges (a new request for both graphs)."""
+    from collections import Counter
+
+    from pue.calibration import int8
+    from pue.calibration.int8_search import Judges, search_int8
+
+    rng = np.random.default_rng(1)
+    vision_weights = rng.normal(size=(K, N)).astype(np.float32)
+    vision_rows = [{"p": rng.normal(size=(8, K)).astype(np.float32)} for _ in range(3)]
+    originals = {name: getattr(int8, name) for name in ("quantize_static_graph", "quantize_dynamic_graph")}
+    expected = {"int8-dynamic": {"vision": 1, "decoder": 2}, "int8": {"vision": 2, "decoder": 3}}
+    for precision, target in (("int8-dynamic", "onnxruntime"), ("int8", "tensorrt")):
+        decoder, rows = two_matmuls()  # fresh graphs per search: it saves them with external data
+        vision = make_model(
+            [helper.make_node("MatMul", ["p", "w_vision"], ["v"], name="vision_proj")],
+            [float_input("p", ["rows", K])],
+            ["v"],
+            {"w_vision": vision_weights},
+        )
+        calls: Counter = Counter()
+        for name, original in originals.items():
+
+            def counted(model_path, *args, _original=original, _calls=calls, **kwargs):
+                _calls[model_path.name.split(".")[0]] += 1
+                return _original(model_path, *args, **kwargs)
+
+            monkeypatch.setattr(int8, name, counted)
+        scores = iter([0.9, 0.95, 0.99, 0.99])
+
+        def check(quantized, scores=scores):
+            assert set(quantized) == {"vision", "decoder"}
+            minimum = next(scores)
+            return Verdict(minimum >= 0.98, {"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0})
+
+        work = tmp_path / precision
+        work.mkdir()
+        result = search_int8(
+            {"vision": vision, "decoder": decoder},
+            {"vision": lambda limit=None: vision_rows[:limit], "decoder": lambda limit=None, rows=rows: rows[:limit]},
+            {"vision": 1, "decoder": 1},
+            work,
+            QuantizeOptions(precision=precision, target=target, smooth=False),
+            Judges(check=check, gate=check),
+            lambda message: None,
+            {},
+        )
+        assert len(result["attempts"]) == 3, result["attempts"]
+        assert calls == expected[precision], (precision, calls)
+        assert result["fidelity"].passed

@@ -127,9 +127,17 @@ def test_inspect_names_a_tampered_file(fp32_bundle, tmp_path):
 
 @pytest.mark.slow  # builds and exports its own checkpoints
 @pytest.mark.parametrize("arch", ["llava_next", "llava"])
-def test_tiny_model_then_onnx_then_inspect(tmp_path, arch):
+def test_tiny_model_then_onnx_then_inspect(tmp_path, heldout_dir, arch):
+    """As a user runs it. LLaVA-NeXT is gated on the default held-out set (every shipped held-out patch), LLaVA on the
+    session's `--heldout` folder (the gate subset): the architecture, not the held-out set, is what it adds."""
+    from pue.data import patch_set
+
     checkpoint, bundle = tmp_path / "ckpt", tmp_path / "bundle"
     assert run("tiny-model", str(checkpoint), "--arch", arch).exit_code == 0
-    result = run("onnx", str(checkpoint), "-o", str(bundle), "--json")
+    heldout = [] if arch == "llava_next" else ["--heldout", str(heldout_dir)]
+    result = run("onnx", str(checkpoint), "-o", str(bundle), "--json", *heldout)
     assert result.exit_code == 0, result.output
+    gate = json.loads(result.stdout[result.stdout.index("{") :])["gate"]
+    expected = len(patch_set("heldout")) if arch == "llava_next" else len(list(heldout_dir.iterdir()))
+    assert gate["passed"] and gate["details"]["images"]["count"] == expected
     assert run("inspect", str(bundle)).exit_code == 0

@@ -31,29 +31,20 @@ def run(*args: str):
 
 
 @pytest.fixture
-def quantize_args(fp32_bundle, gate_images, tmp_path):
-    heldout = tmp_path / "heldout"
-    heldout.mkdir()
-    for path in gate_images:
-        shutil.copy(path, heldout / path.name)
-    return [
-        "quantize",
-        str(fp32_bundle()),
-        "--heldout",
-        str(heldout),
-        "--num-patches",
-        "8",
-    ]
+def quantize_args(fp32_bundle, heldout_dir):
+    """The session's gate subset folder as --heldout (both stains, 6 tiles; the quantize runs here check files and
+    messages, not fidelity on more tiles)."""
+    return ["quantize", str(fp32_bundle()), "--heldout", str(heldout_dir), "--num-patches", "8"]
 
 
 # ------------------------------------------------------------------------------------------ 1. markup
 
 
-def test_mistral_template_prints_literally(tiny_checkpoint, tmp_path):
+def test_mistral_template_prints_literally(tiny_checkpoint, heldout_dir, tmp_path):
     checkpoint, bundle = tmp_path / "mistral-ckpt", tmp_path / "bundle"
     shutil.copytree(tiny_checkpoint(), checkpoint)
     (checkpoint / "chat_template.jinja").write_text(MISTRAL_TEMPLATE)
-    exported = run("onnx", str(checkpoint), "-o", str(bundle))
+    exported = run("onnx", str(checkpoint), "-o", str(bundle), "--heldout", str(heldout_dir))  # the gate subset
     assert exported.exit_code == 0, exported.output
     manifest = read_manifest(bundle)
     assert manifest.prompts.text.startswith("<s>[INST] ") and "[/INST]" in manifest.prompts.text

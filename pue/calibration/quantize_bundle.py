@@ -18,17 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from pue import __version__
-from pue.bundle import FileEntry, Manifest, QuantizationInfo, file_entry, read_manifest, write_manifest
+from pue.bundle import Manifest, QuantizationInfo, read_manifest
 from pue.calibration.fidelity_plot import plot_fidelity
 from pue.calibration.fp16 import convert_with_gate
 from pue.calibration.int8_search import Judges, search_int8
 from pue.calibration.openvino_int8 import check_openvino_request, openvino_gate_device
 from pue.calibration.quantize_plan import OUTLIER_SAMPLES, most_images_per_row, run_plan, vision_tokens
 from pue.calibration.resources import PhasePeaks
+from pue.calibration.staging import Staged, evaluate_staged, staged_manifest
 from pue.choices import Attention, CalibrationMethod, Precision, QuantizePrecision, Rotate, parse_choice
 from pue.derive import Derivation, derive_bundle
 from pue.errors import PueError
-from pue.fidelity import FidelityThresholds, GateReport, GateSet, measure_fidelity
+from pue.fidelity import FidelityThresholds, GateReport, GateSet
 from pue.precisions import PrecisionSpec, quantize_spec
 from pue.runtime.cpu import saturating_u8s8
 
@@ -212,15 +213,16 @@ def quantize_bundle(
             if layouts is not None:
                 candidate = _fuse(candidate, layouts, fusion)
             staged.clear()
-            return _evaluate(candidate, child, items, parent_rows, options, thresholds)
+            return evaluate_staged(candidate, child, items, parent_rows, options.spec, thresholds)
 
         check_thresholds = options.thresholds.for_check()
-        staged = _Staged()
+        staged = Staged()
+        float_spec = dataclasses.replace(options, target="onnxruntime").spec  # simulated graphs are float graphs
 
         def rank(simulated: dict[str, Any], indices: list[int]) -> GateReport:
             """Simulated graphs (Q/DQ in float arithmetic, unfused) on the check items at `indices`."""
             items, rows = check_set.select(check_reference, indices)
-            return _evaluate(simulated, child, items, rows, options, check_thresholds, simulated=staged)
+            return evaluate_staged(simulated, child, items, rows, float_spec, check_thresholds, simulated=staged)
 
         judges = Judges(
             check=lambda candidate: evaluate(candidate, check_set, check_reference, check_thresholds),
@@ -387,93 +389,13 @@ def _check_disjoint(gate_set: GateSet, patches: list[Any]) -> None:
         )
 
 
-@dataclass
-class _Staged:
-    """The graphs the staging folder holds for the fallback's ranking: per graph, the model object last written and
-    its manifest entries. A simulated candidate differs from the previous one in one graph only, so the others are
-    neither written nor hashed again; any other staging (a real candidate) clears it."""
-
-    models: dict[str, Any] = field(default_factory=dict)
-    written: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
-    entries: dict[str, tuple[FileEntry, list[FileEntry]]] = field(default_factory=dict)
-
-    def clear(self) -> None:
-        self.models.clear()
-        self.written.clear()
-        self.entries.clear()
-
-
-def _write_graphs(
-    models: dict[str, Any], staging: Path, staged: _Staged | None = None
-) -> dict[str, tuple[str, list[str]]]:
-    from pue.graph_files import save_graph
-
-    written = {}
-    for name, model in models.items():
-        if staged is not None and staged.models.get(name) is model:
-            written[name] = staged.written[name]
-            continue
-        for stale in staging.glob(f"{name}.onnx*"):
-            stale.unlink()
-        written[name] = (f"{name}.onnx", save_graph(model, staging / f"{name}.onnx"))
-        if staged is not None:
-            staged.models[name], staged.written[name] = model, written[name]
-            staged.entries.pop(name, None)
-    return written
-
-
-def _staged_manifest(
-    child: Derivation,
-    written: dict[str, tuple[str, list[str]]],
-    options: QuantizeOptions,
-    entries: dict[str, tuple[FileEntry, list[FileEntry]]] | None = None,
-) -> Manifest:
-    """The staged bundle's manifest; `entries`: graphs' file entries already hashed (reused, and filled in)."""
-    spec = options.spec
-    manifest = child.child_manifest(precision=str(spec.precision), target=str(spec.target))
-    manifest.backend = spec.backend or manifest.backend  # the gate runs the backend the entry names (auto picks it)
-    known = {} if entries is None else entries
-    for name, (filename, data_files) in written.items():
-        if name not in known:
-            known[name] = (file_entry(child.staging, filename), [file_entry(child.staging, f) for f in data_files])
-        manifest.graphs[name].file, manifest.graphs[name].external_data = known[name][0], list(known[name][1])
-    manifest.tokenizer.file = file_entry(child.staging, manifest.tokenizer.file.path)
-    return manifest
-
-
-def _evaluate(
-    models: dict[str, Any],
-    child: Derivation,
-    gate_set: GateSet,
-    reference: dict,
-    options: QuantizeOptions,
-    thresholds: FidelityThresholds,
-    simulated: _Staged | None = None,
-) -> GateReport:
-    """Stage `models` and measure them on `gate_set`. `simulated` (the ranking's staging record): float graphs
-    carrying Q/DQ arithmetic (`pue.calibration.fake_quant`), run by onnxruntime with its Q/DQ fusion off, so the Q/DQ
-    pairs compute in float; graphs it holds as staged are not written again."""
-    from pue.runtime import Embedder
-
-    written = _write_graphs(models, child.staging, simulated)
-    staged_as = dataclasses.replace(options, target="onnxruntime") if simulated else options  # float graphs
-    entries = None if simulated is None else simulated.entries
-    write_manifest(child.staging, _staged_manifest(child, written, staged_as, entries))
-    how: dict[str, Any] = {}
-    if simulated is not None:  # just written here: not hashed again
-        config = {"session.disable_quant_qdq": "1"}
-        how = {"backend": "onnxruntime", "options": {"session_config": config}, "verify_hashes": False}
-    with Embedder.load(child.staging, **how) as candidate:
-        return measure_fidelity(gate_set.embed(candidate), reference, thresholds)
-
-
 def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -> Manifest:
     written = {
         name: (spec.file.path, [e.path for e in spec.external_data])
         for name, spec in read_manifest(child.staging).graphs.items()
     }
     spec = options.spec
-    manifest = _staged_manifest(child, written, options)
+    manifest = staged_manifest(child, written, options.spec)
     manifest.lineage.calibration = "calibration.json"
     manifest.fidelity = {
         "gate": {

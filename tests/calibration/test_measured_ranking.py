@@ -11,7 +11,7 @@ from onnx_graphs import float_input, make_model, run
 
 from pue.calibration.graph_ops import weight_ops
 from pue.calibration.measured_ranking import Candidate, rank_end_to_end, simulate, static_ranges, worst_items
-from pue.calibration.quantize_bundle import _Staged, _write_graphs
+from pue.calibration.staging import Staged, write_graphs
 from pue.calibration.stats import collect_channel_stats
 
 
@@ -84,14 +84,14 @@ def test_ranking_orders_by_the_measure_and_passes_untouched_graphs_as_the_same_o
 
 def test_staging_writes_a_graph_again_only_when_it_changed(tmp_path):
     models = two_graphs()
-    staged = _Staged()
-    _write_graphs(models, tmp_path, staged)
+    staged = Staged()
+    write_graphs(models, tmp_path, staged)
     first = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     changed = dict(models, decoder=two_graphs()["decoder"])
-    written = _write_graphs(changed, tmp_path, staged)
+    written = write_graphs(changed, tmp_path, staged)
     assert written == {"vision": ("vision.onnx", []), "decoder": ("decoder.onnx", [])}
     after = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     assert after["vision.onnx"] == first["vision.onnx"] and staged.models["decoder"] is changed["decoder"]
     staged.clear()  # a real candidate was staged in between: everything is written again
-    _write_graphs(changed, tmp_path, staged)
+    write_graphs(changed, tmp_path, staged)
     assert staged.models["vision"] is models["vision"] and set(staged.written) == {"vision", "decoder"}

@@ -52,11 +52,12 @@ def vision_graph():
     return _model(graph)
 
 
-def decoder_graph():
-    """sentence_embedding = (sum of masked token embeddings + sum of image_features over tokens) @ projection."""
-    from onnx import TensorProto, helper, numpy_helper
+def pooling_nodes() -> list:
+    """The fake decoders' pooling: masked sum of the token embeddings (initializer `embeddings`) plus the sum of
+    `image_features` over tokens → `pooled` (constants `last_axis` = [-1] and `axis_1` = [1])."""
+    from onnx import TensorProto, helper
 
-    nodes = [
+    return [
         helper.make_node("Gather", ["embeddings", "input_ids"], ["token_embeddings"]),
         helper.make_node("Cast", ["attention_mask"], ["mask_float"], to=TensorProto.FLOAT),
         helper.make_node("Unsqueeze", ["mask_float", "last_axis"], ["mask_3d"]),
@@ -64,8 +65,14 @@ def decoder_graph():
         helper.make_node("ReduceSum", ["masked", "axis_1"], ["text_sum"], keepdims=0),
         helper.make_node("ReduceSum", ["image_features", "axis_1"], ["image_sum"], keepdims=0),
         helper.make_node("Add", ["text_sum", "image_sum"], ["pooled"]),
-        helper.make_node("MatMul", ["pooled", "projection"], ["sentence_embedding"]),
     ]
+
+
+def decoder_graph():
+    """sentence_embedding = (sum of masked token embeddings + sum of image_features over tokens) @ projection."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [*pooling_nodes(), helper.make_node("MatMul", ["pooled", "projection"], ["sentence_embedding"])]
     initializers = [
         numpy_helper.from_array(EMBEDDINGS, "embeddings"),
         numpy_helper.from_array(PROJECTION, "projection"),

@@ -475,6 +475,7 @@ CORPUS = [
 
 def _graphs(vocab: int, half_features: bool = False):
     import onnx
+    from fake_bundle import pooling_nodes
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -504,13 +505,7 @@ def _graphs(vocab: int, half_features: bool = False):
     # (masked sum of token embeddings + sum of the row's image features) @ projection, L2-normalised
     decoder = helper.make_graph(
         [
-            helper.make_node("Gather", ["embeddings", "input_ids"], ["token_embeddings"]),
-            helper.make_node("Cast", ["attention_mask"], ["mask_float"], to=TensorProto.FLOAT),
-            helper.make_node("Unsqueeze", ["mask_float", "last_axis"], ["mask_3d"]),
-            helper.make_node("Mul", ["token_embeddings", "mask_3d"], ["masked"]),
-            helper.make_node("ReduceSum", ["masked", "axis_1"], ["text_sum"], keepdims=0),
-            helper.make_node("ReduceSum", ["image_features", "axis_1"], ["image_sum"], keepdims=0),
-            helper.make_node("Add", ["text_sum", "image_sum"], ["pooled"]),
+            *pooling_nodes(),
             helper.make_node("MatMul", ["pooled", "projection"], ["projected"]),
             helper.make_node("LpNormalization", ["projected"], ["sentence_embedding"], axis=-1, p=2),
         ],

@@ -1,12 +1,74 @@
-"""Session fixtures: tiny checkpoints and their FP32 bundles, built once per test session into tmp dirs."""
+"""Session fixtures: tiny checkpoints, their FP32 bundles and quantizations, built once per test run into tmp
+dirs. Under pytest-xdist (README's test command runs two workers) each item is built once between all workers: the
+first worker to ask builds it under a file lock, the others wait for it and read it (`_once`)."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from filelock import FileLock
+
+# More workers than this only add model builds waiting on each other's locks and a torch import each (about 0.5 GB).
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per core, at most MAX_WORKERS."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each worker compiles OpenVINO models into its own cache (never the user's ~/.cache; two workers compiling
+    one bundle must not write the same cache files), and under pytest-xdist runs on its own share of the cores."""
+    if "PUE_OPENVINO_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["PUE_OPENVINO_CACHE_DIR"] = tempfile.mkdtemp(prefix="pue-test-openvino-")
+    _own_cores()
+
+
+def _own_cores() -> None:
+    """Worker i of n keeps cores i, i+n, … and as many torch/OpenMP threads (onnxruntime sizes its pool from the
+    affinity, pue.runtime.cpu.physical_core_count): n workers each spinning a pool over every core slowed each test
+    about 2× on two cores, measured. Runs before any test module imports torch."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    index, workers = int(worker.removeprefix("gw")), int(count)
+    if len(cpus) < workers:
+        return
+    share = cpus[index % workers :: workers]
+    os.sched_setaffinity(0, share)
+    os.environ["OMP_NUM_THREADS"] = str(len(share))
+
+
+def _run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder this test run shares between its workers: a worker's basetemp is a child of the run's."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]) -> Any:
+    """build(folder) once per run between all workers; its value is pickled next to the folder for the others.
+    A build that raised leaves no marker, so the next worker to ask builds it again from an empty folder."""
+    shared = _run_root(tmp_path_factory) / "shared"
+    shared.mkdir(exist_ok=True)
+    folder, value_file = shared / name, shared / f"{name}.value.pickle"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not value_file.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            value = build(folder)
+            value_file.write_bytes(pickle.dumps(value))
+            return value
+    return pickle.loads(value_file.read_bytes())
+
 
 # A test that asks for one of these builds a tiny checkpoint (torch, transformers) and usually exports it to ONNX
 # with its parity gate: seconds each, once per session. Such tests are marked `slow` at collection, so that
@@ -66,8 +128,6 @@ def gate_images() -> list[Path]:
 @pytest.fixture(scope="session")
 def heldout_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The gate subset as a folder, for `--heldout`."""
-    import shutil
-
     folder = tmp_path_factory.mktemp("heldout")
     for path in gate_subset():
         shutil.copy(path, folder / path.name)
@@ -84,8 +144,11 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
         if key not in cache:
             from pue.export.tiny_models import build_tiny_model
 
-            out = tmp_path_factory.mktemp("checkpoints") / f"{arch}-{preset}"
-            cache[key] = build_tiny_model(out, arch=arch, preset=preset, seed=0)
+            cache[key] = _once(
+                tmp_path_factory,
+                f"checkpoint-{arch}-{preset}",
+                lambda out: build_tiny_model(out, arch=arch, preset=preset, seed=0),
+            )
         return cache[key]
 
     return build
@@ -102,10 +165,13 @@ def fp32_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Calla
         if key not in cache:
             from pue.export.onnx_bundle import export_onnx_bundle
 
-            out = tmp_path_factory.mktemp("bundles") / f"{arch}-{preset}-{exporter}"
             heldout = gate_subset() if key in FULL_GATE_BUNDLES else small_gate()
-            export_onnx_bundle(tiny_checkpoint(arch, preset), out, exporter=exporter, heldout=heldout)
-            cache[key] = out
+
+            def export(out: Path) -> Path:
+                export_onnx_bundle(tiny_checkpoint(arch, preset), out, exporter=exporter, heldout=heldout)
+                return out
+
+            cache[key] = _once(tmp_path_factory, f"bundle-{arch}-{preset}-{exporter}", export)
         return cache[key]
 
     return build
@@ -119,13 +185,14 @@ def qwen3_embedding_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkp
 
     from pue.export.onnx_bundle import export_onnx_bundle
 
-    folder = tmp_path_factory.mktemp("qwen3-embedding")
-    out = folder / "bundle"
-    recipe = embedding_recipe(folder)
-    export_onnx_bundle(
-        tiny_checkpoint("qwen3_vl", "ci"), out, recipe=recipe, embedding_dim=MATRYOSHKA_CUT, heldout=export_heldout()
-    )
-    return out
+    def export(folder: Path) -> Path:
+        folder.mkdir()
+        out = folder / "bundle"
+        checkpoint, recipe = tiny_checkpoint("qwen3_vl", "ci"), embedding_recipe(folder)
+        export_onnx_bundle(checkpoint, out, recipe=recipe, embedding_dim=MATRYOSHKA_CUT, heldout=export_heldout())
+        return out
+
+    return _once(tmp_path_factory, "qwen3-embedding", export)
 
 
 @pytest.fixture(scope="session")
@@ -158,16 +225,19 @@ def quantized_bundle(tmp_path_factory: pytest.TempPathFactory, fp32_bundle: Call
         if key not in cache:
             from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
 
-            out = tmp_path_factory.mktemp("quantized") / f"{precision}-{target}"
             options = QuantizeOptions(precision=precision, target=target, heldout=gate_subset(), **FAST_CALIBRATION)
-            cache[key] = (out, quantize_bundle(fp32_bundle("llava_next", "ci"), out, options))
+
+            def quantize(out: Path) -> tuple[Path, Any]:
+                return out, quantize_bundle(fp32_bundle("llava_next", "ci"), out, options)
+
+            cache[key] = _once(tmp_path_factory, f"quantized-{precision}-{target}", quantize)
         return cache[key]
 
     return build
 
 
 @pytest.fixture(scope="session")
-def outlier_report(fp32_bundle: Callable[..., Path]) -> Callable[..., Any]:
+def outlier_report(tmp_path_factory: pytest.TempPathFactory, fp32_bundle: Callable[..., Path]) -> Callable[..., Any]:
     """outlier_report(arch, preset, rotate=False) → `bundle_outliers` of that session bundle on 4 patches and 4
     captions, once per session (test_outliers.py and test_rotation.py measure the gains bundles alike); read only."""
     cache: dict[tuple[str, str, bool], Any] = {}
@@ -177,7 +247,11 @@ def outlier_report(fp32_bundle: Callable[..., Path]) -> Callable[..., Any]:
         if key not in cache:
             from pue.calibration.outliers import bundle_outliers
 
-            cache[key] = bundle_outliers(fp32_bundle(arch, preset), num_patches=4, num_captions=4, rotate=rotate)
+            cache[key] = _once(
+                tmp_path_factory,
+                f"outliers-{arch}-{preset}-{'rotated' if rotate else 'plain'}",
+                lambda _: bundle_outliers(fp32_bundle(arch, preset), num_patches=4, num_captions=4, rotate=rotate),
+            )
         return cache[key]
 
     return measure

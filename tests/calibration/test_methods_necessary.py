@@ -36,7 +36,9 @@ def test_vit_highnorm_static_int8_needs_the_measured_fallback(fp32_bundle, heldo
     INT8 passes with the methods because the fallback, ranked end to end, keeps the fc2 that writes those tokens in
     float (the SQNR ranking scores it well: its error only shows downstream), and fails with them switched off."""
     parent = fp32_bundle("llava_next", "vit-highnorm")
-    options = QuantizeOptions(precision="int8", target="onnxruntime", heldout=heldout_dir, **FAST)
+    # The ranking measures the SQNR ranking's worst 12 ops (the default 24 costs 20 s more here): the fc2 it lifts
+    # is ninth by SQNR, so the 12 still hold it and the test still shows the measured order beating SQNR's.
+    options = QuantizeOptions(precision="int8", target="onnxruntime", heldout=heldout_dir, rank_ops=12, **FAST)
     result = quantize_bundle(parent, tmp_path / "on", options)
     assert result.fidelity.passed and result.int8_flop_share >= 0.8
     report = json.loads((tmp_path / "on" / "fidelity.json").read_text())

@@ -3,7 +3,7 @@ reference, scored with pue's own `evaluate_task`, `compare` and `disagreement_ma
 `scripts/write_benchmarks.py` counts them: every prediction list of every task, HOMIE's included). Used for issue
 22's `bench` measurement, where the PyTorch reference costs more than the bundles. Not run by CI.
 
-    python scripts/pmeb_bundle_agreement.py embed BUNDLE OUT.pkl     # every pmeb-mini task, BUNDLE's auto backend
+    python scripts/pmeb_bundle_agreement.py embed BUNDLE OUT.pkl [BACKEND]  # every pmeb-mini task; BACKEND: auto
     python scripts/pmeb_bundle_agreement.py compare A.pkl PARENT.pkl  # A's predictions against PARENT's
 
 `embed` saves after each task and skips tasks already in OUT.pkl (a rerun resumes); images shared by tasks are
@@ -38,14 +38,14 @@ class CachedImages:
         return getattr(self.inner, name)
 
 
-def embed(bundle: str, out: Path) -> None:
+def embed(bundle: str, out: Path, backend: str = "auto") -> None:
     from pue.benchmarks.pmeb import pmeb_mini_dir
     from pue.benchmarks.pmeb.evaluate import evaluate_task
     from pue.benchmarks.pmeb.tasks import discover_tasks
     from pue.runtime import Embedder
 
     results = pickle.loads(out.read_bytes()) if out.exists() else {}
-    with Embedder.load(bundle) as inner:
+    with Embedder.load(bundle, backend=backend) as inner:
         embedder = CachedImages(inner)
         print("backend", inner.backend_name, flush=True)
         for task in discover_tasks(pmeb_mini_dir()):
@@ -82,9 +82,11 @@ def compare(candidate: Path, parent: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] not in ("embed", "compare"):
+    if len(sys.argv) not in (4, 5) or sys.argv[1] not in ("embed", "compare") or (
+        sys.argv[1] == "compare" and len(sys.argv) == 5
+    ):
         raise SystemExit(__doc__)
     if sys.argv[1] == "embed":
-        embed(sys.argv[2], Path(sys.argv[3]))
+        embed(sys.argv[2], Path(sys.argv[3]), *sys.argv[4:])
     else:
         compare(Path(sys.argv[2]), Path(sys.argv[3]))

@@ -82,11 +82,10 @@ def compare(candidate: Path, parent: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (4, 5) or sys.argv[1] not in ("embed", "compare") or (
-        sys.argv[1] == "compare" and len(sys.argv) == 5
-    ):
-        raise SystemExit(__doc__)
-    if sys.argv[1] == "embed":
-        embed(sys.argv[2], Path(sys.argv[3]), *sys.argv[4:])
+    command, arguments = sys.argv[1:2], sys.argv[2:]
+    if command == ["embed"] and len(arguments) in (2, 3):
+        embed(arguments[0], Path(arguments[1]), *arguments[2:])
+    elif command == ["compare"] and len(arguments) == 2:
+        compare(Path(arguments[0]), Path(arguments[1]))
     else:
-        compare(Path(sys.argv[2]), Path(sys.argv[3]))
+        raise SystemExit(__doc__)

@@ -55,19 +55,25 @@ def _run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
+_BUILT: dict[str, Any] = {}  # this worker's values of `_once`, by name
+
+
 def _once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]) -> Any:
-    """build(folder) once per run between all workers; its value is pickled next to the folder for the others.
-    A build that raised leaves no marker, so the next worker to ask builds it again from an empty folder."""
-    shared = _run_root(tmp_path_factory) / "shared"
-    shared.mkdir(exist_ok=True)
-    folder, value_file = shared / name, shared / f"{name}.value.pickle"
-    with FileLock(str(shared / f"{name}.lock")):
-        if not value_file.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-            value = build(folder)
-            value_file.write_bytes(pickle.dumps(value))
-            return value
-    return pickle.loads(value_file.read_bytes())
+    """build(folder) once per run between all workers; its value is pickled next to the folder for the others and
+    kept in this worker. A build that raised leaves no marker, so the next asker builds it again from an empty
+    folder."""
+    if name not in _BUILT:
+        shared = _run_root(tmp_path_factory) / "shared"
+        shared.mkdir(exist_ok=True)
+        folder, value_file = shared / name, shared / f"{name}.value.pickle"
+        with FileLock(str(shared / f"{name}.lock")):
+            if value_file.exists():
+                _BUILT[name] = pickle.loads(value_file.read_bytes())
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+                _BUILT[name] = build(folder)
+                value_file.write_bytes(pickle.dumps(_BUILT[name]))
+    return _BUILT[name]
 
 
 # A test that asks for one of these builds a tiny checkpoint (torch, transformers) and usually exports it to ONNX
@@ -137,19 +143,14 @@ def heldout_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """tiny_checkpoint(arch, preset) → path of a checkpoint built once per session."""
-    cache: dict[tuple[str, str], Path] = {}
 
     def build(arch: str = "llava_next", preset: str = "ci") -> Path:
-        key = (arch, preset)
-        if key not in cache:
+        def make(out: Path) -> Path:
             from pue.export.tiny_models import build_tiny_model
 
-            cache[key] = _once(
-                tmp_path_factory,
-                f"checkpoint-{arch}-{preset}",
-                lambda out: build_tiny_model(out, arch=arch, preset=preset, seed=0),
-            )
-        return cache[key]
+            return build_tiny_model(out, arch=arch, preset=preset, seed=0)
+
+        return _once(tmp_path_factory, f"checkpoint-{arch}-{preset}", make)
 
     return build
 
@@ -158,21 +159,16 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
 def fp32_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Callable[..., Path]) -> Callable[..., Path]:
     """fp32_bundle(arch, preset, exporter) → path of a gated FP32 bundle built once per session (gated on the gate
     subset for FULL_GATE_BUNDLES, on `small_gate()` otherwise)."""
-    cache: dict[tuple[str, str, str], Path] = {}
 
     def build(arch: str = "llava_next", preset: str = "ci", exporter: str = "torchscript") -> Path:
-        key = (arch, preset, exporter)
-        if key not in cache:
+        def export(out: Path) -> Path:
             from pue.export.onnx_bundle import export_onnx_bundle
 
-            heldout = gate_subset() if key in FULL_GATE_BUNDLES else small_gate()
+            heldout = gate_subset() if (arch, preset, exporter) in FULL_GATE_BUNDLES else small_gate()
+            export_onnx_bundle(tiny_checkpoint(arch, preset), out, exporter=exporter, heldout=heldout)
+            return out
 
-            def export(out: Path) -> Path:
-                export_onnx_bundle(tiny_checkpoint(arch, preset), out, exporter=exporter, heldout=heldout)
-                return out
-
-            cache[key] = _once(tmp_path_factory, f"bundle-{arch}-{preset}-{exporter}", export)
-        return cache[key]
+        return _once(tmp_path_factory, f"bundle-{arch}-{preset}-{exporter}", export)
 
     return build
 
@@ -218,20 +214,15 @@ FAST_CALIBRATION = {"num_patches": 16, "num_captions": 8}
 def quantized_bundle(tmp_path_factory: pytest.TempPathFactory, fp32_bundle: Callable[..., Path]) -> Callable[..., Any]:
     """quantized_bundle(precision, target) → (path, QuantizeResult): the `llava_next/ci` bundle quantized once per
     session with FAST_CALIBRATION and the gate subset held out. Tests read these bundles and never change them."""
-    cache: dict[tuple[str, str], tuple[Path, Any]] = {}
 
     def build(precision: str, target: str = "onnxruntime") -> tuple[Path, Any]:
-        key = (precision, target)
-        if key not in cache:
+        def quantize(out: Path) -> tuple[Path, Any]:
             from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
 
             options = QuantizeOptions(precision=precision, target=target, heldout=gate_subset(), **FAST_CALIBRATION)
+            return out, quantize_bundle(fp32_bundle("llava_next", "ci"), out, options)
 
-            def quantize(out: Path) -> tuple[Path, Any]:
-                return out, quantize_bundle(fp32_bundle("llava_next", "ci"), out, options)
-
-            cache[key] = _once(tmp_path_factory, f"quantized-{precision}-{target}", quantize)
-        return cache[key]
+        return _once(tmp_path_factory, f"quantized-{precision}-{target}", quantize)
 
     return build
 
@@ -240,18 +231,13 @@ def quantized_bundle(tmp_path_factory: pytest.TempPathFactory, fp32_bundle: Call
 def outlier_report(tmp_path_factory: pytest.TempPathFactory, fp32_bundle: Callable[..., Path]) -> Callable[..., Any]:
     """outlier_report(arch, preset, rotate=False) → `bundle_outliers` of that session bundle on 4 patches and 4
     captions, once per session (test_outliers.py and test_rotation.py measure the gains bundles alike); read only."""
-    cache: dict[tuple[str, str, bool], Any] = {}
 
     def measure(arch: str, preset: str, rotate: bool = False) -> Any:
-        key = (arch, preset, rotate)
-        if key not in cache:
+        def report(_: Path) -> Any:
             from pue.calibration.outliers import bundle_outliers
 
-            cache[key] = _once(
-                tmp_path_factory,
-                f"outliers-{arch}-{preset}-{'rotated' if rotate else 'plain'}",
-                lambda _: bundle_outliers(fp32_bundle(arch, preset), num_patches=4, num_captions=4, rotate=rotate),
-            )
-        return cache[key]
+            return bundle_outliers(fp32_bundle(arch, preset), num_patches=4, num_captions=4, rotate=rotate)
+
+        return _once(tmp_path_factory, f"outliers-{arch}-{preset}-{'rotated' if rotate else 'plain'}", report)
 
     return measure

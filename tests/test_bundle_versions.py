@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import tensorrt_fakes as fakes
+import tiny_bundle
 
 from pue.bundle import FORMAT_VERSION, read_manifest
 from pue.errors import BundleError
@@ -15,7 +15,7 @@ from pue.errors import BundleError
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    return fakes.make_tiny_bundle(tmp_path_factory.mktemp("versions") / "bundle")
+    return tiny_bundle.make_tiny_bundle(tmp_path_factory.mktemp("versions") / "bundle")
 
 
 def rewritten(bundle, tmp_path, change):

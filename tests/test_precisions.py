@@ -184,11 +184,11 @@ def test_quantized_and_engine_exports_are_typed():
 
 
 def test_a_manifest_given_a_free_export_dict_types_it(tmp_path):
-    import tensorrt_fakes as fakes
+    import tiny_bundle
 
     from pue.bundle import read_manifest, write_manifest
 
-    bundle = fakes.make_tiny_bundle(tmp_path / "b")
+    bundle = tiny_bundle.make_tiny_bundle(tmp_path / "b")
     manifest = read_manifest(bundle)
     assert isinstance(manifest.export, ExportInfo)
     data = manifest.to_dict()
@@ -201,12 +201,12 @@ def test_a_manifest_given_a_free_export_dict_types_it(tmp_path):
 
 
 def test_no_magic_default_patch_size(tmp_path):
-    import tensorrt_fakes as fakes
+    import tiny_bundle
 
     from pue.bundle import read_manifest
     from pue.calibration.quantize_plan import vision_tokens
 
-    manifest = read_manifest(fakes.make_tiny_bundle(tmp_path / "b"))
+    manifest = read_manifest(tiny_bundle.make_tiny_bundle(tmp_path / "b"))
     manifest.export = ExportInfo(patch_size=8)
     crops, side = manifest.preprocessing.num_crops, manifest.preprocessing.crop_size
     assert vision_tokens(manifest) == crops * (side // 8) ** 2

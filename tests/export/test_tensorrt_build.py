@@ -7,6 +7,7 @@ import json
 
 import pytest
 import tensorrt_fakes as fakes
+import tiny_bundle
 from typer.testing import CliRunner
 
 from pue.bundle import manifest_sha256, read_manifest, verify_files, write_manifest
@@ -24,12 +25,12 @@ STRONGLY_TYPED = 1 << 5  # the fake's NetworkDefinitionCreationFlag.STRONGLY_TYP
 
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory):
-    return fakes.make_tiny_bundle(tmp_path_factory.mktemp("trt-build") / "parent")
+    return tiny_bundle.make_tiny_bundle(tmp_path_factory.mktemp("trt-build") / "parent")
 
 
 @pytest.fixture(scope="module")
 def gate_set():
-    return fakes.small_gate_set(4)
+    return tiny_bundle.small_gate_set(4)
 
 
 def build(parent, output, gate_set, **options):
@@ -145,7 +146,7 @@ def test_unsuitable_parents_are_refused_with_the_command_that_makes_one(
 ):
     fakes.install(monkeypatch)
     bundle = tmp_path / "parent"
-    fakes.make_tiny_bundle(bundle, precision=precision, target=target)
+    tiny_bundle.make_tiny_bundle(bundle, precision=precision, target=target)
     with pytest.raises(PueError) as error:
         build(bundle, tmp_path / "engines", gate_set)
     assert f"is a {precision} bundle for target '{target}'" in str(error.value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import tensorrt_fakes as fakes
+import tiny_bundle
 
 from pue.bundle import TensorSpec, read_manifest
 from pue.errors import BundleError, PueError
@@ -23,7 +23,7 @@ from pue.runtime.backends.tensorrt_compat import BuildFlags, ShapeRange
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return read_manifest(fakes.make_tiny_bundle(tmp_path_factory.mktemp("profiles") / "bundle"))
+    return read_manifest(tiny_bundle.make_tiny_bundle(tmp_path_factory.mktemp("profiles") / "bundle"))
 
 
 @pytest.fixture

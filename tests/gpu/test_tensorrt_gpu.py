@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tensorrt_fakes as fakes
+import tiny_bundle
 
 pytest.importorskip("tensorrt", reason='TensorRT is not installed (pip install "pue[tensorrt]")')
 pytest.importorskip("cuda.bindings", reason='cuda-python is not installed (pip install "pue[tensorrt]")')
@@ -30,7 +30,7 @@ def engines(fp32_bundle, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("gpu-engines")
     result = build_engine_bundle(
-        fp32_bundle(), out / "engines", TrtOptions(batch=parse_batch("1:4:4")), gate_set=fakes.small_gate_set(8)
+        fp32_bundle(), out / "engines", TrtOptions(batch=parse_batch("1:4:4")), gate_set=tiny_bundle.small_gate_set(8)
     )
     return fp32_bundle(), result
 
@@ -57,7 +57,7 @@ def test_engines_match_the_parent_on_mixed_and_split_batches(engines):
     parent_dir, result = engines
     parent = Embedder.load(parent_dir)
     engine = Embedder.load(result.bundle, device="cuda")
-    images = fakes.heldout_patches(6)
+    images = tiny_bundle.heldout_patches(6)
     queries = [
         Query(text="stroma"),
         Query(image=images[0]),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorrt_fakes as fakes
+import tiny_bundle
 
 from pue.bundle import TensorSpec, read_manifest, write_manifest
 from pue.choices import BundleTarget, DeviceKind, Precision
@@ -99,7 +99,7 @@ def registry():
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    return fakes.make_tiny_bundle(tmp_path_factory.mktemp("registry") / "fp32")
+    return tiny_bundle.make_tiny_bundle(tmp_path_factory.mktemp("registry") / "fp32")
 
 
 def test_builtin_backends_and_names():
@@ -164,7 +164,7 @@ def test_refusals_name_the_backends_that_could_and_their_extras(registry, bundle
         Embedder.load(bundle, backend="fake")
     assert "backend 'fake' does not run fp32 bundles (it runs int8)" in str(refused.value)
     assert 'onnxruntime (pip install "pue[cpu]")' in str(refused.value)
-    int8 = fakes.make_tiny_bundle(tmp_path / "int8", precision="int8", target="onnxruntime")
+    int8 = tiny_bundle.make_tiny_bundle(tmp_path / "int8", precision="int8", target="onnxruntime")
     with pytest.raises(PueError, match="quantized for onnxruntime on CPU; on a GPU, INT8 runs through TensorRT"):
         Embedder.load(int8, device="cuda")  # the table's advice, before any backend is tried
     with pytest.raises(PueError, match="does not run graphs made for target 'onnxruntime'"):

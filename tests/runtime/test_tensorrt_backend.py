@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import tensorrt_fakes as fakes
+import tiny_bundle
 
 from pue.bundle import file_entry, read_manifest, write_manifest
 from pue.errors import BundleError, MissingDependencyError, PueError
@@ -28,7 +29,7 @@ TEXTS = ["benign tissue", "", "necrotic debris with thin fibrous septa " * 4, "s
 def bundles(tmp_path_factory):
     """A tiny parent bundle and engine bundles built from it with the fakes (default, small, padded profiles)."""
     root = tmp_path_factory.mktemp("tensorrt")
-    parent = fakes.make_tiny_bundle(root / "parent")
+    parent = tiny_bundle.make_tiny_bundle(root / "parent")
     built = {"parent": parent}
     with pytest.MonkeyPatch.context() as patch:
         fakes.install(patch)
@@ -38,7 +39,9 @@ def bundles(tmp_path_factory):
             "padded": TrtOptions(batch=parse_batch("2:2:4")),
             "portable": TrtOptions(version_compatible=True),
         }.items():
-            built[name] = build_engine_bundle(parent, root / name, options, gate_set=fakes.small_gate_set(4)).bundle
+            built[name] = build_engine_bundle(
+                parent, root / name, options, gate_set=tiny_bundle.small_gate_set(4)
+            ).bundle
     return built
 
 
@@ -50,7 +53,7 @@ def cuda(monkeypatch):
 
 @pytest.fixture(scope="module")
 def images():
-    return fakes.heldout_patches(7)
+    return tiny_bundle.heldout_patches(7)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +112,7 @@ def test_vision_output_stays_on_the_device(cuda, bundles, images):
     cuda.copies.clear()
     embedder.embed_images(images[:4])
     to_host = [size for kind, size in cuda.copies if kind == "cudaMemcpyDeviceToHost"]
-    assert to_host == [4 * fakes.DIM * 4]  # only the sentence embeddings come back
+    assert to_host == [4 * tiny_bundle.DIM * 4]  # only the sentence embeddings come back
     assert not [kind for kind, _ in cuda.copies if kind == "cudaMemcpyDeviceToDevice"]
     cuda.copies.clear()
     # rows sorted by length: image (5 tokens), image (5), text (6), composed (8): image rows 0, 1 and 3
@@ -124,8 +127,10 @@ def test_vision_output_stays_on_the_device(cuda, bundles, images):
     )
     # a mixed batch: features placed on their rows on the device, one copy per run of image rows
     placed = [size for kind, size in cuda.copies if kind == "cudaMemcpyDeviceToDevice"]
-    assert sorted(placed) == sorted([1 * fakes.TOKENS * fakes.HIDDEN * 4, 2 * fakes.TOKENS * fakes.HIDDEN * 4])
-    assert [size for kind, size in cuda.copies if kind == "cudaMemcpyDeviceToHost"] == [4 * fakes.DIM * 4]
+    assert sorted(placed) == sorted(
+        [1 * tiny_bundle.TOKENS * tiny_bundle.HIDDEN * 4, 2 * tiny_bundle.TOKENS * tiny_bundle.HIDDEN * 4]
+    )
+    assert [size for kind, size in cuda.copies if kind == "cudaMemcpyDeviceToHost"] == [4 * tiny_bundle.DIM * 4]
 
 
 def test_buffers_are_reused_across_calls(cuda, bundles, images):
@@ -277,7 +282,7 @@ def test_runner_contract(cuda, bundles):
         with pytest.raises(PueError, match="has dtype float64"):
             vision.infer({"pixel_values": np.zeros((1, 3, 8, 8))})
         out = vision.infer({"pixel_values": np.zeros((5, 3, 8, 8), np.float32)})  # 5 > max batch 3: split
-        assert out["image_features"].shape == (5, fakes.TOKENS, fakes.HIDDEN)
+        assert out["image_features"].shape == (5, tiny_bundle.TOKENS, tiny_bundle.HIDDEN)
         assert vision.inference_count == 1 and vision.last_inference_time > 0
     assert not vision.is_active
 
@@ -292,9 +297,9 @@ def test_batches_below_the_profile_minimum_are_padded(cuda, bundles, images, exp
 
 
 def test_features_of_another_dtype_go_through_the_host(monkeypatch, tmp_path, images):
-    parent = fakes.make_tiny_bundle(tmp_path / "parent", half_features=True)
+    parent = tiny_bundle.make_tiny_bundle(tmp_path / "parent", half_features=True)
     _, cudart = fakes.install(monkeypatch)
-    engines = build_engine_bundle(parent, tmp_path / "engines", gate_set=fakes.small_gate_set(4)).bundle
+    engines = build_engine_bundle(parent, tmp_path / "engines", gate_set=tiny_bundle.small_gate_set(4)).bundle
     want = Embedder.load(parent).embed([Query(image=images[0]), Query(text="stroma"), Query(image=images[1])])
     embedder = Embedder.load(engines, device="cuda")
     assert embedder.backend.vision.dtype("image_features") == np.float16
@@ -319,7 +324,9 @@ def test_rows_of_several_images_need_engines_built_for_them(cuda, bundles, image
     with pytest.MonkeyPatch.context() as patch:
         fakes.install(patch)
         options = TrtOptions(batch=parse_batch("2:2:4"), max_images=4)
-        result = build_engine_bundle(bundles["parent"], tmp_path / "multi", options, gate_set=fakes.small_gate_set(6))
+        result = build_engine_bundle(
+            bundles["parent"], tmp_path / "multi", options, gate_set=tiny_bundle.small_gate_set(6)
+        )
     assert result.gate.per_kind["image_sets"]["count"] == 2  # the gate's sets of 2 and 4 images
     assert "--max-images 4" in (tmp_path / "multi" / "manifest.json").read_text()  # the rebuild command
     profile = result.engines["decoder"].profiles["image_features"]

@@ -67,12 +67,12 @@ def test_a_tensorrt_provider_that_did_not_start_is_an_error():
 
 def test_cuda_backend_with_the_tensorrt_provider_fails_loudly_on_a_cpu_build(tmp_path):
     pytest.importorskip("onnxruntime")
-    import tensorrt_fakes as fakes
+    import tiny_bundle
 
     from pue.bundle import read_manifest
     from pue.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-    bundle = fakes.make_tiny_bundle(tmp_path / "bundle")
+    bundle = tiny_bundle.make_tiny_bundle(tmp_path / "bundle")
     import onnxruntime
 
     if TENSORRT_PROVIDER in onnxruntime.get_available_providers():

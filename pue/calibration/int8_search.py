@@ -220,6 +220,7 @@ def search_int8(
                 )
                 first = [m["node"] for m in measured_ranking]
                 order = first + [node for node in order if node not in set(first)]
+                phase_done("ranking")
         previous = keep
         keep = max(1, keep * 2)
         wider = best[0] | set(order[:keep])
@@ -324,8 +325,11 @@ def _rank_measured(
         report = rank(graphs, items)
         return report.overall["mean_cosine"], report.overall["min_cosine"]
 
-    models = {name: onnx.load(str(path)) for name, path in float_paths.items()}
-    return rank_end_to_end(models, ops, candidate, shortlist, measure, say)
+    # weightless: each simulated graph reads its weights from the float graphs' files (`fake_quantize`'s base_dir)
+    models = {name: onnx.load(str(path), load_external_data=False) for name, path in float_paths.items()}
+    folders = {path.parent for path in float_paths.values()}
+    assert len(folders) == 1, folders
+    return rank_end_to_end(models, ops, candidate, shortlist, measure, say, base_dir=folders.pop())
 
 
 def _widest_fitting(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pue.calibration.fake_quant import ActivationQuant, fake_quantize
@@ -38,14 +39,21 @@ class Candidate:
 
 
 def simulate(
-    models: dict[str, Any], ops: list[WeightOp], candidate: Candidate, extra_float: Iterable[str] = ()
+    models: dict[str, Any],
+    ops: list[WeightOp],
+    candidate: Candidate,
+    extra_float: Iterable[str] = (),
+    base_dir: Path | None = None,
 ) -> dict:
-    """Float graphs carrying `candidate`'s quantization as Q/DQ arithmetic, with `extra_float` ops also float."""
+    """Float graphs carrying `candidate`'s quantization as Q/DQ arithmetic, with `extra_float` ops also float.
+    `base_dir`: the `models` were loaded without their external data, which lies there (`fake_quantize`)."""
     floated = set(candidate.float_nodes) | set(extra_float)
-    return {name: _simulate_graph(name, model, ops, candidate, floated) for name, model in models.items()}
+    return {name: _simulate_graph(name, model, ops, candidate, floated, base_dir) for name, model in models.items()}
 
 
-def _simulate_graph(name: str, model: Any, ops: list[WeightOp], candidate: Candidate, floated: set[str]) -> Any:
+def _simulate_graph(
+    name: str, model: Any, ops: list[WeightOp], candidate: Candidate, floated: set[str], base_dir: Path | None = None
+) -> Any:
     picked = [op for op in ops if op.graph == name and op.node not in floated]
     plans: dict[str, ActivationQuant] = {}
     for op in picked:
@@ -56,7 +64,7 @@ def _simulate_graph(name: str, model: Any, ops: list[WeightOp], candidate: Candi
         else:
             lo, hi = candidate.ranges[op.activation]
             plans[op.activation] = ActivationQuant("static", candidate.scheme, lo, hi)
-    return fake_quantize(model, picked, plans, candidate.weight_qmax)
+    return fake_quantize(model, picked, plans, candidate.weight_qmax, base_dir)
 
 
 def static_ranges(
@@ -85,14 +93,17 @@ def rank_end_to_end(
     shortlist: list[str],
     measure: Callable[[dict[str, Any]], tuple[float, float]],
     say: Callable[[str], None] = lambda line: None,
+    base_dir: Path | None = None,
 ) -> list[dict]:
     """Each shortlisted op's end-to-end effect when kept in float on top of `candidate`: best first.
 
     `measure(graphs)` embeds the ranking items with the simulated graphs and returns (mean, min) cosine against the
     parent; the graphs an op does not touch are passed as the same objects each time (a judge may keep them staged).
-    Entries: node, graph, mean_cosine, min_cosine, and the gain over the candidate itself (`base`)."""
+    Entries: node, graph, mean_cosine, min_cosine, and the gain over the candidate itself (`base`). `base_dir`: the
+    `models` are weightless (loaded without their external data, which lies there): each simulated graph then holds
+    its weights once, and no float graph is held (measured on the Qwen3-VL-2B-shaped bench preset, BENCHMARKS.md)."""
     started = time.perf_counter()
-    base = simulate(models, ops, candidate)
+    base = simulate(models, ops, candidate, base_dir=base_dir)
     base_mean, base_min = measure(base)
     graph_of = {op.node: op.graph for op in ops}
     ranked = []
@@ -100,7 +111,7 @@ def rank_end_to_end(
     for node in sorted(shortlist, key=lambda n: list(models).index(graph_of[n])):
         graph = graph_of[node]
         floated = set(candidate.float_nodes) | {node}
-        changed = _simulate_graph(graph, models[graph], ops, candidate, floated)
+        changed = _simulate_graph(graph, models[graph], ops, candidate, floated, base_dir)
         mean, minimum = measure({**base, graph: changed})
         ranked.append(
             {

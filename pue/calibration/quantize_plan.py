@@ -81,6 +81,7 @@ def run_plan(
         outlier_rows=OUTLIER_SAMPLES,
         gate_items=gate_set.item_count(),
         batch_attention_bytes=batch_attention(graphs, manifest, tokens["decoder"], longest, set_rows),
+        ranked_ops=min(options.rank_ops, op_count),
     )
 
 

@@ -17,11 +17,17 @@ read off the graphs, and coefficients fitted to peaks measured phase by phase (`
   bytes, summed over those inputs), which the statistics pass fetches (``ACTIVATION_COPIES`` x A_g, plus
   ``STATISTICS_SCORE_COPIES`` x S_g of its unoptimised session); static calibration's session keeps more tensors of
   the scores' size per layer (``CALIBRATION_SCORE_COPIES`` x S_g);
-- the interpreter and its libraries (``PROCESS_BASE_BYTES``).
+- the interpreter and its libraries (``PROCESS_BASE_BYTES``);
+- what the INT8 search holds on top, in copies of all the weights W: while it quantizes and checks candidates
+  (``SEARCH_WEIGHT_COPIES``: the float graphs' protobufs, whose memory outlives their data once saved, onnxruntime's
+  quantizer's own model and its output, the best candidate so far, the staged candidate's sessions), and, when the
+  float fallback ranks ops end to end, during that ranking (``RANKING_WEIGHT_COPIES``: the simulated candidate and
+  the one graph it changes per op, their serialisation, the staged session).
 
-Fitted on this repository's `ci`, `e5v` and `bench` presets (BENCHMARKS.md, "Quantization's resource plan"): the
-plan was 14-25 % above every measured peak. Every quantize run records its measured peaks next to the plan in
-`fidelity.json` (`resources`), so the model can be checked on any checkpoint.
+Fitted on this repository's `ci`, `e5v` and `bench` presets (attention-bound: 1,176 image tokens per patch) and on
+the weight-bound Qwen3-VL-2B-shaped `bench` preset (365 M parameters, 64 image tokens), BENCHMARKS.md
+"Quantization's resource plan": the plan is 14-25 % above every measured peak. Every quantize run records its
+measured peaks next to the plan in `fidelity.json` (`resources`), so the model can be checked on any checkpoint.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ STATISTICS_SCORE_COPIES = 1.5
 CALIBRATION_SCORE_COPIES = 7.0
 RUNTIME_SCORE_COPIES = 9.0
 CANDIDATE_ARENA_SHARE = 0.6
+SEARCH_WEIGHT_COPIES = 3.5
+RANKING_WEIGHT_COPIES = 4.5
 MARGIN = 1.15
 
 
@@ -128,10 +136,13 @@ def plan_quantize(
     gate_items: int,
     batch_attention_bytes: int,
     available: int | None = None,
+    ranked_ops: int = 0,
 ) -> QuantizePlan:
-    """Peak host memory and the passes over calibration rows of one `pue-export quantize` run."""
+    """Peak host memory and the passes over calibration rows of one `pue-export quantize` run. `ranked_ops`: how
+    many ops the float fallback measures end to end (`--rank-ops`; 0: none, or no fallback)."""
     arena = RUNTIME_SCORE_COPIES * batch_attention_bytes
-    resident = PROCESS_BASE_BYTES + WEIGHT_COPIES_RESIDENT * sum(g.weights_bytes for g in graphs.values()) + arena
+    weights = sum(g.weights_bytes for g in graphs.values())
+    resident = PROCESS_BASE_BYTES + WEIGHT_COPIES_RESIDENT * weights + arena
     copies = CALIBRATION_SCORE_COPIES if calibrated else STATISTICS_SCORE_COPIES
     working = max(
         WEIGHT_COPIES_WORKING * g.weights_bytes
@@ -139,13 +150,20 @@ def plan_quantize(
         + copies * g.attention_bytes_per_row
         for g in graphs.values()
     )
-    peak = int(MARGIN * (resident + max(working, CANDIDATE_ARENA_SHARE * arena)))
+    phases = [working, CANDIDATE_ARENA_SHARE * arena]
+    ranked = ranked_ops if fallback and precision != "fp16" else 0
+    if precision != "fp16":
+        phases.append(SEARCH_WEIGHT_COPIES * weights + CANDIDATE_ARENA_SHARE * arena)
+    if ranked:
+        phases.append(RANKING_WEIGHT_COPIES * weights + CANDIDATE_ARENA_SHARE * arena)
+    peak = int(MARGIN * (resident + max(phases)))
     attempts = max_attempts(op_count) if fallback else 1
     if precision == "fp16":
         passes = {"outlier report": 1, "activation ranges": 1, "gate": 1}
     else:
         passes = {"outlier report": 1, "statistics": 1, **({"calibration": attempts} if calibrated else {})}
-        passes.update({"calibration check": attempts, "held-out gate": 1})
+        passes.update({"calibration check": attempts, **({"fallback ranking": ranked + 1} if ranked else {})})
+        passes["held-out gate"] = 1
     available = available_memory_bytes() if available is None else available
     fits = available is None or peak <= available
     notes = [f"(the outlier report reads the first {outlier_rows} rows of each graph)"]

@@ -40,7 +40,6 @@ SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn")
 Progress = Callable[[int, int], None]  # (done, total)
 
 
-
 @dataclass(frozen=True)
 class Patch:
     """One calibration patch and where it was cut (level-0 pixel coordinates for slides)."""

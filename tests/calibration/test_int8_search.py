@@ -13,6 +13,7 @@ import pytest
 from onnx import helper
 from onnx_graphs import float_input, make_model
 
+from pue.calibration.fake_quant import PREFIX
 from pue.calibration.graph_ops import int8_flop_share, weight_ops
 from pue.calibration.int8 import rank_sensitivity
 from pue.calibration.int8_search import MIN_INT8_FLOP_SHARE, Judges, search_int8
@@ -186,8 +187,8 @@ def test_float_set_doubles_worst_first_and_stops_at_the_80_percent_rule(tmp_path
 
 
 def simulated_float(model: onnx.ModelProto) -> set[str]:
-    """MatMuls of a simulated candidate (`pue.calibration.fake_quant`) that read their original weight: float ones."""
-    return {n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == f"w_{n.name}"}
+    """MatMuls of a simulated candidate (`pue.calibration.fake_quant`) that read their input unquantized: float ones."""
+    return {n.name for n in model.graph.node if n.op_type == "MatMul" and not n.input[0].startswith(PREFIX)}
 
 
 def test_the_fallback_follows_the_end_to_end_ranking_where_the_judges_measure_it(tmp_path):

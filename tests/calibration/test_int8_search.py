@@ -317,3 +317,29 @@ def test_exactly_80_percent_is_allowed_less_is_not(tmp_path, layers, float_nodes
     assert len(result["float_nodes"]) == float_nodes
     assert f"the fallback stops at {float_nodes} ops in float: one more would leave less than 80%" in messages[-2]
     assert result["why"] is not None
+
+
+def test_the_callers_float_graphs_are_weightless_while_the_search_runs(tmp_path):
+    """Once saved for the search, a float graph's protobuf would still hold its weights' memory (protobuf frees a
+    message's bytes with the whole message): the caller's graph becomes the weightless file-backed one, so a
+    checkpoint's FP32 weights are not held once more for the whole search; the chosen candidate replaces it."""
+    loaded = parallel_matmuls()
+    big = np.ones((64, 64), np.float32)  # 16 KiB: saved as external data (the search's threshold is 1 KiB)
+    loaded.graph.initializer.append(onnx.numpy_helper.from_array(big, "big"))
+    loaded.graph.node.append(helper.make_node("Identity", ["big"], ["big_out"], name="big_identity"))
+    loaded.graph.output.append(helper.make_tensor_value_info("big_out", onnx.TensorProto.FLOAT, [64, 64]))
+    models = {"decoder": loaded}
+    during: list[bool] = []
+
+    def check(quantized):
+        during.append(all(not init.raw_data for init in models["decoder"].graph.initializer if init.external_data))
+        during.append(any(init.external_data for init in models["decoder"].graph.initializer))
+        during.append(models["decoder"] is not loaded)  # saving leaves `loaded` weightless too, but holding the memory
+        return Verdict(passed=True, overall={"mean_cosine": 1.0, "min_cosine": 1.0, "top1": 1.0})
+
+    options = QuantizeOptions(precision="int8", smooth=False, fallback=False, error_ranges=False)
+    gate = lambda quantized: Verdict(passed=True)  # noqa: E731
+    judges = Judges(check, gate)
+    search_int8(models, {"decoder": calibration_feeds}, {"decoder": 1}, tmp_path, options, judges, print, {})
+    assert during == [True, True, True]
+    assert not any(init.external_data for init in models["decoder"].graph.initializer)  # the chosen candidate

@@ -49,9 +49,9 @@ def fake_quantize(
 
     `base_dir`: `model` was loaded without its external data (`onnx.load(path, load_external_data=False)`), which
     lies there; the copy holds every weight inline, each set once. protobuf keeps a replaced field's old bytes until
-    the whole message is freed, and a copy's memory lives as long as the model it was copied from, so a copy of a
-    loaded graph whose weights are then replaced holds two sets of the replaced weights and the loaded graph a
-    third (measured: 2.3 GB for a 0.8 GB decoder); from the weightless model, the copy holds one."""
+    the whole message is freed (measured: replacing the MatMul weights of a loaded 785 MB decoder in place took it
+    from 0.81 to 1.61 GB), so a copy of a loaded graph whose weights are then replaced holds them twice, beside the
+    loaded graph; from the weightless model, the copy holds them once and no loaded graph is needed."""
     out = copy.deepcopy(model)
     graph = out.graph
     initializers = {init.name: init for init in graph.initializer}

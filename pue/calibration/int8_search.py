@@ -59,7 +59,7 @@ def search_int8(
         all_stats.update(stats)
         float_paths[name] = work / f"{name}.float.onnx"
         onnx.save_model(model, str(float_paths[name]), save_as_external_data=True, location=f"{name}.float.data")
-        # saving cleared the graph's weights but not their memory (protobuf frees it with the whole message): the
+        # saving cleared the graph's weights, not their memory (protobuf frees a message's bytes with the message): the
         # search reads the file from here on, so the caller's graph becomes the weightless one and the loaded one goes
         models[name] = onnx.load(str(float_paths[name]), load_external_data=False)
     if smoothed:

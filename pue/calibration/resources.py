@@ -19,7 +19,7 @@ read off the graphs, and coefficients fitted to peaks measured phase by phase (`
   the scores' size per layer (``CALIBRATION_SCORE_COPIES`` x S_g);
 - the interpreter and its libraries (``PROCESS_BASE_BYTES``);
 - what the INT8 search holds on top, in copies of all the weights W: while it quantizes and checks candidates
-  (``SEARCH_WEIGHT_COPIES``: the float graphs' protobufs, whose memory outlives their data once saved, onnxruntime's
+  (``SEARCH_WEIGHT_COPIES``: the float graphs' protobufs, onnxruntime's
   quantizer's own model and its output, the best candidate so far, the staged candidate's sessions), and, when the
   float fallback ranks ops end to end, during that ranking (``RANKING_WEIGHT_COPIES``: the simulated candidate and
   the one graph it changes per op, their serialisation, the staged session).

@@ -82,6 +82,7 @@ def run_plan(
         gate_items=gate_set.item_count(),
         batch_attention_bytes=batch_attention(graphs, manifest, tokens["decoder"], longest, set_rows),
         ranked_ops=min(options.rank_ops, op_count),
+        every_row_calibrates=options.method != "minmax",  # minmax: pue's ranges, onnxruntime's calibrator reads a row
     )
 
 

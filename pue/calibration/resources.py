@@ -26,7 +26,7 @@ read off the graphs, and coefficients fitted to peaks measured phase by phase (`
 
 Fitted on this repository's `ci`, `e5v` and `bench` presets (attention-bound: 1,176 image tokens per patch) and on
 the weight-bound Qwen3-VL-2B-shaped `bench` preset (365 M parameters, 64 image tokens), BENCHMARKS.md
-"Quantization's resource plan": the plan is 14-25 % above every measured peak. Every quantize run records its
+"Quantization's resource plan": the plan is 14-40 % above every measured peak. Every quantize run records its
 measured peaks next to the plan in `fidelity.json` (`resources`), so the model can be checked on any checkpoint.
 """
 
@@ -137,13 +137,16 @@ def plan_quantize(
     batch_attention_bytes: int,
     available: int | None = None,
     ranked_ops: int = 0,
+    every_row_calibrates: bool = True,
 ) -> QuantizePlan:
     """Peak host memory and the passes over calibration rows of one `pue-export quantize` run. `ranked_ops`: how
-    many ops the float fallback measures end to end (`--rank-ops`; 0: none, or no fallback)."""
+    many ops the float fallback measures end to end (`--rank-ops`; 0: none, or no fallback).
+    `every_row_calibrates`: static INT8's calibration session runs every row (onnxruntime's histogram methods); with
+    pue's own ranges (`--calibration-method minmax`) it runs one, and the statistics pass is the larger."""
     arena = RUNTIME_SCORE_COPIES * batch_attention_bytes
     weights = sum(g.weights_bytes for g in graphs.values())
     resident = PROCESS_BASE_BYTES + WEIGHT_COPIES_RESIDENT * weights + arena
-    copies = CALIBRATION_SCORE_COPIES if calibrated else STATISTICS_SCORE_COPIES
+    copies = CALIBRATION_SCORE_COPIES if calibrated and every_row_calibrates else STATISTICS_SCORE_COPIES
     working = max(
         WEIGHT_COPIES_WORKING * g.weights_bytes
         + ACTIVATION_COPIES * g.activation_bytes_per_row

@@ -59,9 +59,7 @@ def quantize_static_graph(
     """Static Q/DQ of `nodes`' inputs. `ranges`: each activation's [rmin, rmax] (`pue.calibration.ranges`; those of
     other graphs are ignored), given to onnxruntime as overrides; when every input `nodes` read has one and is a
     tensor onnxruntime's quantizer sees (its shape inference names it), its calibrator only has to run, on the
-    reader's first row; otherwise those few keep its MinMax over every row (the same values as pue's MinMax).
-    (Before, the search's ranges of both graphs were checked against each graph's names, which never all matched:
-    every calibration row ran, the several-image rows' attention included: 14.8 GB on the `bench` preset.)"""
+    reader's first row; otherwise those few keep its MinMax over every row (the same values as pue's MinMax)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not nodes:

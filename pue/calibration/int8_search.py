@@ -219,7 +219,7 @@ def search_int8(
             order = [s["node"] for s in ranking]
             if judges.rank is not None and options.rank_ops > 0:
                 measured_ranking = _rank_measured(
-                    float_paths, all_ops, all_stats, best, range_rules, order, options, judges, say
+                    models, work, all_ops, all_stats, best, range_rules, order, options, judges, say
                 )
                 first = [m["node"] for m in measured_ranking]
                 order = first + [node for node in order if node not in set(first)]
@@ -295,7 +295,8 @@ class Judges:
 
 
 def _rank_measured(
-    float_paths: dict[str, Path],
+    models: dict[str, Any],
+    work: Path,
     ops: list[Any],
     stats: dict[str, Any],
     best: tuple,
@@ -305,9 +306,8 @@ def _rank_measured(
     judges: Judges,
     say: Callable[[str], None],
 ) -> list[dict]:
-    """The fallback's end-to-end ranking of the SQNR ranking's worst `options.rank_ops` ops not yet in float."""
-    import onnx
-
+    """The fallback's end-to-end ranking of the SQNR ranking's worst `options.rank_ops` ops not yet in float.
+    `models`: the search's weightless float graphs, whose weights lie in `work` (`fake_quantize`'s base_dir)."""
     from pue.calibration.measured_ranking import Candidate, rank_end_to_end, static_ranges, worst_items
 
     float_nodes, check, _, per_token, rule = best
@@ -328,11 +328,7 @@ def _rank_measured(
         report = rank(graphs, items)
         return report.overall["mean_cosine"], report.overall["min_cosine"]
 
-    # weightless: each simulated graph reads its weights from the float graphs' files (`fake_quantize`'s base_dir)
-    models = {name: onnx.load(str(path), load_external_data=False) for name, path in float_paths.items()}
-    folders = {path.parent for path in float_paths.values()}
-    assert len(folders) == 1, folders
-    return rank_end_to_end(models, ops, candidate, shortlist, measure, say, base_dir=folders.pop())
+    return rank_end_to_end(models, ops, candidate, shortlist, measure, say, base_dir=work)
 
 
 def _widest_fitting(

@@ -108,6 +108,7 @@ class Check:
     value: float
     threshold: float
     higher_is_better: bool = True
+    note: str = ""  # what a failure of this check means, where the measurements can tell (top-1: near-ties)
 
     @property
     def passed(self) -> bool:
@@ -117,7 +118,9 @@ class Check:
 
     def describe(self) -> str:
         sign = "<" if self.higher_is_better else ">"
-        return f"{self.name} {self.metric} {self.value:.4g} {sign} {self.threshold:g}"
+        return f"{self.name} {self.metric} {self.value:.4g} {sign} {self.threshold:g}" + (
+            f" ({self.note})" if self.note else ""
+        )
 
 
 @dataclass
@@ -177,6 +180,56 @@ def retrieval_agreement(candidate: np.ndarray, parent: np.ndarray, k: int) -> fl
     return float(np.mean(rank < k))
 
 
+def top1_misses(candidate: np.ndarray, parent: np.ndarray, kind: str) -> list[dict[str, Any]]:
+    """The items whose candidate embedding is nearer another item's parent than its own: which one it took, how far
+    apart the two are in the parent (`parent_gap`, 1 − cosine: the room the item had) and the candidate's own error
+    on the item (`error`, 1 − cosine to its parent). A miss whose gap is far under the gate's mean tolerance is a
+    near-duplicate pair of the gate set, which any bundle within that tolerance may swap."""
+    if len(candidate) < 2:
+        return []
+    parents = unit_rows(parent)
+    sims = unit_rows(candidate) @ parents.T
+    own = np.diag(sims)
+    misses = []
+    for item in np.flatnonzero((sims > own[:, None]).any(axis=1)):
+        taken = int(np.argmax(sims[item]))
+        misses.append(
+            {
+                "kind": kind,
+                "item": int(item),
+                "taken": taken,
+                "parent_gap": float(1.0 - parents[item] @ parents[taken]),
+                "error": float(1.0 - own[item]),
+            }
+        )
+    return misses
+
+
+def nearest_parent_gap(parent: np.ndarray) -> float:
+    """The smallest 1 − cosine between two different items of a set: how finely top-1 must resolve it."""
+    if len(parent) < 2:
+        return 1.0
+    unit = unit_rows(parent)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    return float(1.0 - sims.max())
+
+
+def _near_tie_note(misses: list[dict[str, Any]], limits: FidelityThresholds) -> str:
+    """What the top-1 misses were, against the error the mean-cosine threshold tolerates on an item."""
+    if not misses:
+        return ""
+    widest = max(miss["parent_gap"] for miss in misses)
+    tolerated = 1.0 - limits.mean_cosine
+    text = f"{len(misses)} missed; the item taken is within 1 − cos {widest:.2g} of the right one in the parent"
+    if widest < tolerated:
+        text += (
+            f", under the {tolerated:.2g} of error the mean threshold allows per item: near-duplicates in the gate "
+            "set, which any bundle within the thresholds may swap"
+        )
+    return text
+
+
 def mean_pairwise_cosine(x: np.ndarray) -> float:
     """How alike a set's items are (what a cosine threshold must be read against)."""
     unit = unit_rows(x)
@@ -203,7 +256,9 @@ def measure_fidelity(
     limits = thresholds or FidelityThresholds()
     report = GateReport(FIDELITY, compared, thresholds=asdict(limits))
     hits1 = hits5 = 0.0
+    misses: list[dict[str, Any]] = []
     for kind in parent:
+        misses += top1_misses(candidate[kind], parent[kind], kind)
         cos = cosine_rows(candidate[kind], parent[kind])
         top1 = retrieval_agreement(candidate[kind], parent[kind], 1)
         top5 = retrieval_agreement(candidate[kind], parent[kind], 5)
@@ -216,6 +271,7 @@ def measure_fidelity(
             "top1": top1,
             "top5": top5,
             "parent_mean_pairwise_cosine": mean_pairwise_cosine(parent[kind]),
+            "parent_nearest_gap": nearest_parent_gap(parent[kind]),
         }
     all_candidate = np.concatenate([candidate[k] for k in parent])
     all_parent = np.concatenate([parent[k] for k in parent])
@@ -230,10 +286,18 @@ def measure_fidelity(
         "parent_mean_pairwise_cosine": mean_pairwise_cosine(all_parent),
     }
     report.cosines = [float(c) for c in cos]
+    if misses:
+        report.extra["top1_misses"] = misses
     report.checks = [
         Check("all items", "mean cosine", report.overall["mean_cosine"], limits.mean_cosine),
         Check("all items", "min cosine", report.overall["min_cosine"], limits.min_cosine),
-        Check("all items", "top-1 self-retrieval", report.overall["top1"], limits.top1),
+        Check(
+            "all items",
+            "top-1 self-retrieval",
+            report.overall["top1"],
+            limits.top1,
+            note=_near_tie_note(misses, limits),
+        ),
     ]
     return report
 
@@ -421,6 +485,14 @@ def print_gate(
         table.add_row("all items", "top-5 self-retrieval", f"{overall['top5']:.5f}", "", "")
     if "centered_mean_cosine" in overall:
         table.add_row("all items", "centered mean cosine", f"{overall['centered_mean_cosine']:.5f}", "", "")
+    for miss in gate.get("top1_misses", [])[:5]:
+        table.add_row(
+            f"{miss['kind']} #{miss['item']}",
+            f"top-1 took #{miss['taken']}",
+            f"parent gap {miss['parent_gap']:.2g}, error {miss['error']:.2g}",
+            "",
+            "",
+        )
     for kind, values in gate.get("per_kind", {}).items():
         table.add_row(
             f"{kind} ({values['count']})",

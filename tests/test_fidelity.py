@@ -23,6 +23,7 @@ from pue.fidelity import (
     image_sets_of,
     mean_pairwise_cosine,
     measure_fidelity,
+    nearest_parent_gap,
     print_gate,
     retrieval_agreement,
 )
@@ -49,6 +50,36 @@ def test_self_retrieval_is_within_each_kind():
     texts = np.eye(3)  # identical to the images: across kinds they would tie, within kinds each finds itself
     report = measure_fidelity({"images": images, "texts": texts}, {"images": images, "texts": texts})
     assert report.per_kind["images"]["top1"] == 1.0 and report.per_kind["texts"]["count"] == 3
+
+
+def test_top1_misses_say_how_close_the_swapped_items_are_in_the_parent():
+    """Items 0 and 1 are near-duplicates in the parent (1 − cos 0.001); the candidate moves item 0 a little toward
+    item 1 and item 2 onto item 3 (far apart). Both are misses; only the first is a near-tie."""
+    angle = np.arccos(0.999)
+    parent = np.array([[1.0, 0.0, 0.0, 0.0], [np.cos(angle), np.sin(angle), 0.0, 0.0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    candidate = parent.copy()
+    candidate[0] = [np.cos(0.6 * angle), np.sin(0.6 * angle), 0.0, 0.0]  # nearer item 1's parent than its own
+    assert nearest_parent_gap(parent) == pytest.approx(0.001)
+    report = measure_fidelity({"images": candidate[:2]}, {"images": parent[:2]})
+    (miss,) = report.extra["top1_misses"]
+    assert (miss["item"], miss["taken"]) == (0, 1)
+    assert miss["parent_gap"] == pytest.approx(0.001) and miss["error"] == pytest.approx(1 - np.cos(0.6 * angle))
+    assert report.per_kind["images"]["parent_nearest_gap"] == pytest.approx(0.001)
+    (failure,) = report.failures()  # mean and min pass; top-1 0.5 fails, and says why
+    assert "1 missed" in failure and "near-duplicates in the gate set" in failure
+    far = candidate.copy()
+    far[2] = parent[3]
+    wide = measure_fidelity({"images": far}, {"images": parent})
+    assert sorted(m["item"] for m in wide.extra["top1_misses"]) == [0, 2]
+    top1 = next(c for c in wide.checks if c.metric == "top-1 self-retrieval")
+    assert "2 missed" in top1.note and "near-duplicates" not in top1.note  # the widest gap (1.0) is no tie
+    assert "top1_misses" in wide.to_dict()
+    out = io.StringIO()
+    from rich.console import Console
+
+    print_gate(Console(file=out, width=200), wide.to_dict())
+    assert "top-1 took #3" in out.getvalue()
+    assert "top1_misses" not in measure_fidelity({"images": parent}, {"images": parent}).to_dict()
 
 
 def test_cosine_and_pairwise_by_hand():

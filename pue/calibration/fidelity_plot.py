@@ -17,6 +17,7 @@ def treatment_line(report: dict) -> str:
         f"{len(report.get('per_token_nodes', []))} per token",
         f"{len(smoothed)} groups smoothed ({folds} folded exactly)",
         *([f"ranges {ranges['rule']} ({len(ranges['clipped'])} clipped)"] if ranges else []),
+        *(["GPTQ weights"] if (report.get("weights") or {}).get("rounding") == "gptq" else []),
         "rotated" if (report.get("rotation") or {}).get("applied") else "not rotated",
     ]
     return "; ".join(parts)

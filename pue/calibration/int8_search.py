@@ -38,6 +38,7 @@ def search_int8(
     """
     import onnx
 
+    from pue.calibration.gptq import round_weights, weight_reader
     from pue.calibration.int8 import activation_scheme, quantize_dynamic_graph, quantize_static_graph, rank_sensitivity
     from pue.calibration.per_token import TOKEN_OUTLIER_RATIO, quantize_per_token
     from pue.calibration.readers import OrtReader
@@ -107,14 +108,20 @@ def search_int8(
     # each graph's last quantization: (its int8 ops, ranges) → file. An attempt that changes one graph's ops (most
     # fallback and token steps change the decoder's only) reloads the other's file: the same inputs, the same graph
     last: dict[str, tuple[tuple[tuple[str, ...], str], Path]] = {}
+    samples = {op.node: all_stats[op.activation].samples for op in all_ops if op.activation in all_stats}
+    gptq_cache: dict[tuple, Any] = {}  # GPTQ's levels per op and grid, kept across attempts
+    gptq_ops: dict[str, list[str]] = {}  # per graph: the ops its last quantization re-rounded
+    token_gptq: dict[str, list[str]] = {}  # per graph: the per-token ops whose weights GPTQ rounded, last attempt
 
     def quantize(float_nodes: set[str], per_token: set[str] = frozenset(), rule: str = "minmax") -> dict[str, Any]:
         quantized = {}
+        gptq = rule.endswith(GPTQ)
         for name, path in float_paths.items():
             nodes = [op.node for op in all_ops if op.graph == name and op.node not in float_nodes | per_token]
             out = work / f"{name}.int8.onnx"
-            request = (tuple(nodes), rule if static else "dynamic")
-            if name in last and last[name][0] == request:
+            request = (tuple(nodes), rule if static else "dynamic" + (GPTQ if gptq else ""))
+            fresh = not (name in last and last[name][0] == request)
+            if not fresh:
                 out = last[name][1]
             elif static:
                 reader = OrtReader(feeds[name]())  # read lazily: one row when every range is pue's
@@ -126,17 +133,28 @@ def search_int8(
                     options.target,
                     options.method,
                     cache_path=work / f"{name}.calibration.json",
-                    ranges=range_rules.get(rule),
+                    ranges=range_rules.get(_ranges_rule(rule)),
                 )
             elif nodes:
                 quantize_dynamic_graph(path, out, nodes)
             else:  # every op of this graph is per token or float
                 out = path
+            if fresh:
+                gptq_ops[name] = []
+            if gptq and nodes and fresh:  # re-round onnxruntime's int8 weights (`gptq`), on the same grids
+                rounded = onnx.load(str(out))
+                int8_ops = [op for op in all_ops if op.graph == name and op.node in set(nodes)]
+                reader = weight_reader(models[name], work)
+                gptq_ops[name] = round_weights(rounded, int8_ops, samples, reader, gptq_cache)
+                onnx.save_model(rounded, str(out))
+                del rounded
             last[name] = (request, out)
             quantized[name] = onnx.load(str(out))
             token_ops = [op for op in all_ops if op.graph == name and op.node in per_token - float_nodes]
+            token_gptq[name] = []
             if token_ops:
-                quantize_per_token(quantized[name], token_ops)
+                done = quantize_per_token(quantized[name], token_ops, samples if gptq else None)
+                token_gptq[name] = done if gptq else []
         phase_done("calibration" if static else "quantization")
         return quantized
 
@@ -165,6 +183,10 @@ def search_int8(
         variants.append((set(massive_float), set(), "best", True))
     if own_ranges and options.error_ranges and any(clip < 1.0 for clip in clips.values()):
         variants.append((set(), set(), "mse", False))
+    # the best so far with its int8 weights rounded by GPTQ (`gptq`: each op's output error on calibration tokens,
+    # not each weight's own error, kept small; same grids, same kernels), taken if the check says better
+    if options.gptq:
+        variants.append((set(), set(), "best" + GPTQ, False))
     # the ops the SQNR ranking cannot score (Conv: the vision patch embedding, whose int8 input and weights cost the
     # ci-sized fixtures up to 0.009 of minimum cosine), in float while the check fails
     unscored = {op.node for op in all_ops if op.op_type != "MatMul"}
@@ -182,7 +204,11 @@ def search_int8(
             {
                 "float_nodes": sorted(float_nodes),
                 "per_token_nodes": sorted(per_token - float_nodes),
-                "ranges": rule if static else "dynamic",
+                "ranges": _ranges_rule(rule) if static else "dynamic",
+                "weights": "gptq" if rule.endswith(GPTQ) else "nearest",
+                "gptq_ops": sum(len(v) for v in [*gptq_ops.values(), *token_gptq.values()])
+                if rule.endswith(GPTQ)
+                else 0,
                 "int8_flop_share": share,
                 "check": check.overall,
                 "check_passed": check.passed,
@@ -192,7 +218,8 @@ def search_int8(
         )
         say(
             f"attempt {len(attempts)}: {len(float_nodes)} ops in float, {len(per_token - float_nodes)} per token"
-            + (f", {rule} ranges" if own_ranges else "")
+            + (f", {_ranges_rule(rule)} ranges" if own_ranges else "")
+            + (", GPTQ weights" if rule.endswith(GPTQ) else "")
             + f", int8 share {share:.1%}, calibration check: "
             f"mean cos {check.overall['mean_cosine']:.5f}, min {check.overall['min_cosine']:.5f}, "
             f"top-1 {check.overall['top1']:.3f} → {'pass' if check.passed else 'fail'}"
@@ -205,8 +232,11 @@ def search_int8(
         if variants:  # next: another way to quantize, before the sensitivity fallback
             extra_float, per_token, variant_rule, _ = variants.pop(0)
             float_nodes = float_nodes | extra_float
-            per_token = per_token if not extra_float else best[3]
-            rule = best[4] if variant_rule == "best" else variant_rule
+            per_token = per_token if not extra_float and variant_rule != "best" + GPTQ else best[3]
+            if variant_rule.startswith("best"):
+                rule = _ranges_rule(best[4]) + variant_rule.removeprefix("best")
+            else:
+                rule = variant_rule + (GPTQ if best[4].endswith(GPTQ) else "")
             continue
         if best[1].passed or not options.fallback:
             break
@@ -269,11 +299,23 @@ def search_int8(
         "per_token_nodes": sorted(chosen_per_token - chosen),
         "share": int8_flop_share(all_ops, chosen, tokens),
         "smoothed": smoothed,
-        "ranges": _ranges_record(chosen_rule, clips) if own_ranges else None,
+        "ranges": _ranges_record(_ranges_rule(chosen_rule), clips) if own_ranges else None,
+        "weights": {
+            "rounding": "gptq" if chosen_rule.endswith(GPTQ) else "nearest",
+            "gptq_ops": next(a["gptq_ops"] for a in reversed(attempts) if a["taken"]),
+        },
         "ranking": ranking,
         "measured_ranking": measured_ranking,
         "why": why,
     }
+
+
+GPTQ = "+gptq"  # a quantization rule's suffix: int8 weights rounded by GPTQ (`pue.calibration.gptq`)
+
+
+def _ranges_rule(rule: str) -> str:
+    """The activation ranges a quantization rule uses ("minmax", "mse"), without its weight rounding."""
+    return rule.removesuffix(GPTQ)
 
 
 def _ranges_record(rule: str, clips: dict[str, float]) -> dict[str, Any]:
@@ -315,7 +357,7 @@ def _rank_measured(
     candidate = Candidate(
         float_nodes=frozenset(float_nodes),
         per_token=frozenset(per_token - float_nodes),
-        ranges=static_ranges(ops, stats, range_rules.get(rule)) if qdq.static else {},
+        ranges=static_ranges(ops, stats, range_rules.get(_ranges_rule(rule))) if qdq.static else {},
         scheme=str(qdq.scheme),
         weight_qmax=qdq.weight_qmax,
     )

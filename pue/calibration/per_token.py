@@ -37,9 +37,11 @@ TOKEN_OUTLIER_RATIO = 20.0  # a token's max |x| over the median token's: above i
 WEIGHT_QMAX = 127  # full 8-bit weights: the u8×u8 kernel cannot saturate
 
 
-def quantize_per_token(model: Any, ops: list[WeightOp]) -> list[str]:
+def quantize_per_token(
+    model: Any, ops: list[WeightOp], samples: dict[str, list[np.ndarray]] | None = None
+) -> list[str]:
     """Rewrite each MatMul of `ops` (float weight initializer) in place as per-token dynamic INT8; returns the
-    rewritten node names."""
+    rewritten node names. `samples`: calibration tokens of each op's input (by node), for GPTQ rounding."""
     initializers = {init.name: init for init in model.graph.initializer}
     done = []
     for index, op in enumerate(ops):
@@ -51,7 +53,13 @@ def quantize_per_token(model: Any, ops: list[WeightOp]) -> list[str]:
             continue
         scale = np.abs(weight).max(axis=0) / float(WEIGHT_QMAX)
         scale[scale == 0] = 1.0
-        quantized = (np.clip(np.round(weight / scale), -WEIGHT_QMAX, WEIGHT_QMAX) + 128).astype(np.uint8)
+        if samples and samples.get(op.node):
+            from pue.calibration.gptq import gptq_levels
+
+            levels = gptq_levels(weight, scale, samples[op.node], WEIGHT_QMAX)
+        else:
+            levels = np.clip(np.round(weight / scale), -WEIGHT_QMAX, WEIGHT_QMAX)
+        quantized = (levels + 128).astype(np.uint8)
         tag = f"{PREFIX}{index}"
         column_sums = (quantized.astype(np.int64) - 128).sum(axis=0).astype(np.float32)
         model.graph.initializer.extend(

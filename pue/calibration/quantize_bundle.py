@@ -53,6 +53,7 @@ class QuantizeOptions:
     rotate: str = "off"  # "auto" | "on" | "off": rotate the decoder's residual stream first (INT8 only)
     fallback: bool = True
     error_ranges: bool = True  # static INT8 (MinMax): also try ranges chosen by output error (`ranges`), if better
+    gptq: bool = True  # INT8: also try the int8 weights rounded by GPTQ (`gptq`), taken if the check is better
     # int8-dynamic: inputs carrying massive tokens may quantize per token (checked, not assumed); static INT8 keeps them
     # float instead, as part of the fallback (`PrecisionSpec.token_outliers`)
     per_token: bool = True
@@ -249,6 +250,7 @@ def quantize_bundle(
             "int8_flop_share": outcome.get("share"),
             "smoothed": outcome.get("smoothed", []),
             "ranges": outcome.get("ranges"),
+            "weights": outcome.get("weights"),
             "attention": {"mode": attention_mode(options), "graphs": fusion},
             "sensitivity": outcome.get("ranking", [])[:20],
             "measured_ranking": outcome.get("measured_ranking", []),
@@ -408,6 +410,7 @@ def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -
         "per_token_nodes": report["per_token_nodes"],
         "smoothed_groups": len(report["smoothed"]),
         "activation_ranges": (report.get("ranges") or {}).get("rule"),
+        "weight_rounding": (report.get("weights") or {}).get("rounding"),
         "gate_device": report["gate_device"],
         "outliers": {k: v for k, v in report["outliers"].items() if k != "worst"},
     }

@@ -53,6 +53,12 @@ def quantize(
         "--no-error-ranges",
         help="Static INT8: MinMax activation ranges only (never try ranges chosen by output error; diagnostics).",
     ),
+    gptq: bool = typer.Option(
+        None,
+        "--gptq/--no-gptq",
+        help="INT8: also try the int8 weights rounded by GPTQ (each op's output error on calibration tokens kept "
+        "small, same grids and kernels; on by default); the calibration check decides.",
+    ),
     rank_ops: int = typer.Option(
         24,
         "--rank-ops",
@@ -116,6 +122,7 @@ def quantize(
         fallback=not no_fallback,
         per_token=not no_per_token,
         error_ranges=not no_error_ranges,
+        **({} if gptq is None else {"gptq": gptq}),
         rank_ops=rank_ops,
         rotate=rotate.value,
         magnification=magnification,
@@ -185,6 +192,8 @@ def _print_fidelity(out: object, report: dict) -> None:
         )
     extra.append(("ops kept in float", str(len(report.get("float_nodes", []))), ""))
     extra.append(("smoothed op groups", str(len(report.get("smoothed", []))), ""))
+    if (report.get("weights") or {}).get("rounding") == "gptq":
+        extra.append(("int8 weights rounded by GPTQ", str(report["weights"]["gptq_ops"]), "ops"))
     if report.get("per_token_nodes"):
         extra.append(("ops quantized per token", str(len(report["per_token_nodes"])), "massive tokens"))
     rotation = report.get("rotation") or {}

@@ -145,7 +145,13 @@ def search(
 
     messages: list[str] = []
     options = QuantizeOptions(
-        precision="int8", target=target, smooth=False, fallback=fallback, error_ranges=False, rank_ops=rank_ops
+        precision="int8",
+        target=target,
+        smooth=False,
+        fallback=fallback,
+        error_ranges=False,
+        rank_ops=rank_ops,
+        gptq=False,
     )
     result = search_int8(
         {"decoder": parallel_matmuls()},
@@ -297,7 +303,9 @@ def test_exactly_80_percent_is_allowed_less_is_not(tmp_path, layers, float_nodes
         {f"w{i}": rng.normal(size=(K, 4)).astype(np.float32) for i in range(layers)},
     )
     feeds = [{f"x{i}": rng.normal(size=(8, K)).astype(np.float32) for i in range(layers)} for _ in range(2)]
-    options = QuantizeOptions(precision="int8", target="tensorrt", smooth=False, fallback=True, error_ranges=False)
+    options = QuantizeOptions(
+        precision="int8", target="tensorrt", smooth=False, fallback=True, error_ranges=False, gptq=False
+    )
     calls, messages = [], []
     result = search_int8(
         {"decoder": model},
@@ -337,7 +345,7 @@ def test_the_callers_float_graphs_are_weightless_while_the_search_runs(tmp_path)
         during.append(models["decoder"] is not loaded)  # saving leaves `loaded` weightless too, but holding the memory
         return Verdict(passed=True, overall={"mean_cosine": 1.0, "min_cosine": 1.0, "top1": 1.0})
 
-    options = QuantizeOptions(precision="int8", smooth=False, fallback=False, error_ranges=False)
+    options = QuantizeOptions(precision="int8", smooth=False, fallback=False, error_ranges=False, gptq=False)
     gate = lambda quantized: Verdict(passed=True)  # noqa: E731
     judges = Judges(check, gate)
     search_int8(models, {"decoder": calibration_feeds}, {"decoder": 1}, tmp_path, options, judges, print, {})

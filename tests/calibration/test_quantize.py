@@ -174,7 +174,8 @@ def test_massive_tokens_need_per_token_dynamic_int8(fp32_bundle, heldout_dir, tm
     assert result.fidelity.passed and result.int8_flop_share == 1.0
     report = json.loads((tmp_path / "per-token" / "fidelity.json").read_text())
     assert len(report["per_token_nodes"]) == 1 and "down_proj" in report["per_token_nodes"][0]
-    first, second = report["attempts"]  # per tensor first, then per token, both measured on calibration items
+    first, second, third = report["attempts"]  # per tensor, per token, GPTQ weights: each checked on calibration
+    assert third["weights"] == "gptq" and third["per_token_nodes"] == second["per_token_nodes"]
     assert first["per_token_nodes"] == [] and second["per_token_nodes"] == report["per_token_nodes"]
     assert second["taken"] and second["check"]["min_cosine"] > first["check"]["min_cosine"]
     assert "MatMulInteger" in op_types(tmp_path / "per-token", "decoder")

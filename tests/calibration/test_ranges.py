@@ -113,7 +113,7 @@ def run_search(tmp_path, mse_minimum: float) -> tuple[dict, list[float]]:
         minimum = 0.95 if np.isclose(scales[-1], minmax_scale) else mse_minimum
         return Verdict(False, {"mean_cosine": 0.99, "min_cosine": minimum, "top1": 1.0})
 
-    options = QuantizeOptions(precision="int8", target="tensorrt", smooth=False, fallback=False)
+    options = QuantizeOptions(precision="int8", target="tensorrt", smooth=False, fallback=False, gptq=False)
 
     def gate(quantized):
         return Verdict(False, {"mean_cosine": 0.99, "min_cosine": 0.9, "top1": 1.0})

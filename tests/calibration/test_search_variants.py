@@ -64,7 +64,7 @@ def search(tmp_path, precision, scores):
         return Verdict(minimum >= 0.98, {"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0})
 
     target = "tensorrt" if precision == "int8" else "onnxruntime"
-    options = QuantizeOptions(precision=precision, target=target, smooth=False)
+    options = QuantizeOptions(precision=precision, target=target, smooth=False, gptq=False)
     result = search_decoder(model, feeds, tmp_path, options, check, gate=check)
     return result, seen[:-1]  # the last one is the gate's
 
@@ -138,7 +138,7 @@ def test_a_graph_the_attempt_does_not_change_is_quantized_once(tmp_path, monkeyp
             {"vision": lambda limit=None: vision_rows[:limit], "decoder": lambda limit=None, rows=rows: rows[:limit]},
             {"vision": 1, "decoder": 1},
             work,
-            QuantizeOptions(precision=precision, target=target, smooth=False),
+            QuantizeOptions(precision=precision, target=target, smooth=False, gptq=False),
             Judges(check=check, gate=check),
             lambda message: None,
             {},

@@ -94,20 +94,8 @@ def round_weights(
 
 def weight_reader(model: Any, base_dir: Path) -> Callable[[str], np.ndarray]:
     """Reads one float weight of `model` at a time (loaded without its weights: they lie under `base_dir`)."""
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
-
     initializers = {init.name: init for init in model.graph.initializer}
-
-    def read(name: str) -> np.ndarray:
-        tensor = initializers[name]
-        if uses_external_data(tensor):
-            copy = type(tensor)()
-            copy.CopyFrom(tensor)
-            load_external_data_for_tensor(copy, str(base_dir))
-            tensor = copy
-        return numpy_helper.to_array(tensor).astype(np.float32)
-
-    return read
+    return lambda name: numpy_helper.to_array(initializers[name], base_dir=str(base_dir)).astype(np.float32)
 
 
 __all__ = ["gptq_levels", "round_weights", "weight_reader"]

@@ -143,7 +143,8 @@ def search_int8(
                 gptq_ops[name] = []
             if gptq and nodes and fresh:  # re-round onnxruntime's int8 weights (`gptq`), on the same grids
                 rounded = onnx.load(str(out))
-                int8_ops = [op for op in all_ops if op.graph == name and op.node in set(nodes)]
+                chosen = set(nodes)
+                int8_ops = [op for op in all_ops if op.graph == name and op.node in chosen]
                 reader = weight_reader(models[name], work)
                 gptq_ops[name] = round_weights(rounded, int8_ops, samples, reader, gptq_cache)
                 onnx.save_model(rounded, str(out))

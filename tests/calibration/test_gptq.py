@@ -117,3 +117,13 @@ def test_the_search_tries_gptq_on_the_best_candidate_and_keeps_it_only_when_the_
         assert [a["taken"] for a in attempts] == [True, True, better]
         assert result["weights"]["rounding"] == ("gptq" if better else "nearest")
         assert result["weights"]["gptq_ops"] == (1 if better else 0)  # the per-token op's weights
+
+
+def test_weight_reader_reads_one_weight_of_a_weightless_graph(tmp_path: Path):
+    from pue.calibration.gptq import weight_reader
+
+    model = _graph(tmp_path / "plain.onnx")
+    onnx.save_model(model, str(tmp_path / "float.onnx"), save_as_external_data=True, size_threshold=0)
+    weightless = onnx.load(str(tmp_path / "float.onnx"), load_external_data=False)
+    assert not weightless.graph.initializer[0].raw_data  # its bytes lie in the external file
+    np.testing.assert_array_equal(weight_reader(weightless, tmp_path)("w"), _weight())

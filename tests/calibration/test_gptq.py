@@ -91,32 +91,61 @@ def test_onnxruntimes_int8_weights_are_re_rounded_in_place(tmp_path: Path, mode:
     assert error(quantized) < error_before
 
 
-def test_the_search_tries_gptq_on_the_best_candidate_and_keeps_it_only_when_the_check_is_better(tmp_path):
-    """int8-dynamic without massive tokens: per tensor (fails), every op per token (better, still failing), then GPTQ
-    on that candidate — its per-token rows kept — taken only if the check says better."""
+@pytest.mark.parametrize(
+    "scores, weights, per_token, taken, rounding",
+    [
+        # GPTQ on the baseline is taken; every op per token is then quantized with it, and passes
+        ([0.95, 0.97, 0.99], ["nearest", "gptq", "gptq"], [[], [], ["proj"]], [True, True, True], "gptq"),
+        # GPTQ alone is not taken; per token with nearest rounding is not either; the same per-token set with GPTQ
+        # (the other rounding, tried because the check still fails) is: the combination the greedy order missed
+        (
+            [0.95, 0.94, 0.93, 0.99],
+            ["nearest", "gptq", "nearest", "gptq"],
+            [[], [], ["proj"], ["proj"]],
+            [True, False, False, True],
+            "gptq",
+        ),
+        # nothing helps: nearest rounding stays, each per-token candidate tried with both
+        (
+            [0.95, 0.94, 0.93, 0.92],
+            ["nearest", "gptq", "nearest", "gptq"],
+            [[], [], ["proj"], ["proj"]],
+            [True, False, False, False],
+            "nearest",
+        ),
+    ],
+)
+def test_the_search_tries_gptq_first_and_each_rejected_candidate_with_the_other_rounding(
+    tmp_path, scores, weights, per_token, taken, rounding
+):
+    """int8-dynamic without massive tokens: per tensor (fails), the same with GPTQ weights, then every op per token
+    with the rounding taken; a candidate not taken while the check fails is tried once more with the other rounding.
+    Each is taken only if the check says better."""
     from search_fakes import Verdict, search_decoder
 
     from pue.calibration.quantize_bundle import QuantizeOptions
 
-    for better in (True, False):
-        work = tmp_path / str(better)
-        work.mkdir()
-        model = _graph(work / "float.onnx")
-        scores = iter([0.95, 0.97, 0.99 if better else 0.96])
+    model = _graph(tmp_path / "float.onnx")
+    sequence = iter(scores)
 
-        def check(quantized, scores=scores):
-            minimum = next(scores, 0.99)
-            return Verdict(minimum >= 0.98, {"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0})
+    def check(quantized):
+        minimum = next(sequence)
+        return Verdict(minimum >= 0.98, {"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0})
 
-        options = QuantizeOptions(precision="int8-dynamic", smooth=False, fallback=False, gptq=True)
-        rows = [{"x": _tokens(64, seed)[None]} for seed in range(4)]
-        result = search_decoder(model, rows, work, options, check, check)
-        attempts = result["attempts"]
-        assert [a["weights"] for a in attempts] == ["nearest", "nearest", "gptq"]
-        assert [a["per_token_nodes"] for a in attempts] == [[], ["proj"], ["proj"]]
-        assert [a["taken"] for a in attempts] == [True, True, better]
-        assert result["weights"]["rounding"] == ("gptq" if better else "nearest")
-        assert result["weights"]["gptq_ops"] == (1 if better else 0)  # the per-token op's weights
+    options = QuantizeOptions(precision="int8-dynamic", smooth=False, fallback=False, gptq=True)
+    rows = [{"x": _tokens(64, seed)[None]} for seed in range(4)]
+    def gate(quantized):
+        return Verdict(True, {"mean_cosine": 0.999, "min_cosine": 0.99, "top1": 1.0})
+
+    result = search_decoder(model, rows, tmp_path, options, check, gate)
+    attempts = result["attempts"]
+    assert next(sequence, None) is None  # every score was used: no attempt more, none less
+    assert [a["weights"] for a in attempts] == weights
+    assert [a["per_token_nodes"] for a in attempts] == per_token
+    assert [a["taken"] for a in attempts] == taken
+    assert [a["other_rounding"] for a in attempts] == [False, False, False, True][: len(attempts)]
+    assert result["weights"]["rounding"] == rounding
+    assert result["weights"]["gptq_ops"] == (1 if rounding == "gptq" else 0)  # the per-token op's weights
 
 
 def test_weight_reader_reads_one_weight_of_a_weightless_graph(tmp_path: Path):

@@ -303,7 +303,7 @@ def guarded(run: Run, row: Row, action: Callable[[], Any]) -> Any:
 def compare_backends(run: Run, workdir: Path) -> None:
     from PIL import Image
 
-    from pue.fidelity import GATE_MODIFIERS, GATE_TEXTS, GateSet
+    from pue.gate_set import GATE_MODIFIERS, GATE_TEXTS, GateSet
 
     paths = heldout_patches()
     if len(paths) < 8:

@@ -60,7 +60,8 @@ def main() -> None:
     from pue.calibration.sampling import sample_patches
     from pue.calibration.sources import open_sources
     from pue.derive import derive_bundle
-    from pue.fidelity import FidelityThresholds, GateSet, measure_fidelity
+    from pue.fidelity import FidelityThresholds, measure_fidelity
+    from pue.gate_set import GateSet
     from pue.runtime import Embedder
 
     timings: dict[str, float] = {}

@@ -15,18 +15,17 @@ from pue.fidelity import (
     Check,
     FidelityThresholds,
     GateReport,
-    GateSet,
     compare_for_parity,
     cosine_rows,
     fail_gate,
     gate_failure_path,
-    image_sets_of,
     mean_pairwise_cosine,
     measure_fidelity,
     nearest_parent_gap,
     print_gate,
     retrieval_agreement,
 )
+from pue.gate_set import GateSet, image_sets_of
 
 
 def test_measure_fidelity_by_hand():

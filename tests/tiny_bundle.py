@@ -100,7 +100,7 @@ def make_tiny_bundle(
         file_entry,
         write_manifest,
     )
-    from pue.fidelity import GATE_MODIFIERS, GATE_TEXTS
+    from pue.gate_set import GATE_MODIFIERS, GATE_TEXTS
     from pue.runtime.preprocess import preprocessing_from_config
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -179,7 +179,7 @@ def heldout_patches(count: int = 8) -> list[Path]:
 
 
 def small_gate_set(count: int = 6) -> Any:
-    from pue.fidelity import GATE_MODIFIERS, GATE_TEXTS, GateSet, image_sets_of
+    from pue.gate_set import GATE_MODIFIERS, GATE_TEXTS, GateSet, image_sets_of
 
     images = heldout_patches(count)
     # the fake engines are built with a small --max-seq: the gate texts that fit it

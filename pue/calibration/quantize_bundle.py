@@ -29,7 +29,8 @@ from pue.calibration.staging import Staged, evaluate_staged, staged_manifest
 from pue.choices import Attention, CalibrationMethod, Precision, QuantizePrecision, Rotate, parse_choice
 from pue.derive import Derivation, derive_bundle
 from pue.errors import PueError
-from pue.fidelity import FidelityThresholds, GateReport, GateSet
+from pue.fidelity import FidelityThresholds, GateReport
+from pue.gate_set import GateSet
 from pue.precisions import PrecisionSpec, quantize_spec
 from pue.runtime.cpu import saturating_u8s8
 

@@ -9,7 +9,7 @@ from typing import Any
 from pue.bundle import Manifest
 from pue.calibration.resources import GraphLoad, QuantizePlan, activation_bytes, attention_bytes, plan_quantize
 from pue.errors import BundleError
-from pue.fidelity import GateSet
+from pue.gate_set import GateSet
 
 OUTLIER_SAMPLES = 8  # calibration rows per graph for the outlier report (fidelity.json, inspect)
 

@@ -23,7 +23,8 @@ from pue.choices import Attention, Precision
 from pue.derive import Derivation, derive_bundle
 from pue.errors import PueError
 from pue.extras import package_versions
-from pue.fidelity import FidelityThresholds, GateSet, measure_fidelity
+from pue.fidelity import FidelityThresholds, measure_fidelity
+from pue.gate_set import GateSet
 from pue.precisions import PrecisionKind, PrecisionSpec
 from pue.runtime.cpu import cpu_info
 

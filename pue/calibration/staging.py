@@ -13,7 +13,8 @@ from typing import Any
 
 from pue.bundle import FileEntry, Manifest, file_entry, write_manifest
 from pue.derive import Derivation
-from pue.fidelity import FidelityThresholds, GateReport, GateSet, measure_fidelity
+from pue.fidelity import FidelityThresholds, GateReport, measure_fidelity
+from pue.gate_set import GateSet
 from pue.precisions import PrecisionSpec
 
 

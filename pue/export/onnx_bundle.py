@@ -38,7 +38,8 @@ from pue.export.parity import TOLERANCES, reference_outputs, run_parity_gate
 from pue.export.recipe import Recipe, image_placeholder, load_recipe, render_prompts
 from pue.export.reference import ReferenceEmbedder
 from pue.export.resources import ResourcePlan, plan_export
-from pue.fidelity import GateReport, GateSet, fail_gate
+from pue.fidelity import GateReport, fail_gate
+from pue.gate_set import GateSet
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from pue.fidelity import PARITY, Check, GateReport, GateSet, compare_for_parity
+from pue.fidelity import PARITY, Check, GateReport, compare_for_parity
+from pue.gate_set import GateSet
 
 VISION_GATE_IMAGES = 4
 VISION_PREFIX = "vision:"  # reference_outputs' keys of the vision graph's outputs

@@ -183,7 +183,7 @@ def with_decoder(bundle: Path, folder: Path, module, inputs: int) -> Path:
 @pytest.fixture(scope="module")
 def gate_expected(homie_reference):
     from pue.export.parity import reference_outputs
-    from pue.fidelity import GateSet
+    from pue.gate_set import GateSet
 
     images = small_heldout()
     gate_set = GateSet(images[:2], ["tumor", "benign stroma"], images[2:4], ["as IHC", "at 40x"], [images[:2]])

@@ -150,7 +150,7 @@ def test_the_gate_catches_one_dimensional_positions(tmp_path, qwen_bundle, qwen_
     from pue.export.architectures.decoder import EmbeddingDecoder
     from pue.export.onnx_graphs import GraphExport, export_graph
     from pue.export.parity import TOLERANCES, reference_outputs, run_parity_gate
-    from pue.fidelity import GateSet
+    from pue.gate_set import GateSet
     from pue.runtime import Embedder
 
     reference = qwen_reference("qwen2_vl")

@@ -220,7 +220,7 @@ runner = CliRunner()
 @pytest.fixture
 def shipped_gate(monkeypatch, gate_set):
     """The CLI uses GateSet.default(); keep it small here."""
-    monkeypatch.setattr("pue.fidelity.GateSet.default", classmethod(lambda cls, heldout=None: gate_set))
+    monkeypatch.setattr("pue.gate_set.GateSet.default", classmethod(lambda cls, heldout=None: gate_set))
 
 
 def test_cli_builds_and_reports(monkeypatch, parent, tmp_path, shipped_gate):

@@ -8,7 +8,8 @@ from PIL import Image
 
 from pue.data import patch_set
 from pue.errors import InputError
-from pue.fidelity import GATE_MODIFIERS, GATE_TEXTS, cosine_rows
+from pue.fidelity import cosine_rows
+from pue.gate_set import GATE_MODIFIERS, GATE_TEXTS
 from pue.runtime import Embedder, Query
 
 CASES = [("llava_next", "ci"), ("llava_next", "e5v"), ("llava", "ci")]

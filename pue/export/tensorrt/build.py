@@ -44,7 +44,8 @@ from pue.export.tensorrt.profiles import (
     parse_batch,
     resolve_max_seq,
 )
-from pue.fidelity import FidelityThresholds, GateReport, GateSet
+from pue.fidelity import FidelityThresholds, GateReport
+from pue.gate_set import GateSet
 from pue.precisions import engine_precisions, engine_source_for, lookup
 from pue.runtime.backends.base import parse_device
 from pue.runtime.backends.cuda_device import CudaDevice, import_cudart

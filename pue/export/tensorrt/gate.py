@@ -11,7 +11,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from pue.fidelity import FidelityThresholds, GateReport, GateSet, measure_fidelity
+from pue.fidelity import FidelityThresholds, GateReport, measure_fidelity
+from pue.gate_set import GateSet
 
 log = logging.getLogger(__name__)
 

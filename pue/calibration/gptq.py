@@ -23,13 +23,12 @@ DAMPING = 0.01  # of the mean diagonal, added to X'X: keeps the inverse finite w
 BLOCK = 128
 
 
-def gptq_levels(weight: np.ndarray, scale: np.ndarray, samples: list[np.ndarray], qmax: int) -> np.ndarray:
-    """Integer levels in [−qmax, qmax] for `weight` [K, N] (y = x·W) on the grid `scale` [N], chosen with the input
-    tokens `samples` ([tokens, K] each)."""
+def gptq_levels(weight: np.ndarray, scale: np.ndarray, moment: np.ndarray, qmax: int) -> np.ndarray:
+    """Integer levels in [−qmax, qmax] for `weight` [K, N] (y = x·W) on the grid `scale` [N], chosen with the input's
+    second moment `moment` = E[xᵀx] [K, K] on calibration tokens (`pue.calibration.stats.second_moment`)."""
     # float32 throughout, as GPTQ's reference does: K×K matrices of a 14,336-wide down_proj are 0.8 GB each
-    rows = np.concatenate([np.asarray(s, np.float32) for s in samples]) if samples else np.zeros((0, weight.shape[0]))
     k = weight.shape[0]
-    hessian = (rows.T @ rows / max(len(rows), 1)).astype(np.float32)
+    hessian = np.array(moment, np.float32)
     dead = np.diag(hessian) == 0
     hessian[dead, dead] = 1.0
     hessian[np.diag_indices(k)] += DAMPING * float(np.mean(np.diag(hessian)))
@@ -40,7 +39,7 @@ def gptq_levels(weight: np.ndarray, scale: np.ndarray, samples: list[np.ndarray]
         log.warning("GPTQ: %s; this op's int8 weights keep round-to-nearest", exc)
         return np.clip(np.round(np.asarray(weight, np.float32) / scale), -qmax, qmax).astype(np.int32)
     del hessian, inverse
-    work = np.array(weight, np.float32)  # rows of inputs the samples never saw stay as they are (nearest)
+    work = np.array(weight, np.float32)  # rows of inputs the tokens never reached stay as they are (nearest)
     step = np.asarray(scale, np.float32)
     levels = np.zeros(weight.shape, np.int32)
     for start in range(0, k, BLOCK):
@@ -59,16 +58,16 @@ def gptq_levels(weight: np.ndarray, scale: np.ndarray, samples: list[np.ndarray]
 def round_weights(
     model: Any,
     ops: list[WeightOp],
-    samples: dict[str, list[np.ndarray]],
+    moment_of: Callable[[str], np.ndarray | None],
     float_weight: Callable[[str], np.ndarray],
     cache: dict[tuple, np.ndarray],
 ) -> list[str]:
     """Re-round, in place, the int8 weights onnxruntime's quantizers wrote for `ops` (`{weight}_quantized` on the
     grid `{weight}_scale`, per output channel, zero point 0: static Q/DQ and dynamic MatMulInteger alike) with GPTQ
-    on each op's calibration tokens `samples[node]`, within the levels the grid already used (±64 where the weights
-    keep 7 bits for CPUs without VNNI). `float_weight(name)` reads a float weight; `cache` keeps levels across the
-    search's attempts (same op, same grid). Ops whose weight another op shares, or whose weights are not in that
-    form, keep their rounding. Returns the re-rounded ops."""
+    on each op's input second moment `moment_of(node)` (None: the op keeps nearest rounding), within the levels the
+    grid already used (±64 where the weights keep 7 bits for CPUs without VNNI). `float_weight(name)` reads a float
+    weight; `cache` keeps levels across the search's attempts (same op, same grid). Ops whose weight another op
+    shares, or whose weights are not in that form, keep their rounding. Returns the re-rounded ops."""
     initializers = {init.name: init for init in model.graph.initializer}
     readers: dict[str, int] = {}
     for op in ops:
@@ -76,7 +75,7 @@ def round_weights(
     done = []
     for op in ops:
         names = (f"{op.weight}_quantized", f"{op.weight}_scale", f"{op.weight}_zero_point")
-        if op.op_type != "MatMul" or readers[op.weight] > 1 or not samples.get(op.node):
+        if op.op_type != "MatMul" or readers[op.weight] > 1:
             continue
         if any(name not in initializers for name in names):
             continue
@@ -86,7 +85,10 @@ def round_weights(
         bound = int(np.abs(levels.astype(np.int32)).max())
         key = (op.node, scale.tobytes(), bound)
         if key not in cache:
-            cache[key] = gptq_levels(float_weight(op.weight), scale, samples[op.node], bound).astype(levels.dtype)
+            moment = moment_of(op.node)
+            if moment is None:
+                continue
+            cache[key] = gptq_levels(float_weight(op.weight), scale, moment, bound).astype(levels.dtype)
         initializers[names[0]].CopyFrom(numpy_helper.from_array(cache[key], names[0]))
         done.append(op.node)
     return done

@@ -43,7 +43,7 @@ def search_int8(
     from pue.calibration.per_token import TOKEN_OUTLIER_RATIO, quantize_per_token
     from pue.calibration.readers import OrtReader
     from pue.calibration.smoothing import smooth_model
-    from pue.calibration.stats import collect_channel_stats
+    from pue.calibration.stats import GRAM_BUDGET_BYTES, collect_channel_stats
 
     scheme = activation_scheme(options.precision, options.target)
     static = options.spec.calibrated  # static Q/DQ (calibrated scales) on MatMul/Gemm/Conv; else dynamic, MatMul
@@ -52,7 +52,10 @@ def search_int8(
     for name, model in models.items():
         ops = [op for op in weight_ops(model, name) if static or op.op_type == "MatMul"]
         say(f"{name}: activation statistics of {len(ops)} weight-bearing ops")
-        stats = collect_channel_stats(model, ops, feeds[name](), seed=options.seed)
+        gram_budget = max(0, GRAM_BUDGET_BYTES - sum(4 * s.gram.size for s in all_stats.values() if s.gram is not None))
+        stats = collect_channel_stats(
+            model, ops, feeds[name](), seed=options.seed, gram_budget=gram_budget if options.gptq else 0
+        )
         if options.smooth:
             ops, stats, groups = smooth_model(model, ops, stats, scheme, layout=(layouts or {}).get(name))
             smoothed += [dict(g.to_dict(), graph=name) for g in groups]
@@ -108,7 +111,11 @@ def search_int8(
     # each graph's last quantization: (its int8 ops, ranges) → file. An attempt that changes one graph's ops (most
     # fallback and token steps change the decoder's only) reloads the other's file: the same inputs, the same graph
     last: dict[str, tuple[tuple[tuple[str, ...], str], Path]] = {}
-    samples = {op.node: all_stats[op.activation].samples for op in all_ops if op.activation in all_stats}
+    activation_of = {op.node: op.activation for op in all_ops if op.activation in all_stats}
+
+    def moment_of(node: str) -> Any:  # GPTQ's Hessian: the op's input second moment on calibration tokens
+        return all_stats[activation_of[node]].second_moment() if node in activation_of else None
+
     gptq_cache: dict[tuple, Any] = {}  # GPTQ's levels per op and grid, kept across attempts
     gptq_ops: dict[str, list[str]] = {}  # per graph: the ops its last quantization re-rounded
     token_gptq: dict[str, list[str]] = {}  # per graph: the per-token ops whose weights GPTQ rounded, last attempt
@@ -146,7 +153,7 @@ def search_int8(
                 chosen = set(nodes)
                 int8_ops = [op for op in all_ops if op.graph == name and op.node in chosen]
                 reader = weight_reader(models[name], work)
-                gptq_ops[name] = round_weights(rounded, int8_ops, samples, reader, gptq_cache)
+                gptq_ops[name] = round_weights(rounded, int8_ops, moment_of, reader, gptq_cache)
                 onnx.save_model(rounded, str(out))
                 del rounded
             last[name] = (request, out)
@@ -154,7 +161,7 @@ def search_int8(
             token_ops = [op for op in all_ops if op.graph == name and op.node in per_token - float_nodes]
             token_gptq[name] = []
             if token_ops:
-                done = quantize_per_token(quantized[name], token_ops, samples if gptq else None)
+                done = quantize_per_token(quantized[name], token_ops, moment_of if gptq else None)
                 token_gptq[name] = done if gptq else []
         phase_done("calibration" if static else "quantization")
         return quantized

@@ -23,6 +23,7 @@ gains-few`, every op per token, simulated: min cosine 0.976 with 7-bit weights, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,10 +39,11 @@ WEIGHT_QMAX = 127  # full 8-bit weights: the u8×u8 kernel cannot saturate
 
 
 def quantize_per_token(
-    model: Any, ops: list[WeightOp], samples: dict[str, list[np.ndarray]] | None = None
+    model: Any, ops: list[WeightOp], moment_of: Callable[[str], np.ndarray | None] | None = None
 ) -> list[str]:
     """Rewrite each MatMul of `ops` (float weight initializer) in place as per-token dynamic INT8; returns the
-    rewritten node names. `samples`: calibration tokens of each op's input (by node), for GPTQ rounding."""
+    rewritten node names. `moment_of(node)`: the second moment of the op's input on calibration tokens, for GPTQ
+    rounding (None, or a None moment: round to nearest)."""
     initializers = {init.name: init for init in model.graph.initializer}
     done = []
     for index, op in enumerate(ops):
@@ -53,10 +55,11 @@ def quantize_per_token(
             continue
         scale = np.abs(weight).max(axis=0) / float(WEIGHT_QMAX)
         scale[scale == 0] = 1.0
-        if samples and samples.get(op.node):
+        moment = moment_of(op.node) if moment_of is not None else None
+        if moment is not None:
             from pue.calibration.gptq import gptq_levels
 
-            levels = gptq_levels(weight, scale, samples[op.node], WEIGHT_QMAX)
+            levels = gptq_levels(weight, scale, moment, WEIGHT_QMAX)
         else:
             levels = np.clip(np.round(weight / scale), -WEIGHT_QMAX, WEIGHT_QMAX)
         quantized = (levels + 128).astype(np.uint8)

@@ -17,6 +17,8 @@ read off the graphs, and coefficients fitted to peaks measured phase by phase (`
   bytes, summed over those inputs), which the statistics pass fetches (``ACTIVATION_COPIES`` x A_g, plus
   ``STATISTICS_SCORE_COPIES`` x S_g of its unoptimised session); static calibration's session keeps more tensors of
   the scores' size per layer (``CALIBRATION_SCORE_COPIES`` x S_g);
+- G, GPTQ's input second moments (K x K float32 per MatMul input, within ``stats.GRAM_BUDGET_BYTES``), held from
+  the statistics pass to the end of the search (1 x G: exact, not fitted);
 - the interpreter and its libraries (``PROCESS_BASE_BYTES``);
 - what the INT8 search holds on top, in copies of all the weights W: while it quantizes and checks candidates
   (``SEARCH_WEIGHT_COPIES``: the float graphs' protobufs, onnxruntime's
@@ -63,6 +65,7 @@ class GraphLoad:
     attention_bytes_per_row: int  # attention scores of one row, summed over the graph's attention layers
     attention_layers: int
     rows_per_pass: int  # calibration rows one pass over this graph feeds
+    gram_bytes: int = 0  # GPTQ's input second moments the statistics pass accumulates, held for the whole search
 
     @property
     def layer_attention_bytes(self) -> int:
@@ -92,7 +95,9 @@ class QuantizePlan:
         )
         rows = ", ".join(f"{name} {g.rows_per_pass}" for name, g in self.graphs.items())
         passes = ", ".join(f"{what} {count}" for what, count in self.passes.items())
+        grams = ", ".join(f"{name} {_size(g.gram_bytes)}" for name, g in self.graphs.items() if g.gram_bytes)
         return [
+            *([f"GPTQ's input second moments: {grams}"] if grams else []),
             f"weights: {weights}",
             f"per calibration row: {per_row}",
             f"calibration rows per pass: {rows}",
@@ -145,7 +150,8 @@ def plan_quantize(
     pue's own ranges (`--calibration-method minmax`) it runs one, and the statistics pass is the larger."""
     arena = RUNTIME_SCORE_COPIES * batch_attention_bytes
     weights = sum(g.weights_bytes for g in graphs.values())
-    resident = PROCESS_BASE_BYTES + WEIGHT_COPIES_RESIDENT * weights + arena
+    grams = sum(g.gram_bytes for g in graphs.values())
+    resident = PROCESS_BASE_BYTES + WEIGHT_COPIES_RESIDENT * weights + arena + grams
     copies = CALIBRATION_SCORE_COPIES if calibrated and every_row_calibrates else STATISTICS_SCORE_COPIES
     working = max(
         WEIGHT_COPIES_WORKING * g.weights_bytes

@@ -117,13 +117,7 @@ def smooth_model(
             folded = site.node
         else:
             target = _insert_mul(model, activation, group, best_scale)
-        new_stats[target] = ChannelStats(
-            channel.minimum / best_scale,
-            channel.maximum / best_scale,
-            [rows / best_scale for rows in channel.samples],
-            channel.token_ratio,  # measured before the migration: a token outlier is not a channel's to move
-            [rows / best_scale for rows in channel.peaks],
-        )
+        new_stats[target] = channel.scaled(best_scale)
         for op in group:
             op.activation = target
             new_ops.append(op)

@@ -15,6 +15,7 @@ from pue.calibration.gptq import gptq_levels, round_weights
 from pue.calibration.graph_ops import weight_ops
 from pue.calibration.int8 import quantize_dynamic_graph, quantize_static_graph
 from pue.calibration.readers import OrtReader
+from pue.calibration.stats import second_moment
 
 K, N = 64, 32
 
@@ -38,13 +39,15 @@ def test_gptq_keeps_the_grid_and_lowers_the_output_error_on_unseen_tokens():
     weight = _weight()
     scale = np.abs(weight).max(axis=0) / 127
     nearest = np.clip(np.round(weight / scale), -127, 127)
-    levels = gptq_levels(weight, scale, [_tokens(1024, 0), _tokens(1024, 1)], 127)
+    levels = gptq_levels(weight, scale, second_moment([_tokens(1024, 0), _tokens(1024, 1)]), 127)
     assert levels.dtype == np.int32 and np.abs(levels).max() <= 127
     assert (levels != nearest).any()
     held_out = _tokens(2048, 2)
     assert _relative_error(held_out, weight, levels * scale) < 0.6 * _relative_error(held_out, weight, nearest * scale)
     # a bound of 64 (7-bit weights, CPUs without VNNI) is kept too
-    assert np.abs(gptq_levels(weight, np.abs(weight).max(axis=0) / 64, [_tokens(512, 0)], 64)).max() <= 64
+    assert (
+        np.abs(gptq_levels(weight, np.abs(weight).max(axis=0) / 64, second_moment([_tokens(512, 0)]), 64)).max() <= 64
+    )
 
 
 def _graph(path: Path) -> onnx.ModelProto:
@@ -79,9 +82,9 @@ def test_onnxruntimes_int8_weights_are_re_rounded_in_place(tmp_path: Path, mode:
         return float(np.linalg.norm(got - held_out @ _weight()) / np.linalg.norm(held_out @ _weight()))
 
     error_before = error(quantized)
-    samples = {"proj": [row["x"][0] for row in rows]}
+    moment = second_moment([row["x"][0] for row in rows])
     cache: dict = {}
-    done = round_weights(quantized, weight_ops(model, "decoder"), samples, lambda name: _weight(), cache)
+    done = round_weights(quantized, weight_ops(model, "decoder"), {"proj": moment}.get, lambda name: _weight(), cache)
     assert done == ["proj"] and len(cache) == 1
     after = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer}
     assert np.array_equal(after["w_scale"], before["w_scale"])  # same grid
@@ -134,6 +137,7 @@ def test_the_search_tries_gptq_first_and_each_rejected_candidate_with_the_other_
 
     options = QuantizeOptions(precision="int8-dynamic", smooth=False, fallback=False, gptq=True)
     rows = [{"x": _tokens(64, seed)[None]} for seed in range(4)]
+
     def gate(quantized):
         return Verdict(True, {"mean_cosine": 0.999, "min_cosine": 0.99, "top1": 1.0})
 

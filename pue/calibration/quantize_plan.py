@@ -89,7 +89,20 @@ def run_plan(
         batch_attention_bytes=batch_attention(graphs, manifest, tokens["decoder"], longest, set_rows),
         ranked_ops=min(options.rank_ops, op_count),
         every_row_calibrates=options.method != "minmax",  # minmax: pue's ranges, onnxruntime's calibrator reads a row
+        variants=search_variants(options),
+        gptq=options.gptq and options.precision != "fp16",
     )
+
+
+def search_variants(options: Any) -> int:
+    """How many candidates the INT8 search may try before its fallback, besides GPTQ's (`int8_search`): static INT8
+    the massive-token readers in float, error-chosen ranges and the patch Conv in float; int8-dynamic the massive-token
+    ops per token and every op per token."""
+    if options.precision == "fp16":
+        return 0
+    if options.spec.calibrated:
+        return int(options.fallback) * 2 + int(options.method == "minmax" and options.error_ranges)
+    return 2 * int(options.per_token)
 
 
 def batch_attention(graphs: dict[str, GraphLoad], manifest: Manifest, single: int, longest: int, set_rows: int) -> int:

@@ -125,9 +125,12 @@ def attention_bytes(heads: int, tokens: int, layers: int, sequences: int = 1) ->
     return int(4 * sequences * heads * tokens * tokens * layers)
 
 
-def max_attempts(op_count: int) -> int:
-    """Candidates the float fallback checks at most: all int8, then 1, 2, 4, … ops kept in float."""
-    return 1 + (math.floor(math.log2(op_count)) + 1 if op_count else 0)
+def max_attempts(op_count: int, variants: int = 0, gptq: bool = False) -> int:
+    """Candidates the search checks at most: all int8, the `variants` tried before the fallback (per token, float
+    readers of massive tokens, error-chosen ranges, the patch Conv in float), then 1, 2, 4, … ops kept in float; with
+    GPTQ, the baseline with GPTQ weights and each later candidate once more with the other rounding."""
+    later = variants + (math.floor(math.log2(op_count)) + 1 if op_count else 0)
+    return 1 + (1 + 2 * later if gptq else later)
 
 
 def plan_quantize(
@@ -143,11 +146,14 @@ def plan_quantize(
     available: int | None = None,
     ranked_ops: int = 0,
     every_row_calibrates: bool = True,
+    variants: int = 0,
+    gptq: bool = False,
 ) -> QuantizePlan:
     """Peak host memory and the passes over calibration rows of one `pue-export quantize` run. `ranked_ops`: how
     many ops the float fallback measures end to end (`--rank-ops`; 0: none, or no fallback).
     `every_row_calibrates`: static INT8's calibration session runs every row (onnxruntime's histogram methods); with
-    pue's own ranges (`--calibration-method minmax`) it runs one, and the statistics pass is the larger."""
+    pue's own ranges (`--calibration-method minmax`) it runs one, and the statistics pass is the larger. `variants`,
+    `gptq`: what the search tries besides the fallback (`max_attempts`)."""
     arena = RUNTIME_SCORE_COPIES * batch_attention_bytes
     weights = sum(g.weights_bytes for g in graphs.values())
     grams = sum(g.gram_bytes for g in graphs.values())
@@ -166,7 +172,7 @@ def plan_quantize(
     if ranked:
         phases.append(RANKING_WEIGHT_COPIES * weights + CANDIDATE_ARENA_SHARE * arena)
     peak = int(MARGIN * (resident + max(phases)))
-    attempts = max_attempts(op_count) if fallback else 1
+    attempts = max_attempts(op_count if fallback else 0, variants, gptq)
     if precision == "fp16":
         passes = {"outlier report": 1, "activation ranges": 1, "gate": 1}
     else:

@@ -34,6 +34,10 @@ def test_attempts_follow_the_doubling_fallback():
     assert max_attempts(1) == 2  # all int8, then 1 op in float
     assert max_attempts(63) == 7  # 1, 2, 4, 8, 16, 32 ops in float
     assert max_attempts(64) == 8
+    # 3 variants before the fallback; with GPTQ the baseline's GPTQ twin, then each later one with both roundings
+    assert max_attempts(63, variants=3) == 10
+    assert max_attempts(63, variants=3, gptq=True) == 1 + 1 + 2 * (3 + 6)
+    assert max_attempts(0, variants=2, gptq=True) == 6  # no fallback: int8-dynamic's per-token variants only
 
 
 def test_attention_scores_grow_with_the_square_of_the_tokens():

@@ -15,7 +15,8 @@ the presets' default and keeps the old directory names). A mode `fp16` measures 
 rounding alone (issue 14's conditioning table).
 
 `--methods off` quantizes with issue 14's methods switched off (`--no-smooth --no-per-token --no-error-ranges --no-gptq
---no-fallback`: everything int8, per tensor, MinMax ranges), to show they are what makes a fixture pass.
+--no-split-channels --no-fallback`: everything int8, per tensor, MinMax ranges), to show they are what makes a fixture
+pass.
 
 Calibration sets: `shipped` (the 64-patch default) and `svs8`: 8 tissue tiles cut from
 `../shared/data/cmu_small_region.svs` at its native resolution, chosen spatially disjoint from the shipped held-out
@@ -163,7 +164,8 @@ def main() -> None:
                     extra = ["--calib", str(svs_folder), "--num-patches", "8"] if calib == "svs8" else []
                     extra += ["--rotate", rotate] + (["--no-fallback"] if args.no_fallback else [])
                     if methods == "off":
-                        extra += ["--no-smooth", "--no-per-token", "--no-error-ranges", "--no-gptq", "--no-fallback"]
+                        extra += ["--no-smooth", "--no-per-token", "--no-error-ranges", "--no-gptq"]
+                        extra += ["--no-split-channels", "--no-fallback"]
                     target_args = [] if precision == "fp16" else ["--target", target]
                     code, seconds, peak_mb = pue_export(
                         "quantize",

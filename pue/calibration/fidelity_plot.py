@@ -18,6 +18,7 @@ def treatment_line(report: dict) -> str:
         f"{len(smoothed)} groups smoothed ({folds} folded exactly)",
         *([f"ranges {ranges['rule']} ({len(ranges['clipped'])} clipped)"] if ranges else []),
         *(["GPTQ weights"] if (report.get("weights") or {}).get("rounding") == "gptq" else []),
+        *(["amplified writer columns float"] if (report.get("channel_split") or {}).get("taken") else []),
         "rotated" if (report.get("rotation") or {}).get("applied") else "not rotated",
     ]
     return "; ".join(parts)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pue.calibration.channel_split import ChannelSplit
 from pue.calibration.graph_ops import int8_flop_share, weight_ops
 from pue.fidelity import GateReport
 from pue.precisions import TokenOutliers
@@ -38,6 +39,7 @@ def search_int8(
     """
     import onnx
 
+    from pue.calibration.channel_split import amplified_channels, read_float_inputs, split_writer_columns
     from pue.calibration.gptq import round_weights, weight_reader
     from pue.calibration.int8 import activation_scheme, quantize_dynamic_graph, quantize_static_graph, rank_sensitivity
     from pue.calibration.per_token import TOKEN_OUTLIER_RATIO, quantize_per_token
@@ -48,8 +50,13 @@ def search_int8(
     scheme = activation_scheme(options.precision, options.target)
     static = options.spec.calibrated  # static Q/DQ (calibrated scales) on MatMul/Gemm/Conv; else dynamic, MatMul
     all_ops, all_stats, smoothed, float_paths = [], {}, [], {}
+    # the graphs whose residual-stream writers' amplified columns can be computed in float (`channel_split`): the
+    # split copy of the float graph, and what was split
+    split_paths: dict[str, Path] = {}
+    splits: dict[str, ChannelSplit] = {}
     started = time.perf_counter()
     for name, model in models.items():
+        amplified = amplified_channels(model) if options.split_channels else ([], [])  # before smoothing's folds
         ops = [op for op in weight_ops(model, name) if static or op.op_type == "MatMul"]
         say(f"{name}: activation statistics of {len(ops)} weight-bearing ops")
         gram_budget = max(0, GRAM_BUDGET_BYTES - sum(4 * s.gram.size for s in all_stats.values() if s.gram is not None))
@@ -63,11 +70,26 @@ def search_int8(
         all_stats.update(stats)
         float_paths[name] = work / f"{name}.float.onnx"
         onnx.save_model(model, str(float_paths[name]), save_as_external_data=True, location=f"{name}.float.data")
+        if amplified[0]:
+            split_model = onnx.load(str(float_paths[name]))
+            splits[name] = split_writer_columns(split_model, amplified)
+            if splits[name].writers:
+                split_paths[name] = work / f"{name}.split.onnx"
+                onnx.save_model(
+                    split_model, str(split_paths[name]), save_as_external_data=True, location=f"{name}.split.data"
+                )
+            del split_model
         # saving cleared the graph's weights, not their memory (protobuf frees a message's bytes with the message): the
         # search reads the file from here on, so the caller's graph becomes the weightless one and the loaded one goes
         models[name] = onnx.load(str(float_paths[name]), load_external_data=False)
     if smoothed:
         say(f"smoothing: migrated activation outliers of {len(smoothed)} op groups into their weights")
+    for name, split in splits.items():
+        if split.writers:
+            say(
+                f"{name}: residual channels {split.channels} amplified by later norm gains (up to "
+                f"{max(split.gain_ratios):.0f}x): their columns of {len(split.writers)} writers tried in float"
+            )
     timings["statistics_s"] = time.perf_counter() - started
     phase_done("statistics")
 
@@ -122,11 +144,13 @@ def search_int8(
 
     def quantize(float_nodes: set[str], per_token: set[str] = frozenset(), rule: str = "minmax") -> dict[str, Any]:
         quantized = {}
-        gptq = rule.endswith(GPTQ)
+        gptq = GPTQ in rule
         for name, path in float_paths.items():
+            split = SPLIT in rule and name in split_paths
+            path = split_paths[name] if split else path
             nodes = [op.node for op in all_ops if op.graph == name and op.node not in float_nodes | per_token]
             out = work / f"{name}.int8.onnx"
-            request = (tuple(nodes), rule if static else "dynamic" + (GPTQ if gptq else ""))
+            request = (tuple(nodes), rule, split)
             fresh = not (name in last and last[name][0] == request)
             if not fresh:
                 out = last[name][1]
@@ -148,14 +172,17 @@ def search_int8(
                 out = path
             if fresh:
                 gptq_ops[name] = []
-            if gptq and nodes and fresh:  # re-round onnxruntime's int8 weights (`gptq`), on the same grids
-                rounded = onnx.load(str(out))
-                chosen = set(nodes)
-                int8_ops = [op for op in all_ops if op.graph == name and op.node in chosen]
-                reader = weight_reader(models[name], work)
-                gptq_ops[name] = round_weights(rounded, int8_ops, moment_of, reader, gptq_cache)
-                onnx.save_model(rounded, str(out))
-                del rounded
+            if nodes and fresh and (gptq or (split and static)):
+                rewritten = onnx.load(str(out))
+                if gptq:  # re-round onnxruntime's int8 weights (`gptq`), on the same grids
+                    chosen = set(nodes)
+                    int8_ops = [op for op in all_ops if op.graph == name and op.node in chosen]
+                    reader = weight_reader(models[name], work)  # the split graph's writers keep their weights
+                    gptq_ops[name] = round_weights(rewritten, int8_ops, moment_of, reader, gptq_cache)
+                if split and static:  # the float columns read the writers' float inputs, not their Q/DQ
+                    read_float_inputs(rewritten, splits[name].side_nodes)
+                onnx.save_model(rewritten, str(out))
+                del rewritten
             last[name] = (request, out)
             quantized[name] = onnx.load(str(out))
             token_ops = [op for op in all_ops if op.graph == name and op.node in per_token - float_nodes]
@@ -198,6 +225,9 @@ def search_int8(
     # int8-dynamic only per token + GPTQ passes)
     if options.gptq:
         variants.append((set(), set(), "best" + GPTQ, False))
+    # then the writers' amplified residual columns in float (`channel_split`), where norm gains amplify channels
+    if split_paths:
+        variants.append((set(), set(), "best" + SPLIT, False))
     if not static and options.per_token:  # every input per token: what helps when norm gains make errors compound
         variants.append((set(), {op.node for op in all_ops if op.op_type == "MatMul"}, "minmax", True))
     if own_ranges and options.error_ranges and any(clip < 1.0 for clip in clips.values()):
@@ -222,11 +252,10 @@ def search_int8(
                 "float_nodes": sorted(float_nodes),
                 "per_token_nodes": sorted(per_token - float_nodes),
                 "ranges": _ranges_rule(rule) if static else "dynamic",
-                "weights": "gptq" if rule.endswith(GPTQ) else "nearest",
+                "weights": "gptq" if GPTQ in rule else "nearest",
                 "other_rounding": alternate,
-                "gptq_ops": sum(len(v) for v in [*gptq_ops.values(), *token_gptq.values()])
-                if rule.endswith(GPTQ)
-                else 0,
+                "gptq_ops": sum(len(v) for v in [*gptq_ops.values(), *token_gptq.values()]) if GPTQ in rule else 0,
+                "channel_split": SPLIT in rule,
                 "int8_flop_share": share,
                 "check": check.overall,
                 "check_passed": check.passed,
@@ -237,7 +266,8 @@ def search_int8(
         say(
             f"attempt {len(attempts)}: {len(float_nodes)} ops in float, {len(per_token - float_nodes)} per token"
             + (f", {_ranges_rule(rule)} ranges" if own_ranges else "")
-            + (", GPTQ weights" if rule.endswith(GPTQ) else "")
+            + (", amplified writer columns in float" if SPLIT in rule else "")
+            + (", GPTQ weights" if GPTQ in rule else "")
             + (" (the same sets, the other rounding)" if alternate else "")
             + f", int8 share {share:.1%}, calibration check: "
             f"mean cos {check.overall['mean_cosine']:.5f}, min {check.overall['min_cosine']:.5f}, "
@@ -254,14 +284,15 @@ def search_int8(
         float_nodes, per_token, rule = best[0], best[3], best[4]
         variants = [v for v in variants if not (v[3] and best[1].passed)]
         if variants:  # next: another way to quantize, before the sensitivity fallback
-            extra_float, per_token, variant_rule, _ = variants.pop(0)
+            extra_float, variant_per_token, variant_rule, _ = variants.pop(0)
+            changes_best = variant_rule.startswith("best")  # the best's sets and rule, with what the suffix names
             rounding_only = variant_rule == "best" + GPTQ
             float_nodes = float_nodes | extra_float
-            per_token = per_token if not extra_float and variant_rule != "best" + GPTQ else best[3]
-            if variant_rule.startswith("best"):
-                rule = _ranges_rule(best[4]) + variant_rule.removeprefix("best")
-            else:
-                rule = variant_rule + (GPTQ if best[4].endswith(GPTQ) else "")
+            per_token = best[3] if extra_float or changes_best else variant_per_token
+            if changes_best:
+                rule = _with(best[4], variant_rule.removeprefix("best"))
+            else:  # other ranges or per-token sets, with the best's weight rounding and split
+                rule = _with(variant_rule, *(flag for flag in (SPLIT, GPTQ) if flag in best[4]))
             continue
         if best[1].passed or not options.fallback:
             break
@@ -326,26 +357,39 @@ def search_int8(
         "smoothed": smoothed,
         "ranges": _ranges_record(_ranges_rule(chosen_rule), clips) if own_ranges else None,
         "weights": {
-            "rounding": "gptq" if chosen_rule.endswith(GPTQ) else "nearest",
+            "rounding": "gptq" if GPTQ in chosen_rule else "nearest",
             "gptq_ops": next(a["gptq_ops"] for a in reversed(attempts) if a["taken"]),
         },
+        "channel_split": {
+            "taken": SPLIT in chosen_rule and bool(split_paths),
+            "graphs": {name: split.to_dict() for name, split in splits.items()},
+        }
+        if options.split_channels
+        else None,
         "ranking": ranking,
         "measured_ranking": measured_ranking,
         "why": why,
     }
 
 
-GPTQ = "+gptq"  # a quantization rule's suffix: int8 weights rounded by GPTQ (`pue.calibration.gptq`)
+# A quantization rule: the activation ranges ("minmax", "mse"), then its flags in this order
+SPLIT = "+split"  # the writers' amplified residual columns in float (`pue.calibration.channel_split`)
+GPTQ = "+gptq"  # int8 weights rounded by GPTQ (`pue.calibration.gptq`)
 
 
 def _ranges_rule(rule: str) -> str:
-    """The activation ranges a quantization rule uses ("minmax", "mse"), without its weight rounding."""
-    return rule.removesuffix(GPTQ)
+    """The activation ranges a quantization rule uses ("minmax", "mse"), without its flags."""
+    return rule.split("+")[0]
+
+
+def _with(rule: str, *flags: str) -> str:
+    """`rule` with `flags` added (in the canonical order)."""
+    return _ranges_rule(rule) + "".join(flag for flag in (SPLIT, GPTQ) if flag in rule or flag in flags)
 
 
 def _other_rounding(rule: str) -> str:
     """The same quantization rule with the other weight rounding (nearest ↔ GPTQ)."""
-    return _ranges_rule(rule) if rule.endswith(GPTQ) else rule + GPTQ
+    return rule.replace(GPTQ, "") if GPTQ in rule else _with(rule, GPTQ)
 
 
 def _ranges_record(rule: str, clips: dict[str, float]) -> dict[str, Any]:

@@ -55,6 +55,8 @@ class QuantizeOptions:
     fallback: bool = True
     error_ranges: bool = True  # static INT8 (MinMax): also try ranges chosen by output error (`ranges`), if better
     gptq: bool = True  # INT8: also try the int8 weights rounded by GPTQ (`gptq`), taken if the check is better
+    # INT8: also try the residual-stream writers' columns that later norm gains amplify in float (`channel_split`)
+    split_channels: bool = True
     # int8-dynamic: inputs carrying massive tokens may quantize per token (checked, not assumed); static INT8 keeps them
     # float instead, as part of the fallback (`PrecisionSpec.token_outliers`)
     per_token: bool = True
@@ -252,6 +254,7 @@ def quantize_bundle(
             "smoothed": outcome.get("smoothed", []),
             "ranges": outcome.get("ranges"),
             "weights": outcome.get("weights"),
+            "channel_split": outcome.get("channel_split"),
             "attention": {"mode": attention_mode(options), "graphs": fusion},
             "sensitivity": outcome.get("ranking", [])[:20],
             "measured_ranking": outcome.get("measured_ranking", []),
@@ -412,6 +415,7 @@ def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -
         "smoothed_groups": len(report["smoothed"]),
         "activation_ranges": (report.get("ranges") or {}).get("rule"),
         "weight_rounding": (report.get("weights") or {}).get("rounding"),
+        "channel_split": (report.get("channel_split") or {}).get("taken", False),
         "gate_device": report["gate_device"],
         "outliers": {k: v for k, v in report["outliers"].items() if k != "worst"},
     }

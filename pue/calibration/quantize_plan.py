@@ -97,12 +97,13 @@ def run_plan(
 def search_variants(options: Any) -> int:
     """How many candidates the INT8 search may try before its fallback, besides GPTQ's (`int8_search`): static INT8
     the massive-token readers in float, error-chosen ranges and the patch Conv in float; int8-dynamic the massive-token
-    ops per token and every op per token."""
+    ops per token and every op per token; both the writers' amplified columns in float."""
     if options.precision == "fp16":
         return 0
+    split = int(options.split_channels)  # the writers' amplified columns in float, where norm gains amplify some
     if options.spec.calibrated:
-        return int(options.fallback) * 2 + int(options.method == "minmax" and options.error_ranges)
-    return 2 * int(options.per_token)
+        return int(options.fallback) * 2 + int(options.method == "minmax" and options.error_ranges) + split
+    return 2 * int(options.per_token) + split
 
 
 def batch_attention(graphs: dict[str, GraphLoad], manifest: Manifest, single: int, longest: int, set_rows: int) -> int:

@@ -59,6 +59,12 @@ def quantize(
         help="INT8: also try the int8 weights rounded by GPTQ (each op's output error on calibration tokens kept "
         "small, same grids and kernels; on by default); the calibration check decides.",
     ),
+    no_split_channels: bool = typer.Option(
+        False,
+        "--no-split-channels",
+        help="INT8: never try computing in float the residual-stream writers' columns that later RMSNorm gains "
+        "amplify (>= 20x the median gain; tried by default where such channels exist, the calibration check decides).",
+    ),
     rank_ops: int = typer.Option(
         24,
         "--rank-ops",
@@ -123,6 +129,7 @@ def quantize(
         per_token=not no_per_token,
         error_ranges=not no_error_ranges,
         **({} if gptq is None else {"gptq": gptq}),
+        split_channels=not no_split_channels,
         rank_ops=rank_ops,
         rotate=rotate.value,
         magnification=magnification,
@@ -194,6 +201,12 @@ def _print_fidelity(out: object, report: dict) -> None:
     extra.append(("smoothed op groups", str(len(report.get("smoothed", []))), ""))
     if (report.get("weights") or {}).get("rounding") == "gptq":
         extra.append(("int8 weights rounded by GPTQ", str(report["weights"]["gptq_ops"]), "ops"))
+    split = report.get("channel_split") or {}
+    if split.get("taken"):
+        for graph, done in split["graphs"].items():
+            extra.append(
+                (f"{graph}: writer columns in float", f"{len(done['writers'])} writers", str(done["channels"]))
+            )
     if report.get("per_token_nodes"):
         extra.append(("ops quantized per token", str(len(report["per_token_nodes"])), "massive tokens"))
     rotation = report.get("rotation") or {}

@@ -20,7 +20,7 @@ def _fidelity_report(root: Path, manifest: Any) -> dict[str, Any]:
 def _treatment(report: dict[str, Any]) -> dict[str, Any] | None:
     """What INT8 did to the op groups (None for bundles without an INT8 search): kept float, per token, smoothed (with
     which migration strength, and where 1/s went: an exact fold or an inserted Mul), the activation ranges (clipped
-    by output error, per tensor), the rotation."""
+    by output error, per tensor), the rotation, the writers' amplified columns computed in float."""
     if "float_nodes" not in report:
         return None
     return {
@@ -36,6 +36,12 @@ def _treatment(report: dict[str, Any]) -> dict[str, Any] | None:
         ],
         "ranges": report.get("ranges"),
         "rotated": bool((report.get("rotation") or {}).get("applied")),
+        "channel_split": {
+            graph: {"channels": done["channels"], "writers": done["writers"]}
+            for graph, done in ((report.get("channel_split") or {}).get("graphs") or {}).items()
+        }
+        if (report.get("channel_split") or {}).get("taken")
+        else {},
     }
 
 
@@ -183,6 +189,10 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
             console.print(f"  float: {node}")
         for group in treatment["smoothed"]:
             console.print(f"  smoothed (alpha {group['alpha']}, {group['fold']}): {', '.join(group['nodes'])}")
+        for graph, done in (treatment.get("channel_split") or {}).items():
+            console.print(
+                f"  {graph}: residual channels {done['channels']} written in float by {len(done['writers'])} writers"
+            )
         ranges = treatment.get("ranges") or {}
         if ranges:
             console.print(f"  activation ranges: {ranges['rule']}, {len(ranges['clipped'])} tensors clipped")

@@ -14,7 +14,14 @@ from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
 from pue.errors import GateFailedError
 
 FAST = {"num_patches": 16, "num_captions": 8}
-OFF = {"smooth": False, "fallback": False, "per_token": False, "error_ranges": False, "gptq": False}
+OFF = {
+    "smooth": False,
+    "fallback": False,
+    "per_token": False,
+    "error_ranges": False,
+    "gptq": False,
+    "split_channels": False,
+}
 
 
 def test_massive_static_int8_passes_with_the_methods_and_fails_without(fp32_bundle, heldout_dir, tmp_path):

@@ -1,0 +1,160 @@
+"""The residual-stream channels that later RMSNorm gains amplify, written in float (LLM.int8()-style decomposition on
+the writers' output side), exactly in FP32.
+
+Trained decoders carry a few residual channels whose RMSNorm gains are 20-1000× the median (issue 13's checkpoint:
+60-80×). Every op that writes the residual stream (`o_proj`, `down_proj`) writes those channels with the int8 error of
+its per-output-channel step, and the next norm multiplies that error by the gain: the embedding's error grows with the
+gain however small each op's own error is. Rotation does not help (it spreads the writers' error onto those channels,
+BENCHMARKS.md), smoothing acts on the readers' inputs, and GPTQ keeps each output column's own error small, not its
+weight downstream.
+
+This module computes those columns of every writer in float beside its int8 product:
+
+    y  = x·W                       (the writer, int8 when the search quantizes it)
+    y' = y + (x·W[:, C] − y[:, C])·E
+
+with C the amplified channels, W[:, C] a float `Constant` (K × |C|) and E the |C| × N one-hot matrix that puts each
+corrected column back in its place. In FP32 the correction is zero (the function is unchanged, to rounding); in INT8
+it replaces the int8 values of those columns by float ones. Standard ONNX (Gather, MatMul, Sub, Add), so every target
+runs it; the products are `Constant`s, not weight initializers, so the INT8 search never quantizes them (their FLOPs,
+|C|·(K + N) per token per writer, are reported apart: `split_flops`). The side product must read the writer's float
+input: static quantizers rewire every reader of a quantized tensor to its DequantizeLinear, which `read_float_inputs`
+undoes after quantization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from onnx import helper, numpy_helper
+
+from pue.calibration.graph_index import GraphIndex
+
+PREFIX = "pue_split_"
+#: a residual channel is amplified when a norm's |gain| on it is at least this many times that norm's median |gain|
+AMPLIFIED_RATIO = 20.0
+
+
+@dataclass
+class ChannelSplit:
+    """What `split_writer_columns` did, for `fidelity.json`."""
+
+    channels: list[int]
+    gain_ratios: list[float]  # per channel: its largest |gain| over that norm's median |gain|
+    writers: list[str] = field(default_factory=list)
+    side_nodes: list[str] = field(default_factory=list)  # the float side products (their inputs must stay float)
+    split_flops: int = 0  # per token, all writers: the float side products and their placement
+    why_not: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def amplified_channels(model: Any, ratio: float = AMPLIFIED_RATIO) -> tuple[list[int], list[float]]:
+    """The residual channels whose gain in some RMSNorm of the stream is ≥ `ratio` × that norm's median |gain|, with
+    their largest such ratio; none for a graph without Llama-style RMSNorms."""
+    from pue.calibration.rotation import RotationError, find_rms_norms, stream_norms
+
+    try:
+        norms = stream_norms(find_rms_norms(model))
+    except RotationError:
+        return [], []
+    worst: dict[int, float] = {}
+    for norm in norms:
+        gain = np.abs(np.asarray(norm.gain, np.float64))
+        median = float(np.median(gain))
+        if median <= 0:
+            continue
+        for channel in np.nonzero(gain >= ratio * median)[0]:
+            worst[int(channel)] = max(worst.get(int(channel), 0.0), float(gain[channel] / median))
+    channels = sorted(worst)
+    return channels, [worst[c] for c in channels]
+
+
+def split_writer_columns(model: Any, amplified: tuple[list[int], list[float]] | None = None) -> ChannelSplit:
+    """Rewrite `model` in place: every residual-stream writer's amplified columns also computed in float (above).
+    `amplified`: the channels and their gain ratios (`amplified_channels`), read before smoothing folded its scales
+    into the norm gains (the amplification is the same function, now partly in the readers' weights); by default
+    read from `model`."""
+    from pue.calibration.rotation import RotationError, _Graph, _residual_sources, find_rms_norms, stream_norms
+
+    channels, ratios = amplified if amplified is not None else amplified_channels(model)
+    split = ChannelSplit(list(channels), list(ratios))
+    if not channels:
+        split.why_not = f"no residual channel has an RMSNorm gain ≥ {AMPLIFIED_RATIO:g}× the norm's median"
+        return split
+    graph = _Graph(model)
+    try:
+        _, roles = _residual_sources(graph, [norm.residual for norm in stream_norms(find_rms_norms(model))])
+    except RotationError as error:  # a stream the walk does not know: nothing is split, and fidelity.json says why
+        split.why_not = f"the residual stream's writers could not be traced: {error.message}"
+        return split
+    columns = np.asarray(channels, np.int64)
+    for index, writer in enumerate(roles["writers"]):
+        weight = numpy_helper.to_array(graph.initializers[writer.input[1]]).astype(np.float32)
+        if weight.ndim != 2 or int(columns.max()) >= weight.shape[1]:
+            continue
+        _split_one(graph, writer, weight, columns, f"{PREFIX}{index}")
+        split.writers.append(writer.name)
+        split.side_nodes.append(f"{PREFIX}{index}_side")
+        split.split_flops += 2 * len(channels) * (weight.shape[0] + weight.shape[1])
+    return split
+
+
+def _split_one(graph: GraphIndex, writer: Any, weight: np.ndarray, columns: np.ndarray, tag: str) -> None:
+    output = writer.output[0]
+    product = f"{tag}_int8_output"
+    writer.output[0] = product
+    expand = np.zeros((len(columns), weight.shape[1]), np.float32)
+    expand[np.arange(len(columns)), columns] = 1.0
+
+    def constant(name: str, value: np.ndarray) -> Any:
+        return helper.make_node(
+            "Constant", [], [name], name=f"{name}_constant", value=numpy_helper.from_array(value, name)
+        )
+
+    nodes = [
+        constant(f"{tag}_columns", columns),
+        constant(f"{tag}_weight", np.ascontiguousarray(weight[:, columns])),
+        constant(f"{tag}_expand", expand),
+        helper.make_node("Gather", [product, f"{tag}_columns"], [f"{tag}_taken"], name=f"{tag}_gather", axis=-1),
+        helper.make_node("MatMul", [writer.input[0], f"{tag}_weight"], [f"{tag}_float"], name=f"{tag}_side"),
+        helper.make_node("Sub", [f"{tag}_float", f"{tag}_taken"], [f"{tag}_correction"], name=f"{tag}_sub"),
+        helper.make_node("MatMul", [f"{tag}_correction", f"{tag}_expand"], [f"{tag}_placed"], name=f"{tag}_place"),
+        helper.make_node("Add", [product, f"{tag}_placed"], [output], name=f"{tag}_add"),
+    ]
+    position = list(graph.graph.node).index(writer) + 1
+    for offset, node in enumerate(nodes):
+        graph.graph.node.insert(position + offset, node)
+
+
+def read_float_inputs(model: Any, side_nodes: list[str]) -> int:
+    """After static quantization: each side product reads its writer's float input again where the quantizer rewired
+    it to a DequantizeLinear of a QuantizeLinear of that input. Returns how many were rewired."""
+    index = GraphIndex(model)
+    wanted = set(side_nodes)
+    rewired = 0
+    for node in model.graph.node:
+        if node.name not in wanted:
+            continue
+        dequantize = index.producers.get(node.input[0])
+        if dequantize is None or dequantize.op_type != "DequantizeLinear":
+            continue
+        quantize = index.producers.get(dequantize.input[0])
+        if quantize is None or quantize.op_type != "QuantizeLinear":
+            continue
+        node.input[0] = quantize.input[0]
+        rewired += 1
+    return rewired
+
+
+__all__ = [
+    "AMPLIFIED_RATIO",
+    "PREFIX",
+    "ChannelSplit",
+    "amplified_channels",
+    "read_float_inputs",
+    "split_writer_columns",
+]

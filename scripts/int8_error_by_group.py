@@ -1,7 +1,7 @@
 """Where an INT8 bundle's embedding error comes from, op group by op group (issue 14, item 1 of the plan: diagnose).
 
     python scripts/int8_error_by_group.py FP32_BUNDLE [--rotate on|off] [--smooth on|off] [--patches 16]
-        [--captions 8] [--modes u8,s8,dynamic] [--json out.json]
+        [--captions 8] [--modes u8,s8,dynamic] [--split on|off] [--groups on|off] [--json out.json]
 
 The bundle's FP32 graphs, prepared as `pue-export quantize` prepares them (the decoder's residual stream rotated with
 `--rotate on`; SmoothQuant migration per activation scheme with `--smooth on`), are quantized in simulation
@@ -10,7 +10,9 @@ The bundle's FP32 graphs, prepared as `pue-export quantize` prepares them (the d
 - `all`: every weight MatMul int8 (MinMax ranges from the calibration rows for the static schemes);
 - `float:G`: all int8 but group G kept float; `only:G`: group G alone int8;
 - `token:G`: all int8, group G's activations quantized per token (per row, dynamic) instead of per tensor;
-- `all-token`: every activation per token.
+- `all-token`: every activation per token;
+- `all, amplified writer columns float` (`--split on`, where some norm gain is ≥ 20× its median): `all` with the
+  decoder's residual-stream writers computing those channels in float (`pue.calibration.channel_split`).
 
 Each is measured end to end (vision → decoder → pooled unit vector) against the FP32 graphs on the calibration rows
 (shipped patches, captions, composed rows, image sets): mean and minimum cosine. Then, per group input, where the
@@ -118,9 +120,14 @@ def ranges(model: Any, ops: list[Any], feeds: list[dict]) -> dict[str, dict[str,
     return out
 
 
-def prepare(bundle: Path, rotate: bool, smooth: bool, scheme: str, rows: Rows) -> tuple[dict, dict, dict]:
+def prepare(
+    bundle: Path, rotate: bool, smooth: bool, scheme: str, rows: Rows, split: bool = False
+) -> tuple[dict, dict, dict]:
+    """The bundle's FP32 graphs as `pue-export quantize` prepares them; `split`: the decoder's residual-stream
+    writers also compute the columns that norm gains amplify in float (`channel_split`, after smoothing)."""
     import onnx
 
+    from pue.calibration.channel_split import amplified_channels, split_writer_columns
     from pue.calibration.graph_ops import weight_ops
     from pue.calibration.rotation import rotate_decoder
     from pue.calibration.smoothing import smooth_model
@@ -132,10 +139,13 @@ def prepare(bundle: Path, rotate: bool, smooth: bool, scheme: str, rows: Rows) -
     feeds = {"vision": rows.vision_feeds, "decoder": rows.decoder_feeds}
     ops = {}
     for name, model in models.items():
+        amplified = amplified_channels(model)  # before smoothing folds its scales into the gains
         ops[name] = [op for op in weight_ops(model, name) if op.op_type == "MatMul"]
         if smooth:
             stats = collect_channel_stats(model, ops[name], feeds[name])
             ops[name], _, _ = smooth_model(model, ops[name], stats, scheme)
+        if split:
+            split_writer_columns(model, amplified)  # its side products are Constants: left float below
     stats = {name: ranges(models[name], ops[name], feeds[name]) for name in models}
     return models, ops, stats
 
@@ -162,6 +172,7 @@ def simulate(prepared: tuple[dict, dict, dict], chosen: set[str], token: set[str
 
 
 def main() -> None:
+    from pue.calibration.channel_split import amplified_channels
     from pue.calibration.fake_quant import float_session
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -171,6 +182,8 @@ def main() -> None:
     parser.add_argument("--patches", type=int, default=16)
     parser.add_argument("--captions", type=int, default=8)
     parser.add_argument("--modes", default="u8,s8,dynamic")
+    parser.add_argument("--groups", default="on", help="off: `all` (and its split) only, no per-group cases")
+    parser.add_argument("--split", default="on", help="also measure `all` with the writers' amplified columns float")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = Rows(args.bundle, args.patches, args.captions)
@@ -198,8 +211,12 @@ def main() -> None:
 
         everything = set(GROUPS)
         measure("all", everything)
-        measure("all-token", everything, everything)
-        for group in GROUPS:
+        if args.split == "on" and amplified_channels(onnx.load(str(args.bundle / "decoder.onnx")))[0]:
+            split = prepare(args.bundle, args.rotate == "on", args.smooth == "on", scheme, rows, split=True)
+            measure("all, amplified writer columns float", everything, prepared=split)
+        for group in GROUPS if args.groups == "on" else []:
+            if group == next(iter(GROUPS)):
+                measure("all-token", everything, everything)
             measure(f"float:{group}", everything - {group})
             measure(f"only:{group}", {group})
             measure(f"token:{group}", everything, {group})

@@ -46,6 +46,7 @@ class ChannelSplit:
     writers: list[str] = field(default_factory=list)
     side_nodes: list[str] = field(default_factory=list)  # the float side products (their inputs must stay float)
     split_flops: int = 0  # per token, all writers: the float side products and their placement
+    other_sources: list[str] = field(default_factory=list)  # what else writes the stream (embedding, DeepStack)
     why_not: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,21 +79,22 @@ def split_writer_columns(model: Any, amplified: tuple[list[int], list[float]] | 
     `amplified`: the channels and their gain ratios (`amplified_channels`), read before smoothing folded its scales
     into the norm gains (the amplification is the same function, now partly in the readers' weights); by default
     read from `model`."""
-    from pue.calibration.rotation import RotationError, _Graph, _residual_sources, find_rms_norms, stream_norms
+    from pue.calibration.rotation import RotationError, find_rms_norms, stream_norms
 
     channels, ratios = amplified if amplified is not None else amplified_channels(model)
     split = ChannelSplit(list(channels), list(ratios))
     if not channels:
         split.why_not = f"no residual channel has an RMSNorm gain ≥ {AMPLIFIED_RATIO:g}× the norm's median"
         return split
-    graph = _Graph(model)
+    graph = GraphIndex(model)
     try:
-        _, roles = _residual_sources(graph, [norm.residual for norm in stream_norms(find_rms_norms(model))])
-    except RotationError as error:  # a stream the walk does not know: nothing is split, and fidelity.json says why
-        split.why_not = f"the residual stream's writers could not be traced: {error.message}"
+        starts = [norm.residual for norm in stream_norms(find_rms_norms(model))]
+    except RotationError as error:
+        split.why_not = f"the residual stream's norms could not be read: {error.message}"
         return split
+    writers, split.other_sources = _stream_writers(graph, starts)
     columns = np.asarray(channels, np.int64)
-    for index, writer in enumerate(roles["writers"]):
+    for index, writer in enumerate(writers):
         weight = numpy_helper.to_array(graph.initializers[writer.input[1]]).astype(np.float32)
         if weight.ndim != 2 or int(columns.max()) >= weight.shape[1]:
             continue
@@ -101,6 +103,38 @@ def split_writer_columns(model: Any, amplified: tuple[list[int], list[float]] | 
         split.side_nodes.append(f"{PREFIX}{index}_side")
         split.split_flops += 2 * len(channels) * (weight.shape[0] + weight.shape[1])
     return split
+
+
+def _stream_writers(graph: GraphIndex, starts: list[str]) -> tuple[list[Any], list[str]]:
+    """Walk back from the norms' inputs through the residual stream's additions, selects and row moves: the weight
+    MatMuls that write it, in graph order, and the other ops that feed it (graph inputs' splits such as Qwen3-VL's
+    DeepStack features, the token embedding): those write no int8 product here and are left as they are."""
+    from pue.calibration.rotation import ROW_OPS, _mixes_channels
+
+    seen: set[str] = set()
+    writers: dict[str, Any] = {}
+    others: set[str] = set()
+    stack = list(starts)
+    while stack:
+        tensor = stack.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        node = graph.producers.get(tensor)
+        if node is None:
+            continue  # a graph input
+        if node.op_type == "MatMul" and node.input[1] in graph.initializers:
+            writers[node.name] = node
+        elif node.op_type == "Add":
+            stack.extend(i for i in node.input[:2] if graph.constant(i) is None)
+        elif node.op_type == "Where":
+            stack.extend(node.input[1:3])
+        elif node.op_type in ROW_OPS and not _mixes_channels(node) and node.input[0] not in graph.initializers:
+            stack.append(node.input[0])  # rows moved or selected (a Gather of a table is the token embedding)
+        else:
+            others.add(f"{node.op_type} {node.name}")
+    order = {node.name: i for i, node in enumerate(graph.graph.node)}
+    return sorted(writers.values(), key=lambda n: order[n.name]), sorted(others)
 
 
 def _split_one(graph: GraphIndex, writer: Any, weight: np.ndarray, columns: np.ndarray, tag: str) -> None:

@@ -122,3 +122,23 @@ def test_the_search_tries_the_split_and_keeps_it_only_when_the_check_is_better(t
     model, _ = toy_decoder(8)
     result = search_decoder(model, _feeds(4), tmp_path / "off", off, check, check)
     assert [a["channel_split"] for a in result["attempts"]] == [False] and result["channel_split"] is None
+
+
+def test_writers_are_found_past_sources_the_rotation_cannot_fold():
+    """A stream fed by a split graph input as well (Qwen3-VL's DeepStack features, added after the first layers):
+    the rotation refuses such a stream, the split still finds every writer and names the other sources."""
+    from onnx import TensorProto, helper
+
+    model, _ = toy_decoder(8)
+    graph = model.graph
+    residual = next(n for n in graph.node if n.name == "residual1")
+    residual.output[0] = "h1_plain"
+    graph.input.append(helper.make_tensor_value_info("deepstack", TensorProto.FLOAT, [2, SEQ, 16]))
+    graph.initializer.append(numpy_helper.from_array(np.array([8, 8], np.int64), "halves"))
+    position = list(graph.node).index(residual) + 1
+    graph.node.insert(position, helper.make_node("Split", ["deepstack", "halves"], ["deep0", "deep1"], axis=-1))
+    graph.node.insert(position + 1, helper.make_node("Add", ["h1_plain", "deep0"], ["h1"], name="deepstack_add"))
+    done = split_writer_columns(model)
+    assert sorted(done.writers) == ["down_proj", "o_proj"]
+    assert any(source.startswith("Split") for source in done.other_sources)
+    assert any(source.startswith("Gather") for source in done.other_sources)  # the token embedding

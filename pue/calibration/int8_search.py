@@ -45,7 +45,7 @@ def search_int8(
     from pue.calibration.per_token import TOKEN_OUTLIER_RATIO, quantize_per_token
     from pue.calibration.readers import OrtReader
     from pue.calibration.smoothing import smooth_model
-    from pue.calibration.stats import GRAM_BUDGET_BYTES, collect_channel_stats
+    from pue.calibration.stats import collect_channel_stats
 
     scheme = activation_scheme(options.precision, options.target)
     static = options.spec.calibrated  # static Q/DQ (calibrated scales) on MatMul/Gemm/Conv; else dynamic, MatMul
@@ -59,10 +59,7 @@ def search_int8(
         amplified = amplified_channels(model) if options.split_channels else ([], [])  # before smoothing's folds
         ops = [op for op in weight_ops(model, name) if static or op.op_type == "MatMul"]
         say(f"{name}: activation statistics of {len(ops)} weight-bearing ops")
-        gram_budget = max(0, GRAM_BUDGET_BYTES - sum(4 * s.gram.size for s in all_stats.values() if s.gram is not None))
-        stats = collect_channel_stats(
-            model, ops, feeds[name](), seed=options.seed, gram_budget=gram_budget if options.gptq else 0
-        )
+        stats = collect_channel_stats(model, ops, feeds[name](), seed=options.seed)
         if options.smooth:
             ops, stats, groups = smooth_model(model, ops, stats, scheme, layout=(layouts or {}).get(name))
             smoothed += [dict(g.to_dict(), graph=name) for g in groups]

@@ -50,10 +50,8 @@ def run_plan(
     row: the image prompt with `longest_rows[0]` images, `longest_rows[1]` of them in a gate batch) and the options
     (its QuantizeOptions)."""
     from pue.calibration.graph_ops import weight_ops
-    from pue.calibration.stats import GRAM_BUDGET_BYTES, gram_names
 
     static = options.spec.calibrated
-    gram_budget = GRAM_BUDGET_BYTES if options.gptq and options.precision != "fp16" else 0
     export = manifest.export
     crop_tokens = (export.crop_size // export.patch_size) ** 2 + 1 if export.crop_size and export.patch_size else 0
     images_per_row, set_rows = longest_rows
@@ -67,16 +65,12 @@ def run_plan(
         layers = sum(node.op_type == "Softmax" for node in model.graph.node)
         heads = int((export.attention.get(name) or {}).get("heads", 0))
         count, length = sequences[name]
-        widths = {op.activation: op.in_channels for op in ops}
-        grams = sum(4 * widths[tensor] ** 2 for tensor in gram_names(ops, gram_budget))
-        gram_budget -= grams
         graphs[name] = GraphLoad(
             weights_bytes=spec.file.size + sum(entry.size for entry in spec.external_data),
             activation_bytes_per_row=activation_bytes(ops, sequences[name][0] * sequences[name][1]),
             attention_bytes_per_row=attention_bytes(heads, length, layers, count),
             attention_layers=layers,
             rows_per_pass=len(feeds[name]()),
-            gram_bytes=grams,
         )
     return plan_quantize(
         options.precision,

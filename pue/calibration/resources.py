@@ -17,8 +17,6 @@ read off the graphs, and coefficients fitted to peaks measured phase by phase (`
   bytes, summed over those inputs), which the statistics pass fetches (``ACTIVATION_COPIES`` x A_g, plus
   ``STATISTICS_SCORE_COPIES`` x S_g of its unoptimised session); static calibration's session keeps more tensors of
   the scores' size per layer (``CALIBRATION_SCORE_COPIES`` x S_g);
-- G, GPTQ's input second moments (K x K float32 per MatMul input, within ``stats.GRAM_BUDGET_BYTES``), held from
-  the statistics pass to the end of the search (1 x G: exact, not fitted);
 - the interpreter and its libraries (``PROCESS_BASE_BYTES``);
 - what the INT8 search holds on top, in copies of all the weights W: while it quantizes and checks candidates
   (``SEARCH_WEIGHT_COPIES``: the float graphs' protobufs, onnxruntime's
@@ -65,7 +63,6 @@ class GraphLoad:
     attention_bytes_per_row: int  # attention scores of one row, summed over the graph's attention layers
     attention_layers: int
     rows_per_pass: int  # calibration rows one pass over this graph feeds
-    gram_bytes: int = 0  # GPTQ's input second moments the statistics pass accumulates, held for the whole search
 
     @property
     def layer_attention_bytes(self) -> int:
@@ -95,9 +92,7 @@ class QuantizePlan:
         )
         rows = ", ".join(f"{name} {g.rows_per_pass}" for name, g in self.graphs.items())
         passes = ", ".join(f"{what} {count}" for what, count in self.passes.items())
-        grams = ", ".join(f"{name} {_size(g.gram_bytes)}" for name, g in self.graphs.items() if g.gram_bytes)
         return [
-            *([f"GPTQ's input second moments: {grams}"] if grams else []),
             f"weights: {weights}",
             f"per calibration row: {per_row}",
             f"calibration rows per pass: {rows}",
@@ -156,8 +151,7 @@ def plan_quantize(
     `gptq`: what the search tries besides the fallback (`max_attempts`)."""
     arena = RUNTIME_SCORE_COPIES * batch_attention_bytes
     weights = sum(g.weights_bytes for g in graphs.values())
-    grams = sum(g.gram_bytes for g in graphs.values())
-    resident = PROCESS_BASE_BYTES + WEIGHT_COPIES_RESIDENT * weights + arena + grams
+    resident = PROCESS_BASE_BYTES + WEIGHT_COPIES_RESIDENT * weights + arena
     copies = CALIBRATION_SCORE_COPIES if calibrated and every_row_calibrates else STATISTICS_SCORE_COPIES
     working = max(
         WEIGHT_COPIES_WORKING * g.weights_bytes

@@ -159,20 +159,3 @@ def test_with_pues_own_ranges_the_calibration_session_runs_one_row():
     one = plan(weights_mb=10, activations_mb=5, scores_mb=600, batch_mb=10, every_row_calibrates=False)
     assert one.peak_host_bytes < every.peak_host_bytes - 2_000 * MB
     assert one.passes == every.passes  # the passes over the rows are the same; one of them reads a row
-
-
-def test_gptqs_second_moments_are_planned():
-    """The Σ xᵀx matrices GPTQ reads are held for the whole search: the plan counts them (K² x 4 bytes per MatMul
-    input that fits `stats.GRAM_BUDGET_BYTES`), and nothing when GPTQ is off."""
-
-    def load(gram_mb: float) -> dict[str, GraphLoad]:
-        loads = graphs(10, 5)
-        loads["decoder"].gram_bytes = int(gram_mb * MB)
-        return loads
-
-    base = dict(calibrated=True, fallback=True, op_count=63, outlier_rows=8, gate_items=68)
-    without = plan_quantize("int8", load(0), batch_attention_bytes=MB, available=None, **base)
-    held = plan_quantize("int8", load(900), batch_attention_bytes=MB, available=None, **base)
-    assert held.peak_host_bytes > without.peak_host_bytes + 900 * MB
-    assert any(line.startswith("GPTQ's input second moments: decoder 900") for line in held.lines())
-    assert not any("second moments" in line for line in without.lines())

@@ -116,38 +116,15 @@ def test_tensor_absmax_of_every_float_tensor():
     assert absmax["log"] == float("inf")
 
 
-def test_gptq_second_moment_over_every_token_within_the_budget_narrowest_first():
-    """Σ xᵀx over every calibration token (not the 8 × 256 sample) for the MatMul inputs that fit the budget,
-    narrowest first; the others fall back to the sample; smoothing's division carries over to it exactly."""
-    from pue.calibration.stats import gram_names, second_moment
+def test_the_second_moment_is_the_token_samples_and_smoothing_divides_it():
 
     rng = np.random.default_rng(1)
-    model = make_model(
-        [
-            helper.make_node("MatMul", ["x", "w_narrow"], ["y"], name="narrow"),
-            helper.make_node("MatMul", ["z", "w_wide"], ["u"], name="wide"),
-        ],
-        [float_input("x", ["rows", 4]), float_input("z", ["rows", 16])],
-        ["y", "u"],
-        {"w_narrow": np.ones((4, 2), np.float32), "w_wide": np.ones((16, 2), np.float32)},
-    )
-    ops = weight_ops(model, "decoder")
-    assert gram_names(ops, 4 * 4 * 4) == {"x"}  # 64 bytes: the 4-wide input only
-    assert gram_names(ops, 4 * (16 + 256)) == {"x", "z"}
-    assert gram_names(ops, 4 * 4 * 4 - 1) == set()
-    feeds = [
-        {"x": rng.normal(size=(300, 4)).astype(np.float32), "z": rng.normal(size=(300, 16)).astype(np.float32)}
-        for _ in range(SENSITIVITY_SAMPLES + 3)
-    ]
-    stats = collect_channel_stats(model, ops, feeds, gram_budget=64)
-    every = np.concatenate([f["x"] for f in feeds])
-    assert stats["x"].gram_tokens == len(every) == 300 * (SENSITIVITY_SAMPLES + 3)
-    np.testing.assert_allclose(stats["x"].second_moment(), every.T @ every / len(every), rtol=1e-5)
-    assert stats["z"].gram is None  # past the budget: from the token sample
-    np.testing.assert_allclose(stats["z"].second_moment(), second_moment(stats["z"].samples), rtol=1e-6)
-    assert collect_channel_stats(model, ops, feeds[:1])["x"].gram is None  # no budget, no Σ xᵀx
-
+    samples = [rng.normal(size=(30, 4)).astype(np.float32) for _ in range(3)]
+    every = np.concatenate(samples)
+    channel = ChannelStats(every.min(axis=0), every.max(axis=0), samples)
+    np.testing.assert_allclose(channel.second_moment(), every.T @ every / len(every), rtol=1e-5)
     scale = np.array([2.0, 0.5, 4.0, 1.0], np.float32)
-    np.testing.assert_allclose(
-        stats["x"].scaled(scale).second_moment(), (every / scale).T @ (every / scale) / len(every), rtol=1e-5
-    )
+    divided = channel.scaled(scale)
+    np.testing.assert_allclose(divided.second_moment(), (every / scale).T @ (every / scale) / len(every), rtol=1e-5)
+    np.testing.assert_allclose(divided.maximum, every.max(axis=0) / scale, rtol=1e-6)
+    assert ChannelStats(np.zeros(4), np.zeros(4)).second_moment() is None

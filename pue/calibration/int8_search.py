@@ -6,12 +6,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pue.calibration.channel_split import ChannelSplit
 from pue.calibration.graph_ops import int8_flop_share, weight_ops
 from pue.fidelity import GateReport
 from pue.precisions import TokenOutliers
+
+if TYPE_CHECKING:
+    from pue.calibration.channel_split import ChannelSplit
 
 MIN_INT8_FLOP_SHARE = 0.80
 
@@ -127,9 +129,9 @@ def search_int8(
             range_rules["mse"].update(chosen_ranges)
             clips.update(chosen_clips)
 
-    # each graph's last quantization: (its int8 ops, ranges) → file. An attempt that changes one graph's ops (most
+    # each graph's last quantization: (its int8 ops, rule, split) → file. An attempt that changes one graph's ops (most
     # fallback and token steps change the decoder's only) reloads the other's file: the same inputs, the same graph
-    last: dict[str, tuple[tuple[tuple[str, ...], str], Path]] = {}
+    last: dict[str, tuple[tuple[tuple[str, ...], str, bool], Path]] = {}
     activation_of = {op.node: op.activation for op in all_ops if op.activation in all_stats}
 
     def moment_of(node: str) -> Any:  # GPTQ's Hessian: the op's input second moment on calibration tokens
@@ -420,7 +422,8 @@ def _rank_measured(
     say: Callable[[str], None],
 ) -> list[dict]:
     """The fallback's end-to-end ranking of the SQNR ranking's worst `options.rank_ops` ops not yet in float.
-    `models`: the search's weightless float graphs, whose weights lie in `work` (`fake_quantize`'s base_dir)."""
+    `models`: the search's weightless float graphs, whose weights lie in `work` (`fake_quantize`'s base_dir); the
+    simulation rounds weights to nearest and does not split the writers' columns, whatever the best candidate does."""
     from pue.calibration.measured_ranking import Candidate, rank_end_to_end, static_ranges, worst_items
 
     float_nodes, check, _, per_token, rule = best

@@ -18,7 +18,7 @@ from pue.calibration.channel_split import (
     split_writer_columns,
 )
 from pue.calibration.graph_ops import weight_ops
-from pue.calibration.int8 import quantize_static_graph
+from pue.calibration.int8 import quantize_dynamic_graph, quantize_static_graph
 from pue.calibration.readers import OrtReader
 
 
@@ -50,9 +50,11 @@ def test_nothing_is_split_without_amplified_channels():
     assert not any(n.name.startswith(PREFIX) for n in model.graph.node)
 
 
-def test_in_static_int8_the_amplified_columns_are_the_float_ones(tmp_path):
-    """onnxruntime's Q/DQ rewires every reader of a quantized input to its DequantizeLinear; `read_float_inputs` gives
-    the side products the float input back, so the amplified columns of each writer's output are exactly float."""
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_in_int8_the_amplified_columns_are_the_float_ones(tmp_path, mode):
+    """onnxruntime's static Q/DQ rewires every reader of a quantized input to its DequantizeLinear; `read_float_inputs`
+    gives the side products the float input back (its dynamic MatMulInteger leaves them the float input), so the
+    amplified columns of each writer's output are exactly float, the others int8 as before."""
     import onnx
 
     model, feed = toy_decoder(8)
@@ -68,9 +70,15 @@ def test_in_static_int8_the_amplified_columns_are_the_float_ones(tmp_path):
         }
         for _ in range(4)
     ]
-    quantize_static_graph(tmp_path / "split.onnx", tmp_path / "int8.onnx", OrtReader(rows), done.writers, "onnxruntime")
+    if mode == "static":
+        quantize_static_graph(
+            tmp_path / "split.onnx", tmp_path / "int8.onnx", OrtReader(rows), done.writers, "onnxruntime"
+        )
+    else:
+        quantize_dynamic_graph(tmp_path / "split.onnx", tmp_path / "int8.onnx", done.writers)
     quantized = onnx.load(str(tmp_path / "int8.onnx"))
-    assert read_float_inputs(quantized, done.side_nodes) == 2  # both side products had been rewired to Q/DQ
+    # static: both side products had been rewired to Q/DQ; dynamic: they read the float input already
+    assert read_float_inputs(quantized, done.side_nodes) == (2 if mode == "static" else 0)
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for writer in (n for n in model.graph.node if n.name in done.writers):
         x, written = writer.input[0], writer.output[0]  # the float input (what Q reads) and the corrected output

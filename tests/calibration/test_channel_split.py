@@ -150,3 +150,14 @@ def test_writers_are_found_past_sources_the_rotation_cannot_fold():
     assert sorted(done.writers) == ["down_proj", "o_proj"]
     assert any(source.startswith("Split") for source in done.other_sources)
     assert any(source.startswith("Gather") for source in done.other_sources)  # the token embedding
+
+
+def test_inspect_names_the_split_channels_and_writers_only_when_taken():
+    from pue.export.inspect_bundle import _treatment
+
+    graphs = {"decoder": {"channels": [1, 5], "writers": ["o_proj", "down_proj"], "side_nodes": [], "split_flops": 8}}
+    report = {"float_nodes": [], "channel_split": {"taken": True, "graphs": graphs}}
+    assert _treatment(report)["channel_split"] == {"decoder": {"channels": [1, 5], "writers": ["o_proj", "down_proj"]}}
+    report["channel_split"]["taken"] = False
+    assert _treatment(report)["channel_split"] == {}
+    assert _treatment({"float_nodes": []})["channel_split"] == {}  # bundles made before the split existed

@@ -8,6 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pue.calibration.candidates import (
+    GPTQ,
+    MIN_INT8_FLOP_SHARE,
+    SPLIT,
+    better,
+    fits,
+    other_rounding,
+    ranges_record,
+    ranges_rule,
+    widest_fitting,
+    with_flags,
+)
 from pue.calibration.graph_ops import int8_flop_share, weight_ops
 from pue.fidelity import GateReport
 from pue.precisions import TokenOutliers
@@ -15,7 +27,7 @@ from pue.precisions import TokenOutliers
 if TYPE_CHECKING:
     from pue.calibration.channel_split import ChannelSplit
 
-MIN_INT8_FLOP_SHARE = 0.80
+__all__ = ["MIN_INT8_FLOP_SHARE", "Judges", "search_int8"]
 
 
 def search_int8(
@@ -163,7 +175,7 @@ def search_int8(
                     options.target,
                     options.method,
                     cache_path=work / f"{name}.calibration.json",
-                    ranges=range_rules.get(_ranges_rule(rule)),
+                    ranges=range_rules.get(ranges_rule(rule)),
                 )
             elif nodes:
                 quantize_dynamic_graph(path, out, nodes)
@@ -211,7 +223,7 @@ def search_int8(
     # that happens to fit the check's rows cuts the massive tokens themselves, which the model uses (measured: on
     # `llava massive` for OpenVINO with 16 calibration patches, ranges first passed the check at min 0.9908 and
     # failed the held-out gate at 0.9013; the float reader first passes both)
-    if static and options.fallback and massive_float and _fits(all_ops, massive_float, tokens):
+    if static and options.fallback and massive_float and fits(all_ops, massive_float, tokens):
         variants.append((set(massive_float), set(), "best", True))
     # then the best so far with its int8 weights rounded by GPTQ (`gptq`: each op's output error on calibration tokens,
     # not each weight's own error, kept small; same grids, same kernels), taken if the check says better. After the
@@ -234,7 +246,7 @@ def search_int8(
     # the ops the SQNR ranking cannot score (Conv: the vision patch embedding, whose int8 input and weights cost the
     # ci-sized fixtures up to 0.009 of minimum cosine), in float while the check fails
     unscored = {op.node for op in all_ops if op.op_type != "MatMul"}
-    if static and options.fallback and unscored and _fits(all_ops, unscored, tokens):
+    if static and options.fallback and unscored and fits(all_ops, unscored, tokens):
         variants.append((set(unscored), set(), "best", True))
     stopped = None
     alternate = False  # this attempt is the previous one's sets with the other weight rounding
@@ -245,12 +257,12 @@ def search_int8(
         candidate = quantize(float_nodes, per_token, rule)
         check = judges.check(candidate)
         phase_done("check")
-        taken = best is None or _better(check, best[1])
+        taken = best is None or better(check, best[1])
         attempts.append(
             {
                 "float_nodes": sorted(float_nodes),
                 "per_token_nodes": sorted(per_token - float_nodes),
-                "ranges": _ranges_rule(rule) if static else "dynamic",
+                "ranges": ranges_rule(rule) if static else "dynamic",
                 "weights": "gptq" if GPTQ in rule else "nearest",
                 "other_rounding": alternate,
                 "gptq_ops": sum(len(v) for v in [*gptq_ops.values(), *token_gptq.values()]) if GPTQ in rule else 0,
@@ -264,7 +276,7 @@ def search_int8(
         )
         say(
             f"attempt {len(attempts)}: {len(float_nodes)} ops in float, {len(per_token - float_nodes)} per token"
-            + (f", {_ranges_rule(rule)} ranges" if own_ranges else "")
+            + (f", {ranges_rule(rule)} ranges" if own_ranges else "")
             + (", amplified writer columns in float" if SPLIT in rule else "")
             + (", GPTQ weights" if GPTQ in rule else "")
             + (" (the same sets, the other rounding)" if alternate else "")
@@ -277,7 +289,7 @@ def search_int8(
             best = (set(float_nodes), check, candidate, set(per_token), rule)
         if options.gptq and not taken and not alternate and not rounding_only and not best[1].passed:
             # the same float and per-token sets with the other weight rounding, judged against the same best
-            rule, alternate = _other_rounding(rule), True
+            rule, alternate = other_rounding(rule), True
             continue
         alternate = rounding_only = False
         float_nodes, per_token, rule = best[0], best[3], best[4]
@@ -289,9 +301,9 @@ def search_int8(
             float_nodes = float_nodes | extra_float
             per_token = best[3] if extra_float or changes_best else variant_per_token
             if changes_best:
-                rule = _with(best[4], variant_rule.removeprefix("best"))
+                rule = with_flags(best[4], variant_rule.removeprefix("best"))
             else:  # other ranges or per-token sets, with the best's weight rounding and split
-                rule = _with(variant_rule, *(flag for flag in (SPLIT, GPTQ) if flag in best[4]))
+                rule = with_flags(variant_rule, *(flag for flag in (SPLIT, GPTQ) if flag in best[4]))
             continue
         if best[1].passed or not options.fallback:
             break
@@ -320,7 +332,7 @@ def search_int8(
             break
         if edge or int8_flop_share(all_ops, wider, tokens) < MIN_INT8_FLOP_SHARE:
             # the last step within the rule: as many of the next ops as still fit, once
-            fitting = _widest_fitting(order, best[0], previous, min(keep, len(order)), all_ops, tokens)
+            fitting = widest_fitting(order, best[0], previous, min(keep, len(order)), all_ops, tokens)
             if edge or fitting is None:
                 stopped = (
                     f"the fallback stops at {len(best[0])} ops in float: one more would leave less than "
@@ -354,7 +366,7 @@ def search_int8(
         "per_token_nodes": sorted(chosen_per_token - chosen),
         "share": int8_flop_share(all_ops, chosen, tokens),
         "smoothed": smoothed,
-        "ranges": _ranges_record(_ranges_rule(chosen_rule), clips) if own_ranges else None,
+        "ranges": ranges_record(ranges_rule(chosen_rule), clips) if own_ranges else None,
         "weights": {
             "rounding": "gptq" if GPTQ in chosen_rule else "nearest",
             "gptq_ops": next(a["gptq_ops"] for a in reversed(attempts) if a["taken"]),
@@ -369,32 +381,6 @@ def search_int8(
         "measured_ranking": measured_ranking,
         "why": why,
     }
-
-
-# A quantization rule: the activation ranges ("minmax", "mse"), then its flags in this order
-SPLIT = "+split"  # the writers' amplified residual columns in float (`pue.calibration.channel_split`)
-GPTQ = "+gptq"  # int8 weights rounded by GPTQ (`pue.calibration.gptq`)
-
-
-def _ranges_rule(rule: str) -> str:
-    """The activation ranges a quantization rule uses ("minmax", "mse"), without its flags."""
-    return rule.split("+")[0]
-
-
-def _with(rule: str, *flags: str) -> str:
-    """`rule` with `flags` added (in the canonical order)."""
-    return _ranges_rule(rule) + "".join(flag for flag in (SPLIT, GPTQ) if flag in rule or flag in flags)
-
-
-def _other_rounding(rule: str) -> str:
-    """The same quantization rule with the other weight rounding (nearest ↔ GPTQ)."""
-    return rule.replace(GPTQ, "") if GPTQ in rule else _with(rule, GPTQ)
-
-
-def _ranges_record(rule: str, clips: dict[str, float]) -> dict[str, Any]:
-    """What fidelity.json says of the activation ranges: the rule taken, and per tensor the clip it would apply."""
-    clipped = {name: clip for name, clip in sorted(clips.items()) if clip < 1.0}
-    return {"rule": rule, "clipped": clipped if rule == "mse" else {}, "mse_would_clip": len(clipped)}
 
 
 @dataclass(frozen=True)
@@ -431,7 +417,7 @@ def _rank_measured(
     candidate = Candidate(
         float_nodes=frozenset(float_nodes),
         per_token=frozenset(per_token - float_nodes),
-        ranges=static_ranges(ops, stats, range_rules.get(_ranges_rule(rule))) if qdq.static else {},
+        ranges=static_ranges(ops, stats, range_rules.get(ranges_rule(rule))) if qdq.static else {},
         scheme=str(qdq.scheme),
         weight_qmax=qdq.weight_qmax,
     )
@@ -445,28 +431,3 @@ def _rank_measured(
         return report.overall["mean_cosine"], report.overall["min_cosine"]
 
     return rank_end_to_end(models, ops, candidate, shortlist, measure, say, base_dir=work)
-
-
-def _widest_fitting(
-    order: list[str], base: set[str], low: int, high: int, ops: list[Any], tokens: dict[str, int]
-) -> tuple[int, set[str]] | None:
-    """The longest prefix of `order` (between `low` and `high` ops) that, with `base`, fits the 80 % rule and adds an
-    op to `base`; None if none does."""
-    for keep in range(high, low, -1):
-        wider = base | set(order[:keep])
-        if not wider <= base and _fits(ops, wider, tokens):
-            return keep, wider
-    return None
-
-
-def _fits(ops: list[Any], floated: set[str], tokens: dict[str, int]) -> bool:
-    """Whether keeping `floated` in float leaves the 80 % of weight FLOPs in int8 the rule asks for."""
-    return int8_flop_share(ops, floated, tokens) >= MIN_INT8_FLOP_SHARE
-
-
-def _better(new: GateReport, old: GateReport) -> bool:
-    """A step is taken when it passes where the old one failed, or raises the minimum without lowering the mean."""
-    if new.passed != old.passed:
-        return new.passed
-    mean, minimum = new.overall["mean_cosine"], new.overall["min_cosine"]
-    return minimum >= old.overall["min_cosine"] and mean >= old.overall["mean_cosine"] - 1e-6

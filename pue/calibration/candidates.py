@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from pue.calibration.graph_ops import int8_flop_share
-from pue.fidelity import GateReport
+from pue.fidelity import Check, GateReport
 
 MIN_INT8_FLOP_SHARE = 0.80
 
@@ -60,3 +60,17 @@ def better(new: GateReport, old: GateReport) -> bool:
         return new.passed
     mean, minimum = new.overall["mean_cosine"], new.overall["min_cosine"]
     return minimum >= old.overall["min_cosine"] and mean >= old.overall["mean_cosine"] - 1e-6
+
+
+def flop_share_check(share: float, target_float: list[str], backend: str | None) -> Check | None:
+    """A failing check where a chosen candidate breaks the 80 % rule (only ops the target backend computes differently
+    from onnxruntime, kept float by `target_parity`, can push it there: the fallback stops before it), else None."""
+    if share >= MIN_INT8_FLOP_SHARE:
+        return None
+    note = (
+        f"{len(target_float)} ops kept float because {backend} computes them differently from onnxruntime; "
+        "quantize with --target onnxruntime or --precision int8-dynamic"
+        if target_float
+        else "too many ops kept float"
+    )
+    return Check("INT8 bundle", "int8 weight-FLOP share", share, MIN_INT8_FLOP_SHARE, note=note)

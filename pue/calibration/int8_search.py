@@ -26,6 +26,7 @@ from pue.precisions import TokenOutliers
 
 if TYPE_CHECKING:
     from pue.calibration.channel_split import ChannelSplit
+    from pue.calibration.target_parity import TargetParity
 
 __all__ = ["MIN_INT8_FLOP_SHARE", "Judges", "search_int8"]
 
@@ -153,56 +154,72 @@ def search_int8(
     gptq_ops: dict[str, list[str]] = {}  # per graph: the ops its last quantization re-rounded
     token_gptq: dict[str, list[str]] = {}  # per graph: the per-token ops whose weights GPTQ rounded, last attempt
 
+    target_float: set[str] = set()  # ops the target backend computes differently from onnxruntime (`target_parity`)
+
     def quantize(float_nodes: set[str], per_token: set[str] = frozenset(), rule: str = "minmax") -> dict[str, Any]:
         quantized = {}
-        gptq = GPTQ in rule
-        for name, path in float_paths.items():
-            split = SPLIT in rule and name in split_paths
-            path = split_paths[name] if split else path
-            nodes = [op.node for op in all_ops if op.graph == name and op.node not in float_nodes | per_token]
-            out = work / f"{name}.int8.onnx"
-            request = (tuple(nodes), rule, split)
-            fresh = not (name in last and last[name][0] == request)
-            if not fresh:
-                out = last[name][1]
-            elif static:
-                reader = OrtReader(feeds[name]())  # read lazily: one row when every range is pue's
-                quantize_static_graph(
-                    path,
-                    out,
-                    reader,
-                    nodes,
-                    options.target,
-                    options.method,
-                    cache_path=work / f"{name}.calibration.json",
-                    ranges=range_rules.get(ranges_rule(rule)),
-                )
-            elif nodes:
-                quantize_dynamic_graph(path, out, nodes)
-            else:  # every op of this graph is per token or float
-                out = path
-            if fresh:
-                gptq_ops[name] = []
-            if nodes and fresh and (gptq or (split and static)):
-                rewritten = onnx.load(str(out))
-                if gptq:  # re-round onnxruntime's int8 weights (`gptq`), on the same grids
-                    chosen = set(nodes)
-                    int8_ops = [op for op in all_ops if op.graph == name and op.node in chosen]
-                    reader = weight_reader(models[name], work)  # the split graph's writers keep their weights
-                    gptq_ops[name] = round_weights(rewritten, int8_ops, moment_of, reader, gptq_cache)
-                if split and static:  # the float columns read the writers' float inputs, not their Q/DQ
-                    read_float_inputs(rewritten, splits[name].side_nodes)
-                onnx.save_model(rewritten, str(out))
-                del rewritten
-            last[name] = (request, out)
-            quantized[name] = onnx.load(str(out))
-            token_ops = [op for op in all_ops if op.graph == name and op.node in per_token - float_nodes]
-            token_gptq[name] = []
-            if token_ops:
-                done = quantize_per_token(quantized[name], token_ops, moment_of if gptq else None)
-                token_gptq[name] = done if gptq else []
+        for name in float_paths:
+            quantized[name], fresh = quantize_graph(name, float_nodes, per_token, rule)
+            while fresh and judges.parity is not None and static and last[name][0][0]:
+                # the target backend must compute this Q/DQ graph as onnxruntime does (the fallback's ranking
+                # simulates onnxruntime's arithmetic): the ops it computes differently stay float from here on
+                found = judges.parity.check(name, quantized[name], last[name][0][0], say)
+                if not found:
+                    break
+                target_float.update(found)
+                quantized[name], fresh = quantize_graph(name, float_nodes, per_token, rule)
         phase_done("calibration" if static else "quantization")
         return quantized
+
+    def quantize_graph(name: str, float_nodes: set[str], per_token: set[str], rule: str) -> tuple[Any, bool]:
+        """One graph's candidate, and whether it was quantized afresh (else the last file is reloaded)."""
+        gptq = GPTQ in rule
+        split = SPLIT in rule and name in split_paths
+        path = split_paths[name] if split else float_paths[name]
+        skipped = float_nodes | per_token | target_float
+        nodes = [op.node for op in all_ops if op.graph == name and op.node not in skipped]
+        out = work / f"{name}.int8.onnx"
+        request = (tuple(nodes), rule, split)
+        fresh = not (name in last and last[name][0] == request)
+        if not fresh:
+            out = last[name][1]
+        elif static:
+            reader = OrtReader(feeds[name]())  # read lazily: one row when every range is pue's
+            quantize_static_graph(
+                path,
+                out,
+                reader,
+                nodes,
+                options.target,
+                options.method,
+                cache_path=work / f"{name}.calibration.json",
+                ranges=range_rules.get(ranges_rule(rule)),
+            )
+        elif nodes:
+            quantize_dynamic_graph(path, out, nodes)
+        else:  # every op of this graph is per token or float
+            out = path
+        if fresh:
+            gptq_ops[name] = []
+        if nodes and fresh and (gptq or (split and static)):
+            rewritten = onnx.load(str(out))
+            if gptq:  # re-round onnxruntime's int8 weights (`gptq`), on the same grids
+                chosen = set(nodes)
+                int8_ops = [op for op in all_ops if op.graph == name and op.node in chosen]
+                reader = weight_reader(models[name], work)  # the split graph's writers keep their weights
+                gptq_ops[name] = round_weights(rewritten, int8_ops, moment_of, reader, gptq_cache)
+            if split and static:  # the float columns read the writers' float inputs, not their Q/DQ
+                read_float_inputs(rewritten, splits[name].side_nodes)
+            onnx.save_model(rewritten, str(out))
+            del rewritten
+        last[name] = (request, out)
+        quantized = onnx.load(str(out))
+        token_ops = [op for op in all_ops if op.graph == name and op.node in per_token - float_nodes]
+        token_gptq[name] = []
+        if token_ops:
+            done = quantize_per_token(quantized, token_ops, moment_of if gptq else None)
+            token_gptq[name] = done if gptq else []
+        return quantized, fresh
 
     ranking: list[dict] = []  # SQNR, worst first
     order: list[str] = []  # the fallback's order: measured end to end where `judges.rank` is given, then SQNR
@@ -252,9 +269,10 @@ def search_int8(
     alternate = False  # this attempt is the previous one's sets with the other weight rounding
     rounding_only = False  # this attempt differs from the best only in its weight rounding (the GPTQ variant)
     while True:
-        share = int8_flop_share(all_ops, float_nodes, tokens)
         started = time.perf_counter()
         candidate = quantize(float_nodes, per_token, rule)
+        float_nodes = float_nodes | target_float  # what the target's parity kept float counts as float from here on
+        share = int8_flop_share(all_ops, float_nodes, tokens)
         check = judges.check(candidate)
         phase_done("check")
         taken = best is None or better(check, best[1])
@@ -379,6 +397,7 @@ def search_int8(
         else None,
         "ranking": ranking,
         "measured_ranking": measured_ranking,
+        "target_parity": judges.parity.to_dict() if judges.parity is not None and static else None,
         "why": why,
     }
 
@@ -388,11 +407,14 @@ class Judges:
     """How a candidate is measured: `check` on calibration items (every search decision), `gate` on held-out ones
     (once, on the chosen candidate). Both stage the candidate's graphs and compare with the FP32 parent. `rank`
     (optional) measures simulated graphs (Q/DQ computed in float) on the check items at the given indices: the
-    fallback's end-to-end ranking (`pue.calibration.measured_ranking`); without it the fallback follows SQNR."""
+    fallback's end-to-end ranking (`pue.calibration.measured_ranking`); without it the fallback follows SQNR.
+    `parity` (static INT8 for a target other than onnxruntime): each freshly quantized graph run by both backends, the
+    ops the target computes differently kept float (`pue.calibration.target_parity`)."""
 
     check: Callable[[dict[str, Any]], GateReport]
     gate: Callable[[dict[str, Any]], GateReport]
     rank: Callable[[dict[str, Any], list[int]], GateReport] | None = None
+    parity: TargetParity | None = None
 
 
 def _rank_measured(

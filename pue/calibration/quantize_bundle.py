@@ -19,6 +19,7 @@ from typing import Any
 
 from pue import __version__
 from pue.bundle import Manifest, QuantizationInfo, read_manifest
+from pue.calibration.candidates import flop_share_check
 from pue.calibration.fidelity_plot import plot_fidelity
 from pue.calibration.fp16 import convert_with_gate
 from pue.calibration.int8_search import Judges, search_int8
@@ -26,6 +27,7 @@ from pue.calibration.openvino_int8 import check_openvino_request, openvino_gate_
 from pue.calibration.quantize_plan import OUTLIER_SAMPLES, most_images_per_row, run_plan, vision_tokens
 from pue.calibration.resources import PhasePeaks
 from pue.calibration.staging import Staged, evaluate_staged, staged_manifest
+from pue.calibration.target_parity import parity_for
 from pue.choices import Attention, CalibrationMethod, Precision, QuantizePrecision, Rotate, parse_choice
 from pue.derive import Derivation, derive_bundle
 from pue.errors import PueError
@@ -232,6 +234,7 @@ def quantize_bundle(
             check=lambda candidate: evaluate(candidate, check_set, check_reference, check_thresholds),
             gate=evaluate,
             rank=rank if options.rank_ops > 0 else None,
+            parity=parity_for(options.spec, feeds, work) if options.spec.calibrated else None,
         )
 
         child.link_from_parent(parent_manifest.tokenizer.file.path)
@@ -242,6 +245,12 @@ def quantize_bundle(
             heads = dict(parent_manifest.export.attention)
             outcome = search_int8(models, feeds, tokens, work, options, judges, say, timings, peaks.end, heads)
         fidelity, attempts = outcome["fidelity"], outcome["attempts"]
+        parity = outcome.get("target_parity") or {}
+        share = outcome.get("share")
+        rule = None if share is None else flop_share_check(share, parity.get("float_nodes", []), parity.get("backend"))
+        if rule is not None:  # a bundle called INT8 keeps 80 % of its weight FLOPs in int8 (DESIGN.md)
+            fidelity.checks.append(rule)
+            outcome["why"] = [*(outcome.get("why") or fidelity.failures()[:-1]), rule.describe()]
         report = {
             "precision": options.precision,
             "target": _target(options),
@@ -258,6 +267,7 @@ def quantize_bundle(
             "attention": {"mode": attention_mode(options), "graphs": fusion},
             "sensitivity": outcome.get("ranking", [])[:20],
             "measured_ranking": outcome.get("measured_ranking", []),
+            "target_parity": outcome.get("target_parity"),
             "fp16_kept_fp32": outcome.get("fp16_blocked", []),
             "outliers": outliers,
             "resources": {"plan": resources.to_dict(), "measured_peak_mb": peaks.peaks_mb},

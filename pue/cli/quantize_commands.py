@@ -207,6 +207,11 @@ def _print_fidelity(out: object, report: dict) -> None:
             extra.append(
                 (f"{graph}: writer columns in float", f"{len(done['writers'])} writers", str(done["channels"]))
             )
+    parity = report.get("target_parity") or {}
+    if parity.get("float_nodes"):
+        extra.append(
+            (f"float: {parity['backend']} ≠ onnxruntime", str(len(parity["float_nodes"])), "ops (target_parity)")
+        )
     if report.get("per_token_nodes"):
         extra.append(("ops quantized per token", str(len(report["per_token_nodes"])), "massive tokens"))
     rotation = report.get("rotation") or {}

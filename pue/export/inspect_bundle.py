@@ -36,6 +36,8 @@ def _treatment(report: dict[str, Any]) -> dict[str, Any] | None:
         ],
         "ranges": report.get("ranges"),
         "rotated": bool((report.get("rotation") or {}).get("applied")),
+        # ops kept float because the target backend computes them differently from onnxruntime (`target_parity`)
+        "target_float_nodes": (report.get("target_parity") or {}).get("float_nodes", []),
         "channel_split": {
             graph: {"channels": done["channels"], "writers": done["writers"]}
             for graph, done in ((report.get("channel_split") or {}).get("graphs") or {}).items()
@@ -185,8 +187,10 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
         )
         for node in treatment["per_token_nodes"]:
             console.print(f"  per token: {node}")
+        target_float = set(treatment.get("target_float_nodes") or [])
         for node in treatment["float_nodes"]:
-            console.print(f"  float: {node}")
+            why = " (the target backend computes it differently from onnxruntime)" if node in target_float else ""
+            console.print(f"  float: {node}{why}")
         for group in treatment["smoothed"]:
             console.print(f"  smoothed (alpha {group['alpha']}, {group['fold']}): {', '.join(group['nodes'])}")
         for graph, done in (treatment.get("channel_split") or {}).items():

@@ -1,0 +1,327 @@
+"""Does the target backend run a Q/DQ graph as onnxruntime does? Found and repaired before any check.
+
+The INT8 search ranks its fallback with Q/DQ simulated in float (onnxruntime's arithmetic); the check and the gate run
+the target backend. Where the two compute the same Q/DQ graph differently, the search's decisions do not reach the
+thing that fails. Measured: OpenVINO 2026.4's low-precision transformations move a Gemm's per-output-channel
+dequantization past the Reshape that follows it (`[n·64, 64] → [n, 64, 64]`, Qwen3-VL's patch merger) with the scale
+broadcast along the wrong axis: `image_features` at cosine 0.41 against onnxruntime on the same graph, the bundle's
+gate 0.67, and no float fallback touches that Gemm because onnxruntime's simulation finds it harmless.
+
+So each freshly quantized graph is run on a few calibration rows by both backends; where any output row's cosine
+falls under `PARITY_MIN_COSINE` (a backend defect, not rounding: the two agree to ≥ 0.9999 on graphs without one),
+the weight ops behind it are found by halving the set of ops left in int8 (each half's other ops read float weights
+and float inputs: `float_ops`), and the search keeps them in float from then on (`fidelity.json["target_parity"]`).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pue.errors import PueError
+
+# Row cosine between the target backend and onnxruntime on the same Q/DQ graph under which the target is taken to
+# compute another function. Same-graph differences are rounding order (≥ 0.9999 measured on every healthy LLaVA and
+# Qwen3-VL graph for OpenVINO f32); a defect found so far sat at 0.41. Loose on purpose: the gate judges accuracy.
+PARITY_MIN_COSINE = 0.99
+PARITY_ROWS = 2  # calibration rows per graph the two backends run
+MAX_DIVERGENT_GROUPS = 8  # groups of ops found before the search gives up on the target
+
+Runner = Callable[[Path, list[dict[str, np.ndarray]]], list[dict[str, np.ndarray]]]
+
+
+@dataclass
+class ParityRecord:
+    """One graph's parity checks and what was kept in float for the target's sake."""
+
+    graph: str
+    checks: list[float] = field(default_factory=list)  # the minimum row cosine of each check
+    float_nodes: list[str] = field(default_factory=list)
+    min_cosine_before: float | None = None  # of the graph that diverged first
+    min_cosine_after: float | None = None  # with `float_nodes` in float
+    compiles: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "graph": self.graph,
+            "checks": [round(c, 6) for c in self.checks],
+            "float_nodes": self.float_nodes,
+            "min_cosine_before": self.min_cosine_before,
+            "min_cosine_after": self.min_cosine_after,
+            "compiles": self.compiles,
+        }
+
+
+def min_row_cosine(reference: Sequence[dict[str, np.ndarray]], target: Sequence[dict[str, np.ndarray]]) -> float:
+    """The lowest cosine between matching rows (last axis) of every float output of every feed."""
+    lowest = 1.0
+    for ref, got in zip(reference, target, strict=True):
+        for name, a in ref.items():
+            if name not in got or not np.issubdtype(a.dtype, np.floating) or a.size == 0:
+                continue
+            b = np.asarray(got[name])
+            if b.shape != a.shape:
+                return -1.0
+            x = a.astype(np.float64).reshape(-1, a.shape[-1] if a.ndim else 1)
+            y = b.astype(np.float64).reshape(x.shape)
+            norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+            both = norms > 0
+            if not both.all() and not np.array_equal(x[~both], y[~both]):
+                return -1.0
+            if both.any():
+                lowest = min(lowest, float(((x[both] * y[both]).sum(1) / norms[both]).min()))
+    return lowest
+
+
+def quantized_ops(model: Any, candidates: Iterable[str]) -> list[str]:
+    """Which of `candidates` (weight op names) read a DequantizeLinear in this Q/DQ graph, in graph order."""
+    wanted = set(candidates)
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return [n.name for n in model.graph.node if n.name in wanted and any(i in dequantized for i in n.input)]
+
+
+def float_ops(model: Any, nodes: Iterable[str]) -> Any:
+    """A copy of the Q/DQ graph `model` where `nodes` read float values: each input that a DequantizeLinear of a
+    constant gives (weights, biases) becomes that constant dequantized, each that a Q→DQ pair gives becomes the pair's
+    float input. Nodes and initializers nothing reads any more are dropped."""
+    from onnx import numpy_helper
+
+    model = copy.deepcopy(model)
+    graph = model.graph
+    wanted = set(nodes)
+    producer = {o: n for n in graph.node for o in n.output}
+    initializers = {i.name: i for i in graph.initializer}
+    made: dict[str, str] = {}
+    for node in graph.node:
+        if node.name not in wanted:
+            continue
+        for index, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            source = producer.get(dq.input[0])
+            if dq.input[0] in initializers:
+                if name not in made:
+                    made[name] = f"{name}_float"
+                    value = _dequantize(dq, initializers, numpy_helper)
+                    graph.initializer.append(numpy_helper.from_array(value, made[name]))
+                node.input[index] = made[name]
+            elif source is not None and source.op_type == "QuantizeLinear":
+                node.input[index] = source.input[0]
+    _prune(model)
+    return model
+
+
+def _dequantize(dq: Any, initializers: dict[str, Any], numpy_helper: Any) -> np.ndarray:
+    q = numpy_helper.to_array(initializers[dq.input[0]]).astype(np.float64)
+    scale = numpy_helper.to_array(initializers[dq.input[1]]).astype(np.float64)
+    zero = (
+        numpy_helper.to_array(initializers[dq.input[2]]).astype(np.float64)
+        if len(dq.input) > 2 and dq.input[2]
+        else np.zeros_like(scale)
+    )
+    if scale.ndim == 1 and scale.size > 1:
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        shape = [1] * q.ndim
+        shape[axis] = scale.size
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return ((q - zero) * scale).astype(np.float32)
+
+
+def _prune(model: Any) -> None:
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output) or not node.output:
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+            for attr in node.attribute:  # subgraphs (If, Loop) read outer names
+                for sub in [attr.g, *attr.graphs]:
+                    needed.update(i for n in sub.node for i in n.input)
+    keep.reverse()
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+    unused = [i for i in graph.initializer if i.name not in needed]
+    for init in unused:
+        graph.initializer.remove(init)
+
+
+def localize(
+    nodes: Sequence[str], diverges: Callable[[Sequence[str]], bool], max_groups: int = MAX_DIVERGENT_GROUPS
+) -> list[list[str]]:
+    """Groups of `nodes` that make the target diverge, found by halving: `diverges(S)` says whether the graph with
+    only `S` in int8 diverges. Each group is one op that diverges alone, or the smallest half-split that does only
+    together; groups are taken out until what is left agrees."""
+    groups: list[list[str]] = []
+    remaining = list(nodes)
+    while remaining and diverges(remaining):
+        if len(groups) >= max_groups:
+            raise PueError(
+                f"the target backend and onnxruntime disagree on more than {max_groups} groups of quantized ops",
+                "quantize for another target, or report the backend version and this graph",
+            )
+        group = remaining
+        while len(group) > 1:
+            half, other = group[: len(group) // 2], group[len(group) // 2 :]
+            if diverges(half):
+                group = half
+            elif diverges(other):
+                group = other
+            else:
+                break
+        groups.append(list(group))
+        remaining = [n for n in remaining if n not in set(group)]
+    return groups
+
+
+class TargetParity:
+    """Runs each freshly quantized graph on `rows` with onnxruntime and the target (`run_target`) and, where they
+    disagree, finds the weight ops to keep in float for the target's sake (`check`)."""
+
+    def __init__(
+        self,
+        backend: str,
+        run_target: Runner,
+        rows: dict[str, Callable[[], list[dict[str, np.ndarray]]]],
+        work: Path,
+        threshold: float = PARITY_MIN_COSINE,
+        run_reference: Runner | None = None,
+    ) -> None:
+        self.backend = backend
+        self.run_target = run_target
+        self.run_reference = run_reference or run_onnxruntime
+        self.rows = rows
+        self.work = work
+        self.threshold = threshold
+        self.records: dict[str, ParityRecord] = {}
+        self._rows: dict[str, list[dict[str, np.ndarray]]] = {}
+
+    def _feeds(self, graph: str) -> list[dict[str, np.ndarray]]:
+        if graph not in self._rows:
+            self._rows[graph] = list(self.rows[graph]())
+        return self._rows[graph]
+
+    def _measure(self, graph: str, model: Any) -> float:
+        record = self.records.setdefault(graph, ParityRecord(graph))
+        record.compiles += 1
+        feeds = self._feeds(graph)
+        with tempfile.TemporaryDirectory(prefix=".pue-parity-", dir=self.work) as scratch:
+            path = Path(scratch) / f"{graph}.onnx"
+            import onnx
+
+            if model.ByteSize() < 2**31 - 2**20:  # one file; saving with external data would rewrite `model` in place
+                onnx.save_model(model, str(path))
+            else:
+                onnx.save_model(copy.deepcopy(model), str(path), save_as_external_data=True, location=f"{graph}.data")
+            return min_row_cosine(self.run_reference(path, feeds), self.run_target(path, feeds))
+
+    def check(self, graph: str, model: Any, candidates: Iterable[str], say: Callable[[str], None]) -> list[str]:
+        """The weight ops of this Q/DQ graph to keep in float because the target computes them differently from
+        onnxruntime (empty when the two agree)."""
+        lowest = self._measure(graph, model)
+        record = self.records[graph]
+        record.checks.append(lowest)
+        if lowest >= self.threshold:
+            return []
+        ops = quantized_ops(model, candidates)
+        say(
+            f"{graph}: {self.backend} and onnxruntime disagree on the same Q/DQ graph (row cosine {lowest:.4f} < "
+            f"{self.threshold}): finding the ops among {len(ops)} quantized ones"
+        )
+
+        def diverges(subset: Sequence[str]) -> bool:
+            keep = set(subset)
+            return self._measure(graph, float_ops(model, [n for n in ops if n not in keep])) < self.threshold
+
+        found = [node for group in localize(ops, diverges) for node in group]
+        after = self._measure(graph, float_ops(model, found)) if found else lowest
+        if record.min_cosine_before is None:
+            record.min_cosine_before = lowest
+        record.float_nodes += [n for n in found if n not in record.float_nodes]
+        record.min_cosine_after = after
+        say(
+            f"{graph}: {len(found)} op(s) kept in float for {self.backend}: {', '.join(found) or 'none found'} "
+            f"(row cosine with them in float {after:.4f})"
+        )
+        if not found:
+            raise PueError(
+                f"{self.backend} and onnxruntime disagree on {graph}'s Q/DQ graph (row cosine {lowest:.4f}) and no set "
+                "of its quantized weight ops explains it",
+                f"quantize for another target, or report {self.backend}'s version and this graph",
+            )
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "threshold": self.threshold,
+            "rows": PARITY_ROWS,
+            "graphs": [record.to_dict() for record in self.records.values()],
+            "float_nodes": sorted({n for r in self.records.values() for n in r.float_nodes}),
+        }
+
+
+def run_onnxruntime(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The graph at `path` on onnxruntime's CPU provider, one run per feed."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(None, feed), strict=True)) for feed in feeds]
+
+
+def openvino_runner(spec: Any) -> Runner:
+    """Runs a graph compiled by OpenVINO for the CPU with the bundle's compile properties."""
+    from pue.runtime.backends.openvino import compile_config, import_openvino
+
+    config = compile_config(spec, threads=None, cache=None)
+
+    def run(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        import onnx
+
+        outputs = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+        core = import_openvino().Core()
+        compiled = core.compile_model(str(path), "CPU", config)
+        request = compiled.create_infer_request()
+        # a compiled port may carry several tensor names (fused nodes keep theirs): the graph's output name is used
+        ports = [(next((n for n in outputs if n in p.get_names()), p.get_any_name()), p) for p in compiled.outputs]
+        out = []
+        for feed in feeds:
+            results = request.infer({k: np.ascontiguousarray(v) for k, v in feed.items()})
+            out.append({name: np.array(results[port]) for name, port in ports})
+        return out
+
+    return run
+
+
+def parity_for(spec: Any, feeds: dict[str, Callable[..., Any]], work: Path) -> TargetParity | None:
+    """The parity check for a precision's target backend, or None where the target is onnxruntime itself (or cannot
+    run here: TensorRT's engines are checked by `pue-export trt`'s gate)."""
+    if spec.backend != "openvino":
+        return None
+    rows = {name: (lambda make=make: list(make(PARITY_ROWS))) for name, make in feeds.items()}
+    return TargetParity("openvino", openvino_runner(spec), rows, work)
+
+
+__all__ = [
+    "PARITY_MIN_COSINE",
+    "ParityRecord",
+    "TargetParity",
+    "float_ops",
+    "localize",
+    "min_row_cosine",
+    "openvino_runner",
+    "parity_for",
+    "quantized_ops",
+    "run_onnxruntime",
+]

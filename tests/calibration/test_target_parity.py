@@ -139,6 +139,18 @@ def test_parity_keeps_float_exactly_the_op_the_target_computes_differently(tmp_p
     assert not list(tmp_path.glob(".pue-parity-*"))  # scratch graphs removed
 
 
+def test_a_graph_saved_with_external_data_keeps_its_weights(tmp_path, monkeypatch):
+    from pue.calibration import target_parity
+
+    quantized, feeds = _quantized(tmp_path, "onnxruntime")
+    before = {i.name: numpy_helper.to_array(i).copy() for i in quantized.graph.initializer}
+    monkeypatch.setattr(target_parity, "ONE_FILE_BYTES", 0)
+    parity = TargetParity("same", run_onnxruntime, {"g": lambda: feeds[:2]}, tmp_path)
+    assert parity.check("g", quantized, ["fc", "mm"], lambda message: None) == []
+    after = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer}
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
 def test_openvino_defect_on_a_gemm_before_a_row_splitting_reshape_is_found(tmp_path):
     if os.environ.get("PUE_REQUIRE_OPENVINO") != "1":
         pytest.importorskip("openvino")

@@ -7,10 +7,12 @@ dequantization past the Reshape that follows it (`[n·64, 64] → [n, 64, 64]`, 
 broadcast along the wrong axis: `image_features` at cosine 0.41 against onnxruntime on the same graph, the bundle's
 gate 0.67, and no float fallback touches that Gemm because onnxruntime's simulation finds it harmless.
 
-So each freshly quantized graph is run on a few calibration rows by both backends; where any output row's cosine
-falls under `PARITY_MIN_COSINE` (a backend defect, not rounding: the two agree to ≥ 0.9996 on graphs without one),
-the weight ops behind it are found by halving the set of ops left in int8 (each half's other ops read float weights
-and float inputs: `float_ops`), and the search keeps them in float from then on (`fidelity.json["target_parity"]`).
+So each freshly quantized graph is run on a few calibration rows by both backends (and the float graph it was
+quantized from by onnxruntime); where an output row's cosine between the backends falls under `PARITY_MIN_COSINE`
+and the target is also more than `ERROR_RATIO` times further from the float graph than onnxruntime (a defect, not
+another rounding), the weight ops behind it are found by halving the set of ops left in int8 (each half's other ops
+read float inputs and their dequantized weights: `float_ops`), and the search keeps them in float from then on
+(`fidelity.json["target_parity"]`).
 """
 
 from __future__ import annotations

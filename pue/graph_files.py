@@ -1,6 +1,8 @@
-"""Writing ONNX graph files into a bundle: inline below the protobuf limit, else with one external data file.
+"""Writing ONNX graph files into a bundle: inline below the protobuf limit, else with one external data file; and
+dropping what a graph edit left dead.
 
-Shared by `pue.export` (root bundles) and `pue.calibration` (quantized bundles); onnx is imported lazily.
+Shared by `pue.export` (root bundles), `pue.optimize` and `pue.calibration` (derived bundles); onnx is imported
+lazily.
 """
 
 from __future__ import annotations
@@ -30,3 +32,25 @@ def save_graph(model: Any, path: Path, external_data_threshold: int = EXTERNAL_D
         size_threshold=1024,
     )
     return [data_name]
+
+
+def prune_dead(graph: Any) -> None:
+    """Drop the nodes of `graph` (a GraphProto) whose outputs nothing reads any more, then the initializers no live
+    node, subgraph or graph output reads."""
+    wanted = {o.name for o in graph.output}
+    live: list[Any] = []
+    for node in reversed(list(graph.node)):
+        if any(out in wanted for out in node.output):
+            live.append(node)
+            wanted.update(i for i in node.input if i)
+            for attribute in node.attribute:  # subgraphs (If/Loop) read outer names too
+                for sub in [attribute.g, *attribute.graphs]:
+                    wanted.update(i for n in sub.node for i in n.input)
+    live.reverse()
+    if len(live) != len(graph.node):
+        graph.ClearField("node")
+        graph.node.extend(live)
+    keep = [t for t in graph.initializer if t.name in wanted]
+    if len(keep) != len(graph.initializer):
+        graph.ClearField("initializer")
+        graph.initializer.extend(keep)

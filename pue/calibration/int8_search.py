@@ -164,7 +164,9 @@ def search_int8(
                 # the target backend must compute this Q/DQ graph as onnxruntime does (the fallback's ranking
                 # simulates onnxruntime's arithmetic): the ops it computes differently stay float from here on
                 source = split_paths[name] if SPLIT in rule and name in split_paths else float_paths[name]
-                found = judges.parity.check(name, quantized[name], last[name][0][0], say, float_graph=source)
+                found = judges.parity.check(
+                    name, quantized[name], last[name][0][0], say, float_graph=source, path=last[name][1]
+                )
                 if not found:
                     break
                 target_float.update(found)

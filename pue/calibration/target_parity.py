@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from pue.errors import PueError
+from pue.fidelity import cosine_rows
+from pue.graph_files import EXTERNAL_DATA_THRESHOLD, prune_dead, save_graph
 
 # Row cosine between the target backend and onnxruntime on the same Q/DQ graph under which the target is taken to
 # compute another function. Kernel differences on healthy graphs: 0.9997-0.9998 (a LLaVA-NeXT vision graph, its int8
@@ -38,7 +40,7 @@ PARITY_ROWS = 2  # calibration rows per graph the two backends run
 # backends may round differently and be equally far from it (a Qwen3-VL-2B-shaped decoder: 0.9966 between them)
 ERROR_RATIO = 2.0
 MAX_DIVERGENT_GROUPS = 8  # groups of ops found before the search gives up on the target
-ONE_FILE_BYTES = 2**31 - 2**20  # graphs this large or larger are saved with their weights in a second file
+ONE_FILE_BYTES = EXTERNAL_DATA_THRESHOLD  # graphs this large or larger are saved with their weights beside them
 
 Runner = Callable[[Path, list[dict[str, np.ndarray]]], list[dict[str, np.ndarray]]]
 
@@ -113,12 +115,11 @@ def min_row_cosine(reference: Sequence[dict[str, np.ndarray]], target: Sequence[
                 return -1.0
             x = a.astype(np.float64).reshape(-1, a.shape[-1] if a.ndim else 1)
             y = b.astype(np.float64).reshape(x.shape)
-            norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-            both = norms > 0
+            both = (np.linalg.norm(x, axis=1) > 0) & (np.linalg.norm(y, axis=1) > 0)
             if not both.all() and not np.array_equal(x[~both], y[~both]):
-                return -1.0
+                return -1.0  # a zero row on one side only
             if both.any():
-                lowest = min(lowest, float(((x[both] * y[both]).sum(1) / norms[both]).min()))
+                lowest = min(lowest, float(cosine_rows(x[both], y[both]).min()))
     return lowest
 
 
@@ -157,7 +158,7 @@ def float_ops(model: Any, nodes: Iterable[str]) -> Any:
                 node.input[index] = made[name]
             elif source is not None and source.op_type == "QuantizeLinear":
                 node.input[index] = source.input[0]
-    _prune(model)
+    prune_dead(model.graph)
     return model
 
 
@@ -175,26 +176,6 @@ def _dequantize(dq: Any, initializers: dict[str, Any], numpy_helper: Any) -> np.
         shape[axis] = scale.size
         scale, zero = scale.reshape(shape), zero.reshape(shape)
     return ((q - zero) * scale).astype(np.float32)
-
-
-def _prune(model: Any) -> None:
-    graph = model.graph
-    needed = {o.name for o in graph.output}
-    keep = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output) or not node.output:
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-            for attr in node.attribute:  # subgraphs (If, Loop) read outer names
-                for sub in [attr.g, *attr.graphs]:
-                    needed.update(i for n in sub.node for i in n.input)
-    keep.reverse()
-    if len(keep) != len(graph.node):
-        del graph.node[:]
-        graph.node.extend(keep)
-    unused = [i for i in graph.initializer if i.name not in needed]
-    for init in unused:
-        graph.initializer.remove(init)
 
 
 def localize(
@@ -261,7 +242,10 @@ class TargetParity:
             self._float[key] = self.run_reference(float_graph, self._feeds(graph))
         return self._float[key]
 
-    def _measure(self, graph: str, model: Any, floats: list[dict[str, np.ndarray]] | None) -> Agreement:
+    def _measure(
+        self, graph: str, model: Any, floats: list[dict[str, np.ndarray]] | None, path: Path | None = None
+    ) -> Agreement:
+        """Run `model` (or, where given, the file `path` that holds it) on both backends."""
         import onnx
 
         record = self.records.setdefault(graph, ParityRecord(graph))
@@ -269,14 +253,15 @@ class TargetParity:
         started = time.perf_counter()
         feeds = self._feeds(graph)
         with tempfile.TemporaryDirectory(prefix=".pue-parity-", dir=self.work) as scratch:
-            path = Path(scratch) / f"{graph}.onnx"
-            large = model.ByteSize() >= ONE_FILE_BYTES
-            # saving with external data moves the weights out of `model`: read back into it after the runs
-            onnx.save_model(model, str(path), save_as_external_data=large, location=f"{graph}.data")
+            external = []
+            if path is None:
+                path = Path(scratch) / f"{graph}.onnx"
+                # saving with external data moves the weights out of `model`: read back into it after the runs
+                external = save_graph(model, path, external_data_threshold=ONE_FILE_BYTES)
             try:
                 reference, target = self.run_reference(path, feeds), self.run_target(path, feeds)
             finally:
-                if large:
+                if external:
                     onnx.load_external_data_for_model(model, scratch)
         record.seconds += time.perf_counter() - started
         agreement = Agreement(min_row_cosine(reference, target))
@@ -292,13 +277,15 @@ class TargetParity:
         candidates: Iterable[str],
         say: Callable[[str], None],
         float_graph: Path | None = None,
+        path: Path | None = None,
     ) -> list[str]:
         """The weight ops of this Q/DQ graph to keep in float because the target computes them differently from
         onnxruntime (empty when the two agree). With `float_graph` (the graph it was quantized from), a difference
         counts only where the target is also much further from the float graph than onnxruntime is: two backends may
-        round differently and be equally good (`Agreement.diverges`)."""
+        round differently and be equally good (`Agreement.diverges`). `path`: the file `model` was loaded from, run as
+        it is (else `model` is saved to a scratch file)."""
         floats = self._float_outputs(graph, float_graph)
-        first = self._measure(graph, model, floats)
+        first = self._measure(graph, model, floats, path)
         record = self.records[graph]
         record.checks.append(first.to_dict())
         if not first.diverges(self.threshold):
@@ -344,36 +331,26 @@ class TargetParity:
 
 
 def run_onnxruntime(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """The graph at `path` on onnxruntime's CPU provider, one run per feed."""
-    import onnxruntime as ort
+    """The graph at `path` on onnxruntime's CPU provider (the runtime's session options), one run per feed."""
+    from pue.runtime.backends.onnxruntime import OnnxRuntimeRunner
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return [dict(zip(names, session.run(None, feed), strict=True)) for feed in feeds]
+    with OnnxRuntimeRunner(path) as runner:
+        return [runner.infer(feed) for feed in feeds]
 
 
 def openvino_runner(spec: Any) -> Runner:
-    """Runs a graph compiled by OpenVINO for the CPU with the bundle's compile properties."""
-    from pue.runtime.backends.openvino import compile_config, import_openvino
+    """Runs a graph compiled by OpenVINO for the CPU with the bundle's compile properties (the runtime's runner)."""
+    from pue.runtime.backends.openvino import OpenVinoRunner, compile_config
 
     config = compile_config(spec, threads=None, cache=None)
 
     def run(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         import onnx
 
-        outputs = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
-        core = import_openvino().Core()
-        compiled = core.compile_model(str(path), "CPU", config)
-        request = compiled.create_infer_request()
-        # a compiled port may carry several tensor names (fused nodes keep theirs): the graph's output name is used
-        ports = [(next((n for n in outputs if n in p.get_names()), p.get_any_name()), p) for p in compiled.outputs]
-        out = []
-        for feed in feeds:
-            results = request.infer({k: np.ascontiguousarray(v) for k, v in feed.items()})
-            out.append({name: np.array(results[port]) for name, port in ports})
-        return out
+        graph = onnx.load(str(path), load_external_data=False).graph
+        names = [t.name for t in [*graph.input, *graph.output]]  # the ports' names as the graph gives them
+        with OpenVinoRunner(path, config, tensor_names=names) as runner:
+            return [runner.infer(feed) for feed in feeds]
 
     return run
 

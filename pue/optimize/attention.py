@@ -34,6 +34,7 @@ import numpy as np
 
 from pue.bundle import ExportInfo
 from pue.errors import PueError
+from pue.graph_files import prune_dead
 
 CONTRIB_DOMAIN = "com.microsoft"
 FUSED_OPS = {
@@ -300,7 +301,7 @@ def fuse_attention(model: Any, graph: str, layout: dict[str, Any]) -> tuple[Any,
     graph_proto.ClearField("node")
     graph_proto.node.extend(ordered)
     graph_proto.initializer.extend(constants)
-    _prune_dead(graph_proto)
+    prune_dead(graph_proto)  # the [seq, seq] mask path of a fused causal graph
     if not any(opset.domain == CONTRIB_DOMAIN for opset in fused.opset_import):
         fused.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
     return fused, FusionSummary(graph=graph, kind=kind, fused=len(sites), op=FUSED_OPS[kind])
@@ -425,24 +426,3 @@ def _batch_seq_source(graph_proto: Any) -> str:
         if candidate in names:
             return candidate
     raise PueError("the decoder graph has neither an attention_mask nor an input_ids input to size its attention by")
-
-
-def _prune_dead(graph_proto: Any) -> None:
-    """Drop nodes whose outputs nothing reads any more (the [seq, seq] mask path of a fused causal graph)."""
-    wanted = {o.name for o in graph_proto.output}
-    nodes = list(graph_proto.node)
-    live: list[Any] = []
-    for node in reversed(nodes):
-        if any(out in wanted for out in node.output):
-            live.append(node)
-            wanted.update(i for i in node.input if i)
-            for attribute in node.attribute:  # subgraphs (If/Loop) read outer names too
-                if attribute.g.node:
-                    wanted.update(i for n in attribute.g.node for i in n.input)
-    live.reverse()
-    used = {i for node in live for i in node.input}
-    graph_proto.ClearField("node")
-    graph_proto.node.extend(live)
-    keep = [t for t in graph_proto.initializer if t.name in used]
-    graph_proto.ClearField("initializer")
-    graph_proto.initializer.extend(keep)

@@ -57,6 +57,7 @@ def search_int8(
     from pue.calibration.channel_split import amplified_channels, read_float_inputs, split_writer_columns
     from pue.calibration.gptq import round_weights, weight_reader
     from pue.calibration.int8 import activation_scheme, quantize_dynamic_graph, quantize_static_graph, rank_sensitivity
+    from pue.calibration.measured_ranking import rank_fallback
     from pue.calibration.per_token import TOKEN_OUTLIER_RATIO, quantize_per_token
     from pue.calibration.readers import OrtReader
     from pue.calibration.smoothing import smooth_model
@@ -336,8 +337,18 @@ def search_int8(
             ranking.sort(key=lambda s: s["sqnr_db"])
             order = [s["node"] for s in ranking]
             if judges.rank is not None and options.rank_ops > 0:
-                measured_ranking = _rank_measured(
-                    models, work, all_ops, all_stats, best, range_rules, order, options, judges, say
+                float_set, check, _, per_token_set, best_rule = best
+                measured_ranking = rank_fallback(
+                    models,
+                    work,
+                    all_ops,
+                    all_stats,
+                    (float_set, per_token_set, range_rules.get(ranges_rule(best_rule))),
+                    check.cosines,
+                    order,
+                    options,
+                    judges.rank,
+                    say,
                 )
                 first = [m["node"] for m in measured_ranking]
                 order = first + [node for node in order if node not in set(first)]
@@ -418,41 +429,3 @@ class Judges:
     gate: Callable[[dict[str, Any]], GateReport]
     rank: Callable[[dict[str, Any], list[int]], GateReport] | None = None
     parity: TargetParity | None = None
-
-
-def _rank_measured(
-    models: dict[str, Any],
-    work: Path,
-    ops: list[Any],
-    stats: dict[str, Any],
-    best: tuple,
-    range_rules: dict[str, dict[str, tuple[float, float]]],
-    order: list[str],
-    options: Any,
-    judges: Judges,
-    say: Callable[[str], None],
-) -> list[dict]:
-    """The fallback's end-to-end ranking of the SQNR ranking's worst `options.rank_ops` ops not yet in float.
-    `models`: the search's weightless float graphs, whose weights lie in `work` (`fake_quantize`'s base_dir); the
-    simulation rounds weights to nearest and does not split the writers' columns, whatever the best candidate does."""
-    from pue.calibration.measured_ranking import Candidate, rank_end_to_end, static_ranges, worst_items
-
-    float_nodes, check, _, per_token, rule = best
-    qdq = options.spec.qdq
-    candidate = Candidate(
-        float_nodes=frozenset(float_nodes),
-        per_token=frozenset(per_token - float_nodes),
-        ranges=static_ranges(ops, stats, range_rules.get(ranges_rule(rule))) if qdq.static else {},
-        scheme=str(qdq.scheme),
-        weight_qmax=qdq.weight_qmax,
-    )
-    shortlist = [node for node in order if node not in float_nodes][: options.rank_ops]
-    items = worst_items(check.cosines)
-    assert judges.rank is not None
-    rank = judges.rank
-
-    def measure(graphs: dict[str, Any]) -> tuple[float, float]:
-        report = rank(graphs, items)
-        return report.overall["mean_cosine"], report.overall["min_cosine"]
-
-    return rank_end_to_end(models, ops, candidate, shortlist, measure, say, base_dir=work)

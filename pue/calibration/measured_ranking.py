@@ -132,4 +132,40 @@ def rank_end_to_end(
     return ranked
 
 
-__all__ = ["RANK_ITEMS", "Candidate", "rank_end_to_end", "simulate", "static_ranges", "worst_items"]
+def rank_fallback(
+    models: dict[str, Any],
+    work: Path,
+    ops: list[WeightOp],
+    stats: dict[str, ChannelStats],
+    best: tuple[set[str], set[str], dict[str, tuple[float, float]] | None],
+    cosines: list[float],
+    order: list[str],
+    options: Any,
+    rank: Callable[[dict[str, Any], list[int]], Any],
+    say: Callable[[str], None],
+) -> list[dict]:
+    """The INT8 search's end-to-end ranking of the SQNR ranking's worst `options.rank_ops` ops not yet in float.
+    `best`: the best candidate's float ops, per-token ops and activation ranges (None: MinMax); `cosines`: its check
+    cosines per item; `rank`: `Judges.rank`. `models`: the search's weightless float graphs, whose weights lie in
+    `work` (`fake_quantize`'s base_dir); the simulation rounds weights to nearest and does not split the writers'
+    columns, whatever the best candidate does."""
+    float_nodes, per_token, ranges = best
+    qdq = options.spec.qdq
+    candidate = Candidate(
+        float_nodes=frozenset(float_nodes),
+        per_token=frozenset(per_token - float_nodes),
+        ranges=static_ranges(ops, stats, ranges) if qdq.static else {},
+        scheme=str(qdq.scheme),
+        weight_qmax=qdq.weight_qmax,
+    )
+    shortlist = [node for node in order if node not in float_nodes][: options.rank_ops]
+    items = worst_items(cosines)
+
+    def measure(graphs: dict[str, Any]) -> tuple[float, float]:
+        report = rank(graphs, items)
+        return report.overall["mean_cosine"], report.overall["min_cosine"]
+
+    return rank_end_to_end(models, ops, candidate, shortlist, measure, say, base_dir=work)
+
+
+__all__ = ["RANK_ITEMS", "Candidate", "rank_end_to_end", "rank_fallback", "simulate", "static_ranges", "worst_items"]

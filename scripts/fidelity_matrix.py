@@ -106,6 +106,8 @@ def gate_row(out: Path, code: int) -> dict:
         "smoothed_groups": len(report.get("smoothed", [])),
         "per_token": len(report.get("per_token_nodes", [])),
         "ranges": (report.get("ranges") or {}).get("rule", "-"),
+        # of the float ops, those kept float because the target backend computes them differently (`target_parity`)
+        "target_float": len((report.get("target_parity") or {}).get("float_nodes", [])),
     }
 
 

@@ -29,8 +29,18 @@ def pytest_configure(config: pytest.Config) -> None:
     if "PUE_OPENVINO_CACHE_DIR" not in os.environ:
         import tempfile
 
-        os.environ["PUE_OPENVINO_CACHE_DIR"] = tempfile.mkdtemp(prefix="pue-test-openvino-")
+        os.environ["PUE_OPENVINO_CACHE_DIR"] = _OWN_CACHE[0] = tempfile.mkdtemp(prefix="pue-test-openvino-")
     _own_cores()
+
+
+_OWN_CACHE: list[str] = [""]  # the OpenVINO cache this process made (removed when it ends; ~19 MB a worker)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the OpenVINO cache `pytest_configure` made: each test run left one per worker in /tmp before."""
+    if _OWN_CACHE[0]:
+        shutil.rmtree(_OWN_CACHE[0], ignore_errors=True)
+        _OWN_CACHE[0] = ""
 
 
 def _own_cores() -> None:

@@ -26,6 +26,7 @@ from pue.calibration.int8_search import Judges, search_int8
 from pue.calibration.openvino_int8 import check_openvino_request, openvino_gate_device
 from pue.calibration.quantize_plan import OUTLIER_SAMPLES, most_images_per_row, run_plan, vision_tokens
 from pue.calibration.resources import PhasePeaks
+from pue.calibration.row_split_hoist import hoist_for_target
 from pue.calibration.staging import Staged, evaluate_staged, staged_manifest
 from pue.calibration.target_parity import parity_for
 from pue.choices import Attention, CalibrationMethod, Precision, QuantizePrecision, Rotate, parse_choice
@@ -203,6 +204,7 @@ def quantize_bundle(
         rotation = _rotate(models, parent_dir / parent_manifest.graphs["decoder"].file.path, feeds, options, say)
         if rotation.get("applied"):
             peaks.end("rotation")
+        hoisted = hoist_for_target(models, options.spec.backend, say) if options.spec.calibrated else None
         fusion: dict[str, dict] = {}
 
         def evaluate(
@@ -268,6 +270,7 @@ def quantize_bundle(
             "sensitivity": outcome.get("ranking", [])[:20],
             "measured_ranking": outcome.get("measured_ranking", []),
             "target_parity": outcome.get("target_parity"),
+            "row_split_hoist": hoisted,
             "fp16_kept_fp32": outcome.get("fp16_blocked", []),
             "outliers": outliers,
             "resources": {"plan": resources.to_dict(), "measured_peak_mb": peaks.peaks_mb},

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
+from onnx_graphs import gemm_then_reshape
 
 from pue.calibration.candidates import MIN_INT8_FLOP_SHARE, flop_share_check
 from pue.calibration.int8 import quantize_static_graph
@@ -27,48 +28,8 @@ from pue.calibration.target_parity import (
 )
 
 
-def _gemm_then_reshape(rows: int, k: int, n: int) -> onnx.ModelProto:
-    """x (b, rows, k) → Reshape (b·rows, k) → Gemm (transB, n outputs) "fc" → Reshape (b, rows, n) with the leading
-    dimension read from x's shape, as Qwen3-VL's patch merger does; a MatMul "mm" on x feeds a second output."""
-    rng = np.random.default_rng(0)
-    weight = (rng.normal(size=(n, k)) * (1 + 3 * rng.random((n, 1)))).astype(np.float32)
-    nodes = [
-        helper.make_node("Reshape", ["x", "flat"], ["x2"]),
-        helper.make_node("Gemm", ["x2", "W", "b"], ["y"], transB=1, name="fc"),
-        helper.make_node("Shape", ["x"], ["xs"]),
-        helper.make_node("Gather", ["xs", "zero"], ["batch"], axis=0),
-        helper.make_node("Unsqueeze", ["batch", "axes"], ["batch1"]),
-        helper.make_node("Concat", ["batch1", "tail"], ["shape"], axis=0),
-        helper.make_node("Reshape", ["y", "shape"], ["out"]),
-        helper.make_node("MatMul", ["x", "V"], ["side"], name="mm"),
-    ]
-    inits = {
-        "W": weight,
-        "b": rng.normal(size=n).astype(np.float32) * 0.1,
-        "V": rng.normal(size=(k, 8)).astype(np.float32),
-        "flat": np.array([-1, k], np.int64),
-        "zero": np.array(0, np.int64),
-        "axes": np.array([0], np.int64),
-        "tail": np.array([rows, n], np.int64),
-    }
-    graph = helper.make_graph(
-        nodes,
-        "gemm_then_reshape",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", rows, k])],
-        [
-            helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", rows, n]),
-            helper.make_tensor_value_info("side", TensorProto.FLOAT, ["b", rows, 8]),
-        ],
-        [numpy_helper.from_array(v, name) for name, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
 def _quantized(tmp_path: Path, target: str, rows: int = 16, k: int = 32, n: int = 8):
-    model = _gemm_then_reshape(rows, k, n)
+    model = gemm_then_reshape(rows, k, n)
     rng = np.random.default_rng(1)
     feeds = [{"x": rng.normal(size=(2, rows, k)).astype(np.float32)} for _ in range(4)]
     onnx.save(model, tmp_path / "float.onnx")

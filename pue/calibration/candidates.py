@@ -13,7 +13,9 @@ MIN_INT8_FLOP_SHARE = 0.80
 
 # A quantization rule: the activation ranges ("minmax", "mse"), then its flags in this order
 SPLIT = "+split"  # the writers' amplified residual columns in float (`pue.calibration.channel_split`)
+READERS = "+readers"  # also the stream readers' amplified input rows in float (`channel_split.split_reader_rows`)
 GPTQ = "+gptq"  # int8 weights rounded by GPTQ (`pue.calibration.gptq`)
+FLAGS = (SPLIT, READERS, GPTQ)  # the canonical order
 
 
 def ranges_rule(rule: str) -> str:
@@ -23,7 +25,12 @@ def ranges_rule(rule: str) -> str:
 
 def with_flags(rule: str, *flags: str) -> str:
     """`rule` with `flags` added (in the canonical order)."""
-    return ranges_rule(rule) + "".join(flag for flag in (SPLIT, GPTQ) if flag in rule or flag in flags)
+    return ranges_rule(rule) + "".join(flag for flag in FLAGS if flag in rule or flag in flags)
+
+
+def flags_of(rule: str) -> tuple[str, ...]:
+    """The flags a quantization rule (or a variant's suffix such as "best+split+readers") carries."""
+    return tuple(flag for flag in FLAGS if flag in rule)
 
 
 def other_rounding(rule: str) -> str:

@@ -25,6 +25,7 @@ undoes after quantization.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -164,6 +165,155 @@ def _split_one(graph: GraphIndex, writer: Any, weight: np.ndarray, columns: np.n
         graph.graph.node.insert(position + offset, node)
 
 
+@dataclass
+class ReaderSplit:
+    """What `split_reader_rows` did, for `fidelity.json`."""
+
+    channels: list[int]
+    readers: list[str] = field(default_factory=list)  # the weight MatMuls whose amplified input rows went float
+    masked: dict[str, str] = field(default_factory=dict)  # each masked input tensor → the tensor the readers now read
+    split_flops: int = 0  # per token, all readers: the float side products
+    why_not: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_reader_rows(model: Any, channels: list[int]) -> ReaderSplit:
+    """Rewrite `model` in place: every weight MatMul that reads a residual-stream norm's output computes the rows of
+    `channels` in float beside its int8 product, LLM.int8()-style on the readers' side:
+
+        y = (x ⊙ m)·W'  +  x[:, C]·W[C, :]
+
+    with m the mask that zeroes C and W' the weight with rows C zeroed (a private copy where shared): the int8
+    product's activation range and per-column weight steps no longer span the amplified channels, and their
+    contribution is float. Exact in FP32. One mask `Mul` per norm output, shared by its readers; the side products'
+    weights are `Constant`s (never quantized), and their input is the unmasked float tensor."""
+    from pue.calibration.rotation import RotationError, _readers, find_rms_norms, stream_norms
+
+    split = ReaderSplit(list(channels))
+    if not channels:
+        split.why_not = "no amplified residual channel"
+        return split
+    graph = GraphIndex(model)
+    try:
+        norms = stream_norms(find_rms_norms(model))
+    except RotationError as error:
+        split.why_not = f"the residual stream's norms could not be read: {error.message}"
+        return split
+    columns = np.asarray(channels, np.int64)
+    index = 0
+    for norm in norms:
+        readers, _ = _readers(graph, norm.output)
+        for reader in readers:
+            weight = graph.constant(reader.input[1])
+            if weight is None or weight.ndim != 2 or int(columns.max()) >= weight.shape[0]:
+                continue
+            source = reader.input[0]
+            tag = f"{PREFIX}r{index}"
+            index += 1
+            if source not in split.masked:
+                split.masked[source] = _mask(
+                    graph, source, columns, weight.shape[0], f"{PREFIX}mask{len(split.masked)}"
+                )
+            kept = weight.astype(np.float32, copy=True)
+            kept[columns, :] = 0.0
+            graph.replace_constant_input(reader, 1, kept, f"{tag}_int8_weight")
+            _side_rows(graph, reader, weight.astype(np.float32), columns, tag)
+            reader.input[0] = split.masked[source]
+            split.readers.append(reader.name)
+            split.split_flops += 2 * len(channels) * weight.shape[1]
+    if not split.readers:
+        split.why_not = "no weight MatMul reads a residual-stream norm's output"
+    return split
+
+
+def _mask(graph: GraphIndex, source: str, columns: np.ndarray, width: int, tag: str) -> str:
+    mask = np.ones(width, np.float32)
+    mask[columns] = 0.0
+    constant = helper.make_node(
+        "Constant", [], [f"{tag}_value"], name=f"{tag}_constant", value=numpy_helper.from_array(mask)
+    )
+    multiply = helper.make_node("Mul", [source, f"{tag}_value"], [f"{tag}_output"], name=tag)
+    producer = graph.producers.get(source)
+    nodes = list(graph.graph.node)
+    position = nodes.index(producer) + 1 if producer is not None else 0
+    graph.graph.node.insert(position, multiply)
+    graph.graph.node.insert(position, constant)
+    graph.producers[f"{tag}_output"] = multiply
+    return f"{tag}_output"
+
+
+def _side_rows(graph: GraphIndex, reader: Any, weight: np.ndarray, columns: np.ndarray, tag: str) -> None:
+    output = reader.output[0]
+    product = f"{tag}_int8_output"
+    reader.output[0] = product
+    nodes = [
+        helper.make_node(
+            "Constant", [], [f"{tag}_columns"], name=f"{tag}_columns_constant", value=numpy_helper.from_array(columns)
+        ),
+        helper.make_node(
+            "Constant",
+            [],
+            [f"{tag}_weight"],
+            name=f"{tag}_weight_constant",
+            value=numpy_helper.from_array(np.ascontiguousarray(weight[columns, :])),
+        ),
+        helper.make_node(
+            "Gather", [reader.input[0], f"{tag}_columns"], [f"{tag}_taken"], name=f"{tag}_gather", axis=-1
+        ),
+        helper.make_node("MatMul", [f"{tag}_taken", f"{tag}_weight"], [f"{tag}_float"], name=f"{tag}_side"),
+        helper.make_node("Add", [product, f"{tag}_float"], [output], name=f"{tag}_add"),
+    ]
+    position = list(graph.graph.node).index(reader) + 1
+    for offset, node in enumerate(nodes):
+        graph.graph.node.insert(position + offset, node)
+
+
+@dataclass
+class SplitGraphs:
+    """A graph's split copies the INT8 search may quantize instead of its float graph (files beside it)."""
+
+    writers: ChannelSplit
+    writers_path: Path | None = None  # the writers' amplified columns in float
+    readers: ReaderSplit | None = None
+    readers_path: Path | None = None  # those columns and the readers' amplified rows in float
+
+
+def save_split_graphs(float_path: Path, name: str, amplified: tuple[list[int], list[float]]) -> SplitGraphs:
+    """The split copies of the float graph at `float_path` (saved beside it, weights as external data): the writers'
+    split, and the writers' and readers' together (`split_writer_columns`, `split_reader_rows`)."""
+    import onnx
+
+    model = onnx.load(str(float_path))
+    done = SplitGraphs(split_writer_columns(model, amplified))
+    if not done.writers.writers:
+        return done
+    done.writers_path = float_path.with_name(f"{name}.split.onnx")
+    onnx.save_model(model, str(done.writers_path), save_as_external_data=True, location=f"{name}.split.data")
+    del model
+    model = onnx.load(str(done.writers_path))
+    done.readers = split_reader_rows(model, list(amplified[0]))
+    if done.readers.readers:
+        done.readers_path = float_path.with_name(f"{name}.readers.onnx")
+        onnx.save_model(model, str(done.readers_path), save_as_external_data=True, location=f"{name}.readers.data")
+    return done
+
+
+def masked_ranges(readers: ReaderSplit, stats: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Each masked input's activation range: its source's per-channel range (`ChannelStats`) without the amplified
+    channels, and with 0, which the mask writes there; sources without statistics keep onnxruntime's own MinMax."""
+    out = {}
+    for source, masked in readers.masked.items():
+        if source not in stats:
+            continue
+        low, high = np.asarray(stats[source].minimum), np.asarray(stats[source].maximum)
+        keep = np.ones(low.shape[-1], bool)
+        keep[[c for c in readers.channels if c < keep.size]] = False
+        out[masked] = (min(0.0, float(low[..., keep].min())), max(0.0, float(high[..., keep].max())))
+    return out
+
+
 def read_float_inputs(model: Any, side_nodes: list[str]) -> int:
     """After static quantization: each side product reads its writer's float input again where the quantizer rewired
     it to a DequantizeLinear of a QuantizeLinear of that input. Returns how many were rewired."""
@@ -188,7 +338,12 @@ __all__ = [
     "AMPLIFIED_RATIO",
     "PREFIX",
     "ChannelSplit",
+    "ReaderSplit",
+    "SplitGraphs",
     "amplified_channels",
+    "masked_ranges",
     "read_float_inputs",
+    "save_split_graphs",
+    "split_reader_rows",
     "split_writer_columns",
 ]

@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 from pue.calibration.candidates import (
     GPTQ,
     MIN_INT8_FLOP_SHARE,
+    READERS,
     SPLIT,
     better,
     fits,
+    flags_of,
     other_rounding,
     ranges_record,
     ranges_rule,
@@ -25,7 +27,7 @@ from pue.fidelity import GateReport
 from pue.precisions import TokenOutliers
 
 if TYPE_CHECKING:
-    from pue.calibration.channel_split import ChannelSplit
+    from pue.calibration.channel_split import ChannelSplit, ReaderSplit
     from pue.calibration.target_parity import TargetParity
 
 __all__ = ["MIN_INT8_FLOP_SHARE", "Judges", "search_int8"]
@@ -54,7 +56,7 @@ def search_int8(
     """
     import onnx
 
-    from pue.calibration.channel_split import amplified_channels, read_float_inputs, split_writer_columns
+    from pue.calibration.channel_split import amplified_channels, masked_ranges, read_float_inputs, save_split_graphs
     from pue.calibration.gptq import round_weights, weight_reader
     from pue.calibration.int8 import activation_scheme, quantize_dynamic_graph, quantize_static_graph, rank_sensitivity
     from pue.calibration.measured_ranking import rank_fallback
@@ -70,6 +72,9 @@ def search_int8(
     # split copy of the float graph, and what was split
     split_paths: dict[str, Path] = {}
     splits: dict[str, ChannelSplit] = {}
+    # ... and the copies whose stream readers also compute the amplified input rows in float (`split_reader_rows`)
+    reader_paths: dict[str, Path] = {}
+    reader_splits: dict[str, ReaderSplit] = {}
     started = time.perf_counter()
     for name, model in models.items():
         amplified = amplified_channels(model) if options.split_channels else ([], [])  # before smoothing's folds
@@ -84,14 +89,12 @@ def search_int8(
         float_paths[name] = work / f"{name}.float.onnx"
         onnx.save_model(model, str(float_paths[name]), save_as_external_data=True, location=f"{name}.float.data")
         if amplified[0]:
-            split_model = onnx.load(str(float_paths[name]))
-            splits[name] = split_writer_columns(split_model, amplified)
-            if splits[name].writers:
-                split_paths[name] = work / f"{name}.split.onnx"
-                onnx.save_model(
-                    split_model, str(split_paths[name]), save_as_external_data=True, location=f"{name}.split.data"
-                )
-            del split_model
+            prepared = save_split_graphs(float_paths[name], name, amplified)
+            splits[name] = prepared.writers
+            if prepared.writers_path is not None:
+                split_paths[name] = prepared.writers_path
+            if prepared.readers is not None and prepared.readers_path is not None:
+                reader_splits[name], reader_paths[name] = prepared.readers, prepared.readers_path
         # saving cleared the graph's weights, not their memory (protobuf frees a message's bytes with the message): the
         # search reads the file from here on, so the caller's graph becomes the weightless one and the loaded one goes
         models[name] = onnx.load(str(float_paths[name]), load_external_data=False)
@@ -143,6 +146,10 @@ def search_int8(
             range_rules["mse"].update(chosen_ranges)
             clips.update(chosen_clips)
 
+    for readers in reader_splits.values():  # the readers' masked inputs: their sources' ranges without the channels
+        for rule_ranges in range_rules.values():
+            rule_ranges.update(masked_ranges(readers, all_stats))
+
     # each graph's last quantization: (its int8 ops, rule, split) → file. An attempt that changes one graph's ops (most
     # fallback and token steps change the decoder's only) reloads the other's file: the same inputs, the same graph
     last: dict[str, tuple[tuple[tuple[str, ...], str, bool], Path]] = {}
@@ -152,6 +159,7 @@ def search_int8(
         return all_stats[activation_of[node]].second_moment() if node in activation_of else None
 
     gptq_cache: dict[tuple, Any] = {}  # GPTQ's levels per op and grid, kept across attempts
+    reader_gptq_cache: dict[tuple, Any] = {}  # the same for the readers' split graphs (other weights, other moments)
     gptq_ops: dict[str, list[str]] = {}  # per graph: the ops its last quantization re-rounded
     token_gptq: dict[str, list[str]] = {}  # per graph: the per-token ops whose weights GPTQ rounded, last attempt
 
@@ -179,7 +187,8 @@ def search_int8(
         """One graph's candidate, and whether it was quantized afresh (else the last file is reloaded)."""
         gptq = GPTQ in rule
         split = SPLIT in rule and name in split_paths
-        path = split_paths[name] if split else float_paths[name]
+        readers = READERS in rule and name in reader_paths
+        path = reader_paths[name] if readers else split_paths[name] if split else float_paths[name]
         skipped = float_nodes | per_token | target_float
         nodes = [op.node for op in all_ops if op.graph == name and op.node not in skipped]
         out = work / f"{name}.int8.onnx"
@@ -196,7 +205,7 @@ def search_int8(
                 nodes,
                 options.target,
                 options.method,
-                cache_path=work / f"{name}.calibration.json",
+                cache_path=work / f"{name}{'.readers' if readers else ''}.calibration.json",  # its own tensors
                 ranges=range_rules.get(ranges_rule(rule)),
             )
         elif nodes:
@@ -210,8 +219,12 @@ def search_int8(
             if gptq:  # re-round onnxruntime's int8 weights (`gptq`), on the same grids
                 chosen = set(nodes)
                 int8_ops = [op for op in all_ops if op.graph == name and op.node in chosen]
-                reader = weight_reader(models[name], work)  # the split graph's writers keep their weights
-                gptq_ops[name] = round_weights(rewritten, int8_ops, moment_of, reader, gptq_cache)
+                # the split graph's writers keep their weights; the readers' split zeroed its readers' amplified rows
+                source = onnx.load(str(path), load_external_data=False) if readers else models[name]
+                reader = weight_reader(source, work)
+                moments = masked_moments(moment_of, reader_splits[name]) if readers else moment_of
+                cache = reader_gptq_cache if readers else gptq_cache
+                gptq_ops[name] = round_weights(rewritten, int8_ops, moments, reader, cache)
             if split and static:  # the float columns read the writers' float inputs, not their Q/DQ
                 read_float_inputs(rewritten, splits[name].side_nodes)
             onnx.save_model(rewritten, str(out))
@@ -260,6 +273,10 @@ def search_int8(
     # then the writers' amplified residual columns in float (`channel_split`), where norm gains amplify channels
     if split_paths:
         variants.append((set(), set(), "best" + SPLIT, False))
+    # then the readers' amplified input rows in float as well (`split_reader_rows`): measured in simulation it raised
+    # `llava_next gains-few`'s minimum and lowered `llava gains-few`'s, so the check decides
+    if reader_paths:
+        variants.append((set(), set(), "best" + SPLIT + READERS, False))
     if not static and options.per_token:  # every input per token: what helps when norm gains make errors compound
         variants.append((set(), {op.node for op in all_ops if op.op_type == "MatMul"}, "minmax", True))
     if own_ranges and options.error_ranges and any(clip < 1.0 for clip in clips.values()):
@@ -289,6 +306,7 @@ def search_int8(
                 "other_rounding": alternate,
                 "gptq_ops": sum(len(v) for v in [*gptq_ops.values(), *token_gptq.values()]) if GPTQ in rule else 0,
                 "channel_split": SPLIT in rule,
+                "reader_split": READERS in rule,
                 "int8_flop_share": share,
                 "check": check.overall,
                 "check_passed": check.passed,
@@ -300,6 +318,7 @@ def search_int8(
             f"attempt {len(attempts)}: {len(float_nodes)} ops in float, {len(per_token - float_nodes)} per token"
             + (f", {ranges_rule(rule)} ranges" if own_ranges else "")
             + (", amplified writer columns in float" if SPLIT in rule else "")
+            + (", amplified reader rows in float" if READERS in rule else "")
             + (", GPTQ weights" if GPTQ in rule else "")
             + (" (the same sets, the other rounding)" if alternate else "")
             + f", int8 share {share:.1%}, calibration check: "
@@ -323,9 +342,9 @@ def search_int8(
             float_nodes = float_nodes | extra_float
             per_token = best[3] if extra_float or changes_best else variant_per_token
             if changes_best:
-                rule = with_flags(best[4], variant_rule.removeprefix("best"))
+                rule = with_flags(best[4], *flags_of(variant_rule))
             else:  # other ranges or per-token sets, with the best's weight rounding and split
-                rule = with_flags(variant_rule, *(flag for flag in (SPLIT, GPTQ) if flag in best[4]))
+                rule = with_flags(variant_rule, *flags_of(best[4]))
             continue
         if best[1].passed or not options.fallback:
             break
@@ -406,6 +425,8 @@ def search_int8(
         "channel_split": {
             "taken": SPLIT in chosen_rule and bool(split_paths),
             "graphs": {name: split.to_dict() for name, split in splits.items()},
+            "readers_taken": READERS in chosen_rule and bool(reader_paths),
+            "reader_graphs": {name: split.to_dict() for name, split in reader_splits.items()},
         }
         if options.split_channels
         else None,
@@ -414,6 +435,23 @@ def search_int8(
         "target_parity": judges.parity.to_dict() if judges.parity is not None and static else None,
         "why": why,
     }
+
+
+def masked_moments(moment_of: Callable[[str], Any], readers: ReaderSplit) -> Callable[[str], Any]:
+    """GPTQ's Hessians for a readers' split graph: a reader's masked input is 0 on the amplified channels, so they
+    are dead there (its int8 weight rows are zero; `gptq` keeps dead rows as they are)."""
+    split_ops, channels = set(readers.readers), list(readers.channels)
+
+    def moment(node: str) -> Any:
+        value = moment_of(node)
+        if value is None or node not in split_ops:
+            return value
+        value = value.copy()
+        value[channels, :] = 0.0
+        value[:, channels] = 0.0
+        return value
+
+    return moment
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ def treatment_line(report: dict) -> str:
         *([f"ranges {ranges['rule']} ({len(ranges['clipped'])} clipped)"] if ranges else []),
         *(["GPTQ weights"] if (report.get("weights") or {}).get("rounding") == "gptq" else []),
         *(["amplified writer columns float"] if (report.get("channel_split") or {}).get("taken") else []),
+        *(["amplified reader rows float"] if (report.get("channel_split") or {}).get("readers_taken") else []),
         "rotated" if (report.get("rotation") or {}).get("applied") else "not rotated",
     ]
     return "; ".join(parts)

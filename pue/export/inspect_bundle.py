@@ -20,9 +20,11 @@ def _fidelity_report(root: Path, manifest: Any) -> dict[str, Any]:
 def _treatment(report: dict[str, Any]) -> dict[str, Any] | None:
     """What INT8 did to the op groups (None for bundles without an INT8 search): kept float, per token, smoothed (with
     which migration strength, and where 1/s went: an exact fold or an inserted Mul), the activation ranges (clipped
-    by output error, per tensor), the rotation, the writers' amplified columns computed in float."""
+    by output error, per tensor), the rotation, the writers' amplified columns (and the readers' rows) computed in
+    float, the Reshapes moved for OpenVINO."""
     if "float_nodes" not in report:
         return None
+    split = report.get("channel_split") or {}
     return {
         "float_nodes": report.get("float_nodes", []),
         "per_token_nodes": report.get("per_token_nodes", []),
@@ -39,11 +41,19 @@ def _treatment(report: dict[str, Any]) -> dict[str, Any] | None:
         # ops kept float because the target backend computes them differently from onnxruntime (`target_parity`)
         "target_float_nodes": (report.get("target_parity") or {}).get("float_nodes", []),
         "channel_split": {
-            graph: {"channels": done["channels"], "writers": done["writers"]}
-            for graph, done in ((report.get("channel_split") or {}).get("graphs") or {}).items()
+            graph: {
+                "channels": done["channels"],
+                "writers": done["writers"],
+                "readers": ((split.get("reader_graphs") or {}).get(graph) or {}).get("readers", [])
+                if split.get("readers_taken")
+                else [],
+            }
+            for graph, done in (split.get("graphs") or {}).items()
         }
-        if (report.get("channel_split") or {}).get("taken")
+        if split.get("taken")
         else {},
+        # weight ops whose row-splitting Reshape was moved to their input for OpenVINO (`row_split_hoist`)
+        "row_split_hoist": {graph: done["ops"] for graph, done in (report.get("row_split_hoist") or {}).items()},
     }
 
 
@@ -196,7 +206,11 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
         for graph, done in (treatment.get("channel_split") or {}).items():
             console.print(
                 f"  {graph}: residual channels {done['channels']} written in float by {len(done['writers'])} writers"
+                + (f", read in float by {len(done['readers'])} readers" if done.get("readers") else "")
             )
+        for graph, ops in (treatment.get("row_split_hoist") or {}).items():
+            for op in ops:
+                console.print(f"  {graph}: {op} reads its rows already split (OpenVINO's int8 form)")
         ranges = treatment.get("ranges") or {}
         if ranges:
             console.print(f"  activation ranges: {ranges['rule']}, {len(ranges['clipped'])} tensors clipped")

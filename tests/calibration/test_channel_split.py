@@ -163,7 +163,12 @@ def test_inspect_names_the_split_channels_and_writers_only_when_taken():
 
     graphs = {"decoder": {"channels": [1, 5], "writers": ["o_proj", "down_proj"], "side_nodes": [], "split_flops": 8}}
     report = {"float_nodes": [], "channel_split": {"taken": True, "graphs": graphs}}
-    assert _treatment(report)["channel_split"] == {"decoder": {"channels": [1, 5], "writers": ["o_proj", "down_proj"]}}
+    split = {"channels": [1, 5], "writers": ["o_proj", "down_proj"], "readers": []}
+    assert _treatment(report)["channel_split"] == {"decoder": split}
+    report["channel_split"]["reader_graphs"] = {"decoder": {"channels": [1, 5], "readers": ["q_proj", "up_proj"]}}
+    assert _treatment(report)["channel_split"] == {"decoder": split}  # the readers' variant not taken
+    report["channel_split"]["readers_taken"] = True
+    assert _treatment(report)["channel_split"] == {"decoder": dict(split, readers=["q_proj", "up_proj"])}
     report["channel_split"]["taken"] = False
     assert _treatment(report)["channel_split"] == {}
     assert _treatment({"float_nodes": []})["channel_split"] == {}  # bundles made before the split existed

@@ -2,7 +2,8 @@
 static INT8 of the `massive` fixture (Qwen2-style llava, seed 0) passes the gate with the search's methods
 (smoothing folded into up_proj, the massive-token op kept in float within the 80 % rule) and fails it with them
 switched off (everything int8, per tensor, MinMax). int8-dynamic's counterpart is
-tests/calibration/test_quantize.py::test_massive_tokens_need_per_token_dynamic_int8."""
+tests/calibration/test_quantize.py::test_massive_tokens_need_per_token_dynamic_int8. The same for `vit-highnorm`
+(the fallback ranked end to end) and `gains-few` (the amplified channels in float on both sides of the stream)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,22 @@ def test_vit_highnorm_static_int8_needs_the_measured_fallback(fp32_bundle, heldo
     report = json.loads((tmp_path / "on" / "fidelity.json").read_text())
     assert any("/mlp/fc2/" in node for node in report["float_nodes"]), report["float_nodes"]
     assert report["measured_ranking"] and "/mlp/fc2/" in report["measured_ranking"][0]["node"]
+    off = QuantizeOptions(precision="int8", target="onnxruntime", heldout=heldout_dir, **FAST, **OFF)
+    with pytest.raises(GateFailedError):
+        quantize_bundle(parent, tmp_path / "off", off)
+    assert not (tmp_path / "off").exists()
+
+
+def test_gains_few_static_int8_needs_the_amplified_channels_split(fp32_bundle, heldout_dir, tmp_path):
+    """`gains-few` (LLaVA-NeXT: a few residual channels that later RMSNorm gains multiply by 100, conditioned like
+    issue 13's real checkpoint): static INT8 passes with the methods, where the search takes the amplified channels
+    in float on both sides of the stream (the writers' columns and the readers' rows), and fails with them off."""
+    parent = fp32_bundle("llava_next", "gains-few")
+    options = QuantizeOptions(precision="int8", target="onnxruntime", heldout=heldout_dir, fallback=False, **FAST)
+    result = quantize_bundle(parent, tmp_path / "on", options)
+    assert result.fidelity.passed and result.int8_flop_share >= 0.8
+    report = json.loads((tmp_path / "on" / "fidelity.json").read_text())
+    assert report["channel_split"]["taken"] and report["channel_split"]["readers_taken"]
     off = QuantizeOptions(precision="int8", target="onnxruntime", heldout=heldout_dir, **FAST, **OFF)
     with pytest.raises(GateFailedError):
         quantize_bundle(parent, tmp_path / "off", off)

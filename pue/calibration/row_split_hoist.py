@@ -14,6 +14,10 @@ leaves no Reshape between the product and its readers, so the dequantization sta
 arithmetic (each output row is one input row times W), so the FP32 function is unchanged (tested), and the weight op
 keeps its name, weight and FLOPs: the INT8 search, its statistics and its report see the same op.
 
+A patch Conv (kernel = its whole input, one output position per patch, as Qwen-VL's towers take patches already
+cut) followed by a Reshape to `[M, Cout]` is first written as the Gemm it is, `Reshape(X, [-1, Cin·∏k])·Wᵀ + b`
+(the same defect hit it one Reshape later: Qwen3-VL's tiny patch embedding at 0.9918 between the backends).
+
 Rewritten where it is provably the same function: the op is a MatMul (or a Gemm with alpha = beta = 1, transA = 0 and
 a 1-D bias) of a 2-D input by a constant 2-D weight, its output's only value reader is a Reshape (Shape readers are
 given the old output's shape), and shape inference (with data propagation) says the Reshape's output has rank ≥ 3 and
@@ -42,19 +46,29 @@ class RowSplitHoist:
 
     ops: list[str] = field(default_factory=list)  # the weight ops whose output Reshape now splits their input
     declined: dict[str, str] = field(default_factory=dict)  # weight op → why it was left as it was
+    convs: list[str] = field(default_factory=list)  # patch Convs written as the MatMul they are (then hoisted)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ops": list(self.ops), "declined": dict(self.declined)}
+        return {"ops": list(self.ops), "declined": dict(self.declined), "convs": list(self.convs)}
 
 
 def hoist_row_splits(model: Any) -> RowSplitHoist:
     """Rewrite `model` in place (module docstring); the weight ops rewritten and those declined with a reason."""
     done = RowSplitHoist()
     graph = GraphIndex(model)
-    if not any(_weight(graph, node) is not None and _splits_rows(graph, node) for node in graph.graph.node):
+    if not any(
+        (_weight(graph, node) is not None or node.op_type == "Conv") and _splits_rows(graph, node)
+        for node in graph.graph.node
+    ):
         return done  # shape inference (a copy of the whole graph) only where the pattern is
     shapes = _inferred_shapes(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    for name in [node.name for node in graph.graph.node if node.op_type == "Conv"]:
+        node = next(n for n in graph.graph.node if n.name == name)
+        if _patch_conv(graph, node, shapes):
+            _conv_as_matmul(graph, node, f"{PREFIX}conv{len(done.convs)}")
+            done.convs.append(name)
+            graph = GraphIndex(model)
     names = [node.name for node in graph.graph.node if node.op_type in ("MatMul", "Gemm")]
     for name in names:
         node = next(n for n in graph.graph.node if n.name == name)
@@ -70,6 +84,69 @@ def hoist_row_splits(model: Any) -> RowSplitHoist:
         done.ops.append(name)
         graph = GraphIndex(model)  # the rewrite reordered the graph's nodes (protobuf copied them)
     return done
+
+
+def _patch_conv(graph: GraphIndex, node: Any, shapes: dict[str, list]) -> bool:
+    """A Conv whose kernel covers its whole input (a ViT's patch embedding on patches already cut, as Qwen-VL's
+    towers take them: one output position per patch) and whose only value reader is a Reshape to `[M, Cout]`."""
+    weight = graph.constant(node.input[1])
+    source = shapes.get(node.input[0])
+    if weight is None or source is None or len(source) != weight.ndim or not _splits_rows(graph, node):
+        return False
+    if any(reader.op_type == "Shape" for reader in graph.consumers.get(node.output[0], [])):
+        return False  # its [M, Cout, 1, …] shape is read: left as it is
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    spatial = list(weight.shape[2:])
+    if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1] * len(spatial))):
+        return False
+    if any(attrs.get("pads", [0]) or [0]) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET"):
+        return False
+    if source[1:] != [weight.shape[1], *spatial]:
+        return False
+    if len(node.input) > 2 and node.input[2]:
+        bias = graph.constant(node.input[2])
+        if bias is None or bias.ndim != 1:
+            return False
+    flat = shapes.get(graph.readers(node.output[0])[0].output[0])
+    return flat is not None and len(flat) == 2 and flat[-1] == weight.shape[0]
+
+
+def _conv_as_matmul(graph: GraphIndex, node: Any, tag: str) -> None:
+    """Conv(X, W, b) then Reshape to `[M, Cout]` ≡ Gemm(Reshape(X, [-1, Cin·∏k]), W as `[Cout, K]`, b, transB=1), or a
+    MatMul by its transpose without a bias; the op keeps its name (the hoist then moves the next Reshape above it)."""
+    weight = graph.constant(node.input[1])
+    reshape = graph.readers(node.output[0])[0]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+    flat = weight.reshape(weight.shape[0], -1)
+    old_weight = node.input[1]
+    value = flat if bias else np.ascontiguousarray(flat.T)
+    graph.graph.initializer.append(numpy_helper.from_array(value, f"{tag}_weight"))
+    shape = helper.make_node(
+        "Constant",
+        [],
+        [f"{tag}_shape"],
+        name=f"{tag}_shape_constant",
+        value=numpy_helper.from_array(np.array([-1, flat.shape[1]], np.int64)),
+    )
+    rows = helper.make_node("Reshape", [node.input[0], f"{tag}_shape"], [f"{tag}_rows"], name=f"{tag}_rows")
+    del node.attribute[:]
+    del node.input[:]
+    if bias:
+        node.op_type = "Gemm"
+        node.input.extend([f"{tag}_rows", f"{tag}_weight", bias])
+        node.attribute.append(helper.make_attribute("transB", 1))
+    else:
+        node.op_type = "MatMul"
+        node.input.extend([f"{tag}_rows", f"{tag}_weight"])
+    node.output[0] = reshape.output[0]
+    if old_weight in graph.initializers and graph.consumers.get(old_weight) == [node]:
+        graph.graph.initializer.remove(graph.initializers.pop(old_weight))
+    nodes = list(graph.graph.node)
+    nodes.remove(reshape)
+    position = nodes.index(node)
+    nodes[position:position] = [shape, rows]
+    del graph.graph.node[:]
+    graph.graph.node.extend(_topological(nodes, graph))
 
 
 def _inferred_shapes(model: Any) -> dict[str, list[int | str | None]]:
@@ -116,8 +193,9 @@ def hoist_for_target(models: dict[str, Any], backend: str | None, say: Any) -> d
     done = {name: hoist_row_splits(model) for name, model in models.items()}
     for name, hoist in done.items():
         if hoist.ops:
+            convs = f" ({len(hoist.convs)} patch Convs written as the MatMuls they are)" if hoist.convs else ""
             say(
-                f"{name}: {len(hoist.ops)} weight ops' row-splitting Reshapes moved to their inputs "
+                f"{name}: {len(hoist.ops)} weight ops' row-splitting Reshapes moved to their inputs{convs} "
                 "(the form OpenVINO's int8 kernels compute right)"
             )
         for op, why in hoist.declined.items():

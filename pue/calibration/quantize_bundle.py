@@ -336,7 +336,10 @@ def _outliers(models: dict[str, Any], feeds: dict[str, Callable[..., Any]]) -> d
     return summarize(tensors)
 
 
-CHECK_PATCHES, CHECK_CAPTIONS, CHECK_COMPOSED, CHECK_IMAGE_SETS = 24, 12, 8, 4
+# The check's items (calibration items only). Every calibration patch up to 64: with 24, fixtures with a heavy tail
+# passed the check with candidates the held-out gate failed (measured, `llava_next gains-few`: seed 2 int8-dynamic
+# check 0.9909 / gate 0.9668, seed 0 OpenVINO gate 0.972; with 64 the search went on and both passed the gate).
+CHECK_PATCHES, CHECK_CAPTIONS, CHECK_COMPOSED, CHECK_IMAGE_SETS = 64, 12, 8, 4
 
 
 def _check_set(plan: Any) -> GateSet:

@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from pue.calibration.graph_index import GraphIndex
 
 PREFIX = "pue_hoist_"
+SMALL_INITIALIZER_BYTES = 4096  # initializers up to this size keep their values for shape inference
 
 
 @dataclass
@@ -149,9 +151,27 @@ def _conv_as_matmul(graph: GraphIndex, node: Any, tag: str) -> None:
     graph.graph.node.extend(_topological(nodes, graph))
 
 
+def _weightless(model: Any) -> Any:
+    """A copy of `model` whose large initializers keep their type and dimensions but not their values: what shape
+    inference reads of them (a decoder's weights are not copied to learn its shapes)."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    graph = light.graph
+    graph.name = model.graph.name
+    for field_name in ("node", "input", "output", "value_info"):
+        getattr(graph, field_name).extend(getattr(model.graph, field_name))
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.INT64 or init.ByteSize() <= SMALL_INITIALIZER_BYTES:
+            graph.initializer.append(init)  # shape tensors and small constants: data propagation reads them
+        else:
+            graph.initializer.append(onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims))
+    return light
+
+
 def _inferred_shapes(model: Any) -> dict[str, list[int | str | None]]:
     try:
-        inferred = shape_inference.infer_shapes(model, data_prop=True)
+        inferred = shape_inference.infer_shapes(_weightless(model), data_prop=True)
     except Exception:  # noqa: BLE001 - a graph shape inference cannot read is simply not rewritten
         return {}
     values = [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]

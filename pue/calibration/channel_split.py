@@ -160,7 +160,12 @@ def _split_one(graph: GraphIndex, writer: Any, weight: np.ndarray, columns: np.n
         helper.make_node("MatMul", [f"{tag}_correction", f"{tag}_expand"], [f"{tag}_placed"], name=f"{tag}_place"),
         helper.make_node("Add", [product, f"{tag}_placed"], [output], name=f"{tag}_add"),
     ]
-    position = list(graph.graph.node).index(writer) + 1
+    _insert_after(graph, writer, nodes)
+
+
+def _insert_after(graph: GraphIndex, anchor: Any, nodes: list[Any]) -> None:
+    """`nodes`, in order, right after `anchor` (topological order kept: they read its output or earlier tensors)."""
+    position = list(graph.graph.node).index(anchor) + 1
     for offset, node in enumerate(nodes):
         graph.graph.node.insert(position + offset, node)
 
@@ -265,9 +270,7 @@ def _side_rows(graph: GraphIndex, reader: Any, weight: np.ndarray, columns: np.n
         helper.make_node("MatMul", [f"{tag}_taken", f"{tag}_weight"], [f"{tag}_float"], name=f"{tag}_side"),
         helper.make_node("Add", [product, f"{tag}_float"], [output], name=f"{tag}_add"),
     ]
-    position = list(graph.graph.node).index(reader) + 1
-    for offset, node in enumerate(nodes):
-        graph.graph.node.insert(position + offset, node)
+    _insert_after(graph, reader, nodes)
 
 
 @dataclass

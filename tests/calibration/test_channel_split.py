@@ -62,15 +62,7 @@ def test_in_int8_the_amplified_columns_are_the_float_ones(tmp_path, mode):
     split = copy.deepcopy(model)
     done = split_writer_columns(split)
     onnx.save_model(split, str(tmp_path / "split.onnx"))
-    rng = np.random.default_rng(1)
-    rows = [
-        {
-            "input_ids": rng.integers(0, VOCAB, size=(2, SEQ)).astype(np.int64),
-            "is_image": rng.random((2, SEQ, 1)) < 0.5,
-            "image_features": (rng.normal(size=(2, SEQ, 8)) * 3).astype(np.float32),
-        }
-        for _ in range(4)
-    ]
+    rows = _feeds(4)
     if mode == "static":
         quantize_static_graph(
             tmp_path / "split.onnx", tmp_path / "int8.onnx", OrtReader(rows), done.writers, "onnxruntime"
@@ -194,15 +186,7 @@ def test_the_readers_split_keeps_the_function_and_takes_the_amplified_rows_out_o
             weight = numpy_helper.to_array(next(i for i in split.graph.initializer if i.name == op.weight))
             assert not weight[1].any()  # the amplified row left the int8 weight
     onnx.save_model(split, str(tmp_path / "split.onnx"))
-    rng = np.random.default_rng(1)
-    rows = [
-        {
-            "input_ids": rng.integers(0, VOCAB, size=(2, SEQ)).astype(np.int64),
-            "is_image": rng.random((2, SEQ, 1)) < 0.5,
-            "image_features": (rng.normal(size=(2, SEQ, 8)) * 3).astype(np.float32),
-        }
-        for _ in range(4)
-    ]
+    rows = _feeds(4)
     quantize_static_graph(tmp_path / "split.onnx", tmp_path / "int8.onnx", OrtReader(rows), done.readers, "onnxruntime")
     quantized = onnx.load(str(tmp_path / "int8.onnx"))
     producers = {out: n for n in quantized.graph.node for out in n.output}

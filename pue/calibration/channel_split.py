@@ -24,6 +24,7 @@ undoes after quantization.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 from onnx import helper, numpy_helper
 
-from pue.calibration.graph_index import GraphIndex
+from pue.calibration.graph_index import GraphIndex, constant_node
 
 PREFIX = "pue_split_"
 #: a residual channel is amplified when a norm's |gain| on it is at least this many times that norm's median |gain|
@@ -145,15 +146,10 @@ def _split_one(graph: GraphIndex, writer: Any, weight: np.ndarray, columns: np.n
     expand = np.zeros((len(columns), weight.shape[1]), np.float32)
     expand[np.arange(len(columns)), columns] = 1.0
 
-    def constant(name: str, value: np.ndarray) -> Any:
-        return helper.make_node(
-            "Constant", [], [name], name=f"{name}_constant", value=numpy_helper.from_array(value, name)
-        )
-
     nodes = [
-        constant(f"{tag}_columns", columns),
-        constant(f"{tag}_weight", np.ascontiguousarray(weight[:, columns])),
-        constant(f"{tag}_expand", expand),
+        constant_node(f"{tag}_columns", columns),
+        constant_node(f"{tag}_weight", np.ascontiguousarray(weight[:, columns])),
+        constant_node(f"{tag}_expand", expand),
         helper.make_node("Gather", [product, f"{tag}_columns"], [f"{tag}_taken"], name=f"{tag}_gather", axis=-1),
         helper.make_node("MatMul", [writer.input[0], f"{tag}_weight"], [f"{tag}_float"], name=f"{tag}_side"),
         helper.make_node("Sub", [f"{tag}_float", f"{tag}_taken"], [f"{tag}_correction"], name=f"{tag}_sub"),
@@ -236,9 +232,7 @@ def split_reader_rows(model: Any, channels: list[int]) -> ReaderSplit:
 def _mask(graph: GraphIndex, source: str, columns: np.ndarray, width: int, tag: str) -> str:
     mask = np.ones(width, np.float32)
     mask[columns] = 0.0
-    constant = helper.make_node(
-        "Constant", [], [f"{tag}_value"], name=f"{tag}_constant", value=numpy_helper.from_array(mask)
-    )
+    constant = constant_node(f"{tag}_value", mask)
     multiply = helper.make_node("Mul", [source, f"{tag}_value"], [f"{tag}_output"], name=tag)
     producer = graph.producers.get(source)
     nodes = list(graph.graph.node)
@@ -254,16 +248,8 @@ def _side_rows(graph: GraphIndex, reader: Any, weight: np.ndarray, columns: np.n
     product = f"{tag}_int8_output"
     reader.output[0] = product
     nodes = [
-        helper.make_node(
-            "Constant", [], [f"{tag}_columns"], name=f"{tag}_columns_constant", value=numpy_helper.from_array(columns)
-        ),
-        helper.make_node(
-            "Constant",
-            [],
-            [f"{tag}_weight"],
-            name=f"{tag}_weight_constant",
-            value=numpy_helper.from_array(np.ascontiguousarray(weight[columns, :])),
-        ),
+        constant_node(f"{tag}_columns", columns),
+        constant_node(f"{tag}_weight", np.ascontiguousarray(weight[columns, :])),
         helper.make_node(
             "Gather", [reader.input[0], f"{tag}_columns"], [f"{tag}_taken"], name=f"{tag}_gather", axis=-1
         ),
@@ -317,6 +303,23 @@ def masked_ranges(readers: ReaderSplit, stats: dict[str, Any]) -> dict[str, tupl
     return out
 
 
+def masked_moments(moment_of: Callable[[str], Any], readers: ReaderSplit) -> Callable[[str], Any]:
+    """GPTQ's Hessians for a readers' split graph: a reader's masked input is 0 on the amplified channels, so they
+    are dead there (its int8 weight rows are zero; `gptq` keeps dead rows as they are)."""
+    split_ops, channels = set(readers.readers), list(readers.channels)
+
+    def moment(node: str) -> Any:
+        value = moment_of(node)
+        if value is None or node not in split_ops:
+            return value
+        value = value.copy()
+        value[channels, :] = 0.0
+        value[:, channels] = 0.0
+        return value
+
+    return moment
+
+
 def read_float_inputs(model: Any, side_nodes: list[str]) -> int:
     """After static quantization: each side product reads its writer's float input again where the quantizer rewired
     it to a DequantizeLinear of a QuantizeLinear of that input. Returns how many were rewired."""
@@ -344,6 +347,7 @@ __all__ = [
     "ReaderSplit",
     "SplitGraphs",
     "amplified_channels",
+    "masked_moments",
     "masked_ranges",
     "read_float_inputs",
     "save_split_graphs",

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 
 class GraphIndex:
@@ -57,5 +57,16 @@ class GraphIndex:
         self.consumers.setdefault(private_name, []).append(node)
         node.input[index] = private_name
 
+    def drop_initializer_of(self, name: str, node: Any) -> None:
+        """Remove initializer `name` where `node` was its only reader (the node now reads a rewritten copy)."""
+        if name in self.initializers and self.consumers.get(name) == [node]:
+            self.graph.initializer.remove(self.initializers.pop(name))
 
-__all__ = ["GraphIndex"]
+
+def constant_node(name: str, value: np.ndarray) -> Any:
+    """A `Constant` node producing `value` as tensor `name` (the rewrites' small tensors: never weight initializers,
+    so the INT8 search never quantizes them)."""
+    return helper.make_node("Constant", [], [name], name=f"{name}_constant", value=numpy_helper.from_array(value, name))
+
+
+__all__ = ["GraphIndex", "constant_node"]

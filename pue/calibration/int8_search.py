@@ -56,7 +56,13 @@ def search_int8(
     """
     import onnx
 
-    from pue.calibration.channel_split import amplified_channels, masked_ranges, read_float_inputs, save_split_graphs
+    from pue.calibration.channel_split import (
+        amplified_channels,
+        masked_moments,
+        masked_ranges,
+        read_float_inputs,
+        save_split_graphs,
+    )
     from pue.calibration.gptq import round_weights, weight_reader
     from pue.calibration.int8 import activation_scheme, quantize_dynamic_graph, quantize_static_graph, rank_sensitivity
     from pue.calibration.measured_ranking import rank_fallback
@@ -160,6 +166,7 @@ def search_int8(
 
     gptq_cache: dict[tuple, Any] = {}  # GPTQ's levels per op and grid, kept across attempts
     reader_gptq_cache: dict[tuple, Any] = {}  # the same for the readers' split graphs (other weights, other moments)
+    reader_models: dict[str, Any] = {}  # those graphs, without their weights (GPTQ reads the zeroed rows from there)
     gptq_ops: dict[str, list[str]] = {}  # per graph: the ops its last quantization re-rounded
     token_gptq: dict[str, list[str]] = {}  # per graph: the per-token ops whose weights GPTQ rounded, last attempt
 
@@ -172,9 +179,8 @@ def search_int8(
             while fresh and judges.parity is not None and static and last[name][0][0]:
                 # the target backend must compute this Q/DQ graph as onnxruntime does (the fallback's ranking
                 # simulates onnxruntime's arithmetic): the ops it computes differently stay float from here on
-                source = split_paths[name] if SPLIT in rule and name in split_paths else float_paths[name]
                 found = judges.parity.check(
-                    name, quantized[name], last[name][0][0], say, float_graph=source, path=last[name][1]
+                    name, quantized[name], last[name][0][0], say, float_graph=source_of(name, rule), path=last[name][1]
                 )
                 if not found:
                     break
@@ -183,12 +189,18 @@ def search_int8(
         phase_done("calibration" if static else "quantization")
         return quantized
 
+    def source_of(name: str, rule: str) -> Path:
+        """The float graph a rule quantizes: with the readers' and writers' split, the writers' only, or neither."""
+        if READERS in rule and name in reader_paths:
+            return reader_paths[name]
+        return split_paths[name] if SPLIT in rule and name in split_paths else float_paths[name]
+
     def quantize_graph(name: str, float_nodes: set[str], per_token: set[str], rule: str) -> tuple[Any, bool]:
         """One graph's candidate, and whether it was quantized afresh (else the last file is reloaded)."""
         gptq = GPTQ in rule
         split = SPLIT in rule and name in split_paths
         readers = READERS in rule and name in reader_paths
-        path = reader_paths[name] if readers else split_paths[name] if split else float_paths[name]
+        path = source_of(name, rule)
         skipped = float_nodes | per_token | target_float
         nodes = [op.node for op in all_ops if op.graph == name and op.node not in skipped]
         out = work / f"{name}.int8.onnx"
@@ -220,8 +232,9 @@ def search_int8(
                 chosen = set(nodes)
                 int8_ops = [op for op in all_ops if op.graph == name and op.node in chosen]
                 # the split graph's writers keep their weights; the readers' split zeroed its readers' amplified rows
-                source = onnx.load(str(path), load_external_data=False) if readers else models[name]
-                reader = weight_reader(source, work)
+                if readers and name not in reader_models:
+                    reader_models[name] = onnx.load(str(path), load_external_data=False)
+                reader = weight_reader(reader_models[name] if readers else models[name], work)
                 moments = masked_moments(moment_of, reader_splits[name]) if readers else moment_of
                 cache = reader_gptq_cache if readers else gptq_cache
                 gptq_ops[name] = round_weights(rewritten, int8_ops, moments, reader, cache)
@@ -435,23 +448,6 @@ def search_int8(
         "target_parity": judges.parity.to_dict() if judges.parity is not None and static else None,
         "why": why,
     }
-
-
-def masked_moments(moment_of: Callable[[str], Any], readers: ReaderSplit) -> Callable[[str], Any]:
-    """GPTQ's Hessians for a readers' split graph: a reader's masked input is 0 on the amplified channels, so they
-    are dead there (its int8 weight rows are zero; `gptq` keeps dead rows as they are)."""
-    split_ops, channels = set(readers.readers), list(readers.channels)
-
-    def moment(node: str) -> Any:
-        value = moment_of(node)
-        if value is None or node not in split_ops:
-            return value
-        value = value.copy()
-        value[channels, :] = 0.0
-        value[:, channels] = 0.0
-        return value
-
-    return moment
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from pue.calibration.graph_index import GraphIndex
+from pue.calibration.graph_index import GraphIndex, constant_node
 
 PREFIX = "pue_hoist_"
 SMALL_INITIALIZER_BYTES = 4096  # initializers up to this size keep their values for shape inference
@@ -120,33 +120,40 @@ def _conv_as_matmul(graph: GraphIndex, node: Any, tag: str) -> None:
     reshape = graph.readers(node.output[0])[0]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
     flat = weight.reshape(weight.shape[0], -1)
-    old_weight = node.input[1]
     value = flat if bias else np.ascontiguousarray(flat.T)
-    graph.graph.initializer.append(numpy_helper.from_array(value, f"{tag}_weight"))
-    shape = helper.make_node(
-        "Constant",
-        [],
-        [f"{tag}_shape"],
-        name=f"{tag}_shape_constant",
-        value=numpy_helper.from_array(np.array([-1, flat.shape[1]], np.int64)),
-    )
+    shape = constant_node(f"{tag}_shape", np.array([-1, flat.shape[1]], np.int64))
     rows = helper.make_node("Reshape", [node.input[0], f"{tag}_shape"], [f"{tag}_rows"], name=f"{tag}_rows")
+    if bias:
+        _retype(graph, node, "Gemm", [f"{tag}_rows", f"{tag}_weight", bias], value, transB=1)
+    else:
+        _retype(graph, node, "MatMul", [f"{tag}_rows", f"{tag}_weight"], value)
+    node.output[0] = reshape.output[0]
+    _splice(graph, node, reshape, [shape, rows], [])
+
+
+def _retype(
+    graph: GraphIndex, node: Any, op_type: str, inputs: list[str], weight: np.ndarray, **attributes: Any
+) -> None:
+    """`node` becomes `op_type` over `inputs`, its weight (`inputs[1]`) a new initializer holding `weight`; the old one
+    goes where only `node` read it."""
+    old_weight = node.input[1]
+    graph.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), inputs[1]))
+    node.op_type = op_type
     del node.attribute[:]
     del node.input[:]
-    if bias:
-        node.op_type = "Gemm"
-        node.input.extend([f"{tag}_rows", f"{tag}_weight", bias])
-        node.attribute.append(helper.make_attribute("transB", 1))
-    else:
-        node.op_type = "MatMul"
-        node.input.extend([f"{tag}_rows", f"{tag}_weight"])
-    node.output[0] = reshape.output[0]
-    if old_weight in graph.initializers and graph.consumers.get(old_weight) == [node]:
-        graph.graph.initializer.remove(graph.initializers.pop(old_weight))
+    node.input.extend(inputs)
+    node.attribute.extend(helper.make_attribute(key, value) for key, value in attributes.items())
+    graph.drop_initializer_of(old_weight, node)
+
+
+def _splice(graph: GraphIndex, node: Any, reshape: Any, before: list[Any], after: list[Any]) -> None:
+    """The graph without `reshape` (the op now writes its output), with `before` and `after` around `node`, in a
+    topological order."""
     nodes = list(graph.graph.node)
     nodes.remove(reshape)
     position = nodes.index(node)
-    nodes[position:position] = [shape, rows]
+    nodes[position:position] = before
+    nodes[position + len(before) + 1 : position + len(before) + 1] = after
     del graph.graph.node[:]
     graph.graph.node.extend(_topological(nodes, graph))
 
@@ -246,17 +253,11 @@ def _rewrite(graph: GraphIndex, node: Any, weight: np.ndarray, tag: str, opset: 
     output = node.output[0]
     reshape = graph.readers(output)[0]
     k = weight.shape[0]
-
-    def constant(name: str, value: np.ndarray) -> Any:
-        return helper.make_node(
-            "Constant", [], [name], name=f"{name}_constant", value=numpy_helper.from_array(value, name)
-        )
-
     new: list[Any] = [
-        constant(f"{tag}_start", np.array([0], np.int64)),
-        constant(f"{tag}_end", np.array([-1], np.int64)),
-        constant(f"{tag}_k", np.array([k], np.int64)),
-        constant(f"{tag}_n", np.array([weight.shape[1]], np.int64)),
+        constant_node(f"{tag}_start", np.array([0], np.int64)),
+        constant_node(f"{tag}_end", np.array([-1], np.int64)),
+        constant_node(f"{tag}_k", np.array([k], np.int64)),
+        constant_node(f"{tag}_n", np.array([weight.shape[1]], np.int64)),
         helper.make_node(
             "Slice", [reshape.input[1], f"{tag}_start", f"{tag}_end"], [f"{tag}_lead"], name=f"{tag}_lead"
         ),
@@ -281,16 +282,8 @@ def _rewrite(graph: GraphIndex, node: Any, weight: np.ndarray, tag: str, opset: 
             reader.input[0] = f"{tag}_old_shape"
             del reader.attribute[:]
     bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else ""
-    if node.op_type == "Gemm":
-        weight_name = f"{tag}_weight"
-        graph.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), weight_name))
-        old_weight = node.input[1]
-        node.op_type = "MatMul"
-        del node.attribute[:]
-        del node.input[:]
-        node.input.extend([f"{tag}_rows", weight_name])
-        if old_weight in graph.initializers and graph.consumers.get(old_weight) == [node]:
-            graph.graph.initializer.remove(graph.initializers.pop(old_weight))  # only the Gemm read it
+    if node.op_type == "Gemm":  # a MatMul by the [K, N] weight; its bias becomes the Add below
+        _retype(graph, node, "MatMul", [f"{tag}_rows", f"{tag}_weight"], weight)
     else:
         node.input[0] = f"{tag}_rows"
     if bias:
@@ -299,13 +292,7 @@ def _rewrite(graph: GraphIndex, node: Any, weight: np.ndarray, tag: str, opset: 
     else:
         node.output[0] = reshape.output[0]
         tail = []
-    nodes = list(graph.graph.node)
-    nodes.remove(reshape)
-    position = nodes.index(node)
-    nodes[position:position] = new
-    nodes[position + len(new) + 1 : position + len(new) + 1] = tail
-    del graph.graph.node[:]
-    graph.graph.node.extend(_topological(nodes, graph))
+    _splice(graph, node, reshape, new, tail)
 
 
 def _topological(nodes: list[Any], graph: GraphIndex) -> list[Any]:

@@ -1,0 +1,174 @@
+"""Each attempt's candidate in the INT8 search (`pue.calibration.int8_search`): every graph quantized from the float
+graph its rule names (`search_graphs`), afresh only when its request changed (else the last file is reloaded), with
+GPTQ's levels and the ops the target backend computes differently kept across attempts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pue.calibration.candidates import GPTQ, READERS, SPLIT, ranges_rule
+
+if TYPE_CHECKING:
+    from pue.calibration.search_graphs import PreparedGraphs
+    from pue.calibration.target_parity import TargetParity
+
+__all__ = ["GraphQuantizer"]
+
+
+class GraphQuantizer:
+    """Each attempt's candidate graphs, from the float graphs `prepare_graphs` saved.
+
+    Each graph's last quantization is kept: (its int8 ops, rule, split) → file. An attempt that changes one graph's ops
+    (most fallback and token steps change the decoder's only) reloads the other's file: the same inputs, the same
+    graph. GPTQ's levels are kept per op and grid across attempts; `target_float` collects the ops the target backend
+    computes differently from onnxruntime (`parity`, static INT8: `pue.calibration.target_parity`), float from then on.
+    """
+
+    def __init__(
+        self,
+        prepared: PreparedGraphs,
+        models: dict[str, Any],
+        feeds: dict[str, Callable[..., Any]],
+        work: Path,
+        options: Any,
+        range_rules: dict[str, dict[str, tuple[float, float]]],
+        parity: TargetParity | None,
+        say: Callable[[str], None],
+        phase_done: Callable[[str], None],
+    ) -> None:
+        self.prepared = prepared
+        self.models = models  # the caller's graphs, weightless: GPTQ reads their float weights from `work`
+        self.feeds = feeds
+        self.work = work
+        self.options = options
+        self.static = options.spec.calibrated
+        self.range_rules = range_rules
+        self.parity = parity
+        self.say = say
+        self.phase_done = phase_done
+        self.target_float: set[str] = set()  # ops the target backend computes differently from onnxruntime
+        self.last: dict[str, tuple[tuple[tuple[str, ...], str, bool], Path]] = {}  # (int8 ops, rule, split) → file
+        self.activation_of = {op.node: op.activation for op in prepared.ops if op.activation in prepared.stats}
+        self.gptq_cache: dict[tuple, Any] = {}  # GPTQ's levels per op and grid, kept across attempts
+        self.reader_gptq_cache: dict[tuple, Any] = {}  # the same for the readers' split graphs (other weights, moments)
+        self.reader_models: dict[str, Any] = {}  # those graphs, weightless (GPTQ reads the zeroed rows from there)
+        self.gptq_ops: dict[str, list[str]] = {}  # per graph: the ops its last quantization re-rounded
+        self.token_gptq: dict[str, list[str]] = {}  # per graph: the per-token ops GPTQ rounded, last attempt
+
+    def quantize(
+        self, float_nodes: set[str], per_token: set[str] = frozenset(), rule: str = "minmax"
+    ) -> dict[str, Any]:
+        """Every graph's candidate: `float_nodes` (and `target_float`) kept float, `per_token` quantized per token,
+        the rest int8 by `rule` (its ranges and flags, `pue.calibration.candidates`)."""
+        quantized = {}
+        for name in self.prepared.float_paths:
+            quantized[name], fresh = self.quantize_graph(name, float_nodes, per_token, rule)
+            while fresh and self.parity is not None and self.static and self.last[name][0][0]:
+                # the target backend must compute this Q/DQ graph as onnxruntime does (the fallback's ranking
+                # simulates onnxruntime's arithmetic): the ops it computes differently stay float from here on
+                found = self.parity.check(
+                    name,
+                    quantized[name],
+                    self.last[name][0][0],
+                    self.say,
+                    float_graph=self.source_of(name, rule),
+                    path=self.last[name][1],
+                )
+                if not found:
+                    break
+                self.target_float.update(found)
+                quantized[name], fresh = self.quantize_graph(name, float_nodes, per_token, rule)
+        self.phase_done("calibration" if self.static else "quantization")
+        return quantized
+
+    def source_of(self, name: str, rule: str) -> Path:
+        """The float graph a rule quantizes (`PreparedGraphs.source_of`)."""
+        return self.prepared.source_of(name, rule)
+
+    def moment_of(self, node: str) -> Any:
+        """GPTQ's Hessian: the op's input second moment on calibration tokens (None where it has no statistics)."""
+        return self.prepared.stats[self.activation_of[node]].second_moment() if node in self.activation_of else None
+
+    def gptq_rounded(self) -> int:
+        """How many ops the last attempt's weights were rounded by GPTQ in, per-token ops included."""
+        return sum(len(v) for v in [*self.gptq_ops.values(), *self.token_gptq.values()])
+
+    def quantize_graph(self, name: str, float_nodes: set[str], per_token: set[str], rule: str) -> tuple[Any, bool]:
+        """One graph's candidate, and whether it was quantized afresh (else the last file is reloaded)."""
+        import onnx
+
+        from pue.calibration.per_token import quantize_per_token
+
+        gptq = GPTQ in rule
+        split = SPLIT in rule and name in self.prepared.split_paths
+        readers = READERS in rule and name in self.prepared.reader_paths
+        path = self.source_of(name, rule)
+        skipped = float_nodes | per_token | self.target_float
+        nodes = [op.node for op in self.prepared.ops_of(name) if op.node not in skipped]
+        request = (tuple(nodes), rule, split)
+        fresh = not (name in self.last and self.last[name][0] == request)
+        out = self._write_int8(name, path, nodes, rule, readers) if fresh else self.last[name][1]
+        if fresh:
+            self.gptq_ops[name] = []
+        if nodes and fresh and (gptq or (split and self.static)):
+            self._rewrite(name, path, out, nodes, gptq, split, readers)
+        self.last[name] = (request, out)
+        quantized = onnx.load(str(out))
+        token_ops = [op for op in self.prepared.ops_of(name) if op.node in per_token - float_nodes]
+        self.token_gptq[name] = []
+        if token_ops:
+            done = quantize_per_token(quantized, token_ops, self.moment_of if gptq else None)
+            self.token_gptq[name] = done if gptq else []
+        return quantized, fresh
+
+    def _write_int8(self, name: str, path: Path, nodes: list[str], rule: str, readers: bool) -> Path:
+        """onnxruntime's quantization of `nodes` in the float graph at `path` (static Q/DQ with `rule`'s ranges, or
+        dynamic), written to `{name}.int8.onnx`; the float graph itself where no op is left to quantize (dynamic)."""
+        from pue.calibration.int8 import quantize_dynamic_graph, quantize_static_graph
+        from pue.calibration.readers import OrtReader
+
+        out = self.work / f"{name}.int8.onnx"
+        if self.static:
+            reader = OrtReader(self.feeds[name]())  # read lazily: one row when every range is pue's
+            quantize_static_graph(
+                path,
+                out,
+                reader,
+                nodes,
+                self.options.target,
+                self.options.method,
+                cache_path=self.work / f"{name}{'.readers' if readers else ''}.calibration.json",  # its own tensors
+                ranges=self.range_rules.get(ranges_rule(rule)),
+            )
+        elif nodes:
+            quantize_dynamic_graph(path, out, nodes)
+        else:  # every op of this graph is per token or float
+            out = path
+        return out
+
+    def _rewrite(
+        self, name: str, path: Path, out: Path, nodes: list[str], gptq: bool, split: bool, readers: bool
+    ) -> None:
+        """The quantized graph at `out` rewritten in place: its int8 weights re-rounded by GPTQ (`gptq`), and (static
+        Q/DQ on the split graph) the split's float columns given the writers' float inputs back."""
+        import onnx
+
+        from pue.calibration.channel_split import masked_moments, read_float_inputs
+        from pue.calibration.gptq import round_weights, weight_reader
+
+        rewritten = onnx.load(str(out))
+        if gptq:  # re-round onnxruntime's int8 weights (`gptq`), on the same grids
+            chosen = set(nodes)
+            int8_ops = [op for op in self.prepared.ops_of(name) if op.node in chosen]
+            # the split graph's writers keep their weights; the readers' split zeroed its readers' amplified rows
+            if readers and name not in self.reader_models:
+                self.reader_models[name] = onnx.load(str(path), load_external_data=False)
+            reader = weight_reader(self.reader_models[name] if readers else self.models[name], self.work)
+            moments = masked_moments(self.moment_of, self.prepared.reader_splits[name]) if readers else self.moment_of
+            cache = self.reader_gptq_cache if readers else self.gptq_cache
+            self.gptq_ops[name] = round_weights(rewritten, int8_ops, moments, reader, cache)
+        if split and self.static:  # the float columns read the writers' float inputs, not their Q/DQ
+            read_float_inputs(rewritten, self.prepared.splits[name].side_nodes)
+        onnx.save_model(rewritten, str(out))

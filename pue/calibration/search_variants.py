@@ -1,0 +1,112 @@
+"""What the INT8 search (`pue.calibration.int8_search`) tries before its sensitivity fallback: the ops whose inputs
+carry token outliers, and the variants in the order they are tried, each taken only if the calibration check says it
+is better."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from pue.calibration.candidates import GPTQ, READERS, SPLIT, fits
+from pue.precisions import TokenOutliers
+
+if TYPE_CHECKING:
+    from pue.calibration.search_graphs import PreparedGraphs
+
+__all__ = ["TokenOutlierOps", "Variant", "initial_variants", "token_outlier_ops"]
+
+
+class TokenOutlierOps(NamedTuple):
+    """The ops whose inputs carry token outliers, by what the precision tries for them (at most one is not empty)."""
+
+    per_token: set[str]  # tried per token (`pue.calibration.per_token`)
+    in_float: set[str]  # tried in float while the check fails, within the 80 % rule
+
+
+class Variant(NamedTuple):
+    """One way to quantize tried before the fallback."""
+
+    float_nodes: set[str]  # ops kept float, besides the best's
+    per_token: set[
+        str
+    ]  # ops per token, where the variant keeps no op float and its rule is not "best…" (else the best's)
+    rule: str  # a ranges rule ("minmax", "mse": the best's flags added), or "best" + flags: the best's rule with those
+    while_failing: bool  # tried only while the best so far fails the check
+
+
+def token_outlier_ops(prepared: PreparedGraphs, options: Any, say: Callable[[str], None]) -> TokenOutlierOps:
+    """Ops whose inputs carry token outliers (massive activations, high-norm ViT tokens): one per-tensor step starves
+    every other token. The precision's entry (`PrecisionSpec.token_outliers`) says what is tried for them: per token
+    (int8-dynamic, `pue.calibration.per_token`) or float (static INT8: standard ONNX and OpenVINO have no per-token
+    int8 kernel; within the 80 % rule, while the check fails). The check set decides whether either is done."""
+    from pue.calibration.per_token import TOKEN_OUTLIER_RATIO
+
+    all_stats = prepared.stats
+    massive = {
+        op.node
+        for op in prepared.ops
+        if all_stats.get(op.activation) is not None and all_stats[op.activation].token_ratio >= TOKEN_OUTLIER_RATIO
+    }
+    token_mode = options.spec.token_outliers
+    if token_mode == TokenOutliers.PER_TOKEN and not options.per_token:  # --no-per-token
+        token_mode = None
+    if token_mode == TokenOutliers.FLOAT and not options.fallback:  # --no-fallback: nothing is kept in float
+        token_mode = None
+    token_candidates = massive if token_mode == TokenOutliers.PER_TOKEN else set()
+    massive_float = massive if token_mode == TokenOutliers.FLOAT else set()
+    if massive:
+        what = {TokenOutliers.PER_TOKEN: "tried per token", TokenOutliers.FLOAT: "tried in float if int8 fails"}
+        say(f"token outliers: {len(massive)} ops read massive tokens: {what.get(token_mode, 'left as they are')}")
+    return TokenOutlierOps(token_candidates, massive_float)
+
+
+def initial_variants(
+    prepared: PreparedGraphs,
+    options: Any,
+    token_ops: TokenOutlierOps,
+    tokens: dict[str, int],
+    own_ranges: bool,
+    clips: dict[str, float],
+) -> list[Variant]:
+    """What is tried before the sensitivity fallback, in order, each taken only if the calibration check says it is
+    better. `tokens`: rows per patch of each graph (the 80 % rule); `own_ranges` and `clips`: whether the activation
+    ranges are pue's and the clip the error-chosen ones apply (`search_graphs.activation_ranges`)."""
+    static = options.spec.calibrated
+    all_ops = prepared.ops
+    variants: list[Variant] = []
+    if token_ops.per_token:
+        variants.append(Variant(set(), set(token_ops.per_token), "minmax", False))
+    # static INT8: the massive-token ops in float first, while the check fails. Before the error-chosen ranges: a clip
+    # that happens to fit the check's rows cuts the massive tokens themselves, which the model uses (measured: on
+    # `llava massive` for OpenVINO with 16 calibration patches, ranges first passed the check at min 0.9908 and
+    # failed the held-out gate at 0.9013; the float reader first passes both)
+    if static and options.fallback and token_ops.in_float and fits(all_ops, token_ops.in_float, tokens):
+        variants.append(Variant(set(token_ops.in_float), set(), "best", True))
+    # then the best so far with its int8 weights rounded by GPTQ (`gptq`: each op's output error on calibration tokens,
+    # not each weight's own error, kept small; same grids, same kernels), taken if the check says better. After the
+    # token-outlier variants: GPTQ fitted to the calibration rows can pass their check with a massive-token reader in
+    # per-tensor int8 and fail the held-out gate (measured: `llava massive` static, 16 patches: check min 0.9926,
+    # held-out 0.9683). Every later candidate is quantized with the rounding taken and, while the check fails, also
+    # with the other one where it is not taken (`alternate` in `search_int8`): which rounding helps depends on the
+    # float and per-token sets (measured: on `qwen3_vl gains-few` GPTQ raised the per-tensor candidate's minimum, and
+    # every fallback step from it failed where the same steps with nearest rounding passed; on `llava_next gains-few`
+    # int8-dynamic only per token + GPTQ passes)
+    if options.gptq:
+        variants.append(Variant(set(), set(), "best" + GPTQ, False))
+    # then the writers' amplified residual columns in float (`channel_split`), where norm gains amplify channels
+    if prepared.split_paths:
+        variants.append(Variant(set(), set(), "best" + SPLIT, False))
+    # then the readers' amplified input rows in float as well (`split_reader_rows`): measured in simulation it raised
+    # `llava_next gains-few`'s minimum and lowered `llava gains-few`'s, so the check decides
+    if prepared.reader_paths:
+        variants.append(Variant(set(), set(), "best" + SPLIT + READERS, False))
+    if not static and options.per_token:  # every input per token: what helps when norm gains make errors compound
+        variants.append(Variant(set(), {op.node for op in all_ops if op.op_type == "MatMul"}, "minmax", True))
+    if own_ranges and options.error_ranges and any(clip < 1.0 for clip in clips.values()):
+        variants.append(Variant(set(), set(), "mse", False))
+    # the ops the SQNR ranking cannot score (Conv: the vision patch embedding, whose int8 input and weights cost the
+    # ci-sized fixtures up to 0.009 of minimum cosine), in float while the check fails
+    unscored = {op.node for op in all_ops if op.op_type != "MatMul"}
+    if static and options.fallback and unscored and fits(all_ops, unscored, tokens):
+        variants.append(Variant(set(unscored), set(), "best", True))
+    return variants

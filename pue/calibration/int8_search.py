@@ -29,6 +29,7 @@ from pue.calibration.graph_ops import int8_flop_share
 from pue.calibration.search_graphs import PreparedGraphs, activation_ranges, own_ranges, prepare_graphs
 from pue.calibration.search_quantizer import GraphQuantizer
 from pue.calibration.search_variants import initial_variants, token_outlier_ops
+from pue.calibration.unseen_check import confirm_check
 from pue.fidelity import GateReport
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ def search_int8(
     rule = "minmax"
     variants = initial_variants(prepared, options, token_ops, tokens, own, clips)  # tried before the fallback
     stopped = None
+    widened = False  # a passing check failed on unseen calibration items: every later check reads both sets
     alternate = False  # this attempt is the previous one's sets with the other weight rounding
     rounding_only = False  # this attempt differs from the best only in its weight rounding (the GPTQ variant)
     while True:
@@ -102,7 +104,8 @@ def search_int8(
         candidate = quantizer.quantize(float_nodes, per_token, rule)
         float_nodes = float_nodes | quantizer.target_float  # what the target's parity kept float counts as float now
         share = int8_flop_share(all_ops, float_nodes, tokens)
-        check = judges.check(candidate)
+        check, unseen = confirm_check(judges.check(candidate), candidate, judges.confirm, widened)
+        widened = widened or (unseen is not None and not unseen.passed)
         phase_done("check")
         taken = best is None or better(check, best.check)
         attempts.append(
@@ -117,6 +120,7 @@ def search_int8(
                 "reader_split": READERS in rule,
                 "int8_flop_share": share,
                 "check": check.overall,
+                **({"fitted_check": check.extra["fitted"], "unseen_check": unseen.overall} if unseen else {}),
                 "check_passed": check.passed,
                 "taken": taken,
                 "seconds": time.perf_counter() - started,
@@ -226,7 +230,14 @@ def _attempt_line(number: int, attempt: dict[str, Any], own: bool) -> str:
         + (" (the same sets, the other rounding)" if attempt["other_rounding"] else "")
         + f", int8 share {attempt['int8_flop_share']:.1%}, calibration check: "
         f"mean cos {overall['mean_cosine']:.5f}, min {overall['min_cosine']:.5f}, "
-        f"top-1 {overall['top1']:.3f} → {'pass' if attempt['check_passed'] else 'fail'}"
+        f"top-1 {overall['top1']:.3f}"
+        + (
+            f"; unseen items: mean cos {unseen['mean_cosine']:.5f}, min {unseen['min_cosine']:.5f}, "
+            f"top-1 {unseen['top1']:.3f}"
+            if (unseen := attempt.get("unseen_check"))
+            else ""
+        )
+        + f" → {'pass' if attempt['check_passed'] else 'fail'}"
         + ("" if attempt["taken"] else " (lowers the minimum or the mean: not taken)")
     )
 
@@ -283,9 +294,11 @@ class Judges:
     (optional) measures simulated graphs (Q/DQ computed in float) on the check items at the given indices: the
     fallback's end-to-end ranking (`pue.calibration.measured_ranking`); without it the fallback follows SQNR.
     `parity` (static INT8 for a target other than onnxruntime): each freshly quantized graph run by both backends, the
-    ops the target computes differently kept float (`pue.calibration.target_parity`)."""
+    ops the target computes differently kept float (`pue.calibration.target_parity`). `confirm` (optional): a
+    passing check again on calibration items the fit did not read (`pue.calibration.unseen_check`)."""
 
     check: Callable[[dict[str, Any]], GateReport]
     gate: Callable[[dict[str, Any]], GateReport]
+    confirm: Callable[[dict[str, Any]], GateReport] | None = None
     rank: Callable[[dict[str, Any], list[int]], GateReport] | None = None
     parity: TargetParity | None = None

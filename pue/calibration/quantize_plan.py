@@ -89,9 +89,10 @@ def run_plan(
 
 
 def search_variants(options: Any) -> int:
-    """How many candidates the INT8 search may try before its fallback, besides GPTQ's (`int8_search`): static INT8
-    the massive-token readers in float, error-chosen ranges and the patch Conv in float; int8-dynamic the massive-token
-    ops per token and every op per token; both the writers' amplified columns in float."""
+    """How many candidates the INT8 search may try before its fallback, besides GPTQ's
+    (`search_variants.initial_variants`): static INT8 the massive-token readers in float, error-chosen ranges and the
+    patch Conv in float; int8-dynamic the massive-token ops per token and every op per token; both the writers'
+    amplified columns in float."""
     if options.precision == "fp16":
         return 0
     split = int(options.split_channels)  # the writers' amplified columns in float, where norm gains amplify some

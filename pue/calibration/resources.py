@@ -171,7 +171,9 @@ def plan_quantize(
         passes = {"outlier report": 1, "activation ranges": 1, "gate": 1}
     else:
         passes = {"outlier report": 1, "statistics": 1, **({"calibration": attempts} if calibrated else {})}
-        passes.update({"calibration check": attempts, **({"fallback ranking": ranked + 1} if ranked else {})})
+        # at most every check again on the calibration items the fit did not read (`unseen_check`)
+        passes.update({"calibration check": attempts, "unseen check": attempts})
+        passes.update({"fallback ranking": ranked + 1} if ranked else {})
         passes["held-out gate"] = 1
     available = available_memory_bytes() if available is None else available
     fits = available is None or peak <= available

@@ -39,6 +39,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn")
 Progress = Callable[[int, int], None]  # (done, total)
 
+# The seven non-identity symmetries of a square: a tissue patch turned or mirrored is another patch of the same
+# tissue (no orientation in a section), and pixels the fit never saw in that order.
+TRANSFORMS: dict[str, Image.Transpose] = {
+    "rotate_90": Image.Transpose.ROTATE_90,
+    "rotate_180": Image.Transpose.ROTATE_180,
+    "rotate_270": Image.Transpose.ROTATE_270,
+    "flip_left_right": Image.Transpose.FLIP_LEFT_RIGHT,
+    "flip_top_bottom": Image.Transpose.FLIP_TOP_BOTTOM,
+    "transpose": Image.Transpose.TRANSPOSE,
+    "transverse": Image.Transpose.TRANSVERSE,
+}
+
 
 @dataclass(frozen=True)
 class Patch:
@@ -53,10 +65,15 @@ class Patch:
     extent: int | None = None  # side of the square covered, in level-0 pixels (size x downsample)
     file: str | None = None  # shipped patches: the file, relative to pue.data.patches_dir()
     origin: str | None = None  # shipped patches: the image they were cut from
+    transform: str | None = None  # a dihedral transform applied after loading (`TRANSFORMS`), for check items
     slide: Any = field(default=None, compare=False, repr=False)  # the open slide reader, shared by a source
 
     def load(self) -> Image.Image:
-        """The patch as an RGB image: size x size for slides, as stored for image files."""
+        """The patch as an RGB image: size x size for slides, as stored for image files; `transform` applied."""
+        image = self._read()
+        return image if self.transform is None else image.transpose(TRANSFORMS[self.transform])
+
+    def _read(self) -> Image.Image:
         if self.file is not None:
             from pue.data import patches_dir
 
@@ -78,6 +95,7 @@ class Patch:
             "extent": self.extent,
             "file": self.file,
             "origin": self.origin,
+            **({"transform": self.transform} if self.transform is not None else {}),
         }
 
 

@@ -20,6 +20,7 @@ from pue.calibration.int8_search import MIN_INT8_FLOP_SHARE, Judges, search_int8
 from pue.calibration.quantize_bundle import QuantizeOptions
 from pue.calibration.simulate import matmul_sqnr
 from pue.calibration.stats import collect_channel_stats
+from pue.fidelity import Check, GateReport
 
 K = 8
 # four cheap layers whose inputs carry an outlier channel (worst first), six expensive clean ones
@@ -351,3 +352,53 @@ def test_the_callers_float_graphs_are_weightless_while_the_search_runs(tmp_path)
     search_int8(models, {"decoder": calibration_feeds}, {"decoder": 1}, tmp_path, options, judges, print, {})
     assert during == [True, True, True]
     assert not any(init.external_data for init in models["decoder"].graph.initializer)  # the chosen candidate
+
+
+def report(minimum: float) -> GateReport:
+    """A check report with its minimum-cosine check (threshold 0.99, the check's)."""
+    return GateReport(
+        "fidelity",
+        "candidate vs FP32 parent",
+        [Check("all items", "min cosine", minimum, 0.99)],
+        overall={"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0},
+        cosines=[minimum, 0.999],
+    )
+
+
+def test_a_passing_check_is_confirmed_on_items_the_fit_did_not_read(tmp_path):
+    """The fitted items pass with one float op and from four on; the unseen ones only from four: the search goes on
+    to four, and once the unseen items failed a passing check every later candidate is judged on both sets."""
+    fitted: list[set[str]] = []
+    unseen: list[set[str]] = []
+
+    def check(quantized):
+        fitted.append(float_matmuls(quantized["decoder"]))
+        return report({0: 0.9, 2: 0.985}.get(len(fitted[-1]), 0.995))
+
+    def confirm(quantized):
+        unseen.append(float_matmuls(quantized["decoder"]))
+        return report(0.995 if len(unseen[-1]) >= 4 else 0.97)
+
+    options = QuantizeOptions(precision="int8", smooth=False, error_ranges=False, rank_ops=0, gptq=False)
+    messages: list[str] = []
+    result = search_int8(
+        {"decoder": parallel_matmuls()},
+        {"decoder": calibration_feeds},
+        {"decoder": 1},
+        tmp_path,
+        options,
+        Judges(check=check, gate=check, confirm=confirm),
+        messages.append,
+        {},
+    )
+    assert [len(s) for s in fitted] == [0, 1, 2, 4, 4]  # the last is the gate (the same fake judge)
+    assert [len(s) for s in unseen] == [1, 2, 4]  # where the fitted items passed, and all after the first failed
+    attempts = result["attempts"]
+    assert ["unseen_check" in a for a in attempts] == [False, True, True, True]
+    assert [a["check_passed"] for a in attempts] == [False, False, False, True]
+    assert attempts[1]["unseen_check"]["min_cosine"] == 0.97 and attempts[1]["fitted_check"]["min_cosine"] == 0.995
+    assert [a["check"]["min_cosine"] for a in attempts] == [0.9, 0.97, 0.97, 0.995]  # both sets' minimum
+    assert len(result["float_nodes"]) == 4 and result["fidelity"].passed
+    assert any("unseen items: mean cos 0.99900, min 0.97000" in m and m.endswith("→ fail") for m in messages)
+    names = [c["name"] for c in result["check"]["checks"]]
+    assert names == ["all items", "unseen calibration items: all items"]

@@ -52,6 +52,18 @@ def test_precisions_pass_the_gate_and_run(fp32_bundle, quantized_bundle, precisi
     image_sets = report["gate"]["per_kind"]["image_sets"]
     assert image_sets["count"] == 2 and image_sets["min_cosine"] >= 0.98 and image_sets["top1"] == 1.0
     assert all(p["source"] == "shipped:calibration" for p in calibration["patches"])
+    # the unseen check set: as many other calibration patches, captions the fit did not read
+    check = calibration["check"]
+    assert check["counts"]["patches"] == 16 and not {str(p) for p in check["patches"]} & {
+        str(p) for p in calibration["patches"]
+    }
+    assert check["captions"] and not set(check["captions"]) & set(calibration["captions"])
+    assert calibration["sampling"]["check"] == {"requested": 16, "unseen": 16, "transformed": 0}
+    if precision != "fp16":  # a check passes only where the unseen items pass too
+        passed = [a for a in report["attempts"] if a["check_passed"]]
+        assert passed and all(a["unseen_check"]["min_cosine"] >= 0.99 for a in passed)
+        assert all(a["fitted_check"]["min_cosine"] >= 0.99 for a in passed)
+        assert report["check"]["unseen"]["overall"]["count"] >= 16
     decoder_ops, vision_ops = op_types(out, "decoder"), op_types(out, "vision")
     fused = precision != "fp16" and target == "onnxruntime"  # the default --attention
     assert report["attention"]["mode"] == ("fused" if fused else "standard")

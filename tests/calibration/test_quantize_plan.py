@@ -88,6 +88,7 @@ def test_plan_grows_with_weights_activations_and_scores_and_refuses_past_free_me
         "statistics": 1,
         "calibration": 7,
         "calibration check": 7,
+        "unseen check": 7,
         "held-out gate": 1,
     }
     tight = plan(weights_mb=4000, activations_mb=500, available=8 * 1024 * MB)
@@ -108,6 +109,7 @@ def test_dynamic_and_no_fallback_plans_have_no_calibration_passes():
         "outlier report": 1,
         "statistics": 1,
         "calibration check": 1,
+        "unseen check": 1,
         "held-out gate": 1,
     }
 

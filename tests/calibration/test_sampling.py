@@ -3,13 +3,15 @@ stratified across sources."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
 import pytest
 from patch_images import image_folder
+from PIL import Image
 
-from pue.calibration.sampling import _quotas, sample_patches
+from pue.calibration.sampling import _quotas, sample_check_patches, sample_patches
 from pue.calibration.sources import FolderSource, ShippedSource, open_sources
 from pue.errors import PueError
 from pue.slides.tissue import TissueFilter
@@ -81,3 +83,33 @@ def test_bad_num_patches() -> None:
         sample_patches([ShippedSource()], 0)
     with pytest.raises(PueError, match="no calibration sources"):
         sample_patches([], 4)
+
+
+def test_check_patches_are_patches_the_fit_did_not_read() -> None:
+    sources = [ShippedSource()]
+    chosen, _ = sample_patches(sources, 16, seed=3)
+    check, summary = sample_check_patches(sources, chosen, 16, seed=3)
+    assert summary == {"requested": 16, "unseen": 16, "transformed": 0}
+    assert len(check) == 16 and not set(check) & set(chosen)
+    assert all(patch.transform is None for patch in check)
+    again, _ = sample_check_patches(sources, chosen, 16, seed=3)
+    assert again == check  # seeded
+    other, _ = sample_check_patches(sources, chosen, 16, seed=4)
+    assert other != check
+
+
+def test_check_patches_turn_fitted_ones_when_the_sources_have_no_more(tmp_path: Path) -> None:
+    source = FolderSource(image_folder(tmp_path, 10))
+    chosen, _ = sample_patches([source], 8)
+    check, summary = sample_check_patches([source], chosen, 9)
+    assert summary == {"requested": 9, "unseen": 2, "transformed": 7}
+    assert not set(check[:2]) & set(chosen)
+    turned = check[2:]
+    assert [p.transform for p in turned] == ["rotate_90"] * 7
+    assert [dataclasses.replace(p, transform=None) for p in turned] == chosen[:7]
+    original, mirrored = chosen[0].load(), turned[0].load()
+    assert mirrored.tobytes() == original.transpose(Image.Transpose.ROTATE_90).tobytes()
+    assert turned[0].to_dict()["transform"] == "rotate_90" and "transform" not in chosen[0].to_dict()
+    # never more than the seven symmetries of each fitted patch
+    _, most = sample_check_patches([source], chosen[:1], 64)
+    assert most == {"requested": 64, "unseen": 9, "transformed": 7}

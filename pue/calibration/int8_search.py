@@ -29,7 +29,7 @@ from pue.calibration.graph_ops import int8_flop_share
 from pue.calibration.search_graphs import PreparedGraphs, activation_ranges, own_ranges, prepare_graphs
 from pue.calibration.search_quantizer import GraphQuantizer
 from pue.calibration.search_variants import initial_variants, token_outlier_ops
-from pue.calibration.unseen_check import confirm_check
+from pue.calibration.unseen_check import confirm_check, joined
 from pue.fidelity import GateReport
 
 if TYPE_CHECKING:
@@ -105,7 +105,14 @@ def search_int8(
         float_nodes = float_nodes | quantizer.target_float  # what the target's parity kept float counts as float now
         share = int8_flop_share(all_ops, float_nodes, tokens)
         check, unseen = confirm_check(judges.check(candidate), candidate, judges.confirm, widened)
-        widened = widened or (unseen is not None and not unseen.passed)
+        if unseen is not None and not unseen.passed and not widened:
+            widened = True
+            if best is not None and judges.confirm is not None:  # judged on the fitted items only: both, like for like
+                best = best._replace(check=joined(best.check, judges.confirm(best.graphs)))
+                say(
+                    f"a passing check failed on unseen calibration items: every candidate is judged on both sets "
+                    f"from here on, the best so far too (min cos {best.check.overall['min_cosine']:.5f})"
+                )
         phase_done("check")
         taken = best is None or better(check, best.check)
         attempts.append(

@@ -392,7 +392,8 @@ def test_a_passing_check_is_confirmed_on_items_the_fit_did_not_read(tmp_path):
         {},
     )
     assert [len(s) for s in fitted] == [0, 1, 2, 4, 4]  # the last is the gate (the same fake judge)
-    assert [len(s) for s in unseen] == [1, 2, 4]  # where the fitted items passed, and all after the first failed
+    # where the fitted items passed; then the best so far (no float op), judged on both sets like the rest; then all
+    assert [len(s) for s in unseen] == [1, 0, 2, 4]
     attempts = result["attempts"]
     assert ["unseen_check" in a for a in attempts] == [False, True, True, True]
     assert [a["check_passed"] for a in attempts] == [False, False, False, True]
@@ -400,5 +401,6 @@ def test_a_passing_check_is_confirmed_on_items_the_fit_did_not_read(tmp_path):
     assert [a["check"]["min_cosine"] for a in attempts] == [0.9, 0.97, 0.97, 0.995]  # both sets' minimum
     assert len(result["float_nodes"]) == 4 and result["fidelity"].passed
     assert any("unseen items: mean cos 0.99900, min 0.97000" in m and m.endswith("→ fail") for m in messages)
+    assert any("the best so far too (min cos 0.90000)" in m for m in messages)
     names = [c["name"] for c in result["check"]["checks"]]
     assert names == ["all items", "unseen calibration items: all items"]

@@ -189,14 +189,21 @@ def _print_fidelity(out: object, report: dict) -> None:
     if report.get("int8_flop_share") is not None:
         extra.append(("int8 share of weight FLOPs", f"{report['int8_flop_share']:.1%}", ">= 80%"))
     if check := report.get("check"):
-        overall = check["overall"]
-        extra.append(
-            (
-                "calibration check (the search's)",
-                f"mean {overall['mean_cosine']:.5f} / min {overall['min_cosine']:.5f} / top-1 {overall['top1']:.3f}",
-                "",
+        sets = [("calibration check (the search's)", check["overall"])]
+        if "unseen" in check:  # confirmed on calibration items the fit did not read (`unseen_check`)
+            sets = [
+                ("calibration check, fitted items", check["fitted"]),
+                ("calibration check, unseen items", check["unseen"]["overall"]),
+            ]
+        for label, overall in sets:
+            extra.append(
+                (
+                    label,
+                    f"mean {overall['mean_cosine']:.5f} / min {overall['min_cosine']:.5f} / top-1 "
+                    f"{overall['top1']:.3f}",
+                    "",
+                )
             )
-        )
     extra.append(("ops kept in float", str(len(report.get("float_nodes", []))), ""))
     extra.append(("smoothed op groups", str(len(report.get("smoothed", []))), ""))
     if (report.get("weights") or {}).get("rounding") == "gptq":

@@ -63,3 +63,20 @@ def test_existing_output_needs_overwrite(fp32_bundle, heldout_dir, tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--overwrite" in errors[0] and "Traceback" not in result.output
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+
+
+def test_the_printed_gate_shows_the_check_on_fitted_and_unseen_items(quantized_bundle):
+    from rich.console import Console
+
+    from pue.cli.quantize_commands import _print_fidelity
+
+    out, _ = quantized_bundle("int8", "onnxruntime")
+    report = json.loads((out / "fidelity.json").read_text())
+    console = Console(record=True, width=200)
+    _print_fidelity(console, report)
+    text = console.export_text()
+    fitted, unseen = report["check"]["fitted"], report["check"]["unseen"]["overall"]
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 2}
+    for label, overall in (("fitted", fitted), ("unseen", unseen)):
+        shown = f"mean {overall['mean_cosine']:.5f} / min {overall['min_cosine']:.5f}"
+        assert shown in rows[f"calibration check, {label} items"]

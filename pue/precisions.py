@@ -68,6 +68,9 @@ class QdqFlavour:
 # TensorRT's s8×s8 on GPUs has no such limit.
 INT8_WEIGHTS = "int8 symmetric per-channel"
 INT8_WEIGHTS_7BIT = "int8 symmetric per-channel, 7-bit range (no u8×s8 saturation on CPUs without VNNI)"
+# what the INT8 search chooses while its check fails with 7 bits (`pue.calibration.weight_storage`): the full 8-bit
+# levels stored as uint8 around 128, which onnxruntime multiplies in u8×u8 kernels (no saturation, slower)
+INT8_WEIGHTS_UNSIGNED = "int8 symmetric per-channel, 8-bit, stored as uint8 around 128 (u8×u8: no saturation)"
 U8_ASYMMETRIC = QdqFlavour(
     ActivationScheme.U8, "uint8", False, True, False, "uint8 asymmetric per-tensor", 64, INT8_WEIGHTS_7BIT
 )

@@ -14,9 +14,9 @@ into 448, so its bundles take 448 px tiles); the row's fixture label says so (`c
 the presets' default and keeps the old directory names). A mode `fp16` measures how much the fixture amplifies
 rounding alone (issue 14's conditioning table).
 
-`--methods off` quantizes with issue 14's methods switched off (`--no-smooth --no-per-token --no-error-ranges --no-gptq
---no-split-channels --no-fallback`: everything int8, per tensor, MinMax ranges), to show they are what makes a fixture
-pass.
+`--methods off` quantizes with issue 14's methods switched off (`--no-smooth --no-per-token --no-error-ranges
+--no-gptq --no-split-channels --no-wide-weights --no-fallback`: everything int8, per tensor, MinMax ranges), to show
+they are what makes a fixture pass.
 
 Calibration sets: `shipped` (the 64-patch default) and `svs8`: 8 tissue tiles cut from
 `../shared/data/cmu_small_region.svs` at its native resolution, chosen spatially disjoint from the shipped held-out
@@ -167,7 +167,7 @@ def main() -> None:
                     extra += ["--rotate", rotate] + (["--no-fallback"] if args.no_fallback else [])
                     if methods == "off":
                         extra += ["--no-smooth", "--no-per-token", "--no-error-ranges", "--no-gptq"]
-                        extra += ["--no-split-channels", "--no-fallback"]
+                        extra += ["--no-split-channels", "--no-wide-weights", "--no-fallback"]
                     target_args = [] if precision == "fp16" else ["--target", target]
                     code, seconds, peak_mb = pue_export(
                         "quantize",

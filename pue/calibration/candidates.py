@@ -1,6 +1,6 @@
 """What the INT8 search's candidates are and how it chooses between them: the quantization rule each one is made
-with (activation ranges, then flags: the writers' amplified columns in float, GPTQ weights), the comparison a step
-must win to be taken, and the 80 % int8-FLOP rule the float fallback stays within."""
+with (activation ranges, then flags: the writers' amplified columns in float, GPTQ weights, 8-bit weights), the
+comparison a step must win to be taken, and the 80 % int8-FLOP rule the float fallback stays within."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ MIN_INT8_FLOP_SHARE = 0.80
 SPLIT = "+split"  # the writers' amplified residual columns in float (`pue.calibration.channel_split`)
 READERS = "+readers"  # also the stream readers' amplified input rows in float (`channel_split.split_reader_rows`)
 GPTQ = "+gptq"  # int8 weights rounded by GPTQ (`pue.calibration.gptq`)
-FLAGS = (SPLIT, READERS, GPTQ)  # the canonical order
+WIDE = "+w8"  # 8-bit weights stored as uint8 where the precision keeps 7 bits (`pue.calibration.weight_storage`)
+FLAGS = (SPLIT, READERS, GPTQ, WIDE)  # the canonical order
 
 
 def ranges_rule(rule: str) -> str:

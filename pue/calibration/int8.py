@@ -55,11 +55,14 @@ def quantize_static_graph(
     method: str = "minmax",
     cache_path: Path | None = None,
     ranges: dict[str, tuple[float, float]] | None = None,
+    full_weights: bool = False,
 ) -> None:
-    """Static Q/DQ of `nodes`' inputs. `ranges`: each activation's [rmin, rmax] (`pue.calibration.ranges`; those of
-    other graphs are ignored), given to onnxruntime as overrides; when every input `nodes` read has one and is a
-    tensor onnxruntime's quantizer sees (its shape inference names it), its calibrator only has to run, on the
-    reader's first row; otherwise those few keep its MinMax over every row (the same values as pue's MinMax)."""
+    """Static Q/DQ of `nodes`' inputs. `full_weights`: 8-bit weight levels where the flavour keeps 7 (the caller stores
+    them as uint8: `pue.calibration.weight_storage`). `ranges`: each activation's [rmin, rmax]
+    (`pue.calibration.ranges`; those of other graphs are ignored), given to onnxruntime as overrides; when every input
+    `nodes` read has one and is a tensor onnxruntime's quantizer sees (its shape inference names it), its calibrator
+    only has to run, on the reader's first row; otherwise those few keep its MinMax over every row (the same values as
+    pue's MinMax)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not nodes:
@@ -105,7 +108,8 @@ def quantize_static_graph(
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["MatMul", "Gemm", "Conv"],
             per_channel=True,
-            reduce_range=qdq.reduced_weight_range,  # weights only: 7 bits where u8×s8 could saturate
+            # weights only: 7 bits where u8×s8 could saturate, unless the caller stores 8 bits as uint8
+            reduce_range=qdq.reduced_weight_range and not full_weights,
             activation_type=QuantType.QInt8 if qdq.activation_type == "int8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes,
@@ -115,7 +119,9 @@ def quantize_static_graph(
         )
 
 
-def quantize_dynamic_graph(model_path: Path, output_path: Path, nodes: list[str]) -> None:
+def quantize_dynamic_graph(model_path: Path, output_path: Path, nodes: list[str], full_weights: bool = False) -> None:
+    """onnxruntime's dynamic INT8 of the MatMuls `nodes`, per-channel weights (7 bits; 8 with `full_weights`, which
+    the caller stores as uint8: `pue.calibration.weight_storage`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     matmuls = list(nodes)
@@ -127,7 +133,7 @@ def quantize_dynamic_graph(model_path: Path, output_path: Path, nodes: list[str]
             str(output_path),
             op_types_to_quantize=["MatMul"],
             per_channel=True,
-            reduce_range=U8_DYNAMIC.reduced_weight_range,
+            reduce_range=U8_DYNAMIC.reduced_weight_range and not full_weights,
             weight_type=QuantType.QInt8,
             nodes_to_quantize=matmuls,
             extra_options={"MatMulConstBOnly": True},

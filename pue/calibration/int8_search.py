@@ -17,6 +17,7 @@ from pue.calibration.candidates import (
     MIN_INT8_FLOP_SHARE,
     READERS,
     SPLIT,
+    WIDE,
     better,
     flags_of,
     other_rounding,
@@ -121,6 +122,7 @@ def search_int8(
                 "per_token_nodes": sorted(per_token - float_nodes),
                 "ranges": ranges_rule(rule) if static else "dynamic",
                 "weights": "gptq" if GPTQ in rule else "nearest",
+                "weight_bits": _weight_bits(options, rule),
                 "other_rounding": alternate,
                 "gptq_ops": quantizer.gptq_rounded() if GPTQ in rule else 0,
                 "channel_split": SPLIT in rule,
@@ -133,7 +135,7 @@ def search_int8(
                 "seconds": time.perf_counter() - started,
             }
         )
-        say(_attempt_line(len(attempts), attempts[-1], own))
+        say(_attempt_line(len(attempts), attempts[-1], own, _weight_bits(options, "")))
         if taken:
             best = Candidate(set(float_nodes), check, candidate, set(per_token), rule)
         if options.gptq and not taken and not alternate and not rounding_only and not best.check.passed:
@@ -209,6 +211,8 @@ def search_int8(
         "weights": {
             "rounding": "gptq" if GPTQ in chosen_rule else "nearest",
             "gptq_ops": next(a["gptq_ops"] for a in reversed(attempts) if a["taken"]),
+            "bits": _weight_bits(options, chosen_rule),
+            "stored_unsigned": WIDE in chosen_rule,
         },
         "channel_split": {
             "taken": SPLIT in chosen_rule and bool(prepared.split_paths),
@@ -225,8 +229,15 @@ def search_int8(
     }
 
 
-def _attempt_line(number: int, attempt: dict[str, Any], own: bool) -> str:
-    """The progress line of an attempt, from its record in `attempts` (`own`: the activation ranges are pue's)."""
+def _weight_bits(options: Any, rule: str) -> int:
+    """The bits of a candidate's int8 weights: 8, or 7 where the precision keeps 7 and the rule does not widen them
+    (`search_variants.widens_weights`)."""
+    return 8 if WIDE in rule or not options.spec.qdq.reduced_weight_range else 7
+
+
+def _attempt_line(number: int, attempt: dict[str, Any], own: bool, own_bits: int) -> str:
+    """The progress line of an attempt, from its record in `attempts` (`own`: the activation ranges are pue's;
+    `own_bits`: the bits of the precision's own weights)."""
     overall = attempt["check"]
     return (
         f"attempt {number}: {len(attempt['float_nodes'])} ops in float, {len(attempt['per_token_nodes'])} per token"
@@ -234,6 +245,7 @@ def _attempt_line(number: int, attempt: dict[str, Any], own: bool) -> str:
         + (", amplified writer columns in float" if attempt["channel_split"] else "")
         + (", amplified reader rows in float" if attempt["reader_split"] else "")
         + (", GPTQ weights" if attempt["weights"] == "gptq" else "")
+        + (", 8-bit weights stored as uint8" if attempt["weight_bits"] == 8 and own_bits < 8 else "")
         + (" (the same sets, the other rounding)" if attempt["other_rounding"] else "")
         + f", int8 share {attempt['int8_flop_share']:.1%}, calibration check: "
         f"mean cos {overall['mean_cosine']:.5f}, min {overall['min_cosine']:.5f}, "
@@ -283,6 +295,7 @@ def _fallback_order(
         prepared.stats,
         (best.float_nodes, best.per_token, range_rules.get(ranges_rule(best.rule))),
         best.check.cosines,
+        _weight_bits(options, best.rule),
         order,
         options,
         judges.rank,

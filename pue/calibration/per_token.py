@@ -30,12 +30,10 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from pue.calibration.graph_ops import WeightOp
+from pue.calibration.weight_storage import WEIGHT_QMAX, drop_unread_initializers
 
 PREFIX = "pue_token_"
 TOKEN_OUTLIER_RATIO = 20.0  # a token's max |x| over the median token's: above it, per-tensor steps starve the rest
-
-
-WEIGHT_QMAX = 127  # full 8-bit weights: the u8×u8 kernel cannot saturate
 
 
 def quantize_per_token(
@@ -108,15 +106,8 @@ def quantize_per_token(
         for offset, new in enumerate(nodes):
             model.graph.node.insert(position + offset, new)
         done.append(op.node)
-    _drop_unused(model)
+    drop_unread_initializers(model)
     return done
-
-
-def _drop_unused(model: Any) -> None:
-    used = {name for node in model.graph.node for name in node.input}
-    keep = [init for init in model.graph.initializer if init.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
 
 
 __all__ = ["TOKEN_OUTLIER_RATIO", "WEIGHT_QMAX", "quantize_per_token"]

@@ -34,7 +34,7 @@ from pue.derive import Derivation, derive_bundle
 from pue.errors import PueError
 from pue.fidelity import FidelityThresholds, GateReport
 from pue.gate_set import GateSet
-from pue.precisions import PrecisionSpec, quantize_spec
+from pue.precisions import INT8_WEIGHTS_UNSIGNED, PrecisionSpec, quantize_spec
 from pue.runtime.cpu import saturating_u8s8
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class QuantizeOptions:
     fallback: bool = True
     error_ranges: bool = True  # static INT8 (MinMax): also try ranges chosen by output error (`ranges`), if better
     gptq: bool = True  # INT8: also try the int8 weights rounded by GPTQ (`gptq`), taken if the check is better
+    # INT8 for onnxruntime: while the check fails, also try 8-bit weights stored as uint8 (`weight_storage`)
+    wide_weights: bool = True
     # INT8: also try the residual-stream writers' columns that later norm gains amplify in float (`channel_split`)
     split_channels: bool = True
     # int8-dynamic: inputs carrying massive tokens may quantize per token (checked, not assumed); static INT8 keeps them
@@ -471,6 +473,7 @@ def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -
         "smoothed_groups": len(report["smoothed"]),
         "activation_ranges": (report.get("ranges") or {}).get("rule"),
         "weight_rounding": (report.get("weights") or {}).get("rounding"),
+        "weight_bits": (report.get("weights") or {}).get("bits"),
         "channel_split": (report.get("channel_split") or {}).get("taken", False),
         "gate_device": report["gate_device"],
         "outliers": {k: v for k, v in report["outliers"].items() if k != "worst"},
@@ -483,7 +486,7 @@ def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -
             target=str(spec.target),
             method=str(options.method),
             activations=spec.activations,
-            weights=spec.weights,
+            weights=INT8_WEIGHTS_UNSIGNED if (report.get("weights") or {}).get("stored_unsigned") else spec.weights,
             attention=report["attention"],
             pue=__version__,
         ),

@@ -8,6 +8,7 @@ from typing import Any
 
 from pue.bundle import Manifest
 from pue.calibration.resources import GraphLoad, QuantizePlan, activation_bytes, attention_bytes, plan_quantize
+from pue.calibration.search_variants import widens_weights
 from pue.errors import BundleError
 from pue.gate_set import GateSet
 
@@ -92,13 +93,14 @@ def search_variants(options: Any) -> int:
     """How many candidates the INT8 search may try before its fallback, besides GPTQ's
     (`search_variants.initial_variants`): static INT8 the massive-token readers in float, error-chosen ranges and the
     patch Conv in float; int8-dynamic the massive-token ops per token and every op per token; both the writers'
-    amplified columns in float."""
+    amplified columns in float, then the readers' too, and (onnxruntime) 8-bit weights stored as uint8."""
     if options.precision == "fp16":
         return 0
-    split = int(options.split_channels)  # the writers' amplified columns in float, where norm gains amplify some
+    split = 2 * int(options.split_channels)  # amplified columns in float (writers', then readers'): high gains
+    wide = int(widens_weights(options))
     if options.spec.calibrated:
-        return int(options.fallback) * 2 + int(options.method == "minmax" and options.error_ranges) + split
-    return 2 * int(options.per_token) + split
+        return int(options.fallback) * 2 + int(options.method == "minmax" and options.error_ranges) + split + wide
+    return 2 * int(options.per_token) + split + wide
 
 
 def batch_attention(graphs: dict[str, GraphLoad], manifest: Manifest, single: int, longest: int, set_rows: int) -> int:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pue.calibration.candidates import GPTQ, READERS, SPLIT, ranges_rule
+from pue.calibration.candidates import GPTQ, READERS, SPLIT, WIDE, ranges_rule
 
 if TYPE_CHECKING:
     from pue.calibration.search_graphs import PreparedGraphs
@@ -102,6 +102,7 @@ class GraphQuantizer:
         from pue.calibration.per_token import quantize_per_token
 
         gptq = GPTQ in rule
+        wide = WIDE in rule
         split = SPLIT in rule and name in self.prepared.split_paths
         readers = READERS in rule and name in self.prepared.reader_paths
         path = self.source_of(name, rule)
@@ -112,8 +113,8 @@ class GraphQuantizer:
         out = self._write_int8(name, path, nodes, rule, readers) if fresh else self.last[name][1]
         if fresh:
             self.gptq_ops[name] = []
-        if nodes and fresh and (gptq or (split and self.static)):
-            self._rewrite(name, path, out, nodes, gptq, split, readers)
+        if nodes and fresh and (gptq or wide or (split and self.static)):
+            self._rewrite(name, path, out, nodes, gptq, split, readers, wide)
         self.last[name] = (request, out)
         quantized = onnx.load(str(out))
         token_ops = [op for op in self.prepared.ops_of(name) if op.node in per_token - float_nodes]
@@ -130,6 +131,7 @@ class GraphQuantizer:
         from pue.calibration.readers import OrtReader
 
         out = self.work / f"{name}.int8.onnx"
+        wide = WIDE in rule
         if self.static:
             reader = OrtReader(self.feeds[name]())  # read lazily: one row when every range is pue's
             quantize_static_graph(
@@ -141,22 +143,25 @@ class GraphQuantizer:
                 self.options.method,
                 cache_path=self.work / f"{name}{'.readers' if readers else ''}.calibration.json",  # its own tensors
                 ranges=self.range_rules.get(ranges_rule(rule)),
+                full_weights=wide,
             )
         elif nodes:
-            quantize_dynamic_graph(path, out, nodes)
+            quantize_dynamic_graph(path, out, nodes, full_weights=wide)
         else:  # every op of this graph is per token or float
             out = path
         return out
 
     def _rewrite(
-        self, name: str, path: Path, out: Path, nodes: list[str], gptq: bool, split: bool, readers: bool
+        self, name: str, path: Path, out: Path, nodes: list[str], gptq: bool, split: bool, readers: bool, wide: bool
     ) -> None:
-        """The quantized graph at `out` rewritten in place: its int8 weights re-rounded by GPTQ (`gptq`), and (static
-        Q/DQ on the split graph) the split's float columns given the writers' float inputs back."""
+        """The quantized graph at `out` rewritten in place: its int8 weights re-rounded by GPTQ (`gptq`), (static
+        Q/DQ on the split graph) the split's float columns given the writers' float inputs back, and (`wide`) its
+        8-bit weights stored as uint8 (`pue.calibration.weight_storage`), last: GPTQ reads and writes int8 levels."""
         import onnx
 
         from pue.calibration.channel_split import masked_moments, read_float_inputs
         from pue.calibration.gptq import round_weights, weight_reader
+        from pue.calibration.weight_storage import store_weights_unsigned
 
         rewritten = onnx.load(str(out))
         if gptq:  # re-round onnxruntime's int8 weights (`gptq`), on the same grids
@@ -171,4 +176,6 @@ class GraphQuantizer:
             self.gptq_ops[name] = round_weights(rewritten, int8_ops, moments, reader, cache)
         if split and self.static:  # the float columns read the writers' float inputs, not their Q/DQ
             read_float_inputs(rewritten, self.prepared.splits[name].side_nodes)
+        if wide:
+            store_weights_unsigned(rewritten)
         onnx.save_model(rewritten, str(out))

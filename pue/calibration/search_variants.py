@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from pue.calibration.candidates import GPTQ, READERS, SPLIT, fits
+from pue.calibration.candidates import GPTQ, READERS, SPLIT, WIDE, fits
 from pue.precisions import TokenOutliers
 
 if TYPE_CHECKING:
     from pue.calibration.search_graphs import PreparedGraphs
 
-__all__ = ["TokenOutlierOps", "Variant", "initial_variants", "token_outlier_ops"]
+__all__ = ["TokenOutlierOps", "Variant", "initial_variants", "token_outlier_ops", "widens_weights"]
 
 
 class TokenOutlierOps(NamedTuple):
@@ -109,4 +109,18 @@ def initial_variants(
     unscored = {op.node for op in all_ops if op.op_type != "MatMul"}
     if static and options.fallback and unscored and fits(all_ops, unscored, tokens):
         variants.append(Variant(set(unscored), set(), "best", True))
+    # last, while the check fails: 8-bit weights where the precision keeps 7 bits (onnxruntime's u8×s8 kernels
+    # saturate on 8-bit weights on CPUs without VNNI), stored as uint8 so that its u8×u8 kernels compute them exactly on
+    # every CPU (`weight_storage`). Last because those kernels are slower (BENCHMARKS.md); before the float fallback,
+    # which costs more. Measured: `llava_next gains-few` seed 2 static INT8 for onnxruntime, held-out minimum 0.9357
+    # with 7-bit weights, 0.9964 with 8-bit
+    if widens_weights(options):
+        variants.append(Variant(set(), set(), "best" + WIDE, True))
     return variants
+
+
+def widens_weights(options: Any) -> bool:
+    """Whether the search may try 8-bit weights stored as uint8: INT8 for onnxruntime (static or dynamic), whose
+    weights keep 7 bits, unless `--no-wide-weights`. Not OpenVINO: its kernels on uint8 weights are not measured."""
+    spec = options.spec
+    return bool(options.wide_weights and spec.qdq is not None and spec.qdq.reduced_weight_range and not spec.backend)

@@ -59,6 +59,12 @@ def quantize(
         help="INT8: also try the int8 weights rounded by GPTQ (each op's output error on calibration tokens kept "
         "small, same grids and kernels; on by default); the calibration check decides.",
     ),
+    no_wide_weights: bool = typer.Option(
+        False,
+        "--no-wide-weights",
+        help="INT8 for onnxruntime: never try 8-bit weights (stored as uint8: exact on every CPU, slower kernels than "
+        "the default 7-bit ones; tried only while the calibration check fails).",
+    ),
     no_split_channels: bool = typer.Option(
         False,
         "--no-split-channels",
@@ -130,6 +136,7 @@ def quantize(
         error_ranges=not no_error_ranges,
         **({} if gptq is None else {"gptq": gptq}),
         split_channels=not no_split_channels,
+        wide_weights=not no_wide_weights,
         rank_ops=rank_ops,
         rotate=rotate.value,
         magnification=magnification,
@@ -208,6 +215,8 @@ def _print_fidelity(out: object, report: dict) -> None:
     extra.append(("smoothed op groups", str(len(report.get("smoothed", []))), ""))
     if (report.get("weights") or {}).get("rounding") == "gptq":
         extra.append(("int8 weights rounded by GPTQ", str(report["weights"]["gptq_ops"]), "ops"))
+    if (report.get("weights") or {}).get("stored_unsigned"):
+        extra.append(("int8 weights", "8-bit, stored as uint8", "u8×u8 kernels (7 bits failed the check)"))
     split = report.get("channel_split") or {}
     if split.get("taken"):
         for graph, done in split["graphs"].items():

@@ -135,7 +135,7 @@ def test_the_search_tries_gptq_first_and_each_rejected_candidate_with_the_other_
         minimum = next(sequence)
         return Verdict(minimum >= 0.98, {"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0})
 
-    options = QuantizeOptions(precision="int8-dynamic", smooth=False, fallback=False, gptq=True)
+    options = QuantizeOptions(precision="int8-dynamic", smooth=False, fallback=False, gptq=True, wide_weights=False)
     rows = [{"x": _tokens(64, seed)[None]} for seed in range(4)]
 
     def gate(quantized):

@@ -22,6 +22,7 @@ OFF = {
     "error_ranges": False,
     "gptq": False,
     "split_channels": False,
+    "wide_weights": False,
 }
 
 
@@ -65,9 +66,12 @@ def test_vit_highnorm_static_int8_needs_the_measured_fallback(fp32_bundle, heldo
 def test_gains_few_static_int8_needs_the_amplified_channels_split(fp32_bundle, heldout_dir, tmp_path):
     """`gains-few` (LLaVA-NeXT: a few residual channels that later RMSNorm gains multiply by 100, conditioned like
     issue 13's real checkpoint): static INT8 passes with the methods, where the search takes the amplified channels
-    in float on both sides of the stream (the writers' columns and the readers' rows), and fails with them off."""
+    in float on both sides of the stream (the writers' columns and the readers' rows), and fails with them off. The
+    split alone is pinned here: 8-bit weights (tried last, while the check fails) are not tried."""
     parent = fp32_bundle("llava_next", "gains-few")
-    options = QuantizeOptions(precision="int8", target="onnxruntime", heldout=heldout_dir, fallback=False, **FAST)
+    options = QuantizeOptions(
+        precision="int8", target="onnxruntime", heldout=heldout_dir, fallback=False, wide_weights=False, **FAST
+    )
     result = quantize_bundle(parent, tmp_path / "on", options)
     assert result.fidelity.passed and result.int8_flop_share >= 0.8
     report = json.loads((tmp_path / "on" / "fidelity.json").read_text())

@@ -6,7 +6,7 @@ token; static INT8 tries error-chosen ranges, then (only while failing) the mass
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper
+from onnx import TensorProto, helper
 from onnx_graphs import float_input, make_model
 from search_fakes import Verdict, search_decoder
 
@@ -146,3 +146,44 @@ def test_a_graph_the_attempt_does_not_change_is_quantized_once(tmp_path, monkeyp
         assert len(result["attempts"]) == 3, result["attempts"]
         assert calls == expected[precision], (precision, calls)
         assert result["fidelity"].passed
+
+
+def test_onnxruntime_tries_8_bit_weights_last_and_only_while_the_check_fails(tmp_path):
+    """onnxruntime's INT8 keeps 7-bit weights; while the check fails, the search tries the full 8 bits stored as uint8
+    (exact in onnxruntime's u8×u8 kernels on every CPU), taken when the check says better. Never when the 7-bit
+    candidate passes, nor for TensorRT (8 bits already), nor with `wide_weights=False`."""
+    from pue.calibration.search_variants import widens_weights
+
+    def unsigned(model) -> bool:
+        return any(init.data_type == TensorProto.UINT8 and init.dims for init in model.graph.initializer)
+
+    def run_search(work, target, wide_passes, seven_passes=False, **extra):
+        work.mkdir(parents=True)
+        model, feeds = two_matmuls()
+        seen = []
+
+        def check(quantized):
+            seen.append(unsigned(quantized["decoder"]))
+            minimum = 0.99 if (wide_passes if seen[-1] else seven_passes) else (0.94 if seen[-1] else 0.95)
+            return Verdict(minimum >= 0.98, {"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0})
+
+        options = QuantizeOptions(
+            precision="int8", target=target, smooth=False, gptq=False, fallback=False, error_ranges=False, **extra
+        )
+        return search_decoder(model, feeds, work, options, check, gate=check), seen[:-1], options
+
+    result, seen, options = run_search(tmp_path / "a", "onnxruntime", wide_passes=True)
+    assert widens_weights(options) and seen == [False, True]
+    assert [a["weight_bits"] for a in result["attempts"]] == [7, 8]
+    assert [a["taken"] for a in result["attempts"]] == [True, True] and result["fidelity"].passed
+    assert result["weights"]["bits"] == 8 and result["weights"]["stored_unsigned"]
+    result, seen, _ = run_search(tmp_path / "b", "onnxruntime", wide_passes=True, seven_passes=True)
+    assert seen == [False] and result["weights"] == {**result["weights"], "bits": 7, "stored_unsigned": False}
+    result, seen, _ = run_search(tmp_path / "c", "onnxruntime", wide_passes=False)  # tried, worse: not taken
+    assert [a["taken"] for a in result["attempts"]] == [True, False] and result["weights"]["bits"] == 7
+    result, seen, options = run_search(tmp_path / "d", "tensorrt", wide_passes=True)
+    assert not widens_weights(options) and seen == [False] and result["weights"]["bits"] == 8
+    result, seen, options = run_search(tmp_path / "e", "onnxruntime", wide_passes=True, wide_weights=False)
+    assert not widens_weights(options) and seen == [False]
+    assert not widens_weights(QuantizeOptions(precision="int8", target="openvino"))
+    assert widens_weights(QuantizeOptions(precision="int8-dynamic"))

@@ -31,6 +31,7 @@ from pue.calibration.search_graphs import PreparedGraphs, activation_ranges, own
 from pue.calibration.search_quantizer import GraphQuantizer
 from pue.calibration.search_variants import initial_variants, token_outlier_ops
 from pue.calibration.unseen_check import confirm_check, joined
+from pue.calibration.weight_storage import WEIGHT_QMAX
 from pue.fidelity import GateReport
 
 if TYPE_CHECKING:
@@ -295,7 +296,7 @@ def _fallback_order(
         prepared.stats,
         (best.float_nodes, best.per_token, range_rules.get(ranges_rule(best.rule))),
         best.check.cosines,
-        _weight_bits(options, best.rule),
+        WEIGHT_QMAX if WIDE in best.rule else options.spec.qdq.weight_qmax,
         order,
         options,
         judges.rank,

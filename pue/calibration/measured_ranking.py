@@ -22,7 +22,6 @@ from typing import Any
 from pue.calibration.fake_quant import ActivationQuant, fake_quantize
 from pue.calibration.graph_ops import WeightOp
 from pue.calibration.stats import ChannelStats
-from pue.calibration.weight_storage import WEIGHT_QMAX
 
 RANK_ITEMS = 16  # the check's worst items under the best candidate so far: they decide its minimum and most of its mean
 
@@ -140,7 +139,7 @@ def rank_fallback(
     stats: dict[str, ChannelStats],
     best: tuple[set[str], set[str], dict[str, tuple[float, float]] | None],
     cosines: list[float],
-    weight_bits: int,
+    weight_qmax: int,
     order: list[str],
     options: Any,
     rank: Callable[[dict[str, Any], list[int]], Any],
@@ -148,7 +147,7 @@ def rank_fallback(
 ) -> list[dict]:
     """The INT8 search's end-to-end ranking of the SQNR ranking's worst `options.rank_ops` ops not yet in float. `best`:
     the best candidate's float ops, per-token ops and activation ranges (None: MinMax); `cosines`: its check cosines per
-    item; `weight_bits`: its weights' (8 or the precision's 7); `rank`: `Judges.rank`. `models`: the search's weightless
+    item; `weight_qmax`: its weights' level bound; `rank`: `Judges.rank`. `models`: the search's weightless
     float graphs, whose weights lie in `work` (`fake_quantize`'s base_dir); the simulation rounds weights to nearest and
     does not split the writers' columns, whatever the best candidate does."""
     float_nodes, per_token, ranges = best
@@ -158,7 +157,7 @@ def rank_fallback(
         per_token=frozenset(per_token - float_nodes),
         ranges=static_ranges(ops, stats, ranges) if qdq.static else {},
         scheme=str(qdq.scheme),
-        weight_qmax=WEIGHT_QMAX if weight_bits == 8 else qdq.weight_qmax,
+        weight_qmax=weight_qmax,
     )
     shortlist = [node for node in order if node not in float_nodes][: options.rank_ops]
     items = worst_items(cosines)

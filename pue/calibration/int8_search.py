@@ -29,7 +29,7 @@ from pue.calibration.candidates import (
 from pue.calibration.graph_ops import int8_flop_share
 from pue.calibration.search_graphs import PreparedGraphs, activation_ranges, own_ranges, prepare_graphs
 from pue.calibration.search_quantizer import GraphQuantizer
-from pue.calibration.search_variants import initial_variants, token_outlier_ops
+from pue.calibration.search_variants import Variant, initial_variants, retried_with_8_bit_weights, token_outlier_ops
 from pue.calibration.unseen_check import confirm_check, joined
 from pue.calibration.weight_storage import WEIGHT_QMAX
 from pue.fidelity import GateReport
@@ -97,6 +97,7 @@ def search_int8(
     per_token: set[str] = set()
     rule = "minmax"
     variants = initial_variants(prepared, options, token_ops, tokens, own, clips)  # tried before the fallback
+    tried: list[Variant] = []  # the variants tried so far, in order
     stopped = None
     widened = False  # a passing check failed on unseen calibration items: every later check reads both sets
     alternate = False  # this attempt is the previous one's sets with the other weight rounding
@@ -137,8 +138,11 @@ def search_int8(
             }
         )
         say(_attempt_line(len(attempts), attempts[-1], own, _weight_bits(options, "")))
+        widening = taken and WIDE in rule and (best is None or WIDE not in best.rule)
         if taken:
             best = Candidate(set(float_nodes), check, candidate, set(per_token), rule)
+        if widening:  # 8-bit weights taken: what was judged with 7-bit weights is tried again with them
+            variants = retried_with_8_bit_weights(tried, best.float_nodes, best.per_token, best.rule) + variants
         if options.gptq and not taken and not alternate and not rounding_only and not best.check.passed:
             # the same float and per-token sets with the other weight rounding, judged against the same best
             rule, alternate = other_rounding(rule), True
@@ -147,6 +151,7 @@ def search_int8(
         float_nodes, per_token, rule = best.float_nodes, best.per_token, best.rule
         variants = [v for v in variants if not (v.while_failing and best.check.passed)]
         if variants:  # next: another way to quantize, before the sensitivity fallback
+            tried.append(variants[0])
             extra_float, variant_per_token, variant_rule, _ = variants.pop(0)
             changes_best = variant_rule.startswith("best")  # the best's sets and rule, with what the suffix names
             rounding_only = variant_rule == "best" + GPTQ

@@ -187,3 +187,31 @@ def test_onnxruntime_tries_8_bit_weights_last_and_only_while_the_check_fails(tmp
     assert not widens_weights(options) and seen == [False]
     assert not widens_weights(QuantizeOptions(precision="int8", target="openvino"))
     assert widens_weights(QuantizeOptions(precision="int8-dynamic"))
+
+
+def test_once_8_bit_weights_are_taken_the_variants_judged_with_7_bits_are_tried_again(tmp_path):
+    """The massive-token op in float loses with 7-bit weights; 8-bit weights are taken but still fail the check; the
+    massive-token op in float is then tried again with 8-bit weights, and passes. A variant the best already carries
+    is not tried again, and nothing is retried once the check passes."""
+    from pue.calibration.search_variants import Variant, retried_with_8_bit_weights
+
+    model, feeds = two_matmuls()
+    # per tensor·7, massive in float·7 (lower), per tensor·8 (higher), massive in float·8 (passes), the gate
+    scores = iter([0.95, 0.94, 0.96, 0.99, 0.99])
+
+    def check(quantized):
+        minimum = next(scores)
+        return Verdict(minimum >= 0.98, {"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0})
+
+    work = tmp_path / "a"
+    work.mkdir()
+    options = QuantizeOptions(precision="int8", target="onnxruntime", smooth=False, gptq=False, error_ranges=False)
+    result = search_decoder(model, feeds, work, options, check, gate=check)
+    attempts = [(a["float_nodes"], a["weight_bits"], a["taken"]) for a in result["attempts"]]
+    assert attempts == [([], 7, True), (["massive"], 7, False), ([], 8, True), (["massive"], 8, True)], attempts
+    assert result["float_nodes"] == ["massive"] and result["weights"]["bits"] == 8 and result["fidelity"].passed
+
+    gptq, split, mse = (Variant(set(), set(), rule, False) for rule in ("best+gptq", "best+split", "mse"))
+    in_float = Variant({"massive"}, set(), "best", True)
+    retried = retried_with_8_bit_weights([in_float, gptq, split, mse], {"massive"}, set(), "minmax+split+w8")
+    assert retried == [gptq._replace(while_failing=True), mse._replace(while_failing=True)]

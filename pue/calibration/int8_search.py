@@ -29,7 +29,13 @@ from pue.calibration.candidates import (
 from pue.calibration.graph_ops import int8_flop_share
 from pue.calibration.search_graphs import PreparedGraphs, activation_ranges, own_ranges, prepare_graphs
 from pue.calibration.search_quantizer import GraphQuantizer
-from pue.calibration.search_variants import Variant, initial_variants, retried_with_8_bit_weights, token_outlier_ops
+from pue.calibration.search_variants import (
+    Variant,
+    initial_variants,
+    retried_with_8_bit_weights,
+    stores_weights_unsigned,
+    token_outlier_ops,
+)
 from pue.calibration.unseen_check import confirm_check, joined
 from pue.calibration.weight_storage import WEIGHT_QMAX
 from pue.fidelity import GateReport
@@ -218,7 +224,8 @@ def search_int8(
             "rounding": "gptq" if GPTQ in chosen_rule else "nearest",
             "gptq_ops": next(a["gptq_ops"] for a in reversed(attempts) if a["taken"]),
             "bits": _weight_bits(options, chosen_rule),
-            "stored_unsigned": WIDE in chosen_rule,
+            "widened": WIDE in chosen_rule,  # 8 bits where the precision keeps 7 (`search_variants.widens_weights`)
+            "stored_unsigned": WIDE in chosen_rule and stores_weights_unsigned(options),
         },
         "channel_split": {
             "taken": SPLIT in chosen_rule and bool(prepared.split_paths),
@@ -251,7 +258,7 @@ def _attempt_line(number: int, attempt: dict[str, Any], own: bool, own_bits: int
         + (", amplified writer columns in float" if attempt["channel_split"] else "")
         + (", amplified reader rows in float" if attempt["reader_split"] else "")
         + (", GPTQ weights" if attempt["weights"] == "gptq" else "")
-        + (", 8-bit weights stored as uint8" if attempt["weight_bits"] == 8 and own_bits < 8 else "")
+        + (", 8-bit weights" if attempt["weight_bits"] == 8 and own_bits < 8 else "")
         + (" (the same sets, the other rounding)" if attempt["other_rounding"] else "")
         + f", int8 share {attempt['int8_flop_share']:.1%}, calibration check: "
         f"mean cos {overall['mean_cosine']:.5f}, min {overall['min_cosine']:.5f}, "

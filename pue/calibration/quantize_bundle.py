@@ -34,7 +34,7 @@ from pue.derive import Derivation, derive_bundle
 from pue.errors import PueError
 from pue.fidelity import FidelityThresholds, GateReport
 from pue.gate_set import GateSet
-from pue.precisions import INT8_WEIGHTS_UNSIGNED, PrecisionSpec, quantize_spec
+from pue.precisions import INT8_WEIGHTS, INT8_WEIGHTS_UNSIGNED, PrecisionSpec, quantize_spec
 from pue.runtime.cpu import saturating_u8s8
 
 log = logging.getLogger(__name__)
@@ -486,7 +486,7 @@ def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -
             target=str(spec.target),
             method=str(options.method),
             activations=spec.activations,
-            weights=INT8_WEIGHTS_UNSIGNED if (report.get("weights") or {}).get("stored_unsigned") else spec.weights,
+            weights=weights_record(spec, report.get("weights") or {}),
             attention=report["attention"],
             pue=__version__,
         ),
@@ -494,4 +494,15 @@ def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -
     return manifest
 
 
-__all__ = ["PRECISIONS", "QuantizeOptions", "QuantizeResult", "quantize_bundle"]
+def weights_record(spec: PrecisionSpec, weights: dict[str, Any]) -> str:
+    """What the manifest says of an INT8 bundle's weights (`export.quantization.weights`), from the search's
+    `weights` record: the precision's own, or 8-bit where it keeps 7 bits (stored as uint8 for onnxruntime, as int8
+    for OpenVINO: refused at load on a CPU whose int8 kernels would saturate on them)."""
+    if weights.get("stored_unsigned"):
+        return INT8_WEIGHTS_UNSIGNED
+    if weights.get("widened"):
+        return INT8_WEIGHTS
+    return spec.weights
+
+
+__all__ = ["PRECISIONS", "QuantizeOptions", "QuantizeResult", "quantize_bundle", "weights_record"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pue.calibration.candidates import GPTQ, READERS, SPLIT, WIDE, ranges_rule
+from pue.calibration.search_variants import stores_weights_unsigned
 
 if TYPE_CHECKING:
     from pue.calibration.search_graphs import PreparedGraphs
@@ -102,7 +103,7 @@ class GraphQuantizer:
         from pue.calibration.per_token import quantize_per_token
 
         gptq = GPTQ in rule
-        wide = WIDE in rule
+        unsigned = WIDE in rule and stores_weights_unsigned(self.options)
         split = SPLIT in rule and name in self.prepared.split_paths
         readers = READERS in rule and name in self.prepared.reader_paths
         path = self.source_of(name, rule)
@@ -113,8 +114,8 @@ class GraphQuantizer:
         out = self._write_int8(name, path, nodes, rule, readers) if fresh else self.last[name][1]
         if fresh:
             self.gptq_ops[name] = []
-        if nodes and fresh and (gptq or wide or (split and self.static)):
-            self._rewrite(name, path, out, nodes, gptq, split, readers, wide)
+        if nodes and fresh and (gptq or unsigned or (split and self.static)):
+            self._rewrite(name, path, out, nodes, gptq, split, readers, unsigned)
         self.last[name] = (request, out)
         quantized = onnx.load(str(out))
         token_ops = [op for op in self.prepared.ops_of(name) if op.node in per_token - float_nodes]
@@ -152,10 +153,10 @@ class GraphQuantizer:
         return out
 
     def _rewrite(
-        self, name: str, path: Path, out: Path, nodes: list[str], gptq: bool, split: bool, readers: bool, wide: bool
+        self, name: str, path: Path, out: Path, nodes: list[str], gptq: bool, split: bool, readers: bool, unsigned: bool
     ) -> None:
         """The quantized graph at `out` rewritten in place: its int8 weights re-rounded by GPTQ (`gptq`), (static
-        Q/DQ on the split graph) the split's float columns given the writers' float inputs back, and (`wide`) its
+        Q/DQ on the split graph) the split's float columns given the writers' float inputs back, and (`unsigned`) its
         8-bit weights stored as uint8 (`pue.calibration.weight_storage`), last: GPTQ reads and writes int8 levels."""
         import onnx
 
@@ -176,6 +177,6 @@ class GraphQuantizer:
             self.gptq_ops[name] = round_weights(rewritten, int8_ops, moments, reader, cache)
         if split and self.static:  # the float columns read the writers' float inputs, not their Q/DQ
             read_float_inputs(rewritten, self.prepared.splits[name].side_nodes)
-        if wide:
+        if unsigned:
             store_weights_unsigned(rewritten)
         onnx.save_model(rewritten, str(out))

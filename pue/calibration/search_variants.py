@@ -18,6 +18,7 @@ __all__ = [
     "Variant",
     "initial_variants",
     "retried_with_8_bit_weights",
+    "stores_weights_unsigned",
     "token_outlier_ops",
     "widens_weights",
 ]
@@ -116,9 +117,10 @@ def initial_variants(
     unscored = {op.node for op in all_ops if op.op_type != "MatMul"}
     if static and options.fallback and unscored and fits(all_ops, unscored, tokens):
         variants.append(Variant(set(unscored), set(), "best", True))
-    # last, while the check fails: 8-bit weights where the precision keeps 7 bits (onnxruntime's u8×s8 kernels
-    # saturate on 8-bit weights on CPUs without VNNI), stored as uint8 so that its u8×u8 kernels compute them exactly on
-    # every CPU (`weight_storage`). Last because those kernels are slower (BENCHMARKS.md); before the float fallback,
+    # last, while the check fails: 8-bit weights where the precision keeps 7 bits (u8×s8 kernels saturate on 8-bit
+    # weights on x86 CPUs without VNNI): for onnxruntime stored as uint8 so that its u8×u8 kernels compute them exactly
+    # on every CPU (`weight_storage`); for OpenVINO, as int8 where this CPU does not saturate (`widens_weights`). Last
+    # because onnxruntime's u8×u8 kernels are slower (BENCHMARKS.md); before the float fallback,
     # which costs more. Measured: `llava_next gains-few` seed 2 static INT8 for onnxruntime, held-out minimum 0.9357
     # with 7-bit weights, 0.9964 with 8-bit. Once taken, the variants it follows are tried again with 8-bit weights
     # (`retried_with_8_bit_weights`)
@@ -128,10 +130,25 @@ def initial_variants(
 
 
 def widens_weights(options: Any) -> bool:
-    """Whether the search may try 8-bit weights stored as uint8: INT8 for onnxruntime (static or dynamic), whose
-    weights keep 7 bits, unless `--no-wide-weights`. Not OpenVINO: its kernels on uint8 weights are not measured."""
+    """Whether the search may try 8-bit weights where the precision keeps 7 bits, unless `--no-wide-weights`:
+    onnxruntime INT8 (static or dynamic) stores them as uint8 around 128 (`stores_weights_unsigned`: its u8×u8 kernels
+    are exact on every CPU); OpenVINO INT8 keeps them int8, so only where this CPU's int8 kernels do not saturate
+    (VNNI, AMX, or not x86: `pue.runtime.cpu.saturating_u8s8`), and such a bundle is refused on a CPU whose kernels
+    would (`pue.runtime.backends.cpu_int8.refuse_saturating_weights`). OpenVINO reads uint8 weights around 128 as
+    compressed weights, not an int8 kernel (measured on an AVX-512 VNNI EPYC: an fp32 `FullyConnectedCompressed`,
+    relative error 5.6e-3 against 8.9e-4 with the same levels stored as int8 in `brgemm_avx512_I8`)."""
+    from pue.runtime.cpu import saturating_u8s8
+
     spec = options.spec
-    return bool(options.wide_weights and spec.qdq is not None and spec.qdq.reduced_weight_range and not spec.backend)
+    if not (options.wide_weights and spec.qdq is not None and spec.qdq.reduced_weight_range):
+        return False
+    return stores_weights_unsigned(options) or (spec.backend == "openvino" and not saturating_u8s8())
+
+
+def stores_weights_unsigned(options: Any) -> bool:
+    """Whether 8-bit weights are stored as uint8 around 128 (`pue.calibration.weight_storage`): for onnxruntime (the
+    precision names no other backend)."""
+    return not options.spec.backend
 
 
 def retried_with_8_bit_weights(

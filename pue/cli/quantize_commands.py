@@ -62,8 +62,9 @@ def quantize(
     no_wide_weights: bool = typer.Option(
         False,
         "--no-wide-weights",
-        help="INT8 for onnxruntime: never try 8-bit weights (stored as uint8: exact on every CPU, slower kernels than "
-        "the default 7-bit ones; tried only while the calibration check fails).",
+        help="INT8 for onnxruntime and OpenVINO: never try 8-bit weights (tried only while the calibration check "
+        "fails; onnxruntime: stored as uint8, exact on every CPU, slower kernels than the default 7-bit ones; "
+        "OpenVINO: only on a CPU with VNNI or AMX, and such a bundle runs only there).",
     ),
     no_split_channels: bool = typer.Option(
         False,
@@ -215,8 +216,11 @@ def _print_fidelity(out: object, report: dict) -> None:
     extra.append(("smoothed op groups", str(len(report.get("smoothed", []))), ""))
     if (report.get("weights") or {}).get("rounding") == "gptq":
         extra.append(("int8 weights rounded by GPTQ", str(report["weights"]["gptq_ops"]), "ops"))
-    if (report.get("weights") or {}).get("stored_unsigned"):
+    weights = report.get("weights") or {}
+    if weights.get("stored_unsigned"):
         extra.append(("int8 weights", "8-bit, stored as uint8", "u8×u8 kernels (7 bits failed the check)"))
+    elif weights.get("widened"):
+        extra.append(("int8 weights", "8-bit (7 bits failed the check)", "needs a CPU with VNNI or AMX to run"))
     split = report.get("channel_split") or {}
     if split.get("taken"):
         for graph, done in split["graphs"].items():

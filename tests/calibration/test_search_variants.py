@@ -6,7 +6,7 @@ token; static INT8 tries error-chosen ranges, then (only while failing) the mass
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx_graphs import float_input, make_model
 from search_fakes import Verdict, search_decoder
 
@@ -148,7 +148,7 @@ def test_a_graph_the_attempt_does_not_change_is_quantized_once(tmp_path, monkeyp
         assert result["fidelity"].passed
 
 
-def test_onnxruntime_tries_8_bit_weights_last_and_only_while_the_check_fails(tmp_path):
+def test_onnxruntime_tries_8_bit_weights_last_and_only_while_the_check_fails(tmp_path, monkeypatch):
     """onnxruntime's INT8 keeps 7-bit weights; while the check fails, the search tries the full 8 bits stored as uint8
     (exact in onnxruntime's u8×u8 kernels on every CPU), taken when the check says better. Never when the 7-bit
     candidate passes, nor for TensorRT (8 bits already), nor with `wide_weights=False`."""
@@ -185,8 +185,53 @@ def test_onnxruntime_tries_8_bit_weights_last_and_only_while_the_check_fails(tmp
     assert not widens_weights(options) and seen == [False] and result["weights"]["bits"] == 8
     result, seen, options = run_search(tmp_path / "e", "onnxruntime", wide_passes=True, wide_weights=False)
     assert not widens_weights(options) and seen == [False]
+    monkeypatch.setattr("pue.runtime.cpu.saturating_u8s8", lambda: True)  # OpenVINO: only where int8 is exact
     assert not widens_weights(QuantizeOptions(precision="int8", target="openvino"))
     assert widens_weights(QuantizeOptions(precision="int8-dynamic"))
+
+
+def test_openvino_tries_8_bit_int8_weights_only_where_its_int8_kernels_do_not_saturate(tmp_path, monkeypatch):
+    """OpenVINO reads uint8 weights around 128 as compressed float weights, so its 8-bit weights stay int8: tried
+    (while the check fails) only on a CPU whose int8 kernels do not saturate on them (VNNI, AMX, ARM), and the
+    manifest's weights then say full range, which such a bundle is refused for elsewhere."""
+    from pue.calibration.quantize_bundle import weights_record
+    from pue.calibration.search_variants import stores_weights_unsigned, widens_weights
+    from pue.precisions import INT8_WEIGHTS, INT8_WEIGHTS_7BIT
+
+    def widest_level(model) -> int:
+        levels = [
+            np.abs(np.asarray(numpy_helper.to_array(init), dtype=np.int32)).max()
+            for init in model.graph.initializer
+            if init.data_type in (TensorProto.INT8, TensorProto.UINT8) and init.dims
+        ]
+        assert all(init.data_type != TensorProto.UINT8 or not init.dims for init in model.graph.initializer)
+        return int(max(levels))
+
+    def run_search(work):
+        work.mkdir(parents=True)
+        model, feeds = two_matmuls()
+        seen = []
+
+        def check(quantized):
+            seen.append(widest_level(quantized["decoder"]))
+            minimum = 0.99 if seen[-1] > 64 else 0.95
+            return Verdict(minimum >= 0.98, {"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0})
+
+        options = QuantizeOptions(
+            precision="int8", target="openvino", smooth=False, gptq=False, fallback=False, error_ranges=False
+        )
+        return search_decoder(model, feeds, work, options, check, gate=check), seen[:-1], options
+
+    monkeypatch.setattr("pue.runtime.cpu.saturating_u8s8", lambda: False)
+    result, seen, options = run_search(tmp_path / "a")
+    assert widens_weights(options) and not stores_weights_unsigned(options)
+    assert seen == [64, 127] and [a["weight_bits"] for a in result["attempts"]] == [7, 8]
+    assert result["weights"]["bits"] == 8 and result["weights"]["widened"] and not result["weights"]["stored_unsigned"]
+    assert weights_record(options.spec, result["weights"]) == INT8_WEIGHTS and result["fidelity"].passed
+    monkeypatch.setattr("pue.runtime.cpu.saturating_u8s8", lambda: True)
+    result, seen, options = run_search(tmp_path / "b")
+    assert not widens_weights(options) and seen == [64] and not result["fidelity"].passed
+    assert weights_record(options.spec, result["weights"]) == INT8_WEIGHTS_7BIT
 
 
 def test_once_8_bit_weights_are_taken_the_variants_judged_with_7_bits_are_tried_again(tmp_path):

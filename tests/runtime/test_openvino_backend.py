@@ -171,3 +171,32 @@ def test_no_telemetry_is_sent(bundle, cache, monkeypatch):
     with OpenVinoBackend(directory, manifest, threads=1) as backend:
         backend.run(input_ids, attention_mask, pixel_values, image_rows)
     assert calls == []
+
+
+def test_an_int8_bundle_with_8_bit_weights_is_refused_where_openvino_int8_kernels_saturate(
+    cache, monkeypatch, tmp_path
+):
+    """An OpenVINO INT8 bundle that took 8-bit weights (made on a CPU with VNNI or AMX: the manifest's weights say so)
+    is refused where OpenVINO's int8 kernels would saturate on them; its 7-bit sibling is not."""
+    import dataclasses
+
+    from pue.errors import BundleError
+    from pue.precisions import INT8_WEIGHTS, INT8_WEIGHTS_7BIT
+
+    def int8_bundle(weights: str):
+        manifest = make_manifest(tmp_path)
+        manifest.precision, manifest.target, manifest.backend = "int8", "openvino", "openvino"
+        info = QuantizationInfo("int8", "openvino", "minmax", "uint8", weights)
+        manifest = dataclasses.replace(manifest, export=dataclasses.replace(manifest.export, quantization=info))
+        write_manifest(tmp_path, manifest)
+        return manifest
+
+    monkeypatch.setattr("pue.runtime.backends.cpu_int8.saturating_u8s8", lambda: True)
+    with pytest.raises(BundleError, match="saturate") as refused:
+        OpenVinoBackend(tmp_path, int8_bundle(INT8_WEIGHTS))
+    assert "VNNI" in refused.value.hint and "--no-wide-weights" in refused.value.hint
+    with OpenVinoBackend(tmp_path, int8_bundle(INT8_WEIGHTS_7BIT), threads=1) as backend:
+        assert backend.run(*make_batch([0])).shape[0] == 4  # 7-bit weights cannot saturate
+    monkeypatch.setattr("pue.runtime.backends.cpu_int8.saturating_u8s8", lambda: False)
+    with OpenVinoBackend(tmp_path, int8_bundle(INT8_WEIGHTS), threads=1) as backend:
+        assert backend.run(*make_batch([0])).shape[0] == 4  # VNNI / AMX / ARM: full range is exact

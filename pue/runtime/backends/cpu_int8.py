@@ -73,16 +73,25 @@ def refuse_saturating_int8(manifest: Manifest, device: Device) -> None:
         )
 
 
-def refuse_saturating_weights(spec: PrecisionSpec) -> None:
+def refuse_saturating_weights(spec: PrecisionSpec, weights: str | None = None) -> None:
     """Refuse full-range int8 weights on an x86 CPU without VNNI or AMX, where OpenVINO's int8 kernels sum product
     pairs in int16 and saturate (on the `ci` preset's TensorRT-target bundle: cosine 0.9958 against the same Q/DQ
-    computed in float, where the gate asks 0.98 minimum but a faithful runtime gives 0.99999)."""
-    if spec.qdq is None or spec.qdq.reduced_weight_range or not saturating_u8s8():
+    computed in float, where the gate asks 0.98 minimum but a faithful runtime gives 0.99999). `weights`: the
+    manifest's `export.quantization.weights`, which says where an OpenVINO INT8 bundle took 8-bit weights (made on a
+    CPU with VNNI or AMX, `search_variants.widens_weights`) although its precision keeps 7 bits."""
+    full_range = spec.qdq is not None and (not spec.qdq.reduced_weight_range or weights == INT8_WEIGHTS)
+    if not full_range or not saturating_u8s8():
         return
+    advice = (
+        "run it on a CPU with AVX-VNNI, AVX512-VNNI or AMX (where it was made), or re-quantize its FP32 parent on this "
+        "CPU (7-bit weights) or with --no-wide-weights (7-bit weights, faithful on every CPU)"
+        if spec.qdq.reduced_weight_range
+        else "run it with backend='onnxruntime' (which computes its Q/DQ pairs in float on such a CPU), or on a CPU "
+        "with AVX-VNNI, AVX512-VNNI or AMX"
+    )
     raise BundleError(
         f"this {spec.precision} bundle (target {spec.target}) keeps full-range int8 weights, and OpenVINO's int8 "
         "kernels on this CPU (x86 without VNNI or AMX) saturate on them: its embeddings would differ from what its "
         "gate measured",
-        "run it with backend='onnxruntime' (which computes its Q/DQ pairs in float on such a CPU), or on a CPU with "
-        "AVX-VNNI, AVX512-VNNI or AMX",
+        advice,
     )

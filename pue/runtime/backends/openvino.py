@@ -251,7 +251,8 @@ class OpenVinoBackend(Backend):
         self.spec = bundle_spec(manifest.precision, manifest.target)
         if inference_type(self.spec) == "bf16":
             refuse_without_bf16(ov.Core(), f"bundle {self.bundle_dir} ({manifest.precision})")
-        refuse_saturating_weights(self.spec)
+        quantization = manifest.export.quantization
+        refuse_saturating_weights(self.spec, quantization.weights if quantization is not None else None)
         missing = [name for name in ("vision", "decoder") if name not in manifest.graphs]
         if missing:
             raise BundleError(

@@ -17,24 +17,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pue import __version__
-from pue.bundle import Manifest, QuantizationInfo, read_manifest
+from pue.bundle import Manifest, read_manifest
 from pue.calibration.candidates import flop_share_check
+from pue.calibration.check_items import (
+    CHECK_PATCHES,
+    calibration_captions,
+    check_captions,
+    check_disjoint,
+    check_gate_set,
+)
 from pue.calibration.fidelity_plot import plot_fidelity
 from pue.calibration.fp16 import convert_with_gate
 from pue.calibration.int8_search import Judges, search_int8
-from pue.calibration.openvino_int8 import check_openvino_request, openvino_gate_device
+from pue.calibration.openvino_int8 import check_openvino_request
 from pue.calibration.quantize_plan import OUTLIER_SAMPLES, most_images_per_row, run_plan, vision_tokens
+from pue.calibration.quantized_manifest import child_manifest, gate_device
 from pue.calibration.resources import PhasePeaks
 from pue.calibration.row_split_hoist import hoist_for_target
-from pue.calibration.staging import Staged, evaluate_staged, staged_manifest
+from pue.calibration.staging import Staged, evaluate_staged
 from pue.calibration.target_parity import parity_for
 from pue.choices import Attention, CalibrationMethod, Precision, QuantizePrecision, Rotate, parse_choice
-from pue.derive import Derivation, derive_bundle
+from pue.derive import derive_bundle
 from pue.errors import PueError
 from pue.fidelity import FidelityThresholds, GateReport
 from pue.gate_set import GateSet
-from pue.precisions import INT8_WEIGHTS, INT8_WEIGHTS_UNSIGNED, PrecisionSpec, quantize_spec
+from pue.precisions import PrecisionSpec, quantize_spec
 from pue.runtime.cpu import saturating_u8s8
 
 log = logging.getLogger(__name__)
@@ -170,16 +177,16 @@ def quantize_bundle(
             options.calib, patch_size=parent_manifest.tile_size, magnification=options.magnification, mpp=options.mpp
         )
         patches, sampling = sample_patches(sources, options.num_patches, seed=options.seed)
-        captions = _captions(options)
+        captions = calibration_captions(options)
         plan = make_plan(patches, captions, seed=options.seed)
         say(f"calibration set: {plan.counts()} from {len(sources)} source(s)")
         check_patches, sampling["check"] = sample_check_patches(
             sources, patches, min(CHECK_PATCHES, len(patches)), seed=options.seed
         )
-        check_plan = make_plan(check_patches, _check_captions(options, captions), seed=options.seed)
+        check_plan = make_plan(check_patches, check_captions(options, captions), seed=options.seed)
         parent = Embedder.load(parent_dir)
         gate_set = GateSet.default(options.heldout)
-        _check_disjoint(gate_set, patches + check_patches)
+        check_disjoint(gate_set, patches + check_patches)
         say(f"gate set: {gate_set.counts()}")
         models = {name: onnx.load(str(parent_dir / spec.file.path)) for name, spec in parent_manifest.graphs.items()}
         feeds = {
@@ -194,10 +201,10 @@ def quantize_bundle(
         if not resources.fits:
             raise PueError("the quantization's resource plan does not fit this machine", resources.notes[-1])
         reference = gate_set.embed(parent)
-        check_set = _check_set(plan)
+        check_set = check_gate_set(plan)
         say(f"calibration check set (every search decision): {check_set.counts()}")
         check_reference = check_set.embed(parent)
-        unseen_set = _check_set(check_plan)
+        unseen_set = check_gate_set(check_plan)
         say(
             f"unseen check set (confirms a passing check): {unseen_set.counts()}, patches: "
             f"{sampling['check']['unseen']} the fit did not read, {sampling['check']['transformed']} fitted ones "
@@ -332,7 +339,7 @@ def quantize_bundle(
         child.write_json("fidelity.json", report)
         if plot_fidelity(report, staging / "fidelity.png"):
             extra_files.append("fidelity.png")
-        child.commit(_child_manifest(child, options, report), extra_files)
+        child.commit(child_manifest(child, options, report), extra_files)
     say(f"wrote {output}")
     return QuantizeResult(
         Path(output),
@@ -345,11 +352,6 @@ def quantize_bundle(
     )
 
 
-def gate_device(spec: PrecisionSpec) -> str:
-    """Where the gate ran: the backend the entry names (OpenVINO for its target), else onnxruntime, on the CPU."""
-    return openvino_gate_device() if spec.backend == "openvino" else "cpu (onnxruntime)"
-
-
 def _outliers(models: dict[str, Any], feeds: dict[str, Callable[..., Any]]) -> dict[str, Any]:
     """Where the FP32 graphs' activation outliers are, on the first calibration rows (before any rewrite)."""
     from pue.calibration.graph_ops import weight_ops
@@ -359,28 +361,6 @@ def _outliers(models: dict[str, Any], feeds: dict[str, Callable[..., Any]]) -> d
     for name, model in models.items():
         tensors += collect_outliers(model, weight_ops(model, name), feeds[name](OUTLIER_SAMPLES))
     return summarize(tensors)
-
-
-# The check's items: every calibration patch up to 64. With 24, fixtures with a heavy tail passed the check with
-# candidates the held-out gate failed (measured, `llava_next gains-few`: seed 2 int8-dynamic check 0.9909 / gate
-# 0.9668). The fitted items overstate a candidate's minimum still (seed 0 TensorRT: check 0.9905, 0.9725 on 125
-# calibration patches the fit did not read, gate 0.9781), so a passing check is confirmed on as many unseen ones.
-# Deciding every step on the unseen items instead lost two passes there: their minimum, one item of a heavy tail,
-# turned down the readers' split that raised the mean and top-1 (BENCHMARKS, session 15).
-CHECK_PATCHES, CHECK_CAPTIONS, CHECK_COMPOSED, CHECK_IMAGE_SETS = 64, 12, 8, 4
-
-
-def _check_set(plan: Any) -> GateSet:
-    """The calibration items the INT8 search decides on (never held-out ones): patches, captions, composed rows and
-    sets of patches embedded as one row (for bundles that take them)."""
-    composed = plan.composed[:CHECK_COMPOSED]
-    return GateSet(
-        images=[patch.load() for patch in plan.patches[:CHECK_PATCHES]],
-        texts=list(plan.captions[:CHECK_CAPTIONS]),
-        composed_images=[patch.load() for patch, _ in composed],
-        composed_texts=[modifier for _, modifier in composed],
-        image_sets=[[patch.load() for patch in group] for group in plan.image_sets[:CHECK_IMAGE_SETS]],
-    )
 
 
 def _rotate(
@@ -415,94 +395,4 @@ def _target(options: QuantizeOptions) -> str:
     return options.spec.target
 
 
-def _captions(options: QuantizeOptions) -> list[str]:
-    from pue.calibration.readers import default_captions
-
-    if options.captions_file is None:
-        return default_captions(options.num_captions, options.seed)
-    path = Path(options.captions_file)
-    if not path.is_file():
-        raise PueError(f"captions file '{path}' does not exist")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not lines:
-        raise PueError(f"captions file '{path}' holds no text")
-    return lines[: options.num_captions]
-
-
-def _check_captions(options: QuantizeOptions, fitted: list[str]) -> list[str]:
-    """Captions for the check that the fit did not read: the corpus's (or the captions file's) next ones; the fitted
-    ones again only where there are no others."""
-    from pue.calibration.readers import default_captions
-
-    if options.captions_file is None:
-        pool = default_captions(len(fitted) + CHECK_CAPTIONS, options.seed)
-    else:
-        pool = [line.strip() for line in Path(options.captions_file).read_text().splitlines() if line.strip()]
-    seen = set(fitted)
-    unseen = [caption for caption in pool if caption not in seen]
-    return (unseen or fitted)[:CHECK_CAPTIONS]
-
-
-def _check_disjoint(gate_set: GateSet, patches: list[Any]) -> None:
-    gate_files = {Path(p).resolve() for p in gate_set.images if isinstance(p, (str, Path))}
-    overlap = [p.source for p in patches if p.x is None and Path(p.source).resolve() in gate_files]
-    if overlap:
-        raise PueError(
-            f"{len(overlap)} calibration patches are also held-out gate patches (e.g. {overlap[0]})",
-            "calibration and the gate must not share images",
-        )
-
-
-def _child_manifest(child: Derivation, options: QuantizeOptions, report: dict) -> Manifest:
-    written = {
-        name: (spec.file.path, [e.path for e in spec.external_data])
-        for name, spec in read_manifest(child.staging).graphs.items()
-    }
-    spec = options.spec
-    manifest = staged_manifest(child, written, options.spec)
-    manifest.lineage.calibration = "calibration.json"
-    manifest.fidelity = {
-        "gate": {
-            "passed": report["gate"]["passed"],
-            "overall": report["gate"]["overall"],
-            "thresholds": report["gate"]["thresholds"],
-        },
-        "int8_flop_share": report["int8_flop_share"],
-        "float_nodes": report["float_nodes"],
-        "per_token_nodes": report["per_token_nodes"],
-        "smoothed_groups": len(report["smoothed"]),
-        "activation_ranges": (report.get("ranges") or {}).get("rule"),
-        "weight_rounding": (report.get("weights") or {}).get("rounding"),
-        "weight_bits": (report.get("weights") or {}).get("bits"),
-        "channel_split": (report.get("channel_split") or {}).get("taken", False),
-        "gate_device": report["gate_device"],
-        "outliers": {k: v for k, v in report["outliers"].items() if k != "worst"},
-    }
-    parent = child.parent
-    manifest.export = dataclasses.replace(
-        parent.export,
-        quantization=QuantizationInfo(
-            precision=str(spec.precision),
-            target=str(spec.target),
-            method=str(options.method),
-            activations=spec.activations,
-            weights=weights_record(spec, report.get("weights") or {}),
-            attention=report["attention"],
-            pue=__version__,
-        ),
-    )
-    return manifest
-
-
-def weights_record(spec: PrecisionSpec, weights: dict[str, Any]) -> str:
-    """What the manifest says of an INT8 bundle's weights (`export.quantization.weights`), from the search's
-    `weights` record: the precision's own, or 8-bit where it keeps 7 bits (stored as uint8 for onnxruntime, as int8
-    for OpenVINO: refused at load on a CPU whose int8 kernels would saturate on them)."""
-    if weights.get("stored_unsigned"):
-        return INT8_WEIGHTS_UNSIGNED
-    if weights.get("widened"):
-        return INT8_WEIGHTS
-    return spec.weights
-
-
-__all__ = ["PRECISIONS", "QuantizeOptions", "QuantizeResult", "quantize_bundle", "weights_record"]
+__all__ = ["PRECISIONS", "QuantizeOptions", "QuantizeResult", "quantize_bundle"]

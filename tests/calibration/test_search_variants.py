@@ -194,7 +194,7 @@ def test_openvino_tries_8_bit_int8_weights_only_where_its_int8_kernels_do_not_sa
     """OpenVINO reads uint8 weights around 128 as compressed float weights, so its 8-bit weights stay int8: tried
     (while the check fails) only on a CPU whose int8 kernels do not saturate on them (VNNI, AMX, ARM), and the
     manifest's weights then say full range, which such a bundle is refused for elsewhere."""
-    from pue.calibration.quantize_bundle import weights_record
+    from pue.calibration.quantized_manifest import weights_record
     from pue.calibration.search_variants import stores_weights_unsigned, widens_weights
     from pue.precisions import INT8_WEIGHTS, INT8_WEIGHTS_7BIT
 

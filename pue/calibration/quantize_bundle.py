@@ -8,7 +8,6 @@ layers with the worst simulated int8 SQNR are kept in float — never below 80 %
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 import time
@@ -245,7 +244,7 @@ def quantize_bundle(
 
         check_thresholds = options.thresholds.for_check()
         staged = Staged()
-        float_spec = dataclasses.replace(options, target="onnxruntime").spec  # simulated graphs are float graphs
+        float_spec = simulation_spec(options.spec)  # simulated graphs are float graphs, run by onnxruntime
 
         def rank(simulated: dict[str, Any], indices: list[int]) -> GateReport:
             """Simulated graphs (Q/DQ in float arithmetic, unfused) on the check items at `indices`."""
@@ -350,6 +349,16 @@ def quantize_bundle(
         attempts,
         timings,
     )
+
+
+def simulation_spec(spec: PrecisionSpec) -> PrecisionSpec:
+    """The entry simulated candidates (Q/DQ computed in float, `pue.calibration.simulate`) are staged with: the
+    precision's onnxruntime entry, or INT8's where it has none (int8-bf16, whose float rest the ranking computes in
+    fp32: it ranks ops by their int8 error, which bf16 does not change)."""
+    from pue.choices import BundleTarget
+    from pue.precisions import lookup
+
+    return lookup(spec.precision, BundleTarget.ONNXRUNTIME) or quantize_spec(Precision.INT8, BundleTarget.ONNXRUNTIME)
 
 
 def _outliers(models: dict[str, Any], feeds: dict[str, Callable[..., Any]]) -> dict[str, Any]:

@@ -96,6 +96,40 @@ def test_int8_bf16_is_refused_before_any_work_on_a_cpu_without_bf16(fp32_bundle,
     assert not out.exists() and not list(tmp_path.glob("*gate-failed*"))
 
 
+def test_simulated_candidates_of_every_int8_precision_are_staged_for_onnxruntime():
+    """The fallback's simulated candidates (Q/DQ computed in float) run in onnxruntime: each INT8 precision stages
+    them with its onnxruntime entry, int8-bf16 (which has none) with INT8's. int8-bf16 once failed there after the
+    statistics phase, on every CPU that could gate it."""
+    from pue.calibration.quantize_bundle import simulation_spec
+    from pue.precisions import quantize_spec
+
+    for precision, target in (("int8", "openvino"), ("int8", "tensorrt"), ("int8-dynamic", "onnxruntime")):
+        spec = simulation_spec(quantize_spec(precision, target))
+        assert (spec.precision, spec.target) == (precision, "onnxruntime")
+    spec = simulation_spec(quantize_spec("int8-bf16", "openvino"))
+    assert (spec.precision, spec.target) == ("int8", "onnxruntime")
+
+
+@pytest.mark.skipif(not ov_backend.cpu_bf16_support(), reason="int8-bf16 is gated only on a CPU with native bf16")
+def test_int8_bf16_is_made_and_gated_on_a_cpu_with_bf16(fp32_bundle, tmp_path):
+    out = tmp_path / "mixed"
+    bundle = fp32_bundle("llava_next", "ci")
+    result = CliRunner().invoke(
+        app,
+        ["quantize", str(bundle), "-o", str(out), "--precision", "int8-bf16", "--target", "openvino"]
+        + ["--num-patches", "16"],
+    )
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    verify_files(out, manifest)
+    assert (manifest.precision, manifest.target, manifest.backend) == ("int8-bf16", "openvino", "openvino")
+    report = json.loads((out / "fidelity.json").read_text())
+    assert report["gate"]["passed"] and report["int8_flop_share"] >= 0.8
+    images = patch_set("heldout")[:2]
+    with Embedder.load(out) as mixed:
+        assert mixed.backend_name == "openvino" and mixed.embed_images(images).shape[0] == 2
+
+
 def test_massive_tokens_pass_with_their_readers_float(fp32_bundle, heldout_dir, tmp_path):
     """issue 22, the outlier fixtures: on `llava massive` (seed 0) everything in int8 fails the calibration check (one
     per-tensor step for the massive tokens and every other token); OpenVINO has no per-token int8 kernel, so the op

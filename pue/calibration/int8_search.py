@@ -108,8 +108,15 @@ def search_int8(
     widened = False  # a passing check failed on unseen calibration items: every later check reads both sets
     alternate = False  # this attempt is the previous one's sets with the other weight rounding
     rounding_only = False  # this attempt differs from the best only in its weight rounding (the GPTQ variant)
+    attempted: set[tuple[frozenset[str], frozenset[str], str]] = set()  # each attempt's request, never made twice
+
+    def made(float_nodes: set[str], per_token: set[str], rule: str) -> bool:
+        """Whether an attempt already asked for this candidate (what the target's parity keeps float included)."""
+        return _request(float_nodes | quantizer.target_float, per_token, rule) in attempted
+
     while True:
         started = time.perf_counter()
+        attempted.add(_request(float_nodes | quantizer.target_float, per_token, rule))
         candidate = quantizer.quantize(float_nodes, per_token, rule)
         float_nodes = float_nodes | quantizer.target_float  # what the target's parity kept float counts as float now
         share = int8_flop_share(all_ops, float_nodes, tokens)
@@ -149,24 +156,25 @@ def search_int8(
             best = Candidate(set(float_nodes), check, candidate, set(per_token), rule)
         if widening:  # 8-bit weights taken: what was judged with 7-bit weights is tried again with them
             variants = retried_with_8_bit_weights(tried, best.float_nodes, best.per_token, best.rule) + variants
-        if options.gptq and not taken and not alternate and not rounding_only and not best.check.passed:
+        if (
+            options.gptq
+            and not taken
+            and not alternate
+            and not rounding_only
+            and not best.check.passed
+            and not made(float_nodes, per_token, other_rounding(rule))
+        ):
             # the same float and per-token sets with the other weight rounding, judged against the same best
             rule, alternate = other_rounding(rule), True
             continue
         alternate = rounding_only = False
         float_nodes, per_token, rule = best.float_nodes, best.per_token, best.rule
         variants = [v for v in variants if not (v.while_failing and best.check.passed)]
-        if variants:  # next: another way to quantize, before the sensitivity fallback
-            tried.append(variants[0])
-            extra_float, variant_per_token, variant_rule, _ = variants.pop(0)
-            changes_best = variant_rule.startswith("best")  # the best's sets and rule, with what the suffix names
-            rounding_only = variant_rule == "best" + GPTQ
-            float_nodes = float_nodes | extra_float
-            per_token = best.per_token if extra_float or changes_best else variant_per_token
-            if changes_best:
-                rule = with_flags(best.rule, *flags_of(variant_rule))
-            else:  # other ranges or per-token sets, with the best's weight rounding and split
-                rule = with_flags(variant_rule, *flags_of(best.rule))
+        following = _next_variant(variants, tried, best, made)
+        if following is not None:  # next: another way to quantize, before the sensitivity fallback
+            float_nodes, per_token, rule = following
+            same_sets = float_nodes == best.float_nodes and per_token == best.per_token
+            rounding_only = same_sets and other_rounding(rule) == best.rule  # the GPTQ variant
             continue
         if best.check.passed or not options.fallback:
             break
@@ -240,6 +248,32 @@ def search_int8(
         "target_parity": judges.parity.to_dict() if judges.parity is not None and static else None,
         "why": why,
     }
+
+
+def _request(float_nodes: set[str], per_token: set[str], rule: str) -> tuple[frozenset[str], frozenset[str], str]:
+    """What an attempt asks the quantizer for: the same request makes the same candidate."""
+    return frozenset(float_nodes), frozenset(per_token - float_nodes), rule
+
+
+def _next_variant(
+    variants: list[Variant], tried: list[Variant], best: Candidate, made: Callable[[set[str], set[str], str], bool]
+) -> tuple[set[str], set[str], str] | None:
+    """The next variant's request (float set, per-token set, rule) from the best candidate, popped from `variants`
+    (and noted in `tried`); variants whose request was already made are passed over (a variant retried with 8-bit
+    weights can ask for what the 8-bit step's other rounding already tried). None when none is left."""
+    while variants:
+        variant = variants.pop(0)
+        tried.append(variant)
+        changes_best = variant.rule.startswith("best")  # the best's sets and rule, with what the suffix names
+        float_nodes = best.float_nodes | variant.float_nodes
+        per_token = best.per_token if variant.float_nodes or changes_best else variant.per_token
+        if changes_best:
+            rule = with_flags(best.rule, *flags_of(variant.rule))
+        else:  # other ranges or per-token sets, with the best's weight rounding and split
+            rule = with_flags(variant.rule, *flags_of(best.rule))
+        if not made(float_nodes, per_token, rule):
+            return float_nodes, per_token, rule
+    return None
 
 
 def _weight_bits(options: Any, rule: str) -> int:

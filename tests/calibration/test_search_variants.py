@@ -260,3 +260,39 @@ def test_once_8_bit_weights_are_taken_the_variants_judged_with_7_bits_are_tried_
     in_float = Variant({"massive"}, set(), "best", True)
     retried = retried_with_8_bit_weights([in_float, gptq, split, mse], {"massive"}, set(), "minmax+split+w8")
     assert retried == [gptq._replace(while_failing=True), mse._replace(while_failing=True)]
+
+
+def test_no_candidate_is_asked_for_twice(tmp_path):
+    """GPTQ taken with 7-bit weights; 8-bit weights taken with nearest rounding (their GPTQ attempt lost); the GPTQ
+    variant retried with 8 bits would ask for that lost attempt again: it is passed over."""
+    model, feeds = two_matmuls()
+    # 7 bits: per tensor, massive in float (both roundings), GPTQ; 8 bits: GPTQ, nearest; massive in float (both)
+    scores = iter([0.95, 0.94, 0.94, 0.955, 0.95, 0.96, 0.94, 0.94])
+
+    def check(quantized):
+        minimum = next(scores, 0.90)  # the fallback's steps after them: lower, not taken
+        return Verdict(False, {"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0})
+
+    def gate(quantized):
+        return Verdict(False, {"mean_cosine": 0.999, "min_cosine": 0.96, "top1": 1.0})
+
+    work = tmp_path / "a"
+    work.mkdir()
+    options = QuantizeOptions(precision="int8", target="onnxruntime", smooth=False, error_ranges=False)
+    result = search_decoder(model, feeds, work, options, check, gate=gate)
+    requests = [
+        (tuple(a["float_nodes"]), tuple(a["per_token_nodes"]), a["ranges"], a["weights"], a["weight_bits"])
+        for a in result["attempts"]
+    ]
+    assert [(r[0], r[3], r[4]) for r in requests[:8]] == [
+        ((), "nearest", 7),
+        (("massive",), "nearest", 7),
+        (("massive",), "gptq", 7),
+        ((), "gptq", 7),
+        ((), "gptq", 8),
+        ((), "nearest", 8),
+        (("massive",), "nearest", 8),
+        (("massive",), "gptq", 8),
+    ], requests
+    assert len(set(requests)) == len(requests), requests
+    assert result["weights"]["bits"] == 8 and result["weights"]["rounding"] == "nearest"

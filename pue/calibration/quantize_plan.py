@@ -93,14 +93,16 @@ def search_variants(options: Any) -> int:
     """How many candidates the INT8 search may try before its fallback, besides GPTQ's
     (`search_variants.initial_variants`): static INT8 the massive-token readers in float, error-chosen ranges and the
     patch Conv in float; int8-dynamic the massive-token ops per token and every op per token; both the writers'
-    amplified columns in float, then the readers' too, and (onnxruntime) 8-bit weights stored as uint8."""
+    amplified columns in float, then the readers' too, and (where `widens_weights`) 8-bit weights, after which the
+    others may be tried again with them (`search_variants.retried_with_8_bit_weights`)."""
     if options.precision == "fp16":
         return 0
     split = 2 * int(options.split_channels)  # amplified columns in float (writers', then readers'): high gains
-    wide = int(widens_weights(options))
     if options.spec.calibrated:
-        return int(options.fallback) * 2 + int(options.method == "minmax" and options.error_ranges) + split + wide
-    return 2 * int(options.per_token) + split + wide
+        others = int(options.fallback) * 2 + int(options.method == "minmax" and options.error_ranges) + split
+    else:
+        others = 2 * int(options.per_token) + split
+    return others + int(widens_weights(options)) * (1 + others + int(options.gptq))  # GPTQ's variant retried too
 
 
 def batch_attention(graphs: dict[str, GraphLoad], manifest: Manifest, single: int, longest: int, set_rows: int) -> int:

@@ -161,3 +161,14 @@ def test_with_pues_own_ranges_the_calibration_session_runs_one_row():
     one = plan(weights_mb=10, activations_mb=5, scores_mb=600, batch_mb=10, every_row_calibrates=False)
     assert one.peak_host_bytes < every.peak_host_bytes - 2_000 * MB
     assert one.passes == every.passes  # the passes over the rows are the same; one of them reads a row
+
+
+def test_the_variants_retried_with_8_bit_weights_count_in_the_plan():
+    """Where the search may take 8-bit weights, every variant before them (GPTQ's too) may be tried again with them."""
+    from pue.calibration.quantize_bundle import QuantizeOptions
+    from pue.calibration.quantize_plan import search_variants
+
+    seven = search_variants(QuantizeOptions(precision="int8", target="onnxruntime", wide_weights=False))
+    eight = search_variants(QuantizeOptions(precision="int8", target="onnxruntime"))
+    assert seven > 0 and eight == seven + 1 + seven + 1  # the 8-bit step, the others again, GPTQ's again
+    assert search_variants(QuantizeOptions(precision="int8", target="tensorrt")) == seven  # 8 bits already

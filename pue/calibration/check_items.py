@@ -46,17 +46,22 @@ def check_gate_set(plan: Any) -> GateSet:
 
 
 def calibration_captions(options: QuantizeOptions) -> list[str]:
+    """The captions the fit reads: the built-in corpus's, or the captions file's first `num_captions`."""
     from pue.calibration.readers import default_captions
 
     if options.captions_file is None:
         return default_captions(options.num_captions, options.seed)
-    path = Path(options.captions_file)
+    return _file_captions(Path(options.captions_file))[: options.num_captions]
+
+
+def _file_captions(path: Path) -> list[str]:
+    """A captions file's non-empty lines, stripped; refused where there is no file or no text."""
     if not path.is_file():
         raise PueError(f"captions file '{path}' does not exist")
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not lines:
         raise PueError(f"captions file '{path}' holds no text")
-    return lines[: options.num_captions]
+    return lines
 
 
 def check_captions(options: QuantizeOptions, fitted: list[str]) -> list[str]:
@@ -67,7 +72,7 @@ def check_captions(options: QuantizeOptions, fitted: list[str]) -> list[str]:
     if options.captions_file is None:
         pool = default_captions(len(fitted) + CHECK_CAPTIONS, options.seed)
     else:
-        pool = [line.strip() for line in Path(options.captions_file).read_text().splitlines() if line.strip()]
+        pool = _file_captions(Path(options.captions_file))
     seen = set(fitted)
     unseen = [caption for caption in pool if caption not in seen]
     return (unseen or fitted)[:CHECK_CAPTIONS]

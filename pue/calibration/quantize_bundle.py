@@ -35,12 +35,20 @@ from pue.calibration.resources import PhasePeaks
 from pue.calibration.row_split_hoist import hoist_for_target
 from pue.calibration.staging import Staged, evaluate_staged
 from pue.calibration.target_parity import parity_for
-from pue.choices import Attention, CalibrationMethod, Precision, QuantizePrecision, Rotate, parse_choice
+from pue.choices import (
+    Attention,
+    BundleTarget,
+    CalibrationMethod,
+    Precision,
+    QuantizePrecision,
+    Rotate,
+    parse_choice,
+)
 from pue.derive import derive_bundle
 from pue.errors import PueError
 from pue.fidelity import FidelityThresholds, GateReport
 from pue.gate_set import GateSet
-from pue.precisions import PrecisionSpec, quantize_spec
+from pue.precisions import PrecisionSpec, lookup, quantize_spec
 from pue.runtime.cpu import saturating_u8s8
 
 log = logging.getLogger(__name__)
@@ -355,9 +363,6 @@ def simulation_spec(spec: PrecisionSpec) -> PrecisionSpec:
     """The entry simulated candidates (Q/DQ computed in float, `pue.calibration.simulate`) are staged with: the
     precision's onnxruntime entry, or INT8's where it has none (int8-bf16, whose float rest the ranking computes in
     fp32: it ranks ops by their int8 error, which bf16 does not change)."""
-    from pue.choices import BundleTarget
-    from pue.precisions import lookup
-
     return lookup(spec.precision, BundleTarget.ONNXRUNTIME) or quantize_spec(Precision.INT8, BundleTarget.ONNXRUNTIME)
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pue.calibration.candidates import GPTQ, READERS, SPLIT, WIDE, fits, flags_of, ranges_rule
 from pue.precisions import TokenOutliers
+from pue.runtime.cpu import saturating_u8s8
 
 if TYPE_CHECKING:
     from pue.calibration.search_graphs import PreparedGraphs
@@ -137,8 +138,6 @@ def widens_weights(options: Any) -> bool:
     would (`pue.runtime.backends.cpu_int8.refuse_saturating_weights`). OpenVINO reads uint8 weights around 128 as
     compressed weights, not an int8 kernel (measured on an AVX-512 VNNI EPYC: an fp32 `FullyConnectedCompressed`,
     relative error 5.6e-3 against 8.9e-4 with the same levels stored as int8 in `brgemm_avx512_I8`)."""
-    from pue.runtime.cpu import saturating_u8s8
-
     spec = options.spec
     if not (options.wide_weights and spec.qdq is not None and spec.qdq.reduced_weight_range):
         return False

@@ -185,7 +185,8 @@ def test_onnxruntime_tries_8_bit_weights_last_and_only_while_the_check_fails(tmp
     assert not widens_weights(options) and seen == [False] and result["weights"]["bits"] == 8
     result, seen, options = run_search(tmp_path / "e", "onnxruntime", wide_passes=True, wide_weights=False)
     assert not widens_weights(options) and seen == [False]
-    monkeypatch.setattr("pue.runtime.cpu.saturating_u8s8", lambda: True)  # OpenVINO: only where int8 is exact
+    # OpenVINO: only where its int8 kernels are exact
+    monkeypatch.setattr("pue.calibration.search_variants.saturating_u8s8", lambda: True)
     assert not widens_weights(QuantizeOptions(precision="int8", target="openvino"))
     assert widens_weights(QuantizeOptions(precision="int8-dynamic"))
 
@@ -222,13 +223,13 @@ def test_openvino_tries_8_bit_int8_weights_only_where_its_int8_kernels_do_not_sa
         )
         return search_decoder(model, feeds, work, options, check, gate=check), seen[:-1], options
 
-    monkeypatch.setattr("pue.runtime.cpu.saturating_u8s8", lambda: False)
+    monkeypatch.setattr("pue.calibration.search_variants.saturating_u8s8", lambda: False)
     result, seen, options = run_search(tmp_path / "a")
     assert widens_weights(options) and not stores_weights_unsigned(options)
     assert seen == [64, 127] and [a["weight_bits"] for a in result["attempts"]] == [7, 8]
     assert result["weights"]["bits"] == 8 and result["weights"]["widened"] and not result["weights"]["stored_unsigned"]
     assert weights_record(options.spec, result["weights"]) == INT8_WEIGHTS and result["fidelity"].passed
-    monkeypatch.setattr("pue.runtime.cpu.saturating_u8s8", lambda: True)
+    monkeypatch.setattr("pue.calibration.search_variants.saturating_u8s8", lambda: True)
     result, seen, options = run_search(tmp_path / "b")
     assert not widens_weights(options) and seen == [64] and not result["fidelity"].passed
     assert weights_record(options.spec, result["weights"]) == INT8_WEIGHTS_7BIT

@@ -32,6 +32,9 @@ class ActivationScheme(Choice):
     U8 = "u8"  # static, unsigned, asymmetric: x86 CPUs' u8×s8 kernels (s8×s8 is about 15× slower there)
     S8 = "s8"  # static, signed, symmetric: what TensorRT's explicit quantization expects
     DYNAMIC = "dynamic"  # uint8, scale computed per run by the kernel: onnxruntime on CPU
+    # int8 per token and per group of input channels, computed per run by OpenVINO's CPU plugin (its dynamic
+    # quantization of int8-weight MatMuls); the graphs hold int8 weights only (`pue.calibration.weights_only`)
+    GROUPED = "grouped"
 
 
 class TokenOutliers(Choice):
@@ -78,6 +81,22 @@ S8_SYMMETRIC = QdqFlavour(ActivationScheme.S8, "int8", True, True, True, "int8 s
 U8_DYNAMIC = QdqFlavour(
     ActivationScheme.DYNAMIC, "uint8", False, False, False, "uint8 dynamic per-tensor", 64, INT8_WEIGHTS_7BIT
 )
+# OpenVINO's CPU plugin quantizes the activations of MatMuls whose weights are int8 constants at run time, per token
+# and per group of this many input channels, where the CPU has int8 dot products (VNNI, AMX); elsewhere it
+# decompresses the weights to float. The group size is pinned at compile time (`DYNAMIC_QUANTIZATION_GROUP_SIZE`):
+# OpenVINO's default differs across versions, and 0 turns it off. 32: measured on `bench` (AVX512-VNNI EPYC), the
+# same accuracy as 64 and 128 within 1e-5 of mean cosine (BENCHMARKS.md "OpenVINO's run-time INT8").
+OPENVINO_GROUP_SIZE = 32
+OV_GROUPED = QdqFlavour(
+    ActivationScheme.GROUPED,
+    "int8",
+    True,
+    False,
+    False,
+    f"8-bit per token and per group of {OPENVINO_GROUP_SIZE} input channels, quantized at run time by OpenVINO",
+    127,  # OpenVINO picks the kernels that run them; where it has none it computes the weights in float
+    INT8_WEIGHTS,
+)
 CPU_INT8_ADVICE = (
     "this INT8 bundle was quantized for onnxruntime on CPU; on a GPU, INT8 runs through TensorRT: re-quantize with "
     "`pue-export quantize FP32_BUNDLE -o OUT --precision int8 --target tensorrt`, then `pue-export trt`"
@@ -117,6 +136,9 @@ class PrecisionSpec:
     # 20× the median token's: a per-tensor step starves every other token): `TokenOutliers`, or None (the float
     # fallback's ranking alone decides).
     token_outliers: TokenOutliers | None = None
+    # OpenVINO's run-time activation quantization group (`DYNAMIC_QUANTIZATION_GROUP_SIZE`, pinned when an OpenVINO
+    # backend compiles the graphs); 0: off (what every entry whose graphs hold no int8-only weights gets)
+    dynamic_group: int = 0
 
     @property
     def calibrated(self) -> bool:
@@ -235,6 +257,26 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
         note="dynamic INT8 (activations quantized at run time) runs only in onnxruntime on CPU",
         device_advice=CPU_INT8_ADVICE,
         token_outliers=TokenOutliers.PER_TOKEN,
+    ),
+    PrecisionSpec(
+        Precision.INT8_DYNAMIC,
+        BundleTarget.OPENVINO,
+        PrecisionKind.WEIGHT,
+        weights=OV_GROUPED.weights,
+        activations=OV_GROUPED.description,
+        qdq=OV_GROUPED,
+        parent=Precision.FP32,
+        calibration_data=True,  # GPTQ's moments, the calibration check and the fallback's ranking
+        attention=(Attention.STANDARD,),
+        devices=(DeviceKind.CPU,),
+        engine_source=False,
+        note="int8 weights whose activations OpenVINO's CPU plugin quantizes per token at run time",
+        device_advice=(
+            "an int8-dynamic bundle for OpenVINO runs on the CPU; on a GPU, INT8 runs through TensorRT: re-quantize "
+            "with `pue-export quantize FP32_BUNDLE -o OUT --precision int8 --target tensorrt`, then `pue-export trt`"
+        ),
+        backend="openvino",
+        dynamic_group=OPENVINO_GROUP_SIZE,
     ),
     PrecisionSpec(
         Precision.BF16,

@@ -41,6 +41,7 @@ EXPECTED = {
     ("bf16", "openvino"): (None, (CPU,), ("standard",), False, ["openvino"], None),
     ("int8", "openvino"): ("u8", (CPU,), ("standard",), False, ["openvino"], None),
     ("int8-bf16", "openvino"): ("u8", (CPU,), ("standard",), False, ["openvino"], None),
+    ("int8-dynamic", "openvino"): ("grouped", (CPU,), ("standard",), False, ["openvino"], None),
 }
 # the manifest `backend` of each: runtime precisions name the backend that honours them
 # and the OpenVINO-target Q/DQ bundles, whose gate measured OpenVINO's int8 kernels
@@ -117,7 +118,7 @@ def test_unknown_and_mismatched_choices_are_refused_at_the_edge():
         precision_spec("fp32", "coreml")
     with pytest.raises(PueError) as mismatched:
         precision_spec("int8-dynamic", "tensorrt")
-    assert mismatched.value.message == "int8-dynamic is for onnxruntime on CPU only"
+    assert mismatched.value.message == "int8-dynamic is for onnxruntime or OpenVINO on CPU only"
     assert mismatched.value.hint == "for TensorRT use --precision int8 --target tensorrt"
     with pytest.raises(PueError, match="int8 is for onnxruntime or TensorRT or OpenVINO only"):
         precision_spec("int8", "any")

@@ -34,7 +34,7 @@ class Candidate:
     float_nodes: frozenset[str]
     per_token: frozenset[str]
     ranges: dict[str, tuple[float, float]]
-    scheme: str  # "u8" | "s8" | "dynamic"
+    scheme: str  # "u8" | "s8" | "dynamic" | "grouped"
     weight_qmax: int
 
 
@@ -57,7 +57,7 @@ def _simulate_graph(
     picked = [op for op in ops if op.graph == name and op.node not in floated]
     plans: dict[str, ActivationQuant] = {}
     for op in picked:
-        if op.node in candidate.per_token:
+        if op.node in candidate.per_token or candidate.scheme == "grouped":  # grouped: per token, finer still
             plans[op.activation] = ActivationQuant("token")
         elif candidate.scheme == "dynamic":
             plans[op.activation] = ActivationQuant("dynamic")

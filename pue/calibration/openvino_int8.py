@@ -50,10 +50,24 @@ def check_openvino_request(spec: PrecisionSpec) -> None:
         )
 
 
-def openvino_gate_device() -> str:
+def openvino_gate_device(spec: PrecisionSpec | None = None) -> str:
     """Where an OpenVINO-target gate ran, as fidelity.json and the manifest record it."""
     version = package_versions(["openvino"]).get("openvino")
+    if spec is not None and spec.dynamic_group:
+        return (
+            f"cpu (OpenVINO {version}: int8 weights, activations quantized at run time per token in groups of "
+            f"{spec.dynamic_group} where this CPU has int8 dot products: {', '.join(int_dot_products())})"
+        )
     return f"cpu (OpenVINO {version}: its int8 kernels where the graphs hold Q/DQ pairs)"
+
+
+def int_dot_products() -> list[str]:
+    """This CPU's int8 dot-product instruction sets as /proc/cpuinfo names them (empty where none, or not Linux)."""
+    from pue.runtime.cpu import cpu_flags
+
+    names = {"avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI", "amx_int8": "AMX-INT8"}
+    found = [label for flag, label in names.items() if flag in cpu_flags()]
+    return found or ["none: weights computed in float"]
 
 
 def int8_layers(profile: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -64,4 +78,4 @@ def int8_layers(profile: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [row for row in profile if row.get("status") == "EXECUTED" and int8_kernel(row.get("exec_type", ""))]
 
 
-__all__ = ["check_openvino_request", "int8_layers", "needs_openvino", "openvino_gate_device"]
+__all__ = ["check_openvino_request", "int8_layers", "int_dot_products", "needs_openvino", "openvino_gate_device"]

@@ -74,4 +74,4 @@ def weights_record(spec: PrecisionSpec, weights: dict[str, Any]) -> str:
 
 def gate_device(spec: PrecisionSpec) -> str:
     """Where the gate ran: the backend the entry names (OpenVINO for its target), else onnxruntime, on the CPU."""
-    return openvino_gate_device() if spec.backend == "openvino" else "cpu (onnxruntime)"
+    return openvino_gate_device(spec) if spec.backend == "openvino" else "cpu (onnxruntime)"

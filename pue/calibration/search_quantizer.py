@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from pue.calibration.candidates import GPTQ, READERS, SPLIT, WIDE, ranges_rule
 from pue.calibration.search_variants import stores_weights_unsigned
+from pue.precisions import ActivationScheme
 
 if TYPE_CHECKING:
     from pue.calibration.search_graphs import PreparedGraphs
@@ -50,6 +51,8 @@ class GraphQuantizer:
         self.say = say
         self.phase_done = phase_done
         self.target_float: set[str] = set()  # ops the target backend computes differently from onnxruntime
+        # OpenVINO's run-time INT8: int8 weights alone (the search's ops are MatMuls, as for every dynamic flavour)
+        self.grouped = options.spec.qdq.scheme == ActivationScheme.GROUPED
         self.last: dict[str, tuple[tuple[tuple[str, ...], str, bool], Path]] = {}  # (int8 ops, rule, split) → file
         self.activation_of = {op.node: op.activation for op in prepared.ops if op.activation in prepared.stats}
         self.gptq_cache: dict[tuple, Any] = {}  # GPTQ's levels per op and grid, kept across attempts
@@ -127,9 +130,11 @@ class GraphQuantizer:
 
     def _write_int8(self, name: str, path: Path, nodes: list[str], rule: str, readers: bool) -> Path:
         """onnxruntime's quantization of `nodes` in the float graph at `path` (static Q/DQ with `rule`'s ranges, or
-        dynamic), written to `{name}.int8.onnx`; the float graph itself where no op is left to quantize (dynamic)."""
+        dynamic), or their int8 weights alone (OpenVINO's run-time INT8, `weights_only`), written to
+        `{name}.int8.onnx`; the float graph itself where no op is left to quantize (dynamic)."""
         from pue.calibration.int8 import quantize_dynamic_graph, quantize_static_graph
         from pue.calibration.readers import OrtReader
+        from pue.calibration.weights_only import weights_only_graph
 
         out = self.work / f"{name}.int8.onnx"
         wide = WIDE in rule
@@ -146,6 +151,8 @@ class GraphQuantizer:
                 ranges=self.range_rules.get(ranges_rule(rule)),
                 full_weights=wide,
             )
+        elif nodes and self.grouped:
+            weights_only_graph(path, out, nodes)
         elif nodes:
             quantize_dynamic_graph(path, out, nodes, full_weights=wide)
         else:  # every op of this graph is per token or float

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pue.calibration.candidates import GPTQ, READERS, SPLIT, WIDE, fits, flags_of, ranges_rule
-from pue.precisions import TokenOutliers
+from pue.precisions import ActivationScheme, TokenOutliers
 from pue.runtime.cpu import saturating_u8s8
 
 if TYPE_CHECKING:
@@ -109,7 +109,9 @@ def initial_variants(
     # `llava_next gains-few`'s minimum and lowered `llava gains-few`'s, so the check decides
     if prepared.reader_paths:
         variants.append(Variant(set(), set(), "best" + SPLIT + READERS, False))
-    if not static and options.per_token:  # every input per token: what helps when norm gains make errors compound
+    if options.spec.qdq.scheme == ActivationScheme.DYNAMIC and options.per_token:
+        # every input per token: what helps when norm gains make errors compound (onnxruntime's dynamic INT8; OpenVINO's
+        # run-time INT8 is per token already, and compiles pue's per-token rewrite into f32 kernels)
         variants.append(Variant(set(), {op.node for op in all_ops if op.op_type == "MatMul"}, "minmax", True))
     if own_ranges and options.error_ranges and any(clip < 1.0 for clip in clips.values()):
         variants.append(Variant(set(), set(), "mse", False))

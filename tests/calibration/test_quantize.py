@@ -145,7 +145,7 @@ def test_outliers_need_smoothing(fp32_bundle, heldout_dir, tmp_path, arch):
 
 def test_refusals(fp32_bundle, quantized_bundle, heldout_dir, tmp_path):
     parent = fp32_bundle("llava_next", "ci")
-    with pytest.raises(PueError, match="onnxruntime on CPU only"):
+    with pytest.raises(PueError, match="onnxruntime or OpenVINO on CPU only"):
         run(parent, tmp_path / "a", heldout_dir, precision="int8-dynamic", target="tensorrt")
     with pytest.raises(PueError, match="unknown precision"):
         run(parent, tmp_path / "b", heldout_dir, precision="int4")

@@ -80,7 +80,9 @@ def refuse_saturating_weights(spec: PrecisionSpec, weights: str | None = None) -
     manifest's `export.quantization.weights`, which says where an OpenVINO INT8 bundle took 8-bit weights (made on a
     CPU with VNNI or AMX, `search_variants.widens_weights`) although its precision keeps 7 bits."""
     full_range = spec.qdq is not None and (not spec.qdq.reduced_weight_range or weights == INT8_WEIGHTS)
-    if not full_range or not saturating_u8s8():
+    # OpenVINO's run-time INT8 (int8 weights alone): OpenVINO picks the kernels that multiply them, or computes them
+    # in float on a CPU without int8 dot products; no Q/DQ pair of pue's asks for a u8×s8 kernel
+    if not full_range or spec.qdq.scheme == ActivationScheme.GROUPED or not saturating_u8s8():
         return
     advice = (
         "run it on a CPU with AVX-VNNI, AVX512-VNNI or AMX (where it was made), or re-quantize its FP32 parent on this "

@@ -120,7 +120,9 @@ def inference_type(spec: PrecisionSpec) -> str:
 def compile_config(
     spec: PrecisionSpec, threads: int | None, cache: Path | None, perf_counters: bool = False
 ) -> dict[str, Any]:
-    """The compile properties: latency hint, one stream, threads, the precision from the bundle, cache, counters."""
+    """The compile properties: latency hint, one stream, threads, the precision from the bundle, its run-time
+    activation quantization (`PrecisionSpec.dynamic_group`: pinned, 0 = off, since OpenVINO's default varies across
+    versions and would quantize the activations of any graph holding int8-only weights), cache, counters."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise PueError(f"threads must be a positive integer, got {threads!r}")
     config: dict[str, Any] = {
@@ -128,6 +130,7 @@ def compile_config(
         "NUM_STREAMS": "1",
         "INFERENCE_NUM_THREADS": str(threads or physical_core_count()),
         "INFERENCE_PRECISION_HINT": inference_type(spec),
+        "DYNAMIC_QUANTIZATION_GROUP_SIZE": str(spec.dynamic_group),
         "PERF_COUNT": "YES" if perf_counters else "NO",
     }
     if cache is not None:
@@ -189,6 +192,14 @@ class OpenVinoRunner(Runner):
             raise PueError(
                 f"{self.name}: OpenVINO compiled in {got}, the bundle asks for {asked}",
                 "this OpenVINO or CPU cannot run the bundle's precision; load its fp32 parent bundle",
+            )
+        group = str(compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE"))
+        if group != self.config["DYNAMIC_QUANTIZATION_GROUP_SIZE"]:
+            raise PueError(
+                f"{self.name}: OpenVINO compiled with run-time activation quantization groups of {group}, the bundle "
+                f"asks for {self.config['DYNAMIC_QUANTIZATION_GROUP_SIZE']} (0: off)",
+                "install the OpenVINO version the bundle was gated with (its manifest's pue_version and fidelity.json "
+                "name it), or re-quantize its FP32 parent with this one",
             )
         self.compiled = compiled
         self.request = compiled.create_infer_request()

@@ -11,6 +11,7 @@ from pue.calibration.resources import GraphLoad, QuantizePlan, activation_bytes,
 from pue.calibration.search_variants import widens_weights
 from pue.errors import BundleError
 from pue.gate_set import GateSet
+from pue.precisions import ActivationScheme
 
 OUTLIER_SAMPLES = 8  # calibration rows per graph for the outlier report (fidelity.json, inspect)
 
@@ -92,14 +93,16 @@ def run_plan(
 def search_variants(options: Any) -> int:
     """How many candidates the INT8 search may try before its fallback, besides GPTQ's
     (`search_variants.initial_variants`): static INT8 the massive-token readers in float, error-chosen ranges and the
-    patch Conv in float; int8-dynamic the massive-token ops per token and every op per token; both the writers'
-    amplified columns in float, then the readers' too, and (where `widens_weights`) 8-bit weights, after which the
-    others may be tried again with them (`search_variants.retried_with_8_bit_weights`)."""
+    patch Conv in float; int8-dynamic the massive-token ops per token and every op per token (OpenVINO's: neither);
+    all the writers' amplified columns in float, then the readers' too, and (where `widens_weights`) 8-bit weights,
+    after which the others may be tried again with them (`search_variants.retried_with_8_bit_weights`)."""
     if options.precision == "fp16":
         return 0
     split = 2 * int(options.split_channels)  # amplified columns in float (writers', then readers'): high gains
     if options.spec.calibrated:
         others = int(options.fallback) * 2 + int(options.method == "minmax" and options.error_ranges) + split
+    elif options.spec.qdq.scheme == ActivationScheme.GROUPED:  # per token already: no per-token variants
+        others = split
     else:
         others = 2 * int(options.per_token) + split
     return others + int(widens_weights(options)) * (1 + others + int(options.gptq))  # GPTQ's variant retried too

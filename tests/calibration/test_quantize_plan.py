@@ -172,3 +172,13 @@ def test_the_variants_retried_with_8_bit_weights_count_in_the_plan():
     eight = search_variants(QuantizeOptions(precision="int8", target="onnxruntime"))
     assert seven > 0 and eight == seven + 1 + seven + 1  # the 8-bit step, the others again, GPTQ's again
     assert search_variants(QuantizeOptions(precision="int8", target="tensorrt")) == seven  # 8 bits already
+
+
+def test_openvinos_run_time_int8_counts_no_per_token_variants():
+    """`int8-dynamic --target openvino` quantizes per token at run time: the plan counts only the channel splits."""
+    from pue.calibration.quantize_bundle import QuantizeOptions
+    from pue.calibration.quantize_plan import search_variants
+
+    onnxruntime = search_variants(QuantizeOptions(precision="int8-dynamic", target="onnxruntime", wide_weights=False))
+    openvino = search_variants(QuantizeOptions(precision="int8-dynamic", target="openvino"))
+    assert openvino == 2 and onnxruntime == openvino + 2  # the writers' and readers' splits; per token twice

@@ -37,6 +37,7 @@ class Precision(Choice):
     INT8_DYNAMIC = "int8-dynamic"
     BF16 = "bf16"
     INT8_BF16 = "int8-bf16"
+    INT8_DYNAMIC_BF16 = "int8-dynamic-bf16"
 
 
 class QuantizePrecision(Choice):
@@ -47,6 +48,7 @@ class QuantizePrecision(Choice):
     FP16 = "fp16"
     BF16 = "bf16"
     INT8_BF16 = "int8-bf16"  # OpenVINO: int8 weight MatMuls, bf16 for the rest
+    INT8_DYNAMIC_BF16 = "int8-dynamic-bf16"  # OpenVINO: run-time int8 weight MatMuls, bf16 for the rest
 
 
 class Target(Choice):

@@ -316,6 +316,24 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
         compute="bfloat16",
         backend="openvino",
     ),
+    PrecisionSpec(
+        Precision.INT8_DYNAMIC_BF16,
+        BundleTarget.OPENVINO,
+        PrecisionKind.WEIGHT,  # int8 weights in the graphs; the float rest computed in bf16 (`compute`)
+        weights=OV_GROUPED.weights,
+        activations=f"{OV_GROUPED.description} at int8 MatMuls; bfloat16 elsewhere (OpenVINO inference precision)",
+        qdq=OV_GROUPED,
+        parent=Precision.FP32,
+        calibration_data=True,
+        attention=(Attention.STANDARD,),
+        devices=(DeviceKind.CPU,),
+        engine_source=False,
+        note="run-time int8 weight MatMuls with bf16 for the rest, in OpenVINO's CPU plugin on CPUs with native bf16",
+        device_advice="an int8-dynamic-bf16 bundle runs in OpenVINO on a CPU with native bf16 (AVX512-BF16 or AMX)",
+        compute="bfloat16",
+        backend="openvino",
+        dynamic_group=OPENVINO_GROUP_SIZE,
+    ),
 )
 
 _BY_KEY = {(spec.precision, spec.target): spec for spec in PRECISION_TABLE}

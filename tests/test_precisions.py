@@ -42,6 +42,7 @@ EXPECTED = {
     ("int8", "openvino"): ("u8", (CPU,), ("standard",), False, ["openvino"], None),
     ("int8-bf16", "openvino"): ("u8", (CPU,), ("standard",), False, ["openvino"], None),
     ("int8-dynamic", "openvino"): ("grouped", (CPU,), ("standard",), False, ["openvino"], None),
+    ("int8-dynamic-bf16", "openvino"): ("grouped", (CPU,), ("standard",), False, ["openvino"], None),
 }
 # the manifest `backend` of each: runtime precisions name the backend that honours them
 # and the OpenVINO-target Q/DQ bundles, whose gate measured OpenVINO's int8 kernels
@@ -59,7 +60,8 @@ def test_the_table_holds_one_entry_per_precision_and_target_and_agrees_with_the_
     assert runtime == [("bf16", "openvino")]  # set on the backend at inference, not written into the graphs
     assert lookup("bf16", "openvino").compute == "bfloat16"
     weight_compute = {str(s.precision): s.compute for s in PRECISION_TABLE if s.kind is PrecisionKind.WEIGHT}
-    assert {p: c for p, c in weight_compute.items() if c != "float32"} == {"int8-bf16": "bfloat16"}  # int8 + bf16
+    mixed = {p: c for p, c in weight_compute.items() if c != "float32"}  # int8 + bf16
+    assert mixed == {"int8-bf16": "bfloat16", "int8-dynamic-bf16": "bfloat16"}
     assert all(lookup(*key).backend == backend for key, backend in BUNDLE_BACKEND.items())
     with pytest.raises(dataclasses.FrozenInstanceError):
         PRECISION_TABLE[0].devices = ()  # type: ignore[misc]

@@ -127,15 +127,17 @@ def summarize(events: list[dict[str, Any]], runs: int) -> dict[str, Any]:
 def summarize_openvino(per_run: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """Layer time per OpenVINO op type over the profiled runs (`OpenVinoRunner.profiling_data` of each), with the
     kernels OpenVINO chose (`exec_type`, e.g. brgemm_avx2_f32) for each op type, the part of it spent in int8
-    kernels (`int8_ms`), and for the matmul layers (FullyConnected, Convolution, MatMul) together: their time, how
-    much of it ran in int8 kernels, and how many of their layers did (`matmuls`)."""
-    from pue.runtime.backends.openvino import MATMUL_LAYERS, int8_kernel
+    kernels (`int8_ms`), and for the matmul layers (FullyConnected, FullyConnectedCompressed, Convolution, MatMul)
+    together: their time, how much of it ran in kernels the counters name int8, how many of their layers did, and how
+    many hold int8 weights whose activations OpenVINO quantizes at run time (`compressed_layers`; the counters name
+    those kernels f32) (`matmuls`)."""
+    from pue.runtime.backends.openvino import COMPRESSED_LAYER, MATMUL_LAYERS, int8_kernel
 
     time_us: dict[str, float] = defaultdict(float)
     int8_us: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
     kernels: dict[str, set[str]] = defaultdict(set)
-    matmul = {"us": 0.0, "int8_us": 0.0, "layers": 0, "int8_layers": 0}
+    matmul = {"us": 0.0, "int8_us": 0.0, "layers": 0, "int8_layers": 0, "compressed_layers": 0}
     for layers in per_run:
         for layer in layers:
             if layer["status"] != "EXECUTED":
@@ -150,6 +152,7 @@ def summarize_openvino(per_run: list[list[dict[str, Any]]]) -> dict[str, Any]:
                 matmul["int8_us"] += us if int8 else 0.0
                 matmul["layers"] += 1
                 matmul["int8_layers"] += int(int8)
+                matmul["compressed_layers"] += int(kind == COMPRESSED_LAYER)
     runs = len(per_run)
     summary = _per_op(time_us, count, runs)
     for op in summary["ops"]:
@@ -161,6 +164,7 @@ def summarize_openvino(per_run: list[list[dict[str, Any]]]) -> dict[str, Any]:
         "int8_share": matmul["int8_us"] / matmul["us"] if matmul["us"] else 0.0,
         "layers": matmul["layers"] // runs,
         "int8_layers": matmul["int8_layers"] // runs,
+        "compressed_layers": matmul["compressed_layers"] // runs,
     }
     return summary
 

@@ -231,10 +231,16 @@ def profile(
         if openvino:
             matmuls = graph["matmuls"]
             out.print(
-                f"{name}: matmul layers (FullyConnected, Convolution, MatMul) {matmuls['ms']:.0f} ms, "
-                f"{matmuls['int8_share']:.1%} of it in int8 kernels ({matmuls['int8_layers']} of {matmuls['layers']} "
-                "layers)"
+                f"{name}: matmul layers (FullyConnected[Compressed], Convolution, MatMul) {matmuls['ms']:.0f} ms, "
+                f"{matmuls['int8_share']:.1%} of it in kernels the counters name int8 ({matmuls['int8_layers']} of "
+                f"{matmuls['layers']} layers)"
             )
+            if matmuls.get("compressed_layers"):
+                out.print(
+                    f"{name}: {matmuls['compressed_layers']} FullyConnectedCompressed layers hold int8 weights whose "
+                    "activations OpenVINO quantizes at run time where the CPU has int8 dot products (VNNI, AMX); "
+                    "its counters name their kernel f32"
+                )
 
 
 # ------------------------------------------------------------------------------------------------ printing

@@ -24,7 +24,8 @@ def quantize(
         help="onnxruntime (uint8 activations, x86 CPUs), tensorrt (signed symmetric Q/DQ) or openvino "
         "(--precision bf16: the fp32 graphs with bf16 inference in OpenVINO, gated on a CPU with native bf16; "
         "int8: Q/DQ graphs OpenVINO runs in int8 kernels, gated in OpenVINO; int8-bf16: int8 MatMuls, bf16 elsewhere; "
-        "int8-dynamic: int8 weights whose activations OpenVINO quantizes per token at run time).",
+        "int8-dynamic: int8 weights whose activations OpenVINO quantizes per token at run time; int8-dynamic-bf16: "
+        "the same, bf16 elsewhere).",
     ),
     calib: list[Path] = typer.Option(
         None, "--calib", help="Calibration folder or slide (repeat for several); default: the shipped patches."

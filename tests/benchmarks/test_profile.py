@@ -73,7 +73,14 @@ def test_openvino_profile_sums_per_layer_counters_per_op_type():
     assert (first["op_type"], first["ms"], first["share"], first["nodes"]) == ("FullyConnected", 0.4, 0.8, 1)
     assert first["kernels"] == ["brgemm_avx2_f32", "gemm_mlas_f32"]
     assert [op["op_type"] for op in summary["ops"]] == ["FullyConnected", "Subgraph"]  # not-run layers left out
-    assert summary["matmuls"] == {"ms": 0.4, "int8_ms": 0.0, "int8_share": 0.0, "layers": 1, "int8_layers": 0}
+    assert summary["matmuls"] == {
+        "ms": 0.4,
+        "int8_ms": 0.0,
+        "int8_share": 0.0,
+        "layers": 1,
+        "int8_layers": 0,
+        "compressed_layers": 0,
+    }
     quantized = summarize_openvino(
         [
             [
@@ -83,7 +90,17 @@ def test_openvino_profile_sums_per_layer_counters_per_op_type():
             ]
         ]
     )
-    assert quantized["matmuls"] == {"ms": 0.4, "int8_ms": 0.3, "int8_share": 0.75, "layers": 2, "int8_layers": 1}
+    assert quantized["matmuls"] == {
+        "ms": 0.4,
+        "int8_ms": 0.3,
+        "int8_share": 0.75,
+        "layers": 2,
+        "int8_layers": 1,
+        "compressed_layers": 0,
+    }
     assert {op["op_type"]: op["int8_ms"] for op in quantized["ops"]} == {"FullyConnected": 0.3, "Reshape": 0.05}
+    # int8 weights alone (OpenVINO's run-time INT8): matmul layers, counted as compressed, whose kernel reads f32
+    compressed = summarize_openvino([[layer("FullyConnectedCompressed", 200, kernel="brgemm_avx512_f32")]])
+    assert compressed["matmuls"]["layers"] == 1 and compressed["matmuls"]["compressed_layers"] == 1
     with pytest.raises(PueError, match="no profiler for backend 'tensorrt'"):
         profile_bundle("unused", backend="tensorrt")

@@ -149,3 +149,45 @@ def test_runtime_compiles_it_with_the_gated_group_size_and_matches_the_gate(open
     cosines = np.sum(expected * got, axis=1)
     assert cosines.min() >= 0.98, cosines
     assert cosines.min() < 1 - 1e-7  # int8 weights: not the FP32 function
+
+
+@pytest.mark.skipif(not ov_backend.cpu_bf16_support(), reason="int8-dynamic-bf16 is gated only on a CPU with bf16")
+def test_the_bf16_variant_is_made_and_gated_in_bf16_on_a_cpu_with_bf16(fp32_bundle, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pue.cli.export_app import app
+
+    monkeypatch.setenv(ov_backend.CACHE_ENV, str(tmp_path / "ov-cache"))
+    out = tmp_path / "mixed"
+    bundle = fp32_bundle("llava_next", "ci")
+    result = CliRunner().invoke(
+        app,
+        ["quantize", str(bundle), "-o", str(out), "--precision", "int8-dynamic-bf16", "--target", "openvino"]
+        + ["--num-patches", "16"],
+    )
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert (manifest.precision, manifest.target, manifest.backend) == ("int8-dynamic-bf16", "openvino", "openvino")
+    assert json.loads((out / "fidelity.json").read_text())["gate"]["passed"]
+    with Embedder.load(out) as mixed:
+        assert mixed.backend.inference_precision == "bf16"
+        compiled = mixed.backend.decoder.compiled
+        assert str(compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")) == str(OPENVINO_GROUP_SIZE)
+        assert mixed.embed_images(patch_set("heldout")[:2]).shape[0] == 2
+
+
+@pytest.mark.skipif(ov_backend.cpu_bf16_support(), reason="this CPU has native bf16: the bf16 variant's gate could run")
+def test_the_bf16_variant_is_refused_before_any_work_on_a_cpu_without_bf16(fp32_bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from pue.cli.export_app import app
+    from pue.errors import EXIT_ERROR
+
+    out = tmp_path / "mixed"
+    bundle = fp32_bundle("llava_next", "ci")
+    result = CliRunner().invoke(
+        app, ["quantize", str(bundle), "-o", str(out), "--precision", "int8-dynamic-bf16", "--target", "openvino"]
+    )
+    assert result.exit_code == EXIT_ERROR, result.output
+    assert "needs native bf16 in the CPU" in result.output
+    assert not out.exists() and not list(tmp_path.glob("*gate-failed*"))

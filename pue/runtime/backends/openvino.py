@@ -41,7 +41,10 @@ INFERENCE_TYPES = {"float32": "f32", "bfloat16": "bf16"}
 # OpenVINO's CPU plugin names a kernel's precision at the end of its exec_type ("brgemm_avx2_I8", "jit_avx2_U8"). Data
 # movement and masks run in I8 too (Reshape, Gather, Select): int8 *arithmetic* is an int8 kernel of these layer types.
 INT8_EXEC_SUFFIXES = ("_I8", "_U8")
-MATMUL_LAYERS = ("FullyConnected", "Convolution", "MatMul")
+# FullyConnectedCompressed: a weight MatMul whose weights are int8 constants alone (`int8-dynamic` for OpenVINO); its
+# activations are quantized at run time, which the counters do not name (they show the f32 brgemm kernel)
+MATMUL_LAYERS = ("FullyConnected", "FullyConnectedCompressed", "Convolution", "MatMul")
+COMPRESSED_LAYER = "FullyConnectedCompressed"
 
 
 def int8_kernel(exec_type: str) -> bool:

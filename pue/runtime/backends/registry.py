@@ -144,6 +144,7 @@ BUILTIN: tuple[BackendSpec, ...] = (
             Precision.INT8_DYNAMIC,
             Precision.BF16,
             Precision.INT8_BF16,
+            Precision.INT8_DYNAMIC_BF16,
         ),
         targets=(BundleTarget.ANY, BundleTarget.ONNXRUNTIME, BundleTarget.TENSORRT, BundleTarget.OPENVINO),
         devices=(DeviceKind.CPU,),
@@ -157,7 +158,8 @@ BUILTIN: tuple[BackendSpec, ...] = (
             "(com.microsoft MultiHeadAttention, GroupQueryAttention), which OpenVINO does not read"
         ),
         description=(
-            "ONNX graphs compiled by OpenVINO's CPU plugin (fp32, fp16, standard-attention INT8, bf16, int8-bf16)"
+            "ONNX graphs compiled by OpenVINO's CPU plugin (fp32, fp16, standard-attention INT8, bf16, int8-bf16, "
+            "int8-dynamic, int8-dynamic-bf16)"
         ),
     ),
 )

@@ -136,7 +136,7 @@ BUILTIN: tuple[BackendSpec, ...] = (
         name="openvino",
         factory="pue.runtime.backends.openvino:OpenVinoBackend",
         reads=("onnxruntime", "openvino"),  # ONNX graphs; "openvino" bundles: bf16, or Q/DQ gated in OpenVINO
-        holds="ONNX graphs for OpenVINO (bf16 inference)",
+        holds="ONNX graphs for OpenVINO (bf16 inference, or INT8 gated in OpenVINO)",
         precisions=(
             Precision.FP32,
             Precision.FP16,

@@ -191,3 +191,25 @@ def test_the_bf16_variant_is_refused_before_any_work_on_a_cpu_without_bf16(fp32_
     assert result.exit_code == EXIT_ERROR, result.output
     assert "needs native bf16 in the CPU" in result.output
     assert not out.exists() and not list(tmp_path.glob("*gate-failed*"))
+
+
+def test_the_search_tries_no_per_token_rewrite_for_openvinos_run_time_int8():
+    """onnxruntime's int8-dynamic tries every input per token (pue's MatMulInteger rewrite); OpenVINO's run-time INT8 is
+    per token already, and OpenVINO would compile that rewrite into f32 kernels."""
+    from types import SimpleNamespace
+
+    from pue.calibration.graph_ops import WeightOp
+    from pue.calibration.quantize_bundle import QuantizeOptions
+    from pue.calibration.search_variants import TokenOutlierOps, initial_variants
+
+    ops = [WeightOp("decoder", f"mm{i}", "MatMul", f"x{i}", f"w{i}", (8, 8), 128) for i in range(3)]
+    prepared = SimpleNamespace(ops=ops, split_paths={}, reader_paths={})
+    none = TokenOutlierOps(set(), set())
+
+    def per_token_variants(target: str) -> list:
+        options = QuantizeOptions(precision="int8-dynamic", target=target)
+        variants = initial_variants(prepared, options, none, {"decoder": 4}, False, {})
+        return [v for v in variants if v.per_token]
+
+    assert [v.per_token for v in per_token_variants("onnxruntime")] == [{"mm0", "mm1", "mm2"}]
+    assert per_token_variants("openvino") == []

@@ -13,7 +13,7 @@ name in `pue.choices`; tests/test_precisions.py checks that the two agree). Stdl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pue.choices import Attention, BundleTarget, Choice, DeviceKind, Precision, QuantizePrecision, Target, parse_choice
 from pue.errors import BundleError, PueError
@@ -165,6 +165,60 @@ class PrecisionSpec:
             raise PueError(self.device_advice or f"{self.precision} bundles for {self.target} run on {where} only")
 
 
+_OPENVINO_INT8 = PrecisionSpec(
+    Precision.INT8,
+    BundleTarget.OPENVINO,
+    PrecisionKind.WEIGHT,
+    weights=U8_ASYMMETRIC.weights,
+    activations=U8_ASYMMETRIC.description,
+    qdq=U8_ASYMMETRIC,  # OpenVINO's CPU plugin runs u8 activations × 7-bit s8 weights in int8 kernels on any x86
+    parent=Precision.FP32,
+    calibration_data=True,
+    attention=(Attention.STANDARD,),  # OpenVINO reads standard ONNX attention only
+    devices=(DeviceKind.CPU,),
+    engine_source=False,
+    note="unsigned activations and 7-bit weights, compiled by OpenVINO's CPU plugin into int8 kernels",
+    token_outliers=TokenOutliers.FLOAT,
+    device_advice=(
+        "an INT8 bundle for OpenVINO runs on the CPU; on a GPU, INT8 runs through TensorRT: re-quantize with "
+        "`pue-export quantize FP32_BUNDLE -o OUT --precision int8 --target tensorrt`, then `pue-export trt`"
+    ),
+    backend="openvino",
+)
+_OPENVINO_INT8_DYNAMIC = PrecisionSpec(
+    Precision.INT8_DYNAMIC,
+    BundleTarget.OPENVINO,
+    PrecisionKind.WEIGHT,
+    weights=OV_GROUPED.weights,
+    activations=OV_GROUPED.description,
+    qdq=OV_GROUPED,
+    parent=Precision.FP32,
+    calibration_data=True,  # GPTQ's moments, the calibration check and the fallback's ranking
+    attention=(Attention.STANDARD,),
+    devices=(DeviceKind.CPU,),
+    engine_source=False,
+    note="int8 weights whose activations OpenVINO's CPU plugin quantizes per token at run time",
+    device_advice=(
+        "an int8-dynamic bundle for OpenVINO runs on the CPU; on a GPU, INT8 runs through TensorRT: re-quantize "
+        "with `pue-export quantize FP32_BUNDLE -o OUT --precision int8 --target tensorrt`, then `pue-export trt`"
+    ),
+    backend="openvino",
+    dynamic_group=OPENVINO_GROUP_SIZE,
+)
+
+
+def _with_bf16_rest(spec: PrecisionSpec, precision: Precision, what: str) -> PrecisionSpec:
+    """`spec`'s graphs with every op but its int8 weight MatMuls computed in bf16 by OpenVINO (native bf16 CPUs)."""
+    return replace(
+        spec,
+        precision=precision,
+        activations=f"{spec.activations} at int8 MatMuls; bfloat16 elsewhere (OpenVINO inference precision)",
+        note=f"{what} with bf16 for the rest, in OpenVINO's CPU plugin on CPUs with native bf16",
+        device_advice=f"an {precision} bundle runs in OpenVINO on a CPU with native bf16 (AVX512-BF16 or AMX)",
+        compute="bfloat16",
+    )
+
+
 PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
     PrecisionSpec(
         Precision.FP32,
@@ -222,26 +276,7 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
         engine_source=True,
         token_outliers=TokenOutliers.FLOAT,  # standard ONNX has no per-token int8
     ),
-    PrecisionSpec(
-        Precision.INT8,
-        BundleTarget.OPENVINO,
-        PrecisionKind.WEIGHT,
-        weights=U8_ASYMMETRIC.weights,
-        activations=U8_ASYMMETRIC.description,
-        qdq=U8_ASYMMETRIC,  # OpenVINO's CPU plugin runs u8 activations × 7-bit s8 weights in int8 kernels on any x86
-        parent=Precision.FP32,
-        calibration_data=True,
-        attention=(Attention.STANDARD,),  # OpenVINO reads standard ONNX attention only
-        devices=(DeviceKind.CPU,),
-        engine_source=False,
-        note="unsigned activations and 7-bit weights, compiled by OpenVINO's CPU plugin into int8 kernels",
-        token_outliers=TokenOutliers.FLOAT,
-        device_advice=(
-            "an INT8 bundle for OpenVINO runs on the CPU; on a GPU, INT8 runs through TensorRT: re-quantize with "
-            "`pue-export quantize FP32_BUNDLE -o OUT --precision int8 --target tensorrt`, then `pue-export trt`"
-        ),
-        backend="openvino",
-    ),
+    _OPENVINO_INT8,
     PrecisionSpec(
         Precision.INT8_DYNAMIC,
         BundleTarget.ONNXRUNTIME,
@@ -258,26 +293,7 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
         device_advice=CPU_INT8_ADVICE,
         token_outliers=TokenOutliers.PER_TOKEN,
     ),
-    PrecisionSpec(
-        Precision.INT8_DYNAMIC,
-        BundleTarget.OPENVINO,
-        PrecisionKind.WEIGHT,
-        weights=OV_GROUPED.weights,
-        activations=OV_GROUPED.description,
-        qdq=OV_GROUPED,
-        parent=Precision.FP32,
-        calibration_data=True,  # GPTQ's moments, the calibration check and the fallback's ranking
-        attention=(Attention.STANDARD,),
-        devices=(DeviceKind.CPU,),
-        engine_source=False,
-        note="int8 weights whose activations OpenVINO's CPU plugin quantizes per token at run time",
-        device_advice=(
-            "an int8-dynamic bundle for OpenVINO runs on the CPU; on a GPU, INT8 runs through TensorRT: re-quantize "
-            "with `pue-export quantize FP32_BUNDLE -o OUT --precision int8 --target tensorrt`, then `pue-export trt`"
-        ),
-        backend="openvino",
-        dynamic_group=OPENVINO_GROUP_SIZE,
-    ),
+    _OPENVINO_INT8_DYNAMIC,
     PrecisionSpec(
         Precision.BF16,
         BundleTarget.OPENVINO,
@@ -298,42 +314,8 @@ PRECISION_TABLE: tuple[PrecisionSpec, ...] = (
         compute="bfloat16",
         backend="openvino",
     ),
-    PrecisionSpec(
-        Precision.INT8_BF16,
-        BundleTarget.OPENVINO,
-        PrecisionKind.WEIGHT,  # Q/DQ in the graphs; the float rest computed in bf16 (`compute`)
-        weights=U8_ASYMMETRIC.weights,
-        activations=f"{U8_ASYMMETRIC.description} at int8 MatMuls; bfloat16 elsewhere (OpenVINO inference precision)",
-        qdq=U8_ASYMMETRIC,
-        parent=Precision.FP32,
-        calibration_data=True,
-        attention=(Attention.STANDARD,),
-        devices=(DeviceKind.CPU,),
-        engine_source=False,
-        note="int8 weight MatMuls with bf16 for the rest, in OpenVINO's CPU plugin on CPUs with native bf16",
-        token_outliers=TokenOutliers.FLOAT,
-        device_advice="an int8-bf16 bundle runs in OpenVINO on a CPU with native bf16 (AVX512-BF16 or AMX)",
-        compute="bfloat16",
-        backend="openvino",
-    ),
-    PrecisionSpec(
-        Precision.INT8_DYNAMIC_BF16,
-        BundleTarget.OPENVINO,
-        PrecisionKind.WEIGHT,  # int8 weights in the graphs; the float rest computed in bf16 (`compute`)
-        weights=OV_GROUPED.weights,
-        activations=f"{OV_GROUPED.description} at int8 MatMuls; bfloat16 elsewhere (OpenVINO inference precision)",
-        qdq=OV_GROUPED,
-        parent=Precision.FP32,
-        calibration_data=True,
-        attention=(Attention.STANDARD,),
-        devices=(DeviceKind.CPU,),
-        engine_source=False,
-        note="run-time int8 weight MatMuls with bf16 for the rest, in OpenVINO's CPU plugin on CPUs with native bf16",
-        device_advice="an int8-dynamic-bf16 bundle runs in OpenVINO on a CPU with native bf16 (AVX512-BF16 or AMX)",
-        compute="bfloat16",
-        backend="openvino",
-        dynamic_group=OPENVINO_GROUP_SIZE,
-    ),
+    _with_bf16_rest(_OPENVINO_INT8, Precision.INT8_BF16, "int8 weight MatMuls"),
+    _with_bf16_rest(_OPENVINO_INT8_DYNAMIC, Precision.INT8_DYNAMIC_BF16, "run-time int8 weight MatMuls"),
 )
 
 _BY_KEY = {(spec.precision, spec.target): spec for spec in PRECISION_TABLE}

@@ -68,7 +68,8 @@ def quantize_weights_only(model: Any, nodes: list[str], base_dir: str = "") -> l
     del graph.node[:]
     graph.node.extend(rewritten)
     read = {name for node in graph.node for name in node.input}
-    unread = [init for init in graph.initializer if init.name in {w for w, _ in levels_of} and init.name not in read]
+    replaced = {weight for weight, _ in levels_of}
+    unread = [init for init in graph.initializer if init.name in replaced and init.name not in read]
     for init in unread:
         graph.initializer.remove(init)
     return done

@@ -1,5 +1,6 @@
 """`pue-export quantize --precision int8 --target openvino` on the `ci` preset: one quantize for the module, gated by
-running OpenVINO, which runs its weight MatMuls in int8 kernels; `int8-bf16` refused on a CPU without bf16."""
+running OpenVINO, which runs its weight MatMuls in int8 kernels; `int8-bf16` and `int8-dynamic-bf16` refused on a CPU
+without bf16."""
 
 from __future__ import annotations
 

@@ -27,6 +27,8 @@ from pue.calibration.candidates import (
     with_flags,
 )
 from pue.calibration.graph_ops import int8_flop_share
+from pue.calibration.kind_balance import kind_items, measure_balance, unbalanced_kind
+from pue.calibration.measured_ranking import candidate_of
 from pue.calibration.search_graphs import PreparedGraphs, activation_ranges, own_ranges, prepare_graphs
 from pue.calibration.search_quantizer import GraphQuantizer
 from pue.calibration.search_variants import (
@@ -132,23 +134,9 @@ def search_int8(
         phase_done("check")
         taken = best is None or better(check, best.check)
         attempts.append(
-            {
-                "float_nodes": sorted(float_nodes),
-                "per_token_nodes": sorted(per_token - float_nodes),
-                "ranges": ranges_rule(rule) if static else "dynamic",
-                "weights": "gptq" if GPTQ in rule else "nearest",
-                "weight_bits": _weight_bits(options, rule),
-                "other_rounding": alternate,
-                "gptq_ops": quantizer.gptq_rounded() if GPTQ in rule else 0,
-                "channel_split": SPLIT in rule,
-                "reader_split": READERS in rule,
-                "int8_flop_share": share,
-                "check": check.overall,
-                **({"fitted_check": check.extra["fitted"], "unseen_check": unseen.overall} if unseen else {}),
-                "check_passed": check.passed,
-                "taken": taken,
-                "seconds": time.perf_counter() - started,
-            }
+            _attempt_record(
+                (float_nodes, per_token, rule), options, quantizer, share, (check, unseen), taken, alternate, started
+            )
         )
         say(_attempt_line(len(attempts), attempts[-1], own, _weight_bits(options, "")))
         widening = taken and WIDE in rule and (best is None or WIDE not in best.rule)
@@ -204,6 +192,15 @@ def search_int8(
             (keep, wider), edge = fitting, True
         float_nodes = wider
     assert best is not None
+    balance = None
+    if best.check.passed and options.fallback and options.balance_budget > 0 and judges.rank is not None:
+        context = (prepared, models, work, tokens, quantizer, range_rules)
+        made_before = len(attempts)
+        best, balance = _balance_kinds(context, options, judges, best, attempts, widened, say)
+        if len(attempts) > made_before:
+            say(_attempt_line(len(attempts), attempts[-1], own, _weight_bits(options, "")))
+        if balance is not None:
+            phase_done("balance")
     chosen, check, graphs, chosen_per_token, chosen_rule = best
     fidelity = judges.gate(graphs)
     phase_done("gate")
@@ -245,9 +242,93 @@ def search_int8(
         else None,
         "ranking": ranking,
         "measured_ranking": measured_ranking,
+        "kind_balance": balance,
         "target_parity": judges.parity.to_dict() if judges.parity is not None and static else None,
         "why": why,
     }
+
+
+def _attempt_record(
+    request: tuple[set[str], set[str], str],
+    options: Any,
+    quantizer: GraphQuantizer,
+    share: float,
+    verdicts: tuple[GateReport, GateReport | None],
+    taken: bool,
+    alternate: bool,
+    started: float,
+) -> dict[str, Any]:
+    """An attempt as `fidelity.json["attempts"]` records it: what was asked for (`request`: float ops, per-token ops,
+    rule), its int8 share, its check (and the unseen items' where a passing check was confirmed), whether it was
+    taken."""
+    float_nodes, per_token, rule = request
+    check, unseen = verdicts
+    return {
+        "float_nodes": sorted(float_nodes),
+        "per_token_nodes": sorted(per_token - float_nodes),
+        "ranges": ranges_rule(rule) if options.spec.calibrated else "dynamic",
+        "weights": "gptq" if GPTQ in rule else "nearest",
+        "weight_bits": _weight_bits(options, rule),
+        "other_rounding": alternate,
+        "gptq_ops": quantizer.gptq_rounded() if GPTQ in rule else 0,
+        "channel_split": SPLIT in rule,
+        "reader_split": READERS in rule,
+        "int8_flop_share": share,
+        "check": check.overall,
+        **({"fitted_check": check.extra["fitted"], "unseen_check": unseen.overall} if unseen else {}),
+        "check_passed": check.passed,
+        "taken": taken,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _balance_kinds(
+    context: tuple[PreparedGraphs, dict[str, Any], Path, dict[str, int], GraphQuantizer, dict],
+    options: Any,
+    judges: Judges,
+    best: Candidate,
+    attempts: list[dict],
+    widened: bool,
+    say: Callable[[str], None],
+) -> tuple[Candidate, dict[str, Any] | None]:
+    """The passing best with the float budget spent where one kind of row carries most of the error
+    (`pue.calibration.kind_balance`): its chosen ops in float, quantized and checked for real, taken where the check
+    is better and that kind's error falls. Returns the best (the same where nothing was taken) and the stage's record
+    (None where the kinds are balanced)."""
+    prepared, models, work, tokens, quantizer, range_rules = context
+    unbalanced = unbalanced_kind(best.check.per_kind)
+    if unbalanced is None:
+        return best, None
+    kind = unbalanced[0]
+    weight_qmax = WEIGHT_QMAX if WIDE in best.rule else options.spec.qdq.weight_qmax
+    ranges = range_rules.get(ranges_rule(best.rule))
+    simulated = candidate_of(
+        prepared.ops, prepared.stats, (best.float_nodes, best.per_token, ranges), weight_qmax, options.spec.qdq
+    )
+    items = kind_items(best.check.per_kind, best.check.cosines, kind)
+    balance = measure_balance(
+        models, work, prepared.ops, tokens, simulated, unbalanced, items, judges.rank, options.balance_budget, say
+    )
+    record = {**balance.to_dict(), "taken": False, "check_error": None}
+    if not balance.chosen:
+        return best, record
+    started = time.perf_counter()
+    float_nodes = best.float_nodes | set(balance.chosen)
+    graphs = quantizer.quantize(float_nodes, best.per_token, best.rule)
+    float_nodes |= quantizer.target_float
+    check, unseen = confirm_check(judges.check(graphs), graphs, judges.confirm, widened)
+    error = 1.0 - float(check.per_kind[kind]["mean_cosine"])
+    taken = check.passed and better(check, best.check) and error < unbalanced[1]
+    share = int8_flop_share(prepared.ops, float_nodes, tokens)
+    attempts.append(
+        _attempt_record(
+            (float_nodes, best.per_token, best.rule), options, quantizer, share, (check, unseen), taken, False, started
+        )
+    )
+    record.update(taken=taken, check_error=error)
+    if taken:
+        best = Candidate(set(float_nodes), check, graphs, set(best.per_token), best.rule)
+    return best, record
 
 
 def _request(float_nodes: set[str], per_token: set[str], rule: str) -> tuple[frozenset[str], frozenset[str], str]:

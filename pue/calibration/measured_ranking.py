@@ -51,6 +51,24 @@ def simulate(
     return {name: _simulate_graph(name, model, ops, candidate, floated, base_dir) for name, model in models.items()}
 
 
+def with_float(
+    models: dict[str, Any],
+    ops: list[WeightOp],
+    candidate: Candidate,
+    base: dict[str, Any],
+    extra_float: set[str],
+    base_dir: Path | None = None,
+) -> dict[str, Any]:
+    """`base` (`simulate(models, ops, candidate)`) with `extra_float` ops also float: only the graphs those ops lie in
+    are simulated again, the others stay the same objects (a judge may keep them staged)."""
+    touched = {op.graph for op in ops if op.node in extra_float}
+    floated = set(candidate.float_nodes) | extra_float
+    return {
+        name: _simulate_graph(name, models[name], ops, candidate, floated, base_dir) if name in touched else graph
+        for name, graph in base.items()
+    }
+
+
 def _simulate_graph(
     name: str, model: Any, ops: list[WeightOp], candidate: Candidate, floated: set[str], base_dir: Path | None = None
 ) -> Any:
@@ -109,10 +127,7 @@ def rank_end_to_end(
     ranked = []
     # one graph changes per op: the others stay the base's objects, so the judge need not stage them again
     for node in sorted(shortlist, key=lambda n: list(models).index(graph_of[n])):
-        graph = graph_of[node]
-        floated = set(candidate.float_nodes) | {node}
-        changed = _simulate_graph(graph, models[graph], ops, candidate, floated, base_dir)
-        mean, minimum = measure({**base, graph: changed})
+        mean, minimum = measure(with_float(models, ops, candidate, base, {node}, base_dir))
         ranked.append(
             {
                 "graph": graph_of[node],
@@ -130,6 +145,25 @@ def rank_end_to_end(
         + (f"best: {ranked[0]['node']} → min {ranked[0]['min_cosine']:.5f}" if ranked else "none")
     )
     return ranked
+
+
+def candidate_of(
+    ops: list[WeightOp],
+    stats: dict[str, ChannelStats],
+    best: tuple[set[str], set[str], dict[str, tuple[float, float]] | None],
+    weight_qmax: int,
+    qdq: Any,
+) -> Candidate:
+    """The search's best candidate as the simulation takes it. `best`: its float ops, per-token ops and activation
+    ranges (None: MinMax); `weight_qmax`: its weights' level bound; `qdq`: the precision's `QdqFlavour`."""
+    float_nodes, per_token, ranges = best
+    return Candidate(
+        float_nodes=frozenset(float_nodes),
+        per_token=frozenset(per_token - float_nodes),
+        ranges=static_ranges(ops, stats, ranges) if qdq.static else {},
+        scheme=str(qdq.scheme),
+        weight_qmax=weight_qmax,
+    )
 
 
 def rank_fallback(
@@ -150,16 +184,8 @@ def rank_fallback(
     item; `weight_qmax`: its weights' level bound; `rank`: `Judges.rank`. `models`: the search's weightless
     float graphs, whose weights lie in `work` (`fake_quantize`'s base_dir); the simulation rounds weights to nearest and
     does not split the writers' columns, whatever the best candidate does."""
-    float_nodes, per_token, ranges = best
-    qdq = options.spec.qdq
-    candidate = Candidate(
-        float_nodes=frozenset(float_nodes),
-        per_token=frozenset(per_token - float_nodes),
-        ranges=static_ranges(ops, stats, ranges) if qdq.static else {},
-        scheme=str(qdq.scheme),
-        weight_qmax=weight_qmax,
-    )
-    shortlist = [node for node in order if node not in float_nodes][: options.rank_ops]
+    candidate = candidate_of(ops, stats, best, weight_qmax, options.spec.qdq)
+    shortlist = [node for node in order if node not in candidate.float_nodes][: options.rank_ops]
     items = worst_items(cosines)
 
     def measure(graphs: dict[str, Any]) -> tuple[float, float]:
@@ -169,4 +195,14 @@ def rank_fallback(
     return rank_end_to_end(models, ops, candidate, shortlist, measure, say, base_dir=work)
 
 
-__all__ = ["RANK_ITEMS", "Candidate", "rank_end_to_end", "rank_fallback", "simulate", "static_ranges", "worst_items"]
+__all__ = [
+    "RANK_ITEMS",
+    "Candidate",
+    "candidate_of",
+    "rank_end_to_end",
+    "rank_fallback",
+    "simulate",
+    "static_ranges",
+    "with_float",
+    "worst_items",
+]

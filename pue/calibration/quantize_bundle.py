@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pue.bundle import Manifest, read_manifest
-from pue.calibration.candidates import flop_share_check
+from pue.calibration.candidates import MIN_INT8_FLOP_SHARE, flop_share_check
 from pue.calibration.check_items import (
     CHECK_PATCHES,
     calibration_captions,
@@ -28,6 +28,7 @@ from pue.calibration.check_items import (
 from pue.calibration.fidelity_plot import plot_fidelity
 from pue.calibration.fp16 import convert_with_gate
 from pue.calibration.int8_search import Judges, search_int8
+from pue.calibration.kind_balance import DEFAULT_BUDGET
 from pue.calibration.openvino_int8 import check_openvino_request
 from pue.calibration.quantize_plan import OUTLIER_SAMPLES, most_images_per_row, run_plan, vision_tokens
 from pue.calibration.quantized_manifest import child_manifest, gate_device
@@ -81,6 +82,9 @@ class QuantizeOptions:
     per_token: bool = True
     # the float fallback's end-to-end ranking: how many of the SQNR ranking's worst ops it measures (0: SQNR order)
     rank_ops: int = 24
+    # INT8: once the check passes, the share of weight FLOPs that may stay float where one kind of row carries most of
+    # the error (`kind_balance`; 0: never)
+    balance_budget: float = DEFAULT_BUDGET
     magnification: float | None = None
     mpp: float | None = None
     thresholds: FidelityThresholds = field(default_factory=FidelityThresholds)
@@ -128,6 +132,11 @@ def _check_request(manifest: Manifest, options: QuantizeOptions) -> None:
         raise PueError(f"--num-patches must be at least 1, got {options.num_patches}")
     if options.rank_ops < 0:
         raise PueError(f"--rank-ops must be 0 or more, got {options.rank_ops}")
+    if not 0 <= options.balance_budget <= 1 - MIN_INT8_FLOP_SHARE:
+        raise PueError(
+            f"--balance-budget is a share of the weight FLOPs between 0 and {1 - MIN_INT8_FLOP_SHARE:.2f} (an INT8 "
+            f"bundle keeps {MIN_INT8_FLOP_SHARE:.0%} in int8), got {options.balance_budget}"
+        )
     if options.attention is not None:
         parse_choice(Attention, options.attention, "--attention")
     if options.attention is not None and options.attention not in spec.attention:
@@ -303,6 +312,7 @@ def quantize_bundle(
             "attention": {"mode": attention_mode(options), "graphs": fusion},
             "sensitivity": outcome.get("ranking", [])[:20],
             "measured_ranking": outcome.get("measured_ranking", []),
+            "kind_balance": outcome.get("kind_balance"),
             "target_parity": outcome.get("target_parity"),
             "row_split_hoist": hoisted,
             "fp16_kept_fp32": outcome.get("fp16_blocked", []),

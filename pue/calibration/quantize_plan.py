@@ -59,11 +59,12 @@ def run_plan(
     images_per_row, set_rows = longest_rows
     longest = tokens["decoder"] + (images_per_row - 1) * manifest.tokens_per_image
     sequences = {"vision": (export.num_crops or 1, crop_tokens), "decoder": (1, longest)}
-    graphs, op_count = {}, 0
+    graphs, op_count, all_ops = {}, 0, []
     for name, model in models.items():
         spec = manifest.graphs[name]
         ops = [op for op in weight_ops(model, name) if static or op.op_type == "MatMul"]
         op_count += len(ops)
+        all_ops += ops
         layers = sum(node.op_type == "Softmax" for node in model.graph.node)
         heads = int((export.attention.get(name) or {}).get("heads", 0))
         count, length = sequences[name]
@@ -87,7 +88,21 @@ def run_plan(
         every_row_calibrates=options.method != "minmax",  # minmax: pue's ranges, onnxruntime's calibrator reads a row
         variants=search_variants(options),
         gptq=options.gptq and options.precision != "fp16",
+        balance_measures=balance_measures(all_ops, options),
     )
+
+
+def balance_measures(ops: list[Any], options: Any) -> int:
+    """The most simulated candidates the balance stage measures (`kind_balance`): the best as it is, each block, and
+    each op of the `OPENED` largest blocks; 0 where it cannot run (no budget, no end-to-end ranking)."""
+    from pue.calibration.kind_balance import OPENED, block_of
+
+    if options.balance_budget <= 0 or options.rank_ops <= 0:
+        return 0
+    sizes: dict[str, int] = {}
+    for op in ops:
+        sizes[block_of(op)] = sizes.get(block_of(op), 0) + 1
+    return 1 + len(sizes) + sum(sorted(sizes.values(), reverse=True)[:OPENED])
 
 
 def search_variants(options: Any) -> int:

@@ -143,12 +143,14 @@ def plan_quantize(
     every_row_calibrates: bool = True,
     variants: int = 0,
     gptq: bool = False,
+    balance_measures: int = 0,
 ) -> QuantizePlan:
     """Peak host memory and the passes over calibration rows of one `pue-export quantize` run. `ranked_ops`: how
     many ops the float fallback measures end to end (`--rank-ops`; 0: none, or no fallback).
     `every_row_calibrates`: static INT8's calibration session runs every row (onnxruntime's histogram methods); with
     pue's own ranges (`--calibration-method minmax`) it runs one, and the statistics pass is the larger. `variants`,
-    `gptq`: what the search tries besides the fallback (`max_attempts`)."""
+    `gptq`: what the search tries besides the fallback (`max_attempts`). `balance_measures`: the most simulated
+    candidates the balance stage measures (`kind_balance`; 0: it does not run), plus its one real candidate."""
     arena = RUNTIME_SCORE_COPIES * batch_attention_bytes
     weights = sum(g.weights_bytes for g in graphs.values())
     resident = PROCESS_BASE_BYTES + WEIGHT_COPIES_RESIDENT * weights + arena
@@ -166,7 +168,8 @@ def plan_quantize(
     if ranked:
         phases.append(RANKING_WEIGHT_COPIES * weights + CANDIDATE_ARENA_SHARE * arena)
     peak = int(MARGIN * (resident + max(phases)))
-    attempts = max_attempts(op_count if fallback else 0, variants, gptq)
+    balance = balance_measures if fallback and precision != "fp16" else 0
+    attempts = max_attempts(op_count if fallback else 0, variants, gptq) + int(balance > 0)
     if precision == "fp16":
         passes = {"outlier report": 1, "activation ranges": 1, "gate": 1}
     else:
@@ -174,6 +177,7 @@ def plan_quantize(
         # at most every check again on the calibration items the fit did not read (`unseen_check`)
         passes.update({"calibration check": attempts, "unseen check": attempts})
         passes.update({"fallback ranking": ranked + 1} if ranked else {})
+        passes.update({"kind balance": balance} if balance else {})
         passes["held-out gate"] = 1
     available = available_memory_bytes() if available is None else available
     fits = available is None or peak <= available

@@ -80,6 +80,13 @@ def quantize(
         help="Ops the float fallback measures end to end (simulated, each one staged and embedded on the check's "
         "16 worst items) before keeping any in float; 0: the SQNR order alone (cheaper on very large models).",
     ),
+    balance_budget: float = typer.Option(
+        0.05,
+        "--balance-budget",
+        help="INT8: once the calibration check passes, where one kind of row (texts, images, composed) carries at "
+        "least twice the others' error, the share of weight FLOPs that may stay float on the ops that kind needs "
+        "most (measured block by block, then op by op; the check decides). 0: never. Needs --rank-ops > 0.",
+    ),
     rotate: Rotate = typer.Option(
         Rotate.OFF.value,
         "--rotate",
@@ -141,6 +148,7 @@ def quantize(
         split_channels=not no_split_channels,
         wide_weights=not no_wide_weights,
         rank_ops=rank_ops,
+        balance_budget=balance_budget,
         rotate=rotate.value,
         magnification=magnification,
         mpp=mpp,
@@ -236,6 +244,8 @@ def _print_fidelity(out: object, report: dict) -> None:
         )
     if report.get("per_token_nodes"):
         extra.append(("ops quantized per token", str(len(report["per_token_nodes"])), "massive tokens"))
+    if balance := report.get("kind_balance"):
+        extra.append(balance_row(balance))
     rotation = report.get("rotation") or {}
     if rotation.get("applied"):
         extra.append(("rotated residual stream", rotation["rotation"]["kind"], f"--rotate {rotation['mode']}"))
@@ -246,6 +256,20 @@ def _print_fidelity(out: object, report: dict) -> None:
     title = f"fidelity gate: {report['precision']} ({report['target']}) vs FP32 parent"
     out.print(report["gate_device"])  # type: ignore[attr-defined]
     print_gate(out, report["gate"], title=title, extra_rows=extra)
+
+
+def balance_row(balance: dict) -> tuple[str, str, str]:
+    """The balance stage's row (`kind_balance`): which kind carried how much of the error, what it kept float."""
+    ratio = balance["error"] / max(balance["rest_error"], 1e-12)
+    if not balance["chosen"]:
+        return (f"{balance['kind']}: {ratio:.1f}x the other rows' error", "no op worth its FLOPs", "kind balance")
+    error = f"error {balance['error']:.1e} → {balance['check_error']:.1e}"
+    verdict = "taken" if balance["taken"] else "not taken (the check was not better)"
+    return (
+        f"{balance['kind']}: {ratio:.1f}x the other rows' error",
+        f"{len(balance['chosen'])} ops float ({balance['chosen_flop_share']:.1%} of FLOPs), {verdict}",
+        error,
+    )
 
 
 @handle_errors

@@ -40,6 +40,9 @@ def _treatment(report: dict[str, Any]) -> dict[str, Any] | None:
         "rotated": bool((report.get("rotation") or {}).get("applied")),
         # ops kept float because the target backend computes them differently from onnxruntime (`target_parity`)
         "target_float_nodes": (report.get("target_parity") or {}).get("float_nodes", []),
+        # ops kept float once the check passed because one kind of row carried most of the error (`kind_balance`)
+        "balance_float_nodes": _balance_nodes(report.get("kind_balance")),
+        "kind_balance": report.get("kind_balance"),
         "channel_split": {
             graph: {
                 "channels": done["channels"],
@@ -106,6 +109,11 @@ def describe_bundle(bundle: str | Path) -> dict[str, Any]:
         "int8_treatment": _treatment(report),
         "versions": manifest.versions,
     }
+
+
+def _balance_nodes(balance: dict[str, Any] | None) -> list[str]:
+    """The ops the balance stage kept float, where the check took them."""
+    return list(balance["chosen"]) if balance and balance.get("taken") else []
 
 
 def print_summary(console: Any, summary: dict[str, Any]) -> None:
@@ -188,33 +196,48 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
                 f"(top {tensor['top_channels']}), tokens {tensor['token_ratio']:.0f}x "
                 f"(positions {tensor['top_positions']})"
             )
-    treatment = summary.get("int8_treatment")
-    if treatment:
-        console.print(
-            f"int8 treatment: {len(treatment['float_nodes'])} ops kept float, {len(treatment['per_token_nodes'])} "
-            f"per token, {len(treatment['smoothed'])} groups smoothed, residual stream "
-            + ("rotated" if treatment["rotated"] else "not rotated")
-        )
-        for node in treatment["per_token_nodes"]:
-            console.print(f"  per token: {node}")
-        target_float = set(treatment.get("target_float_nodes") or [])
-        for node in treatment["float_nodes"]:
-            why = " (the target backend computes it differently from onnxruntime)" if node in target_float else ""
-            console.print(f"  float: {node}{why}")
-        for group in treatment["smoothed"]:
-            console.print(f"  smoothed (alpha {group['alpha']}, {group['fold']}): {', '.join(group['nodes'])}")
-        for graph, done in (treatment.get("channel_split") or {}).items():
-            console.print(
-                f"  {graph}: residual channels {done['channels']} written in float by {len(done['writers'])} writers"
-                + (f", read in float by {len(done['readers'])} readers" if done.get("readers") else "")
-            )
-        for graph, ops in (treatment.get("row_split_hoist") or {}).items():
-            for op in ops:
-                console.print(f"  {graph}: {op} reads its rows already split (OpenVINO's int8 form)")
-        ranges = treatment.get("ranges") or {}
-        if ranges:
-            console.print(f"  activation ranges: {ranges['rule']}, {len(ranges['clipped'])} tensors clipped")
-            for tensor, clip in ranges["clipped"].items():
-                console.print(f"  clipped to {clip:g} of MinMax: {tensor}")
+    if treatment := summary.get("int8_treatment"):
+        print_treatment(console, treatment)
     passed = summary["fidelity"]["passed"]
     console.print("fidelity: " + ("PASSED" if passed else "FAILED" if passed is False else "not recorded"))
+
+
+def print_treatment(console: Any, treatment: dict[str, Any]) -> None:
+    """What the INT8 search did to the graphs (`_treatment`): ops float and why, per token, smoothed, split, ranges."""
+    console.print(
+        f"int8 treatment: {len(treatment['float_nodes'])} ops kept float, {len(treatment['per_token_nodes'])} "
+        f"per token, {len(treatment['smoothed'])} groups smoothed, residual stream "
+        + ("rotated" if treatment["rotated"] else "not rotated")
+    )
+    for node in treatment["per_token_nodes"]:
+        console.print(f"  per token: {node}")
+    target_float = set(treatment.get("target_float_nodes") or [])
+    balance = treatment.get("kind_balance") or {}
+    balanced = set(treatment.get("balance_float_nodes") or [])
+    for node in treatment["float_nodes"]:
+        why = " (the target backend computes it differently from onnxruntime)" if node in target_float else ""
+        why = f" ({balance.get('kind')} needed it: kind balance)" if node in balanced else why
+        console.print(f"  float: {node}{why}")
+    if balance:
+        ratio = balance["error"] / max(balance["rest_error"], 1e-12)
+        console.print(
+            f"  kind balance: {balance['kind']} carried {ratio:.1f}x "
+            f"the other rows' error; {len(balance['chosen'])} ops chosen "
+            f"({balance['chosen_flop_share']:.1%} of the weight FLOPs), "
+            + ("taken" if balance["taken"] else "not taken")
+        )
+    for group in treatment["smoothed"]:
+        console.print(f"  smoothed (alpha {group['alpha']}, {group['fold']}): {', '.join(group['nodes'])}")
+    for graph, done in (treatment.get("channel_split") or {}).items():
+        console.print(
+            f"  {graph}: residual channels {done['channels']} written in float by {len(done['writers'])} writers"
+            + (f", read in float by {len(done['readers'])} readers" if done.get("readers") else "")
+        )
+    for graph, ops in (treatment.get("row_split_hoist") or {}).items():
+        for op in ops:
+            console.print(f"  {graph}: {op} reads its rows already split (OpenVINO's int8 form)")
+    ranges = treatment.get("ranges") or {}
+    if ranges:
+        console.print(f"  activation ranges: {ranges['rule']}, {len(ranges['clipped'])} tensors clipped")
+        for tensor, clip in ranges["clipped"].items():
+            console.print(f"  clipped to {clip:g} of MinMax: {tensor}")

@@ -104,6 +104,7 @@ class Verdict:
     passed: bool
     overall: dict = field(default_factory=lambda: {"mean_cosine": 0.9, "min_cosine": 0.8, "top1": 0.5})
     cosines: list = field(default_factory=lambda: [0.8, 0.99, 0.95])
+    per_kind: dict = field(default_factory=dict)  # one kind of row only: nothing for `kind_balance` to balance
 
     def failures(self) -> list[str]:
         return [] if self.passed else ["mean cosine 0.9 < 0.995"]
@@ -128,9 +129,12 @@ def search(
     feeds=None,
     rank=None,
     rank_ops=24,
+    per_kind_of=None,
+    balance_budget=0.05,
 ):
     """search_int8 with fake judges: the check records which MatMuls each candidate left in float (its minimum
-    cosine from `minimum_of`), the gate records what it was shown; `rank` stands for the end-to-end ranking judge."""
+    cosine from `minimum_of`, its kinds' figures from `per_kind_of`), the gate records what it was shown; `rank`
+    stands for the end-to-end ranking judge."""
     seen: list[set[str]] = []
     gated: list[set[str]] = []
 
@@ -138,7 +142,8 @@ def search(
         seen.append(float_matmuls(quantized["decoder"]))
         minimum = minimum_of(seen[-1]) if minimum_of else 0.8 + 0.001 * len(seen[-1])
         overall = {"mean_cosine": 0.9 + minimum / 100, "min_cosine": minimum, "top1": 0.5}
-        return Verdict(passed=passes_when is not None and passes_when(seen[-1]), overall=overall)
+        per_kind = per_kind_of(seen[-1]) if per_kind_of else {}
+        return Verdict(passed=passes_when is not None and passes_when(seen[-1]), overall=overall, per_kind=per_kind)
 
     def gate(quantized):
         gated.append(float_matmuls(quantized["decoder"]))
@@ -152,6 +157,7 @@ def search(
         fallback=fallback,
         error_ranges=False,
         rank_ops=rank_ops,
+        balance_budget=balance_budget,
         gptq=False,
         wide_weights=False,  # 8-bit weights (onnxruntime, while failing) have their own tests
     )
@@ -226,6 +232,77 @@ def test_the_fallback_follows_the_end_to_end_ranking_where_the_judges_measure_it
     (tmp_path / "three").mkdir()
     result, seen, _, _ = search(tmp_path / "three", passes_when=lambda floats: "good2" in floats, rank=rank, rank_ops=3)
     assert [m[0] for m in measured[1:]] == [{"bad0"}, {"bad1"}, {"bad2"}] and "good2" not in set().union(*seen)
+
+
+def kinds(images: float, texts: float) -> dict:
+    """A check's `per_kind` for its three items: two images, one text, at these mean cosines."""
+    return {
+        "images": {"count": 2, "mean_cosine": images, "min_cosine": images},
+        "texts": {"count": 1, "mean_cosine": texts, "min_cosine": texts},
+    }
+
+
+@pytest.mark.parametrize("real_check_better", [True, False])
+def test_a_passing_search_spends_the_balance_budget_on_what_the_worst_kind_needs(tmp_path, real_check_better):
+    """The check passes at once with the text rows carrying 10× the images' error; the stage measures each block
+    (here each op: the names have no numbered modules) in float on the text item, then the two costliest one by one,
+    and keeps bad3 in float (its gain is the texts' whole error, at 1 % of the FLOPs): the real check takes it when it
+    is better and the texts' error falls, else the best stays as it was and the stage is recorded as not taken."""
+    measured: list[tuple[set[str], list[int]]] = []
+
+    def rank(simulated, items):
+        floated = simulated_float(simulated["decoder"])
+        measured.append((floated, items))
+        mean = 0.9999 if "bad3" in floated else 0.999 + 0.00004 * ("bad2" in floated)  # gain < 5 %: not chosen
+        return Verdict(passed=True, overall={"mean_cosine": mean, "min_cosine": mean, "top1": 1.0})
+
+    def per_kind_of(floats):
+        return kinds(0.9999, 0.9999 if "bad3" in floats and real_check_better else 0.999)
+
+    def minimum_of(floats):
+        return 0.9 if "bad3" in floats and not real_check_better else 0.95
+
+    result, seen, messages, gated = search(
+        tmp_path, passes_when=lambda floats: True, rank=rank, per_kind_of=per_kind_of, minimum_of=minimum_of
+    )
+    balance = result["kind_balance"]
+    assert balance["kind"] == "texts" and balance["error"] == pytest.approx(1e-3)
+    assert balance["rest_error"] == pytest.approx(1e-4) and balance["simulated_error"] == pytest.approx(1e-3)
+    assert measured[0] == (set(), [2])  # the best as it is, on the text item (the third)
+    assert [m[0] for m in measured[1:11]] == [{name} for name in GRAPH_ORDER]  # each block: one op each here
+    opened = [entry["node"] for entry in balance["ops"]]
+    assert opened == ["bad3", "bad2"]  # the two costliest blocks' ops, alone
+    assert balance["chosen"] == ["bad3"] and balance["chosen_flop_share"] == pytest.approx(16 / 1600)
+    assert seen == [set(), {"bad3"}]  # the real candidate, checked once
+    assert balance["taken"] is real_check_better and balance["check_error"] == pytest.approx(
+        1e-4 if real_check_better else 1e-3
+    )
+    assert result["float_nodes"] == (["bad3"] if real_check_better else [])
+    assert gated == [{"bad3"} if real_check_better else set()]
+    assert result["attempts"][-1]["float_nodes"] == ["bad3"] and result["attempts"][-1]["taken"] is real_check_better
+    assert any("kinds in balance: texts carry 10.0x the other rows' error" in m for m in messages)
+
+
+def test_the_balance_stage_skips_balanced_kinds_and_a_zero_budget(tmp_path):
+    measured = []
+
+    def rank(simulated, items):
+        measured.append(items)
+        return Verdict(passed=True, overall={"mean_cosine": 0.999, "min_cosine": 0.999, "top1": 1.0})
+
+    result, seen, _, _ = search(
+        tmp_path, passes_when=lambda f: True, rank=rank, per_kind_of=lambda f: kinds(0.999, 0.9985)
+    )
+    assert result["kind_balance"] is None and seen == [set()] and measured == []  # 1.5x: balanced enough
+    (tmp_path / "zero").mkdir()
+    result, seen, _, _ = search(
+        tmp_path / "zero",
+        passes_when=lambda f: True,
+        rank=rank,
+        per_kind_of=lambda f: kinds(0.9999, 0.99),
+        balance_budget=0,
+    )
+    assert result["kind_balance"] is None and seen == [set()] and measured == []
 
 
 def massive_token_feeds() -> list[dict[str, np.ndarray]]:

@@ -157,6 +157,8 @@ def test_refusals(fp32_bundle, quantized_bundle, heldout_dir, tmp_path):
         run(parent, tmp_path / "a", heldout_dir, precision="int8", attention="flash")
     with pytest.raises(PueError, match="--rank-ops must be 0 or more, got -1"):
         run(parent, tmp_path / "a", heldout_dir, precision="int8", rank_ops=-1)
+    with pytest.raises(PueError, match="--balance-budget is a share of the weight FLOPs between 0 and 0.20"):
+        run(parent, tmp_path / "a", heldout_dir, precision="int8", balance_budget=0.5)
     old = tmp_path / "old-export"  # a bundle from before export.attention existed
     shutil.copytree(parent, old)
     manifest = read_manifest(old)

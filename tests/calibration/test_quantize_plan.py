@@ -182,3 +182,29 @@ def test_openvinos_run_time_int8_counts_no_per_token_variants():
     onnxruntime = search_variants(QuantizeOptions(precision="int8-dynamic", target="onnxruntime", wide_weights=False))
     openvino = search_variants(QuantizeOptions(precision="int8-dynamic", target="openvino"))
     assert openvino == 2 and onnxruntime == openvino + 2  # the writers' and readers' splits; per token twice
+
+
+def test_the_balance_stage_counts_its_measures_and_one_more_candidate():
+    """`kind_balance`: the best as it is, each block, each op of the two largest blocks (simulated), then one real
+    candidate; nothing where it cannot run."""
+    from pue.calibration.graph_ops import WeightOp
+    from pue.calibration.quantize_bundle import QuantizeOptions
+    from pue.calibration.quantize_plan import balance_measures
+
+    def op(node: str) -> WeightOp:
+        return WeightOp("decoder", node, "MatMul", "x", "w", (4, 4), 32)
+
+    ops = [op(f"/m/layers.{i}/{name}/MatMul") for i in range(3) for name in "qkvo"] + [op("/m/layers.2/up/MatMul")]
+    ops.append(op("/projector/fc/MatMul"))
+    options = QuantizeOptions("int8")
+    assert balance_measures(ops, options) == 1 + 4 + (5 + 4)  # blocks layers.0-2 and /projector; layers.2 has 5
+    assert balance_measures(ops, QuantizeOptions("int8", balance_budget=0)) == 0
+    assert balance_measures(ops, QuantizeOptions("int8", rank_ops=0)) == 0
+    base = dict(calibrated=True, op_count=63, outlier_rows=8, gate_items=68, batch_attention_bytes=MB, available=None)
+    small = graphs(weights_mb=10, activations_mb=5)
+    with_stage = plan_quantize("int8", small, fallback=True, balance_measures=10, **base)
+    without = plan_quantize("int8", small, fallback=True, **base)
+    assert with_stage.passes["kind balance"] == 10 and "kind balance" not in without.passes
+    assert with_stage.passes["calibration check"] == without.passes["calibration check"] + 1
+    no_fallback = plan_quantize("int8", small, fallback=False, balance_measures=10, **base)
+    assert "kind balance" not in no_fallback.passes

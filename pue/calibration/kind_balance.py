@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +67,7 @@ class Balance:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "error": self.error,
-            "rest_error": self.rest_error,
-            "simulated_error": self.simulated_error,
-            "blocks": self.blocks,
-            "ops": self.ops,
-            "chosen": self.chosen,
-            "chosen_flop_share": self.chosen_flop_share,
-            "seconds": self.seconds,
-        }
+        return asdict(self)
 
 
 def kind_errors(per_kind: dict[str, dict[str, float]]) -> dict[str, tuple[float, int]]:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pue.calibration.candidates import fits
 from pue.calibration.graph_ops import WeightOp, int8_flop_share
 from pue.calibration.measured_ranking import RANK_ITEMS, Candidate, simulate, with_float
 
@@ -130,8 +131,6 @@ def choose_ops(
 ) -> list[str]:
     """The measured ops worth their FLOPs: own gain ≥ `MIN_GAIN` of `base_error`, best gain per FLOP first, while the
     chosen ones together stay within `budget` of the weight FLOPs (and the 80 % rule)."""
-    from pue.calibration.candidates import fits
-
     flops = {op.node: op.flops_per_token * tokens[op.graph] for op in ops}
     total = sum(flops.values()) or 1
     worth = [m for m in measured if m["gain"] >= MIN_GAIN * base_error and flops.get(m["node"], 0) > 0]

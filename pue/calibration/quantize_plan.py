@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -99,10 +100,8 @@ def balance_measures(ops: list[Any], options: Any) -> int:
 
     if options.balance_budget <= 0 or options.rank_ops <= 0:
         return 0
-    sizes: dict[str, int] = {}
-    for op in ops:
-        sizes[block_of(op)] = sizes.get(block_of(op), 0) + 1
-    return 1 + len(sizes) + sum(sorted(sizes.values(), reverse=True)[:OPENED])
+    sizes = Counter(block_of(op) for op in ops)
+    return 1 + len(sizes) + sum(size for _, size in sizes.most_common(OPENED))
 
 
 def search_variants(options: Any) -> int:

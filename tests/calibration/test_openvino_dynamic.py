@@ -176,23 +176,6 @@ def test_the_bf16_variant_is_made_and_gated_in_bf16_on_a_cpu_with_bf16(fp32_bund
         assert mixed.embed_images(patch_set("heldout")[:2]).shape[0] == 2
 
 
-@pytest.mark.skipif(ov_backend.cpu_bf16_support(), reason="this CPU has native bf16: the bf16 variant's gate could run")
-def test_the_bf16_variant_is_refused_before_any_work_on_a_cpu_without_bf16(fp32_bundle, tmp_path):
-    from typer.testing import CliRunner
-
-    from pue.cli.export_app import app
-    from pue.errors import EXIT_ERROR
-
-    out = tmp_path / "mixed"
-    bundle = fp32_bundle("llava_next", "ci")
-    result = CliRunner().invoke(
-        app, ["quantize", str(bundle), "-o", str(out), "--precision", "int8-dynamic-bf16", "--target", "openvino"]
-    )
-    assert result.exit_code == EXIT_ERROR, result.output
-    assert "needs native bf16 in the CPU" in result.output
-    assert not out.exists() and not list(tmp_path.glob("*gate-failed*"))
-
-
 def test_the_search_tries_no_per_token_rewrite_for_openvinos_run_time_int8():
     """onnxruntime's int8-dynamic tries every input per token (pue's MatMulInteger rewrite); OpenVINO's run-time INT8 is
     per token already, and OpenVINO would compile that rewrite into f32 kernels."""

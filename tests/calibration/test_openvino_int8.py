@@ -17,7 +17,6 @@ from pue.calibration.openvino_int8 import int8_layers
 from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
 from pue.cli.export_app import app
 from pue.data import patch_set
-from pue.errors import EXIT_ERROR
 from pue.precisions import bundle_spec
 from pue.runtime import Embedder
 from pue.runtime.backends import openvino as ov_backend
@@ -83,18 +82,6 @@ def test_onnxruntime_does_not_claim_it(openvino_int8):
     _, out, _ = openvino_int8
     with pytest.raises(PueError, match="openvino"):
         Embedder.load(out, backend="onnxruntime")
-
-
-@pytest.mark.skipif(ov_backend.cpu_bf16_support(), reason="this CPU has native bf16: the mixed gate could run")
-def test_int8_bf16_is_refused_before_any_work_on_a_cpu_without_bf16(fp32_bundle, tmp_path):
-    out = tmp_path / "mixed"
-    bundle = fp32_bundle("llava_next", "ci")
-    result = CliRunner().invoke(
-        app, ["quantize", str(bundle), "-o", str(out), "--precision", "int8-bf16", "--target", "openvino"]
-    )
-    assert result.exit_code == EXIT_ERROR, result.output
-    assert "needs native bf16 in the CPU" in result.output and "AMX" in result.output
-    assert not out.exists() and not list(tmp_path.glob("*gate-failed*"))
 
 
 def test_simulated_candidates_of_every_int8_precision_are_staged_for_onnxruntime():

@@ -53,12 +53,14 @@ def test_fp32_bundle_in_f32_equals_onnxruntime(fp32_bundle, cache):
         assert cosines.min() >= 0.99999, (kind, cosines)
 
 
-@pytest.mark.skipif(ov_backend.cpu_bf16_support(), reason="this CPU has native bf16: the real gate runs instead")
-def test_bf16_deployment_is_refused_on_a_cpu_without_bf16(fp32_bundle, tmp_path):
+@pytest.mark.skipif(ov_backend.cpu_bf16_support(), reason="this CPU has native bf16: the real gates run instead")
+@pytest.mark.parametrize("precision", ["bf16", "int8-bf16", "int8-dynamic-bf16"])
+def test_bf16_deployments_are_refused_before_any_work_on_a_cpu_without_bf16(fp32_bundle, tmp_path, precision):
+    """bf16, and the two INT8 precisions with bf16 for the rest: their gate would measure f32 and prove nothing."""
     out = tmp_path / "bf16"
     bundle = fp32_bundle("llava_next", "ci")
     result = CliRunner().invoke(
-        app, ["quantize", str(bundle), "-o", str(out), "--precision", "bf16", "--target", "openvino"]
+        app, ["quantize", str(bundle), "-o", str(out), "--precision", precision, "--target", "openvino"]
     )
     assert result.exit_code == EXIT_ERROR, result.output
     assert "needs native bf16 in the CPU" in result.output and "AMX" in result.output

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from pue.calibration.attempts import attempt_line, attempt_record, weight_bits
 from pue.calibration.candidates import (
     GPTQ,
     MIN_INT8_FLOP_SHARE,
@@ -134,11 +135,11 @@ def search_int8(
         phase_done("check")
         taken = best is None or better(check, best.check)
         attempts.append(
-            _attempt_record(
+            attempt_record(
                 (float_nodes, per_token, rule), options, quantizer, share, (check, unseen), taken, alternate, started
             )
         )
-        say(_attempt_line(len(attempts), attempts[-1], own, _weight_bits(options, "")))
+        say(attempt_line(len(attempts), attempts[-1], own, weight_bits(options, "")))
         widening = taken and WIDE in rule and (best is None or WIDE not in best.rule)
         if taken:
             best = Candidate(set(float_nodes), check, candidate, set(per_token), rule)
@@ -198,7 +199,7 @@ def search_int8(
         made_before = len(attempts)
         best, balance = _balance_kinds(context, options, judges, best, attempts, widened, say)
         if len(attempts) > made_before:
-            say(_attempt_line(len(attempts), attempts[-1], own, _weight_bits(options, "")))
+            say(attempt_line(len(attempts), attempts[-1], own, weight_bits(options, "")))
         if balance is not None:
             phase_done("balance")
     chosen, check, graphs, chosen_per_token, chosen_rule = best
@@ -228,7 +229,7 @@ def search_int8(
         "weights": {
             "rounding": "gptq" if GPTQ in chosen_rule else "nearest",
             "gptq_ops": next(a["gptq_ops"] for a in reversed(attempts) if a["taken"]),
-            "bits": _weight_bits(options, chosen_rule),
+            "bits": weight_bits(options, chosen_rule),
             "widened": WIDE in chosen_rule,  # 8 bits where the precision keeps 7 (`search_variants.widens_weights`)
             "stored_unsigned": WIDE in chosen_rule and stores_weights_unsigned(options),
         },
@@ -245,40 +246,6 @@ def search_int8(
         "kind_balance": balance,
         "target_parity": judges.parity.to_dict() if judges.parity is not None and static else None,
         "why": why,
-    }
-
-
-def _attempt_record(
-    request: tuple[set[str], set[str], str],
-    options: Any,
-    quantizer: GraphQuantizer,
-    share: float,
-    verdicts: tuple[GateReport, GateReport | None],
-    taken: bool,
-    alternate: bool,
-    started: float,
-) -> dict[str, Any]:
-    """An attempt as `fidelity.json["attempts"]` records it: what was asked for (`request`: float ops, per-token ops,
-    rule), its int8 share, its check (and the unseen items' where a passing check was confirmed), whether it was
-    taken."""
-    float_nodes, per_token, rule = request
-    check, unseen = verdicts
-    return {
-        "float_nodes": sorted(float_nodes),
-        "per_token_nodes": sorted(per_token - float_nodes),
-        "ranges": ranges_rule(rule) if options.spec.calibrated else "dynamic",
-        "weights": "gptq" if GPTQ in rule else "nearest",
-        "weight_bits": _weight_bits(options, rule),
-        "other_rounding": alternate,
-        "gptq_ops": quantizer.gptq_rounded() if GPTQ in rule else 0,
-        "channel_split": SPLIT in rule,
-        "reader_split": READERS in rule,
-        "int8_flop_share": share,
-        "check": check.overall,
-        **({"fitted_check": check.extra["fitted"], "unseen_check": unseen.overall} if unseen else {}),
-        "check_passed": check.passed,
-        "taken": taken,
-        "seconds": time.perf_counter() - started,
     }
 
 
@@ -321,7 +288,7 @@ def _balance_kinds(
     taken = check.passed and better(check, best.check) and error < unbalanced[1]
     share = int8_flop_share(prepared.ops, float_nodes, tokens)
     attempts.append(
-        _attempt_record(
+        attempt_record(
             (float_nodes, best.per_token, best.rule), options, quantizer, share, (check, unseen), taken, False, started
         )
     )
@@ -355,38 +322,6 @@ def _next_variant(
         if not made(float_nodes, per_token, rule):
             return float_nodes, per_token, rule
     return None
-
-
-def _weight_bits(options: Any, rule: str) -> int:
-    """The bits of a candidate's int8 weights: 8, or 7 where the precision keeps 7 and the rule does not widen them
-    (`search_variants.widens_weights`)."""
-    return 8 if WIDE in rule or not options.spec.qdq.reduced_weight_range else 7
-
-
-def _attempt_line(number: int, attempt: dict[str, Any], own: bool, own_bits: int) -> str:
-    """The progress line of an attempt, from its record in `attempts` (`own`: the activation ranges are pue's;
-    `own_bits`: the bits of the precision's own weights)."""
-    overall = attempt["check"]
-    return (
-        f"attempt {number}: {len(attempt['float_nodes'])} ops in float, {len(attempt['per_token_nodes'])} per token"
-        + (f", {attempt['ranges']} ranges" if own else "")
-        + (", amplified writer columns in float" if attempt["channel_split"] else "")
-        + (", amplified reader rows in float" if attempt["reader_split"] else "")
-        + (", GPTQ weights" if attempt["weights"] == "gptq" else "")
-        + (", 8-bit weights" if attempt["weight_bits"] == 8 and own_bits < 8 else "")
-        + (" (the same sets, the other rounding)" if attempt["other_rounding"] else "")
-        + f", int8 share {attempt['int8_flop_share']:.1%}, calibration check: "
-        f"mean cos {overall['mean_cosine']:.5f}, min {overall['min_cosine']:.5f}, "
-        f"top-1 {overall['top1']:.3f}"
-        + (
-            f"; unseen items: mean cos {unseen['mean_cosine']:.5f}, min {unseen['min_cosine']:.5f}, "
-            f"top-1 {unseen['top1']:.3f}"
-            if (unseen := attempt.get("unseen_check"))
-            else ""
-        )
-        + f" → {'pass' if attempt['check_passed'] else 'fail'}"
-        + ("" if attempt["taken"] else " (lowers the minimum or the mean: not taken)")
-    )
 
 
 def _fallback_order(

@@ -314,7 +314,8 @@ def _next_variant(
         tried.append(variant)
         changes_best = variant.rule.startswith("best")  # the best's sets and rule, with what the suffix names
         float_nodes = best.float_nodes | variant.float_nodes
-        per_token = best.per_token if variant.float_nodes or changes_best else variant.per_token
+        # a variant with float ops or on the best's rule adds its per-token ops to the best's; else it replaces them
+        per_token = best.per_token | variant.per_token if variant.float_nodes or changes_best else variant.per_token
         if changes_best:
             rule = with_flags(best.rule, *flags_of(variant.rule))
         else:  # other ranges or per-token sets, with the best's weight rounding and split

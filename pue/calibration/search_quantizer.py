@@ -131,11 +131,13 @@ class GraphQuantizer:
     def _write_int8(self, name: str, path: Path, nodes: list[str], rule: str, readers: bool) -> Path:
         """onnxruntime's quantization of `nodes` in the float graph at `path` (static Q/DQ with `rule`'s ranges, or
         dynamic), or their int8 weights alone (OpenVINO's run-time INT8, `weights_only`), written to
-        `{name}.int8.onnx`; the float graph itself where no op is left to quantize (dynamic)."""
+        `{name}.int8.onnx`; the float graph itself where no op is left to quantize."""
         from pue.calibration.int8 import quantize_dynamic_graph, quantize_static_graph
         from pue.calibration.readers import OrtReader
         from pue.calibration.weights_only import weights_only_graph
 
+        if not nodes:  # every op of this graph is per token or float
+            return path
         out = self.work / f"{name}.int8.onnx"
         wide = WIDE in rule
         if self.static:
@@ -151,12 +153,10 @@ class GraphQuantizer:
                 ranges=self.range_rules.get(ranges_rule(rule)),
                 full_weights=wide,
             )
-        elif nodes and self.grouped:
+        elif self.grouped:
             weights_only_graph(path, out, nodes)
-        elif nodes:
+        else:
             quantize_dynamic_graph(path, out, nodes, full_weights=wide)
-        else:  # every op of this graph is per token or float
-            out = path
         return out
 
     def _rewrite(

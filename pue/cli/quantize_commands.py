@@ -47,8 +47,8 @@ def quantize(
     no_per_token: bool = typer.Option(
         False,
         "--no-per-token",
-        help="int8-dynamic: never quantize massive-token inputs per token (diagnostics; static INT8 keeps them in "
-        "float as part of the fallback: --no-fallback).",
+        help="Never quantize ops per token (int8-dynamic: massive-token inputs, then every op while the check "
+        "fails; static int8 for onnxruntime: every op, last, while the check fails). Diagnostics.",
     ),
     no_error_ranges: bool = typer.Option(
         False,

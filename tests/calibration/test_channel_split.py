@@ -112,7 +112,15 @@ def test_the_search_tries_the_split_and_keeps_it_only_when_the_check_is_better(t
         minimum = 0.93 if readers else (0.99 if better else 0.90) if split else 0.95
         return Verdict(minimum >= 0.98, {"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0})
 
-    options = dict(precision="int8", smooth=False, fallback=False, error_ranges=False, gptq=False, wide_weights=False)
+    options = dict(
+        precision="int8",
+        smooth=False,
+        fallback=False,
+        error_ranges=False,
+        gptq=False,
+        wide_weights=False,
+        per_token=False,
+    )
     model, _ = toy_decoder(8)
     (tmp_path / "on").mkdir()
     (tmp_path / "off").mkdir()

@@ -167,6 +167,7 @@ def test_onnxruntime_tries_8_bit_weights_last_and_only_while_the_check_fails(tmp
             minimum = 0.99 if (wide_passes if seen[-1] else seven_passes) else (0.94 if seen[-1] else 0.95)
             return Verdict(minimum >= 0.98, {"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0})
 
+        extra = {"per_token": False, **extra}  # the per-token variants that follow it: their own test
         options = QuantizeOptions(
             precision="int8", target=target, smooth=False, gptq=False, fallback=False, error_ranges=False, **extra
         )
@@ -297,3 +298,58 @@ def test_no_candidate_is_asked_for_twice(tmp_path):
     ], requests
     assert len(set(requests)) == len(requests), requests
     assert result["weights"]["bits"] == 8 and result["weights"]["rounding"] == "nearest"
+
+
+def test_static_onnxruntime_tries_every_op_per_token_last_while_the_check_fails(tmp_path, monkeypatch):
+    """Static INT8 for onnxruntime: after every static variant, while the check still fails, every weight MatMul per
+    token (onnxruntime runs the rewrite in its integer kernels, so they stay int8 where the fallback would float
+    them), taken when the check says better. Not when a static candidate passes, not with --no-per-token, never for
+    TensorRT or OpenVINO (no per-token int8 kernel there)."""
+    from types import SimpleNamespace
+
+    from pue.calibration.graph_ops import WeightOp
+    from pue.calibration.search_variants import TokenOutlierOps, initial_variants
+
+    both = frozenset({"massive", "plain"})
+
+    def run(work, passes_static=False, **extra):
+        work.mkdir(parents=True)
+        model, feeds = two_matmuls()
+        seen = []
+
+        def check(quantized):
+            seen.append(describe(quantized["decoder"]))
+            minimum = 0.99 if seen[-1][0] == both or passes_static else 0.95
+            return Verdict(minimum >= 0.98, {"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0})
+
+        options = QuantizeOptions(precision="int8", target="onnxruntime", smooth=False, gptq=False, **extra)
+        return search_decoder(model, feeds, work, options, check, gate=check), seen[:-1]
+
+    result, seen = run(tmp_path / "a", fallback=False)
+    assert [s[0] for s in seen][:-1] == [NONE] * (len(seen) - 1) and seen[-1] == (both, NONE)
+    assert result["attempts"][-1]["taken"] and result["fidelity"].passed
+    assert result["per_token_nodes"] == ["massive", "plain"] and result["share"] == 1.0
+    result, seen = run(tmp_path / "b", passes_static=True)
+    assert seen == [(NONE, NONE)] and result["per_token_nodes"] == []
+    result, seen = run(tmp_path / "c", fallback=False, per_token=False)
+    assert all(s[0] == NONE for s in seen) and not result["fidelity"].passed
+
+    # the variants themselves: the Conv the rewrite cannot take in float where the 80 % rule allows, then the same
+    # with the amplified-channel splits; none for TensorRT, OpenVINO, or with --no-per-token
+    monkeypatch.setattr("pue.calibration.search_variants.saturating_u8s8", lambda: False)
+    ops = [WeightOp("vision", "patch", "Conv", "px", "wc", (8, 8), 16)]
+    ops += [WeightOp("decoder", f"mm{i}", "MatMul", f"x{i}", f"w{i}", (8, 8), 128) for i in range(3)]
+    prepared = SimpleNamespace(ops=ops, split_paths={"decoder": "s"}, reader_paths={"decoder": "r"})
+    none = TokenOutlierOps(set(), set())
+
+    def per_token_variants(target: str, **extra) -> list:
+        options = QuantizeOptions(precision="int8", target=target, **extra)
+        variants = initial_variants(prepared, options, none, {"decoder": 4, "vision": 1}, False, {})
+        return [v for v in variants if v.per_token]
+
+    variants = per_token_variants("onnxruntime")
+    assert [v.rule for v in variants] == ["best", "best+split", "best+split+readers"]
+    assert all(v.per_token == {"mm0", "mm1", "mm2"} and v.float_nodes == {"patch"} for v in variants)
+    assert all(v.while_failing for v in variants)
+    assert per_token_variants("tensorrt") == [] and per_token_variants("openvino") == []
+    assert per_token_variants("onnxruntime", per_token=False) == []

@@ -179,6 +179,10 @@ _OPENVINO_INT8 = PrecisionSpec(
     engine_source=False,
     note="unsigned activations and 7-bit weights, compiled by OpenVINO's CPU plugin into int8 kernels",
     token_outliers=TokenOutliers.FLOAT,
+    # pinned for the int8-weight ops the search may leave to OpenVINO's run-time quantization while static Q/DQ fails
+    # (`search_variants.per_token_path`); it changes nothing for the Q/DQ-fused and float MatMuls (only compressed-
+    # weight FullyConnected ops quantize their activations at run time; measured: identical embeddings with 0 and 32)
+    dynamic_group=OPENVINO_GROUP_SIZE,
     device_advice=(
         "an INT8 bundle for OpenVINO runs on the CPU; on a GPU, INT8 runs through TensorRT: re-quantize with "
         "`pue-export quantize FP32_BUNDLE -o OUT --precision int8 --target tensorrt`, then `pue-export trt`"

@@ -9,7 +9,10 @@ targets, which all go through `quantize_bundle`'s calibration, search and gate.
   OpenVINO fp32 on an AVX2 EPYC); its `brgemm` int8 kernels need VNNI or AMX.
 - **Massive tokens.** OpenVINO has no per-token int8 kernel (its dynamic quantization is not applied on AVX2, and
   pue's per-token MatMulInteger rewrite compiles to an fp32 FullyConnected), so the precision table's entry says
-  `token_outliers: float`: ops whose inputs carry massive tokens are the search's first float step.
+  `token_outliers: float`: ops whose inputs carry massive tokens are the search's first float step. Where static
+  Q/DQ still fails after every variant, the search's last variant gives every weight MatMul int8 weights alone, whose
+  inputs OpenVINO quantizes per token and group at run time where the CPU has int8 dot products (the int8-dynamic
+  arithmetic; `search_variants.per_token_path`), so the precision pins OpenVINO's group size.
 - **The gate** runs OpenVINO (the manifest's `backend` is `openvino`, so `auto` picks it): what is gated is the
   arithmetic that ships, int8 kernels included. `int8_layers` reads OpenVINO's performance counters to show it.
 - **Mixed precision** (`int8-bf16`: int8 weight MatMuls, bf16 for the rest) needs a CPU with native bf16 to be
@@ -26,7 +29,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pue.extras import package_versions
-from pue.precisions import PrecisionSpec
+from pue.precisions import ActivationScheme, PrecisionSpec
 
 OPENVINO_BACKEND = "openvino"
 
@@ -53,7 +56,7 @@ def check_openvino_request(spec: PrecisionSpec) -> None:
 def openvino_gate_device(spec: PrecisionSpec | None = None) -> str:
     """Where an OpenVINO-target gate ran, as fidelity.json and the manifest record it."""
     version = package_versions(["openvino"]).get("openvino")
-    if spec is not None and spec.dynamic_group:
+    if spec is not None and spec.qdq is not None and spec.qdq.scheme == ActivationScheme.GROUPED:
         return (
             f"cpu (OpenVINO {version}: int8 weights, activations quantized at run time per token in groups of "
             f"{spec.dynamic_group} where this CPU has int8 dot products: {', '.join(int_dot_products())})"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pue.calibration.candidates import GPTQ, READERS, SPLIT, WIDE, ranges_rule
-from pue.calibration.search_variants import stores_weights_unsigned
+from pue.calibration.search_variants import GROUPED, per_token_path, stores_weights_unsigned
 from pue.precisions import ActivationScheme
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ class GraphQuantizer:
         self.target_float: set[str] = set()  # ops the target backend computes differently from onnxruntime
         # OpenVINO's run-time INT8: int8 weights alone (the search's ops are MatMuls, as for every dynamic flavour)
         self.grouped = options.spec.qdq.scheme == ActivationScheme.GROUPED
+        # static INT8 for OpenVINO: its per-token ops are int8 weights alone (`search_variants.per_token_path`)
+        self.grouped_tokens = per_token_path(options) == GROUPED
         self.last: dict[str, tuple[tuple[tuple[str, ...], str, bool], Path]] = {}  # (int8 ops, rule, split) → file
         self.activation_of = {op.node: op.activation for op in prepared.ops if op.activation in prepared.stats}
         self.gptq_cache: dict[tuple, Any] = {}  # GPTQ's levels per op and grid, kept across attempts
@@ -123,10 +125,21 @@ class GraphQuantizer:
         quantized = onnx.load(str(out))
         token_ops = [op for op in self.prepared.ops_of(name) if op.node in per_token - float_nodes]
         self.token_gptq[name] = []
-        if token_ops:
+        if token_ops and self.grouped_tokens:  # OpenVINO: int8 weights alone, per token at run time
+            self.token_gptq[name] = self._weights_only(name, quantized, token_ops, path, gptq, readers)
+        elif token_ops:
             done = quantize_per_token(quantized, token_ops, self.moment_of if gptq else None)
             self.token_gptq[name] = done if gptq else []
         return quantized, fresh
+
+    def _weights_only(self, name: str, model: Any, ops: list, path: Path, gptq: bool, readers: bool) -> list[str]:
+        """`ops` of the candidate `model` rewritten in place with int8 weights alone (static INT8 for OpenVINO, which
+        quantizes their activations per token at run time), rounded by GPTQ where `gptq`; returns the ops GPTQ
+        rounded."""
+        from pue.calibration.weights_only import quantize_weights_only
+
+        quantize_weights_only(model, [op.node for op in ops])
+        return self._gptq(name, model, ops, path, readers) if gptq else []
 
     def _write_int8(self, name: str, path: Path, nodes: list[str], rule: str, readers: bool) -> Path:
         """onnxruntime's quantization of `nodes` in the float graph at `path` (static Q/DQ with `rule`'s ranges, or
@@ -159,6 +172,21 @@ class GraphQuantizer:
             quantize_dynamic_graph(path, out, nodes, full_weights=wide)
         return out
 
+    def _gptq(self, name: str, model: Any, ops: list, path: Path, readers: bool) -> list[str]:
+        """`ops`' int8 weights in `model` re-rounded by GPTQ on their grids; returns the ops rounded. The split graph's
+        writers keep their weights; the readers' split zeroed its readers' amplified rows (read from `path`)."""
+        import onnx
+
+        from pue.calibration.channel_split import masked_moments
+        from pue.calibration.gptq import round_weights, weight_reader
+
+        if readers and name not in self.reader_models:
+            self.reader_models[name] = onnx.load(str(path), load_external_data=False)
+        reader = weight_reader(self.reader_models[name] if readers else self.models[name], self.work)
+        moments = masked_moments(self.moment_of, self.prepared.reader_splits[name]) if readers else self.moment_of
+        cache = self.reader_gptq_cache if readers else self.gptq_cache
+        return round_weights(model, ops, moments, reader, cache)
+
     def _rewrite(
         self, name: str, path: Path, out: Path, nodes: list[str], gptq: bool, split: bool, readers: bool, unsigned: bool
     ) -> None:
@@ -167,21 +195,14 @@ class GraphQuantizer:
         8-bit weights stored as uint8 (`pue.calibration.weight_storage`), last: GPTQ reads and writes int8 levels."""
         import onnx
 
-        from pue.calibration.channel_split import masked_moments, read_float_inputs
-        from pue.calibration.gptq import round_weights, weight_reader
+        from pue.calibration.channel_split import read_float_inputs
         from pue.calibration.weight_storage import store_weights_unsigned
 
         rewritten = onnx.load(str(out))
         if gptq:  # re-round onnxruntime's int8 weights (`gptq`), on the same grids
             chosen = set(nodes)
             int8_ops = [op for op in self.prepared.ops_of(name) if op.node in chosen]
-            # the split graph's writers keep their weights; the readers' split zeroed its readers' amplified rows
-            if readers and name not in self.reader_models:
-                self.reader_models[name] = onnx.load(str(path), load_external_data=False)
-            reader = weight_reader(self.reader_models[name] if readers else self.models[name], self.work)
-            moments = masked_moments(self.moment_of, self.prepared.reader_splits[name]) if readers else self.moment_of
-            cache = self.reader_gptq_cache if readers else self.gptq_cache
-            self.gptq_ops[name] = round_weights(rewritten, int8_ops, moments, reader, cache)
+            self.gptq_ops[name] = self._gptq(name, rewritten, int8_ops, path, readers)
         if split and self.static:  # the float columns read the writers' float inputs, not their Q/DQ
             read_float_inputs(rewritten, self.prepared.splits[name].side_nodes)
         if unsigned:

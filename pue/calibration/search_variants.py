@@ -19,7 +19,7 @@ __all__ = [
     "Variant",
     "initial_variants",
     "retried_with_8_bit_weights",
-    "static_per_token",
+    "per_token_path",
     "stores_weights_unsigned",
     "token_outlier_ops",
     "widens_weights",
@@ -128,19 +128,20 @@ def initial_variants(
     # (`retried_with_8_bit_weights`)
     if widens_weights(options):
         variants.append(Variant(set(), set(), "best" + WIDE, True))
-    # then, static INT8 for onnxruntime only, while the check still fails: every weight MatMul per token on top of the
-    # best, the ops the rewrite cannot take (Conv: the patch embedding) in float as int8-dynamic leaves them (where the
-    # 80 % rule allows), alone and with the amplified-channel splits. onnxruntime runs the per-token rewrite
-    # (`pue.calibration.per_token`, MatMulInteger u8×u8 with 8-bit weights) in its integer kernels, so the ops stay
-    # int8 where the fallback would keep them float; slower than the static u8×s8 kernels, hence after every static
-    # variant. With the splits too: what a split is worth depends on the activations' error, as it does on the
-    # weights'. Measured on `llava_next gains-few` seed 1, static for onnxruntime: every static variant and 9 ops in
-    # float left the held-out minimum at 0.588; every op per token with the patch embedding still static int8, check
-    # minimum 0.36-0.51 (with or without the splits); with it float 0.54, + the writers' split 0.957, + the readers'
-    # 0.987, and the held-out gate passes at 0.9819 (92.7 % int8). Smoothing chosen again for per-token rows instead
-    # of the static one changed the same candidates by < 0.0003 (measured, not shipped). TensorRT (standard Q/DQ) and
-    # OpenVINO (it compiles the rewrite into f32 kernels) have no such path
-    if static_per_token(options):
+    # then, static INT8 for onnxruntime and OpenVINO, while the check still fails: every weight MatMul per token on top
+    # of the best, the ops that cannot go per token (Conv: the patch embedding) in float as int8-dynamic leaves them
+    # (where the 80 % rule allows), alone and with the amplified-channel splits. onnxruntime runs pue's per-token
+    # rewrite (`pue.calibration.per_token`, MatMulInteger u8×u8 with 8-bit weights) in its integer kernels; for OpenVINO
+    # the ops get int8 weights alone (`weights_only`), whose activations OpenVINO quantizes per token and group at run
+    # time (`per_token_path`). Either way the ops stay int8 where the fallback would keep them float; slower than the
+    # static kernels, hence after every static variant. With the splits too: what a split is worth depends on the
+    # activations' error, as it does on the weights'. Measured on `llava_next gains-few` seed 1, static for onnxruntime:
+    # every static variant and 9 ops in float left the held-out minimum at 0.588; every op per token with the patch
+    # embedding still static int8, check minimum 0.36-0.51 (with or without the splits); with it float 0.54, + the
+    # writers' split 0.957, + the readers' 0.987, and the held-out gate passes at 0.9819 (92.7 % int8). Smoothing chosen
+    # again for per-token rows instead of the static one changed the same candidates by < 0.0003 (measured, not
+    # shipped). TensorRT (standard Q/DQ) has no such path
+    if per_token_path(options):
         every = {op.node for op in all_ops if op.op_type == "MatMul"}
         rest = unscored if unscored and fits(all_ops, unscored, tokens) else set()
         splits = [SPLIT] * bool(prepared.split_paths) + [SPLIT + READERS] * bool(prepared.reader_paths)
@@ -162,11 +163,19 @@ def widens_weights(options: Any) -> bool:
     return stores_weights_unsigned(options) or (spec.backend == "openvino" and not saturating_u8s8())
 
 
-def static_per_token(options: Any) -> bool:
-    """Whether static INT8 may quantize ops per token (onnxruntime only: its integer kernels run the rewrite), unless
-    `--no-per-token`."""
+REWRITE = "rewrite"  # pue's per-token rewrite (`pue.calibration.per_token`), run by onnxruntime's integer kernels
+GROUPED = "grouped"  # int8 weights alone (`pue.calibration.weights_only`): OpenVINO quantizes per token at run time
+
+
+def per_token_path(options: Any) -> str | None:
+    """How static INT8 quantizes ops per token where its target has a way (`REWRITE` for onnxruntime, `GROUPED` for
+    OpenVINO), None for TensorRT (standard Q/DQ) and with `--no-per-token`."""
     spec = options.spec
-    return bool(spec.calibrated and options.per_token and spec.target == BundleTarget.ONNXRUNTIME and not spec.backend)
+    if not (spec.calibrated and options.per_token):
+        return None
+    if spec.backend == "openvino":
+        return GROUPED
+    return REWRITE if spec.target == BundleTarget.ONNXRUNTIME and not spec.backend else None
 
 
 def stores_weights_unsigned(options: Any) -> bool:

@@ -197,20 +197,23 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
                 f"(positions {tensor['top_positions']})"
             )
     if treatment := summary.get("int8_treatment"):
-        print_treatment(console, treatment)
+        # static INT8 for OpenVINO: its per-token ops are int8 weights whose inputs OpenVINO quantizes at run time
+        at_run_time = summary.get("target") == "openvino" and summary.get("precision") in ("int8", "int8-bf16")
+        print_treatment(console, treatment, " (int8 weights; OpenVINO quantizes the input at run time)" * at_run_time)
     passed = summary["fidelity"]["passed"]
     console.print("fidelity: " + ("PASSED" if passed else "FAILED" if passed is False else "not recorded"))
 
 
-def print_treatment(console: Any, treatment: dict[str, Any]) -> None:
-    """What the INT8 search did to the graphs (`_treatment`): ops float and why, per token, smoothed, split, ranges."""
+def print_treatment(console: Any, treatment: dict[str, Any], per_token_how: str = "") -> None:
+    """What the INT8 search did to the graphs (`_treatment`): ops float and why, per token (`per_token_how`: how,
+    where the bundle's target does it its own way), smoothed, split, ranges."""
     console.print(
         f"int8 treatment: {len(treatment['float_nodes'])} ops kept float, {len(treatment['per_token_nodes'])} "
         f"per token, {len(treatment['smoothed'])} groups smoothed, residual stream "
         + ("rotated" if treatment["rotated"] else "not rotated")
     )
     for node in treatment["per_token_nodes"]:
-        console.print(f"  per token: {node}")
+        console.print(f"  per token: {node}{per_token_how}")
     target_float = set(treatment.get("target_float_nodes") or [])
     balance = treatment.get("kind_balance") or {}
     balanced = set(treatment.get("balance_float_nodes") or [])

@@ -5,9 +5,12 @@ token; static INT8 tries error-chosen ranges, then (only while failing) the mass
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 from onnx_graphs import float_input, make_model
+from rich.console import Console
 from search_fakes import Verdict, search_decoder
 
 from pue.calibration.quantize_bundle import QuantizeOptions
@@ -220,7 +223,13 @@ def test_openvino_tries_8_bit_int8_weights_only_where_its_int8_kernels_do_not_sa
             return Verdict(minimum >= 0.98, {"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0})
 
         options = QuantizeOptions(
-            precision="int8", target="openvino", smooth=False, gptq=False, fallback=False, error_ranges=False
+            precision="int8",
+            target="openvino",
+            smooth=False,
+            gptq=False,
+            fallback=False,
+            error_ranges=False,
+            per_token=False,  # the int8-weight-only variant that follows it: its own test
         )
         return search_decoder(model, feeds, work, options, check, gate=check), seen[:-1], options
 
@@ -304,7 +313,7 @@ def test_static_onnxruntime_tries_every_op_per_token_last_while_the_check_fails(
     """Static INT8 for onnxruntime: after every static variant, while the check still fails, every weight MatMul per
     token (onnxruntime runs the rewrite in its integer kernels, so they stay int8 where the fallback would float
     them), taken when the check says better. Not when a static candidate passes, not with --no-per-token, never for
-    TensorRT or OpenVINO (no per-token int8 kernel there)."""
+    TensorRT (standard Q/DQ has no per-token int8); OpenVINO has its own way (the next test)."""
     from types import SimpleNamespace
 
     from pue.calibration.graph_ops import WeightOp
@@ -351,5 +360,46 @@ def test_static_onnxruntime_tries_every_op_per_token_last_while_the_check_fails(
     assert [v.rule for v in variants] == ["best", "best+split", "best+split+readers"]
     assert all(v.per_token == {"mm0", "mm1", "mm2"} and v.float_nodes == {"patch"} for v in variants)
     assert all(v.while_failing for v in variants)
-    assert per_token_variants("tensorrt") == [] and per_token_variants("openvino") == []
-    assert per_token_variants("onnxruntime", per_token=False) == []
+    assert per_token_variants("openvino") == variants
+    assert per_token_variants("tensorrt") == [] and per_token_variants("onnxruntime", per_token=False) == []
+
+
+def weight_only_matmuls(model) -> frozenset[str]:
+    """MatMuls whose weight is an int8 constant behind a DequantizeLinear and whose input has no Q/DQ pair: what
+    OpenVINO compiles into a compressed-weight FullyConnected that quantizes its input per token at run time."""
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    names = {"y": "massive", "u": "plain"}
+    return frozenset(
+        names.get(n.output[0], n.name)
+        for n in model.graph.node
+        if n.op_type == "MatMul" and n.input[1] in dequantized and n.input[0] not in dequantized
+    )
+
+
+def test_static_openvino_leaves_every_op_to_its_run_time_quantization_last_while_the_check_fails(tmp_path):
+    """Static INT8 for OpenVINO: the same last variant, as int8 weights alone (OpenVINO quantizes those MatMuls'
+    inputs per token and group at run time, the int8-dynamic bundle's arithmetic); the precision pins OpenVINO's
+    group size so that the gate and the runtime compute them so."""
+    from pue.precisions import OPENVINO_GROUP_SIZE, bundle_spec
+
+    model, feeds = two_matmuls()
+    seen = []
+
+    def check(quantized):
+        seen.append(weight_only_matmuls(quantized["decoder"]))
+        minimum = 0.99 if seen[-1] else 0.95  # passes once int8 weights stand alone
+        return Verdict(minimum >= 0.98, {"mean_cosine": 0.999, "min_cosine": minimum, "top1": 1.0})
+
+    options = QuantizeOptions(precision="int8", target="openvino", smooth=False, gptq=False, wide_weights=False)
+    (tmp_path / "ov").mkdir()
+    result = search_decoder(model, feeds, tmp_path / "ov", options, check, gate=check)
+    assert all(s == NONE for s in seen[:-2]) and seen[-1] == seen[-2] == {"plain"}  # the chosen one, gated
+    assert result["fidelity"].passed and result["per_token_nodes"] == ["plain"] and result["attempts"][-1]["taken"]
+    assert result["float_nodes"] == ["massive"]  # the massive-token op's float variant came first, and stays
+    assert bundle_spec("int8", "openvino").dynamic_group == OPENVINO_GROUP_SIZE
+
+    from pue.export.inspect_bundle import _treatment, print_treatment
+
+    out = io.StringIO()
+    print_treatment(Console(file=out, width=200), _treatment(result), " (at run time)")
+    assert "per token: plain (at run time)" in out.getvalue()

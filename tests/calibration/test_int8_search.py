@@ -5,15 +5,24 @@ the chosen one."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
 import pytest
 from onnx import helper
 from onnx_graphs import float_input, make_model
+from search_harness import (
+    BAD,
+    GOOD,
+    GRAPH_ORDER,
+    K,
+    Verdict,
+    calibration_feeds,
+    float_matmuls,
+    parallel_matmuls,
+    search,
+    simulated_float,
+)
 
-from pue.calibration.fake_quant import PREFIX
 from pue.calibration.graph_ops import int8_flop_share, weight_ops
 from pue.calibration.int8 import rank_sensitivity
 from pue.calibration.int8_search import MIN_INT8_FLOP_SHARE, Judges, search_int8
@@ -21,40 +30,6 @@ from pue.calibration.quantize_bundle import QuantizeOptions
 from pue.calibration.simulate import matmul_sqnr
 from pue.calibration.stats import collect_channel_stats
 from pue.fidelity import Check, GateReport
-
-K = 8
-# four cheap layers whose inputs carry an outlier channel (worst first), six expensive clean ones
-BAD = {"bad0": 300.0, "bad1": 100.0, "bad2": 30.0, "bad3": 10.0}
-GOOD = [f"good{i}" for i in range(6)]
-GRAPH_ORDER = ["good0", "bad3", "good1", "bad2", "good2", "bad1", "good3", "bad0", "good4", "good5"]  # not the rank
-BAD_N, GOOD_N = 1, 16  # output columns: FLOPs per token 2·8·1 = 16 and 2·8·16 = 256
-
-
-def parallel_matmuls() -> onnx.ModelProto:
-    """One input per MatMul, so each layer's activation is set by its feed alone."""
-    rng = np.random.default_rng(0)
-    nodes, inputs, weights = [], [], {}
-    for name in GRAPH_ORDER:
-        w = rng.normal(size=(K, BAD_N if name in BAD else GOOD_N)).astype(np.float32)
-        if name in BAD:
-            w[0] = 0.0  # the outlier channel carries no signal: it only coarsens the activation's int8 grid
-        weights[f"w_{name}"] = w
-        inputs.append(float_input(f"x_{name}", ["rows", K]))
-        nodes.append(helper.make_node("MatMul", [f"x_{name}", f"w_{name}"], [f"y_{name}"], name=name))
-    return make_model(nodes, inputs, [f"y_{name}" for name in GRAPH_ORDER], weights)
-
-
-def calibration_feeds(count: int = 4) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(1)
-    feeds = []
-    for _ in range(count):
-        feed = {}
-        for name in GRAPH_ORDER:
-            x = rng.normal(size=(16, K)).astype(np.float32)
-            x[:, 0] *= BAD.get(name, 1.0)
-            feed[f"x_{name}"] = x
-        feeds.append(feed)
-    return feeds
 
 
 def test_flops_and_int8_share_by_hand():
@@ -99,82 +74,6 @@ def test_rank_sensitivity_worst_first():
     assert by_node["bad0"]["outlier_ratio"] > 100
 
 
-@dataclass
-class Verdict:
-    passed: bool
-    overall: dict = field(default_factory=lambda: {"mean_cosine": 0.9, "min_cosine": 0.8, "top1": 0.5})
-    cosines: list = field(default_factory=lambda: [0.8, 0.99, 0.95])
-    per_kind: dict = field(default_factory=dict)  # one kind of row only: nothing for `kind_balance` to balance
-
-    def failures(self) -> list[str]:
-        return [] if self.passed else ["mean cosine 0.9 < 0.995"]
-
-    def to_dict(self) -> dict:
-        return {"passed": self.passed, "overall": self.overall}
-
-
-def float_matmuls(model: onnx.ModelProto) -> set[str]:
-    """MatMuls that still read their float weight initializer (not a DequantizeLinear output)."""
-    initializers = {init.name for init in model.graph.initializer}
-    return {n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers}
-
-
-def search(
-    tmp_path,
-    passes_when=None,
-    fallback=True,
-    minimum_of=None,
-    gate_passes=None,
-    target="onnxruntime",
-    feeds=None,
-    rank=None,
-    rank_ops=24,
-    per_kind_of=None,
-    balance_budget=0.05,
-):
-    """search_int8 with fake judges: the check records which MatMuls each candidate left in float (its minimum
-    cosine from `minimum_of`, its kinds' figures from `per_kind_of`), the gate records what it was shown; `rank`
-    stands for the end-to-end ranking judge."""
-    seen: list[set[str]] = []
-    gated: list[set[str]] = []
-
-    def check(quantized):
-        seen.append(float_matmuls(quantized["decoder"]))
-        minimum = minimum_of(seen[-1]) if minimum_of else 0.8 + 0.001 * len(seen[-1])
-        overall = {"mean_cosine": 0.9 + minimum / 100, "min_cosine": minimum, "top1": 0.5}
-        per_kind = per_kind_of(seen[-1]) if per_kind_of else {}
-        return Verdict(passed=passes_when is not None and passes_when(seen[-1]), overall=overall, per_kind=per_kind)
-
-    def gate(quantized):
-        gated.append(float_matmuls(quantized["decoder"]))
-        return Verdict(passed=gate_passes if gate_passes is not None else passes_when is not None)
-
-    messages: list[str] = []
-    options = QuantizeOptions(
-        precision="int8",
-        target=target,
-        smooth=False,
-        fallback=fallback,
-        error_ranges=False,
-        rank_ops=rank_ops,
-        balance_budget=balance_budget,
-        gptq=False,
-        wide_weights=False,  # 8-bit weights (onnxruntime, while failing) have their own tests
-        per_token=False,  # so has every op per token (static onnxruntime, while failing: test_search_variants)
-    )
-    result = search_int8(
-        {"decoder": parallel_matmuls()},
-        {"decoder": feeds or calibration_feeds},
-        {"decoder": 1},
-        tmp_path,
-        options,
-        Judges(check=check, gate=gate, rank=rank),
-        messages.append,
-        {},
-    )
-    return result, seen, messages, gated
-
-
 def test_float_set_doubles_worst_first_and_stops_at_the_80_percent_rule(tmp_path):
     result, seen, messages, gated = search(tmp_path)
     bad = list(BAD)
@@ -199,11 +98,6 @@ def test_float_set_doubles_worst_first_and_stops_at_the_80_percent_rule(tmp_path
     assert result["why"][0] == "mean cosine 0.9 < 0.995"
     assert all(a["int8_flop_share"] >= MIN_INT8_FLOP_SHARE for a in result["attempts"])
     assert result["measured_ranking"] == []  # these judges measure no simulated candidates: SQNR order
-
-
-def simulated_float(model: onnx.ModelProto) -> set[str]:
-    """MatMuls of a simulated candidate (`pue.calibration.fake_quant`) that read their input unquantized: float ones."""
-    return {n.name for n in model.graph.node if n.op_type == "MatMul" and not n.input[0].startswith(PREFIX)}
 
 
 def test_the_fallback_follows_the_end_to_end_ranking_where_the_judges_measure_it(tmp_path):
@@ -233,77 +127,6 @@ def test_the_fallback_follows_the_end_to_end_ranking_where_the_judges_measure_it
     (tmp_path / "three").mkdir()
     result, seen, _, _ = search(tmp_path / "three", passes_when=lambda floats: "good2" in floats, rank=rank, rank_ops=3)
     assert [m[0] for m in measured[1:]] == [{"bad0"}, {"bad1"}, {"bad2"}] and "good2" not in set().union(*seen)
-
-
-def kinds(images: float, texts: float) -> dict:
-    """A check's `per_kind` for its three items: two images, one text, at these mean cosines."""
-    return {
-        "images": {"count": 2, "mean_cosine": images, "min_cosine": images},
-        "texts": {"count": 1, "mean_cosine": texts, "min_cosine": texts},
-    }
-
-
-@pytest.mark.parametrize("real_check_better", [True, False])
-def test_a_passing_search_spends_the_balance_budget_on_what_the_worst_kind_needs(tmp_path, real_check_better):
-    """The check passes at once with the text rows carrying 10× the images' error; the stage measures each block
-    (here each op: the names have no numbered modules) in float on the text item, then the two costliest one by one,
-    and keeps bad3 in float (its gain is the texts' whole error, at 1 % of the FLOPs): the real check takes it when it
-    is better and the texts' error falls, else the best stays as it was and the stage is recorded as not taken."""
-    measured: list[tuple[set[str], list[int]]] = []
-
-    def rank(simulated, items):
-        floated = simulated_float(simulated["decoder"])
-        measured.append((floated, items))
-        mean = 0.9999 if "bad3" in floated else 0.999 + 0.00004 * ("bad2" in floated)  # gain < 5 %: not chosen
-        return Verdict(passed=True, overall={"mean_cosine": mean, "min_cosine": mean, "top1": 1.0})
-
-    def per_kind_of(floats):
-        return kinds(0.9999, 0.9999 if "bad3" in floats and real_check_better else 0.999)
-
-    def minimum_of(floats):
-        return 0.9 if "bad3" in floats and not real_check_better else 0.95
-
-    result, seen, messages, gated = search(
-        tmp_path, passes_when=lambda floats: True, rank=rank, per_kind_of=per_kind_of, minimum_of=minimum_of
-    )
-    balance = result["kind_balance"]
-    assert balance["kind"] == "texts" and balance["error"] == pytest.approx(1e-3)
-    assert balance["rest_error"] == pytest.approx(1e-4) and balance["simulated_error"] == pytest.approx(1e-3)
-    assert measured[0] == (set(), [2])  # the best as it is, on the text item (the third)
-    assert [m[0] for m in measured[1:11]] == [{name} for name in GRAPH_ORDER]  # each block: one op each here
-    opened = [entry["node"] for entry in balance["ops"]]
-    assert opened == ["bad3", "bad2"]  # the two costliest blocks' ops, alone
-    assert balance["chosen"] == ["bad3"] and balance["chosen_flop_share"] == pytest.approx(16 / 1600)
-    assert seen == [set(), {"bad3"}]  # the real candidate, checked once
-    assert balance["taken"] is real_check_better and balance["check_error"] == pytest.approx(
-        1e-4 if real_check_better else 1e-3
-    )
-    assert result["float_nodes"] == (["bad3"] if real_check_better else [])
-    assert gated == [{"bad3"} if real_check_better else set()]
-    assert result["attempts"][-1]["float_nodes"] == ["bad3"] and result["attempts"][-1]["taken"] is real_check_better
-    assert any("kinds in balance: texts carry 10.0x the other rows' error" in m for m in messages)
-
-
-def test_the_balance_stage_skips_balanced_kinds_and_a_zero_budget(tmp_path):
-    measured = []
-
-    def rank(simulated, items):
-        measured.append(items)
-        return Verdict(passed=True, overall={"mean_cosine": 0.999, "min_cosine": 0.999, "top1": 1.0})
-
-    result, seen, _, _ = search(
-        tmp_path, passes_when=lambda f: True, rank=rank, per_kind_of=lambda f: kinds(0.999, 0.9985)
-    )
-    assert result["kind_balance"] is None and seen == [set()] and measured == []  # 1.5x: balanced enough
-    (tmp_path / "zero").mkdir()
-    result, seen, _, _ = search(
-        tmp_path / "zero",
-        passes_when=lambda f: True,
-        rank=rank,
-        per_kind_of=lambda f: kinds(0.9999, 0.99),
-        balance_budget=0,
-    )
-    assert result["kind_balance"] is None and seen == [set()] and measured == []
 
 
 def massive_token_feeds() -> list[dict[str, np.ndarray]]:

@@ -4,6 +4,7 @@ ops are worth their FLOPs within the budget (the stage in the search: tests/cali
 from __future__ import annotations
 
 import pytest
+from search_harness import GRAPH_ORDER, Verdict, check_kinds, search, simulated_float
 
 from pue.calibration.graph_ops import WeightOp
 from pue.calibration.kind_balance import MIN_GAIN, block_of, choose_ops, kind_items, unbalanced_kind
@@ -104,3 +105,66 @@ def test_inspect_and_the_quantize_summary_name_what_the_balance_stage_kept_float
     assert "kind balance: texts carried 4.0x the other rows' error; 1 ops chosen (0.4% of the weight FLOPs), taken" in (
         printed
     )
+
+
+@pytest.mark.parametrize("real_check_better", [True, False])
+def test_a_passing_search_spends_the_balance_budget_on_what_the_worst_kind_needs(tmp_path, real_check_better):
+    """The check passes at once with the text rows carrying 10× the images' error; the stage measures each block
+    (here each op: the names have no numbered modules) in float on the text item, then the two costliest one by one,
+    and keeps bad3 in float (its gain is the texts' whole error, at 1 % of the FLOPs): the real check takes it when it
+    is better and the texts' error falls, else the best stays as it was and the stage is recorded as not taken."""
+    measured: list[tuple[set[str], list[int]]] = []
+
+    def rank(simulated, items):
+        floated = simulated_float(simulated["decoder"])
+        measured.append((floated, items))
+        mean = 0.9999 if "bad3" in floated else 0.999 + 0.00004 * ("bad2" in floated)  # gain < 5 %: not chosen
+        return Verdict(passed=True, overall={"mean_cosine": mean, "min_cosine": mean, "top1": 1.0})
+
+    def per_kind_of(floats):
+        return check_kinds(0.9999, 0.9999 if "bad3" in floats and real_check_better else 0.999)
+
+    def minimum_of(floats):
+        return 0.9 if "bad3" in floats and not real_check_better else 0.95
+
+    result, seen, messages, gated = search(
+        tmp_path, passes_when=lambda floats: True, rank=rank, per_kind_of=per_kind_of, minimum_of=minimum_of
+    )
+    balance = result["kind_balance"]
+    assert balance["kind"] == "texts" and balance["error"] == pytest.approx(1e-3)
+    assert balance["rest_error"] == pytest.approx(1e-4) and balance["simulated_error"] == pytest.approx(1e-3)
+    assert measured[0] == (set(), [2])  # the best as it is, on the text item (the third)
+    assert [m[0] for m in measured[1:11]] == [{name} for name in GRAPH_ORDER]  # each block: one op each here
+    opened = [entry["node"] for entry in balance["ops"]]
+    assert opened == ["bad3", "bad2"]  # the two costliest blocks' ops, alone
+    assert balance["chosen"] == ["bad3"] and balance["chosen_flop_share"] == pytest.approx(16 / 1600)
+    assert seen == [set(), {"bad3"}]  # the real candidate, checked once
+    assert balance["taken"] is real_check_better and balance["check_error"] == pytest.approx(
+        1e-4 if real_check_better else 1e-3
+    )
+    assert result["float_nodes"] == (["bad3"] if real_check_better else [])
+    assert gated == [{"bad3"} if real_check_better else set()]
+    assert result["attempts"][-1]["float_nodes"] == ["bad3"] and result["attempts"][-1]["taken"] is real_check_better
+    assert any("kinds in balance: texts carry 10.0x the other rows' error" in m for m in messages)
+
+
+def test_the_balance_stage_skips_balanced_kinds_and_a_zero_budget(tmp_path):
+    measured = []
+
+    def rank(simulated, items):
+        measured.append(items)
+        return Verdict(passed=True, overall={"mean_cosine": 0.999, "min_cosine": 0.999, "top1": 1.0})
+
+    result, seen, _, _ = search(
+        tmp_path, passes_when=lambda f: True, rank=rank, per_kind_of=lambda f: check_kinds(0.999, 0.9985)
+    )
+    assert result["kind_balance"] is None and seen == [set()] and measured == []  # 1.5x: balanced enough
+    (tmp_path / "zero").mkdir()
+    result, seen, _, _ = search(
+        tmp_path / "zero",
+        passes_when=lambda f: True,
+        rank=rank,
+        per_kind_of=lambda f: check_kinds(0.9999, 0.99),
+        balance_budget=0,
+    )
+    assert result["kind_balance"] is None and seen == [set()] and measured == []

@@ -243,7 +243,8 @@ def _print_fidelity(out: object, report: dict) -> None:
             (f"float: {parity['backend']} ≠ onnxruntime", str(len(parity["float_nodes"])), "ops (target_parity)")
         )
     if report.get("per_token_nodes"):
-        extra.append(("ops quantized per token", str(len(report["per_token_nodes"])), "massive tokens"))
+        how = "by OpenVINO at run time" if report.get("target") == "openvino" else "each row its own scale"
+        extra.append(("ops quantized per token", str(len(report["per_token_nodes"])), how))
     if balance := report.get("kind_balance"):
         extra.append(balance_row(balance))
     rotation = report.get("rotation") or {}

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from pue.bundle import manifest_sha256, read_manifest, verify_files
@@ -80,3 +81,17 @@ def test_the_printed_gate_shows_the_check_on_fitted_and_unseen_items(quantized_b
     for label, overall in (("fitted", fitted), ("unseen", unseen)):
         shown = f"mean {overall['mean_cosine']:.5f} / min {overall['min_cosine']:.5f}"
         assert shown in rows[f"calibration check, {label} items"]
+
+
+@pytest.mark.parametrize(("target", "how"), [("openvino", "by OpenVINO at run time"), ("onnxruntime", "each row")])
+def test_the_printed_gate_says_how_the_per_token_ops_are_quantized(quantized_bundle, target, how):
+    from rich.console import Console
+
+    from pue.cli.quantize_commands import _print_fidelity
+
+    out, _ = quantized_bundle("int8", "onnxruntime")
+    report = {**json.loads((out / "fidelity.json").read_text()), "target": target, "per_token_nodes": ["a", "b"]}
+    console = Console(record=True, width=200)
+    _print_fidelity(console, report)
+    row = next(line for line in console.export_text().splitlines() if "ops quantized per token" in line)
+    assert "│ 2 " in row.replace("  ", " ") and how in row

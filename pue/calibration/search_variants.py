@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pue.calibration.candidates import GPTQ, READERS, SPLIT, WIDE, fits, flags_of, ranges_rule
+from pue.calibration.openvino_int8 import needs_openvino
 from pue.precisions import ActivationScheme, BundleTarget, TokenOutliers
 from pue.runtime.cpu import saturating_u8s8
 
@@ -160,7 +161,7 @@ def widens_weights(options: Any) -> bool:
     spec = options.spec
     if not (options.wide_weights and spec.qdq is not None and spec.qdq.reduced_weight_range):
         return False
-    return stores_weights_unsigned(options) or (spec.backend == "openvino" and not saturating_u8s8())
+    return stores_weights_unsigned(options) or (needs_openvino(spec) and not saturating_u8s8())
 
 
 REWRITE = "rewrite"  # pue's per-token rewrite (`pue.calibration.per_token`), run by onnxruntime's integer kernels
@@ -173,7 +174,7 @@ def per_token_path(options: Any) -> str | None:
     spec = options.spec
     if not (spec.calibrated and options.per_token):
         return None
-    if spec.backend == "openvino":
+    if needs_openvino(spec):
         return GROUPED
     return REWRITE if spec.target == BundleTarget.ONNXRUNTIME and not spec.backend else None
 

@@ -48,7 +48,7 @@ def quantize(
         False,
         "--no-per-token",
         help="Never quantize ops per token (int8-dynamic: massive-token inputs, then every op while the check "
-        "fails; static int8 for onnxruntime: every op, last, while the check fails). Diagnostics.",
+        "fails; static int8 for onnxruntime and OpenVINO: every op, last, while the check fails). Diagnostics.",
     ),
     no_error_ranges: bool = typer.Option(
         False,

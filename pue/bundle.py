@@ -1,26 +1,51 @@
 """The bundle: a directory of graphs and a typed `manifest.json` that names every file with its sha256.
 
-Bundles are written atomically (built in a sibling temporary directory, then renamed into place) and
-verified at load: every named file must lie inside the bundle directory and match its hash.
+Bundles are written atomically (built in a sibling temporary directory, then renamed into place; see
+`pue.bundle_files`) and verified at load: every named file must lie inside the bundle directory and match its hash.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pue.errors import BundleError, OutputExistsError
+# the file helpers live in `pue.bundle_files`; named here too, as the bundle's public API always offered them
+from pue.bundle_files import atomic_directory, check_output_path, resolve_inside, sha256_file
+from pue.errors import BundleError
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "EngineBuildInfo",
+    "ExportInfo",
+    "FileEntry",
+    "GraphSpec",
+    "ImagePreprocessing",
+    "Lineage",
+    "Manifest",
+    "Prompts",
+    "QuantizationInfo",
+    "SourceCheckpoint",
+    "TensorSpec",
+    "TokenizerInfo",
+    "atomic_directory",
+    "check_output_path",
+    "file_entry",
+    "manifest_sha256",
+    "parse_format_version",
+    "read_manifest",
+    "resolve_inside",
+    "sha256_file",
+    "verify_files",
+    "write_manifest",
+]
 
 log = logging.getLogger(__name__)
 
@@ -323,34 +348,10 @@ class Manifest:
         return entries
 
 
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_entry(bundle_dir: str | os.PathLike[str], relative: str) -> FileEntry:
     """Describe a file already written inside `bundle_dir`."""
     path = Path(bundle_dir) / relative
     return FileEntry(path=relative, sha256=sha256_file(path), size=path.stat().st_size)
-
-
-def resolve_inside(bundle_dir: str | os.PathLike[str], relative: str) -> Path:
-    """The path of `relative` inside the bundle; refuses absolute names, `..` and links leading out."""
-    root = Path(bundle_dir).resolve()
-    if os.path.isabs(relative) or Path(relative).is_absolute():
-        raise BundleError(f"manifest names the absolute path '{relative}'", "bundle files must lie inside the bundle")
-    if ".." in Path(relative).parts:
-        raise BundleError(f"manifest names '{relative}', which leaves the bundle directory", "refusing to read it")
-    resolved = (root / relative).resolve()
-    if root != resolved and root not in resolved.parents:
-        raise BundleError(
-            f"'{relative}' resolves to {resolved}, outside the bundle directory {root}",
-            "a symlink points out of the bundle; refusing to read it",
-        )
-    return resolved
 
 
 def read_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
@@ -417,42 +418,3 @@ def manifest_sha256(bundle_dir: str | os.PathLike[str]) -> str:
 def write_manifest(bundle_dir: str | os.PathLike[str], manifest: Manifest) -> None:
     path = Path(bundle_dir) / MANIFEST_NAME
     path.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n")
-
-
-def check_output_path(output: str | os.PathLike[str], overwrite: bool) -> Path:
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(str(out))
-    if out.exists() and not out.is_dir():
-        raise BundleError(f"output '{out}' exists and is not a directory", "choose another path")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_directory(output: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `output`, on any error it is removed.
-
-    An existing `output` is only replaced at the very end, after everything was written, so an
-    interrupted or failed run leaves the user's earlier results untouched.
-    """
-    out = check_output_path(output, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -37,8 +37,8 @@ def engines(fp32_bundle, tmp_path_factory):
 
 def test_engines_pass_the_gate_and_record_this_machine(engines):
     from pue.runtime.backends.cuda_device import CudaDevice, import_cudart
-    from pue.runtime.backends.tensorrt import import_tensorrt, platform_info
     from pue.runtime.backends.tensorrt_compat import check_engine_compatibility
+    from pue.runtime.backends.tensorrt_engine import import_tensorrt, platform_info
 
     _, result = engines
     assert result.gate.passed, result.gate.failures()

@@ -49,7 +49,7 @@ from pue.gate_set import GateSet
 from pue.precisions import engine_precisions, engine_source_for, lookup
 from pue.runtime.backends.base import parse_device
 from pue.runtime.backends.cuda_device import CudaDevice, import_cudart
-from pue.runtime.backends.tensorrt import GRAPHS, TensorRTBackend, import_tensorrt, make_logger, platform_info
+from pue.runtime.backends.tensorrt import TensorRTBackend
 from pue.runtime.backends.tensorrt_compat import (
     AMPERE,
     HARDWARE_COMPAT_LEVELS,
@@ -59,6 +59,7 @@ from pue.runtime.backends.tensorrt_compat import (
     ShapeRange,
     sm_name,
 )
+from pue.runtime.backends.tensorrt_engine import GRAPHS, import_tensorrt, make_logger, platform_info
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,10 @@ into 448, so its bundles take 448 px tiles); the row's fixture label says so (`c
 the presets' default and keeps the old directory names). A mode `fp16` measures how much the fixture amplifies
 rounding alone (issue 14's conditioning table).
 
+Where a gate fails, `pue-export quantize` also measures the parent in bf16 arithmetic on the same items (its rounding
+floor, `pue.calibration.rounding_floor`): the `bf16 floor` column, and the summary under the table counts the failed
+cells whose fixture fails its own gate that way apart from those whose fixture passes it.
+
 `--methods off` quantizes with issue 14's methods switched off (`--no-smooth --no-per-token --no-error-ranges
 --no-gptq --no-split-channels --no-wide-weights --no-fallback`: everything int8, per tensor, MinMax ranges), to show
 they are what makes a fixture pass.
@@ -108,6 +112,10 @@ def gate_row(out: Path, code: int) -> dict:
         "ranges": (report.get("ranges") or {}).get("rule", "-"),
         # of the float ops, those kept float because the target backend computes them differently (`target_parity`)
         "target_float": len((report.get("target_parity") or {}).get("float_nodes", [])),
+        # a failed INT8 gate measures the parent in bf16 arithmetic on the same items (`rounding_floor`): whether the
+        # fixture itself passes where the quantizer did not
+        "floor_passed": (report.get("rounding_floor") or {}).get("passed"),
+        "floor_min_cosine": ((report.get("rounding_floor") or {}).get("overall") or {}).get("min_cosine"),
     }
 
 
@@ -233,8 +241,8 @@ def markdown(rows: list[dict]) -> str:
 
     lines = [
         "| arch | fixture | seed | mode | calibration | methods | gate | mean cos | min cos | top-1 | int8 FLOPs "
-        "| float ops | per token | smoothed | ranges | s | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| float ops | per token | smoothed | ranges | bf16 floor | s | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mode = r["precision"] + ("" if r["precision"] in ("int8-dynamic", "fp16") else f" ({r['target']})")
@@ -242,10 +250,30 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['arch']} | {r['fixture']} | {r['seed']} | {mode} | {r['calibration']} | {r.get('methods', 'on')} | "
             f"{'pass' if r.get('passed') else 'FAIL'} | {fmt(r.get('mean_cosine'))} | {fmt(r.get('min_cosine'))} | "
             f"{fmt(r.get('top1'), 3)} | {fmt(r.get('int8_flop_share'), 2)} | {fmt(r.get('float_nodes'))} | "
-            f"{fmt(r.get('per_token'))} | {fmt(r.get('smoothed_groups'))} | {r.get('ranges', '-')} | {r['seconds']} | "
-            f"{r['peak_mb']} |"
+            f"{fmt(r.get('per_token'))} | {fmt(r.get('smoothed_groups'))} | {r.get('ranges', '-')} | {floor(r)} | "
+            f"{r['seconds']} | {r['peak_mb']} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + summary(rows)
+
+
+def floor(row: dict) -> str:
+    """The parent's bf16 floor, measured where the gate failed: `pass` / `FAIL min` / `-` (not measured)."""
+    if row.get("floor_passed") is None:
+        return "-"
+    return "pass" if row["floor_passed"] else f"FAIL {row['floor_min_cosine']:.4f}"
+
+
+def summary(rows: list[dict]) -> str:
+    """Passes, and the failures split by the parent's bf16 floor: a cell whose parent fails its own gate in bf16
+    arithmetic measures the fixture's conditioning, not the quantizer (`pue.calibration.rounding_floor`)."""
+    failed = [r for r in rows if not r.get("passed")]
+    own = [r for r in failed if r.get("floor_passed") is False]
+    unknown = [r for r in failed if r.get("floor_passed") is None]
+    return (
+        f"\n{len(rows) - len(failed)} of {len(rows)} cells pass; of the {len(failed)} that fail, {len(own)} have a "
+        f"parent that fails the same gate in bf16 arithmetic, {len(failed) - len(own) - len(unknown)} a parent that "
+        f"passes it" + (f", {len(unknown)} no floor measured" if unknown else "") + ".\n"
+    )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pue.calibration.openvino_int8 import check_openvino_request
 from pue.calibration.quantize_plan import OUTLIER_SAMPLES, most_images_per_row, run_plan, vision_tokens
 from pue.calibration.quantized_manifest import child_manifest, gate_device
 from pue.calibration.resources import PhasePeaks
+from pue.calibration.rounding_floor import floor_reason, measure_floor
 from pue.calibration.row_split_hoist import hoist_for_target
 from pue.calibration.staging import Staged, evaluate_staged
 from pue.calibration.target_parity import parity_for
@@ -296,6 +297,17 @@ def quantize_bundle(
         if rule is not None:  # a bundle called INT8 keeps 80 % of its weight FLOPs in int8 (DESIGN.md)
             fidelity.checks.append(rule)
             outcome["why"] = [*(outcome.get("why") or fidelity.failures()[:-1]), rule.describe()]
+        floor = None
+        if options.spec.qdq is not None and not fidelity.passed:  # the quantizer's error, or the model's own?
+            paths = {name: parent_dir / spec.file.path for name, spec in parent_manifest.graphs.items()}
+            floor = measure_floor(  # float graphs, staged and run as the ranking's simulated ones are
+                paths,
+                lambda graphs: evaluate_staged(
+                    graphs, child, gate_set, reference, float_spec, options.thresholds, staged
+                ),
+                say,
+            )
+            outcome["why"] = [*(outcome.get("why") or fidelity.failures()), floor_reason(floor)]
         report = {
             "precision": options.precision,
             "target": _target(options),
@@ -319,6 +331,7 @@ def quantize_bundle(
             "outliers": outliers,
             "resources": {"plan": resources.to_dict(), "measured_peak_mb": peaks.peaks_mb},
             "rotation": rotation,
+            "rounding_floor": floor,
             "gate_device": gate_device(options.spec)
             + (
                 "; this CPU's int8 kernels saturate on full-range s8 weights, so the Q/DQ pairs ran in float, the "

@@ -254,6 +254,17 @@ def _print_fidelity(out: object, report: dict) -> None:
     if attention.get("mode") == "fused":
         fused = ", ".join(f"{g} {r['fused']}× {r['op']}" for g, r in attention.get("graphs", {}).items())
         extra.append(("attention", f"fused: {fused}", ""))
+    if floor := report.get("rounding_floor"):  # measured where an INT8 gate failed (`rounding_floor`)
+        overall = floor["overall"]
+        extra.append(
+            (
+                "the parent in bf16 arithmetic, same items",
+                f"mean {overall['mean_cosine']:.5f} / min {overall['min_cosine']:.5f} / top-1 {overall['top1']:.3f}",
+                "passes the gate: the error is the quantizer's"
+                if floor["passed"]
+                else "FAILS the gate: the model's own",
+            )
+        )
     title = f"fidelity gate: {report['precision']} ({report['target']}) vs FP32 parent"
     out.print(report["gate_device"])  # type: ignore[attr-defined]
     print_gate(out, report["gate"], title=title, extra_rows=extra)

@@ -1,0 +1,101 @@
+"""The parent's own sensitivity to rounding: what a failed INT8 gate is measured against.
+
+A checkpoint trained in bf16 computed every forward pass of its training with bf16 inputs to its matrix products, so
+its embeddings barely move when its graphs do the same (measured: the `bench` preset in OpenVINO bf16, gate minimum
+0.99995). A model whose embeddings do move past the gate under bf16 rounding alone depends on arithmetic finer than
+an 8-bit mantissa; int8 steps are coarser still (a per-tensor int8 step is 1/127 of the range, bf16's is 1/256 of
+each value), so no INT8 mode can be expected to pass its gate, and the user should know that before tuning the
+quantizer (measured on the random-weight `gains-*` fixtures: every cell whose OpenVINO bf16 bundle failed the gate
+also failed static INT8 on every target, BENCHMARKS.md, session 20).
+
+`bf16_rounded` makes that arithmetic in standard ONNX, on any CPU: both operands of every MatMul, Gemm and Conv (the
+weights and the attention's products included; biases and everything else stay f32, as bf16 kernels accumulate
+and add in f32) go through Cast→bfloat16→Cast, which onnxruntime rounds to nearest even. `measure_floor` runs it
+on the gate's own items when an INT8 gate fails, so the failure says which of the two it is.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from onnx import TensorProto, helper
+
+from pue.fidelity import GateReport
+
+ROUNDED_OPS = ("MatMul", "Gemm", "Conv")  # operands rounded: the first two inputs (activation, weight / activation)
+PREFIX = "pue_bf16_"
+FLOAT = TensorProto.FLOAT
+ARITHMETIC = "bf16 inputs of every MatMul, Gemm and Conv (both operands; f32 accumulation), simulated in onnxruntime"
+
+
+def bf16_rounded(model: Any) -> Any:
+    """A copy of `model` whose MatMul, Gemm and Conv nodes read their first two inputs rounded to bfloat16.
+
+    Each rounded tensor gets one Cast pair, placed right before its first reader (the graph stays topologically
+    sorted: the tensor is a graph input, an initializer or an output of an earlier node)."""
+    out = copy.deepcopy(model)
+    graph = out.graph
+    rounded: dict[str, str] = {}  # tensor -> its rounded copy
+    nodes: list[Any] = []
+    for node in graph.node:
+        if node.op_type in ROUNDED_OPS and node.domain in ("", "ai.onnx"):
+            for position, name in enumerate(node.input[:2]):
+                if not name:
+                    continue
+                if name not in rounded:
+                    tag = f"{PREFIX}{len(rounded)}"
+                    rounded[name] = f"{tag}_f32"
+                    nodes += [
+                        helper.make_node("Cast", [name], [f"{tag}_bf16"], name=f"{tag}_to", to=TensorProto.BFLOAT16),
+                        helper.make_node("Cast", [f"{tag}_bf16"], [rounded[name]], name=f"{tag}_back", to=FLOAT),
+                    ]
+                node.input[position] = rounded[name]
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out
+
+
+def measure_floor(
+    paths: dict[str, Path], evaluate: Callable[[dict[str, Any]], GateReport], say: Callable[[str], None]
+) -> dict[str, Any]:
+    """The parent's graphs (`paths`, by graph name) in bf16 arithmetic (`bf16_rounded`), measured by `evaluate` (the
+    gate's items and thresholds, float graphs run by onnxruntime): a record for `fidelity.json` and the failure's
+    reasons. Each graph is loaded, rounded and handed over without keeping the loaded copy."""
+    import onnx
+
+    report = evaluate({name: bf16_rounded(onnx.load(str(path))) for name, path in paths.items()})
+    overall = report.overall
+    record = {
+        "arithmetic": ARITHMETIC,
+        "passed": report.passed,
+        "overall": {key: overall.get(key) for key in ("count", "mean_cosine", "min_cosine", "top1")},
+    }
+    say(
+        f"rounding floor: the parent in bf16 arithmetic measures mean {overall['mean_cosine']:.5f} / min "
+        f"{overall['min_cosine']:.5f} / top-1 {overall['top1']:.3f} on the gate's items: "
+        + ("passes the gate" if report.passed else "FAILS the gate")
+    )
+    return record
+
+
+def floor_reason(record: dict[str, Any]) -> str:
+    """One line for a failed INT8 gate's message: whether the parent itself passes the gate in bf16 arithmetic."""
+    overall = record["overall"]
+    measured = f"min cosine {overall['min_cosine']:.4f}, top-1 {overall['top1']:.3f}"
+    if record["passed"]:
+        return (
+            f"the parent passes the same gate in bf16 arithmetic ({measured}), so the error is the quantizer's: try "
+            "another --target, int8-dynamic, or more calibration patches (--calib, --num-patches)"
+        )
+    return (
+        f"the parent itself fails this gate in bf16 arithmetic ({measured}): its embeddings depend on rounding finer "
+        "than bf16's, which no 8-bit format can give; deploy it in fp16 or fp32, and check the checkpoint (a model "
+        "trained in bf16 is not this sensitive)"
+    )
+
+
+__all__ = ["ARITHMETIC", "ROUNDED_OPS", "bf16_rounded", "floor_reason", "measure_floor"]

@@ -95,3 +95,19 @@ def test_the_printed_gate_says_how_the_per_token_ops_are_quantized(quantized_bun
     _print_fidelity(console, report)
     row = next(line for line in console.export_text().splitlines() if "ops quantized per token" in line)
     assert "│ 2 " in row.replace("  ", " ") and how in row
+
+
+@pytest.mark.parametrize(("passed", "verdict"), [(True, "the error is the quantizer's"), (False, "the model's own")])
+def test_the_printed_gate_shows_the_parents_rounding_floor(quantized_bundle, passed, verdict):
+    from rich.console import Console
+
+    from pue.cli.quantize_commands import _print_fidelity
+
+    out, _ = quantized_bundle("int8", "onnxruntime")
+    overall = {"count": 3, "mean_cosine": 0.99, "min_cosine": 0.9123, "top1": 1.0}
+    floor = {"passed": passed, "overall": overall}
+    report = {**json.loads((out / "fidelity.json").read_text()), "rounding_floor": floor}
+    console = Console(record=True, width=220)
+    _print_fidelity(console, report)
+    row = next(line for line in console.export_text().splitlines() if "bf16 arithmetic" in line)
+    assert "min 0.91230" in row and verdict in row

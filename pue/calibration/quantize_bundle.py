@@ -300,6 +300,7 @@ def quantize_bundle(
         floor = None
         if options.spec.qdq is not None and not fidelity.passed:  # the quantizer's error, or the model's own?
             paths = {name: parent_dir / spec.file.path for name, spec in parent_manifest.graphs.items()}
+            models.clear()  # the failed candidate's graphs: nothing reads them again, the parent's take their place
             floor = measure_floor(  # float graphs, staged and run as the ranking's simulated ones are
                 paths,
                 lambda graphs: evaluate_staged(

@@ -179,6 +179,7 @@ def plan_quantize(
         passes.update({"fallback ranking": ranked + 1} if ranked else {})
         passes.update({"kind balance": balance} if balance else {})
         passes["held-out gate"] = 1
+        passes["rounding floor, if the gate fails"] = 1  # the parent in bf16 on the gate's items (`rounding_floor`)
     available = available_memory_bytes() if available is None else available
     fits = available is None or peak <= available
     notes = [f"(the outlier report reads the first {outlier_rows} rows of each graph)"]

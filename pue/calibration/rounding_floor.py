@@ -31,12 +31,13 @@ FLOAT = TensorProto.FLOAT
 ARITHMETIC = "bf16 inputs of every MatMul, Gemm and Conv (both operands; f32 accumulation), simulated in onnxruntime"
 
 
-def bf16_rounded(model: Any) -> Any:
-    """A copy of `model` whose MatMul, Gemm and Conv nodes read their first two inputs rounded to bfloat16.
+def bf16_rounded(model: Any, in_place: bool = False) -> Any:
+    """`model` (a copy unless `in_place`: a multi-billion-parameter graph is not held twice) whose MatMul, Gemm and
+    Conv nodes read their first two inputs rounded to bfloat16.
 
     Each rounded tensor gets one Cast pair, placed right before its first reader (the graph stays topologically
     sorted: the tensor is a graph input, an initializer or an output of an earlier node)."""
-    out = copy.deepcopy(model)
+    out = model if in_place else copy.deepcopy(model)
     graph = out.graph
     rounded: dict[str, str] = {}  # tensor -> its rounded copy
     nodes: list[Any] = []
@@ -64,10 +65,10 @@ def measure_floor(
 ) -> dict[str, Any]:
     """The parent's graphs (`paths`, by graph name) in bf16 arithmetic (`bf16_rounded`), measured by `evaluate` (the
     gate's items and thresholds, float graphs run by onnxruntime): a record for `fidelity.json` and the failure's
-    reasons. Each graph is loaded, rounded and handed over without keeping the loaded copy."""
+    reasons. Each graph is loaded and rounded in place: memory for the parent's graphs once, as the gate's staging."""
     import onnx
 
-    report = evaluate({name: bf16_rounded(onnx.load(str(path))) for name, path in paths.items()})
+    report = evaluate({name: bf16_rounded(onnx.load(str(path)), in_place=True) for name, path in paths.items()})
     overall = report.overall
     record = {
         "arithmetic": ARITHMETIC,

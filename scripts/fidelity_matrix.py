@@ -115,6 +115,7 @@ def gate_row(out: Path, code: int) -> dict:
         # a failed INT8 gate measures the parent in bf16 arithmetic on the same items (`rounding_floor`): whether the
         # fixture itself passes where the quantizer did not
         "floor_passed": (report.get("rounding_floor") or {}).get("passed"),
+        "floor_verdict": (report.get("rounding_floor") or {}).get("verdict"),
         "floor_min_cosine": ((report.get("rounding_floor") or {}).get("overall") or {}).get("min_cosine"),
     }
 
@@ -260,6 +261,8 @@ def floor(row: dict) -> str:
     """The parent's bf16 floor, measured where the gate failed: `pass` / `FAIL min` / `-` (not measured)."""
     if row.get("floor_passed") is None:
         return "-"
+    if row.get("floor_verdict") == "tight":
+        return f"pass, tight {row['floor_min_cosine']:.4f}"
     return "pass" if row["floor_passed"] else f"FAIL {row['floor_min_cosine']:.4f}"
 
 
@@ -268,11 +271,13 @@ def summary(rows: list[dict]) -> str:
     arithmetic measures the fixture's conditioning, not the quantizer (`pue.calibration.rounding_floor`)."""
     failed = [r for r in rows if not r.get("passed")]
     own = [r for r in failed if r.get("floor_passed") is False]
+    tight = [r for r in failed if r.get("floor_verdict") == "tight"]
     unknown = [r for r in failed if r.get("floor_passed") is None]
+    clear = len(failed) - len(own) - len(tight) - len(unknown)
     return (
         f"\n{len(rows) - len(failed)} of {len(rows)} cells pass; of the {len(failed)} that fail, {len(own)} have a "
-        f"parent that fails the same gate in bf16 arithmetic, {len(failed) - len(own) - len(unknown)} a parent that "
-        f"passes it" + (f", {len(unknown)} no floor measured" if unknown else "") + ".\n"
+        f"parent that fails the same gate in bf16 arithmetic, {len(tight)} one that passes it only just, {clear} one "
+        "that passes it clearly" + (f", {len(unknown)} no floor measured" if unknown else "") + ".\n"
     )
 
 

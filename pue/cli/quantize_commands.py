@@ -200,6 +200,13 @@ def _runtime_precision(
         _print_fidelity(out, result.report)
 
 
+FLOOR_VERDICTS = {  # `pue.calibration.rounding_floor`'s verdict on the parent, as the printed gate says it
+    "clear": "passes the gate: the error is the quantizer's",
+    "tight": "passes only just: little room for 8 bits",
+    "fails": "FAILS the gate: the model's own",
+}
+
+
 def _print_fidelity(out: object, report: dict) -> None:
     from pue.fidelity import print_gate
 
@@ -260,9 +267,7 @@ def _print_fidelity(out: object, report: dict) -> None:
             (
                 "the parent in bf16 arithmetic, same items",
                 f"mean {overall['mean_cosine']:.5f} / min {overall['min_cosine']:.5f} / top-1 {overall['top1']:.3f}",
-                "passes the gate: the error is the quantizer's"
-                if floor["passed"]
-                else "FAILS the gate: the model's own",
+                FLOOR_VERDICTS[floor.get("verdict") or ("clear" if floor["passed"] else "fails")],
             )
         )
     title = f"fidelity gate: {report['precision']} ({report['target']}) vs FP32 parent"

@@ -67,11 +67,13 @@ def test_rounded_graph_computes_bf16_operands_with_f32_accumulation():
 
 
 def gate(cosines: list[float]):
-    rows = np.eye(len(cosines), 8, dtype=np.float32)
+    """A gate report whose items have these cosines to the parent (orthogonal rows, each bent off its own axis)."""
+    count = len(cosines)
+    rows = np.eye(count, 2 * count, dtype=np.float32)
     parent = {"images": rows}
     bent = rows.copy()
     for i, c in enumerate(cosines):
-        bent[i] = c * rows[i] + np.sqrt(1 - c * c) * np.roll(rows[i], 3)
+        bent[i] = c * rows[i] + np.sqrt(1 - c * c) * np.roll(rows[i], count)
     return measure_fidelity({"images": bent}, parent, FidelityThresholds())
 
 
@@ -92,8 +94,16 @@ def test_the_floor_says_whose_error_a_failed_gate_is(tmp_path):
     assert "passes the gate" in said[0]
     assert "the error is the quantizer's" in floor_reason(record)
 
+    assert record["verdict"] == "clear" and record["headroom"] > 0.9  # min 0.9998: 99 % of 0.02 left
+
     record = measure_floor({"decoder": path}, lambda graphs: gate([0.9999, 0.91, 0.9999]), said.append)
     assert not record["passed"] and abs(record["overall"]["min_cosine"] - 0.91) < 1e-6
-    assert "FAILS the gate" in said[1]
+    assert record["verdict"] == "fails" and "FAILS the gate" in said[1]
     reason = floor_reason(record)
     assert "the parent itself fails this gate in bf16 arithmetic" in reason and "0.9100" in reason
+
+    # passes, but bf16 alone spends most of the minimum's allowance (0.985 against 0.98: a quarter left)
+    record = measure_floor({"decoder": path}, lambda graphs: gate([1.0] * 9 + [0.985]), said.append)
+    assert record["passed"] and record["verdict"] == "tight" and abs(record["headroom"] - 0.25) < 1e-3
+    assert "only just" in said[2] and "25% of its allowance left" in said[2]
+    assert "little room" in floor_reason(record) and "int8-dynamic" in floor_reason(record)

@@ -97,17 +97,20 @@ def test_the_printed_gate_says_how_the_per_token_ops_are_quantized(quantized_bun
     assert "│ 2 " in row.replace("  ", " ") and how in row
 
 
-@pytest.mark.parametrize(("passed", "verdict"), [(True, "the error is the quantizer's"), (False, "the model's own")])
-def test_the_printed_gate_shows_the_parents_rounding_floor(quantized_bundle, passed, verdict):
+@pytest.mark.parametrize(
+    ("verdict", "shown"),
+    [("clear", "the error is the quantizer's"), ("tight", "little room for 8 bits"), ("fails", "the model's own")],
+)
+def test_the_printed_gate_shows_the_parents_rounding_floor(quantized_bundle, verdict, shown):
     from rich.console import Console
 
     from pue.cli.quantize_commands import _print_fidelity
 
     out, _ = quantized_bundle("int8", "onnxruntime")
     overall = {"count": 3, "mean_cosine": 0.99, "min_cosine": 0.9123, "top1": 1.0}
-    floor = {"passed": passed, "overall": overall}
+    floor = {"passed": verdict != "fails", "verdict": verdict, "overall": overall}
     report = {**json.loads((out / "fidelity.json").read_text()), "rounding_floor": floor}
     console = Console(record=True, width=220)
     _print_fidelity(console, report)
     row = next(line for line in console.export_text().splitlines() if "bf16 arithmetic" in line)
-    assert "min 0.91230" in row and verdict in row
+    assert "min 0.91230" in row and shown in row

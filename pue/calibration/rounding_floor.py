@@ -23,7 +23,8 @@ from typing import Any
 
 from onnx import TensorProto, helper
 
-from pue.fidelity import GateReport
+from pue.errors import PueError
+from pue.fidelity import FidelityThresholds, GateReport, measure_fidelity
 
 ROUNDED_OPS = ("MatMul", "Gemm", "Conv")  # operands rounded: the first two inputs (activation, weight / activation)
 PREFIX = "pue_bf16_"
@@ -97,9 +98,63 @@ def measure_floor(
     say(
         f"rounding floor: the parent in bf16 arithmetic measures mean {overall['mean_cosine']:.5f} / min "
         f"{overall['min_cosine']:.5f} / top-1 {overall['top1']:.3f} on the gate's items: {said} "
-        f"({max(headroom, 0.0):.0%} of its allowance left)"
+        f"({share_left(headroom)} of its allowance left)"
     )
     return record
+
+
+def bundle_floor(
+    bundle: str | Path,
+    heldout: str | Path | None = None,
+    thresholds: FidelityThresholds | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The rounding floor of an FP32 bundle before any quantization (`pue-export floor`): its graphs in bf16 arithmetic
+    against its own fp32 embeddings on the gate's held-out items (`heldout`, default the shipped ones), with the
+    quantize gate's thresholds. The rounded graphs are staged in a temporary directory beside nothing of the user's."""
+    import os
+    import tempfile
+
+    from pue.bundle import file_entry, read_manifest, verify_files, write_manifest
+    from pue.gate_set import GateSet
+    from pue.graph_files import save_graph
+    from pue.runtime import Embedder
+
+    say = progress or (lambda message: None)
+    root = Path(bundle)
+    manifest = read_manifest(root)
+    if manifest.precision != "fp32":
+        raise PueError(
+            f"{root} holds {manifest.precision} graphs; the rounding floor is measured on an FP32 bundle",
+            "run it on the bundle `pue-export onnx` wrote, the parent of your quantized bundles",
+        )
+    verify_files(root, manifest)
+    gate_set = GateSet.default(heldout)
+    limits = thresholds or FidelityThresholds()
+    say(f"gate set: {gate_set.counts()}")
+    with Embedder.load(root, backend="onnxruntime") as parent:
+        reference = gate_set.embed(parent)
+    with tempfile.TemporaryDirectory(prefix=".pue-floor-") as scratch:
+        staging = Path(scratch)
+        for entry in [manifest.tokenizer.file, *manifest.files.values()]:
+            (staging / entry.path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(root / entry.path, staging / entry.path)
+            except OSError:  # another file system: a copy
+                (staging / entry.path).write_bytes((root / entry.path).read_bytes())
+
+        def evaluate(graphs: dict[str, Any]) -> GateReport:
+            staged = copy.deepcopy(manifest)
+            for name, model in graphs.items():
+                data_files = save_graph(model, staging / staged.graphs[name].file.path)
+                staged.graphs[name].file = file_entry(staging, staged.graphs[name].file.path)
+                staged.graphs[name].external_data = [file_entry(staging, f) for f in data_files]
+            write_manifest(staging, staged)
+            with Embedder.load(staging, backend="onnxruntime") as rounded:
+                return measure_fidelity(gate_set.embed(rounded), reference, limits)
+
+        paths = {name: root / spec.file.path for name, spec in manifest.graphs.items()}
+        return {"bundle": str(root), **measure_floor(paths, evaluate, say)}
 
 
 def floor_reason(record: dict[str, Any]) -> str:
@@ -107,7 +162,7 @@ def floor_reason(record: dict[str, Any]) -> str:
     overall = record["overall"]
     measured = f"min cosine {overall['min_cosine']:.4f}, top-1 {overall['top1']:.3f}"
     verdict = record.get("verdict") or ("clear" if record["passed"] else "fails")
-    left = f"{max(record.get('headroom', 1.0), 0.0):.0%} of the gate's allowance left"
+    left = f"{share_left(record.get('headroom', 1.0))} of the gate's allowance left"
     if verdict == "clear":
         return (
             f"the parent passes the same gate in bf16 arithmetic ({measured}; {left}), so the error is the "
@@ -126,4 +181,18 @@ def floor_reason(record: dict[str, Any]) -> str:
     )
 
 
-__all__ = ["ARITHMETIC", "ROUNDED_OPS", "TIGHT", "bf16_rounded", "floor_reason", "measure_floor"]
+def share_left(headroom: float) -> str:
+    """A share of the gate's allowance, readable when it is small (0.5 %, not 0 %)."""
+    return f"{max(headroom, 0.0):.1%}" if headroom < 0.1 else f"{headroom:.0%}"
+
+
+__all__ = [
+    "ARITHMETIC",
+    "ROUNDED_OPS",
+    "TIGHT",
+    "bf16_rounded",
+    "bundle_floor",
+    "floor_reason",
+    "measure_floor",
+    "share_left",
+]

@@ -15,7 +15,7 @@ from pue.choices import (
     TinyPreset,
 )
 from pue.cli.common import console, handle_errors, print_json, progress_printer, set_debug
-from pue.cli.quantize_commands import outliers, quantize
+from pue.cli.quantize_commands import floor, outliers, quantize
 
 app = typer.Typer(
     name="pue-export",
@@ -129,6 +129,7 @@ def _print_gate(out: object, gate: dict) -> None:
 
 app.command("quantize")(quantize)
 app.command("outliers")(outliers)
+app.command("floor")(floor)
 
 
 @app.command("inspect")

@@ -355,6 +355,49 @@ def outliers(
     )
 
 
+@handle_errors
+def floor(
+    bundle: Path = typer.Argument(..., help="FP32 bundle to examine (before quantizing it)."),
+    heldout: Path = typer.Option(None, "--heldout", help="Held-out patch folder for the gate; default: shipped."),
+    gate_mean: float = typer.Option(None, "--gate-mean", help="Gate: minimum mean cosine (default 0.995)."),
+    gate_min: float = typer.Option(None, "--gate-min", help="Gate: minimum per-item cosine (default 0.98)."),
+    gate_top1: float = typer.Option(None, "--gate-top1", help="Gate: minimum top-1 self-retrieval (default 0.98)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
+) -> None:
+    """The bundle in bf16 arithmetic against itself, on the quantize gate: how much room it leaves 8 bits."""
+    from pue.extras import require_extras
+
+    require_extras(["export", "cpu"], "pue-export floor", only={"export": ("onnx",)})
+    from pue.calibration.rounding_floor import bundle_floor, share_left
+    from pue.fidelity import FidelityThresholds
+
+    out = console()
+    thresholds = FidelityThresholds.with_overrides(gate_mean, gate_min, gate_top1)
+    record = bundle_floor(bundle, heldout, thresholds)
+    if as_json:
+        print_json(record)
+        return
+    overall = record["overall"]
+    out.print(
+        f"{bundle} in bf16 arithmetic, against itself on the quantize gate's {overall['count']} held-out items: mean "
+        f"{overall['mean_cosine']:.5f} / min {overall['min_cosine']:.5f} / top-1 {overall['top1']:.3f}"
+    )
+    out.print(FLOOR_ADVICE[record["verdict"]].format(left=share_left(record["headroom"])))
+
+
+FLOOR_ADVICE = {  # `pue-export floor`, before any quantization
+    "clear": "passes, {left} of the gate's cosine allowance left: room for INT8's error (pue-export quantize)",
+    "tight": (
+        "passes only just, {left} of the gate's cosine allowance left: int8 rounds at least as coarsely as bf16, so "
+        "this model leaves 8 bits little room; per-token INT8 (--precision int8-dynamic) comes closest, fp16 keeps it"
+    ),
+    "fails": (
+        "FAILS: the embeddings depend on rounding finer than bf16's, which no 8-bit format gives; deploy in fp16 or "
+        "fp32, and check the checkpoint (a model trained in bf16 is not this sensitive)"
+    ),
+}
+
+
 def _readers(names: list[str]) -> str:
     shown = names[0] if names else "-"
     return shown if len(names) < 2 else f"{shown} (+{len(names) - 1})"

@@ -114,3 +114,25 @@ def test_the_printed_gate_shows_the_parents_rounding_floor(quantized_bundle, ver
     _print_fidelity(console, report)
     row = next(line for line in console.export_text().splitlines() if "bf16 arithmetic" in line)
     assert "min 0.91230" in row and shown in row
+
+
+def test_floor_measures_an_fp32_bundle_against_itself_and_refuses_a_quantized_one(
+    fp32_bundle, quantized_bundle, heldout_dir
+):
+    parent = fp32_bundle("llava_next", "ci")
+    before = sorted(p.name for p in parent.iterdir())
+    result = runner.invoke(app, ["floor", str(parent), "--heldout", str(heldout_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    # the ci preset (no outliers) is far from its floor: bf16 rounding alone keeps almost the whole allowance
+    assert record["passed"] and record["verdict"] == "clear" and record["headroom"] > 0.5
+    assert record["overall"]["count"] >= 6 and record["overall"]["min_cosine"] > 0.99
+    assert sorted(p.name for p in parent.iterdir()) == before  # the rounded graphs were staged elsewhere
+    verify_files(parent, read_manifest(parent))
+
+    shown = runner.invoke(app, ["floor", str(parent), "--heldout", str(heldout_dir)])
+    assert shown.exit_code == 0 and "room for INT8's error" in shown.output
+
+    out, _ = quantized_bundle("int8", "onnxruntime")
+    refused = runner.invoke(app, ["floor", str(out)])
+    assert refused.exit_code == 1 and "holds int8 graphs" in refused.output and "pue-export onnx" in refused.output

@@ -392,8 +392,9 @@ FLOOR_ADVICE = {  # `pue-export floor`, before any quantization
         "this model leaves 8 bits little room; per-token INT8 (--precision int8-dynamic) comes closest, fp16 keeps it"
     ),
     "fails": (
-        "FAILS: the embeddings depend on rounding finer than bf16's, which no 8-bit format gives; deploy in fp16 or "
-        "fp32, and check the checkpoint (a model trained in bf16 is not this sensitive)"
+        "FAILS: the embeddings are sensitive to rounding that models trained in bf16 tolerate; INT8 can pass only "
+        "where the search keeps the sensitive parts finer (try --precision int8-dynamic), else deploy in fp16 or "
+        "fp32; check the checkpoint"
     ),
 }
 

@@ -1,5 +1,6 @@
-"""`pue-export quantize` and `pue-export outliers`: an FP32 bundle → a gated FP16 / INT8 / INT8-dynamic / bf16 bundle,
-and where its activation outliers sit before that. Registered on `pue-export` by `export_app.py`; thin as it is:
+"""`pue-export quantize`, `pue-export outliers` and `pue-export floor`: an FP32 bundle → a gated FP16 / INT8 /
+INT8-dynamic / bf16 bundle, and before that where its activation outliers sit and how much room its own rounding
+floor leaves 8 bits. Registered on `pue-export` by `export_app.py`; thin as it is:
 parse, call the library (`pue.calibration`), print."""
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ def _runtime_precision(
 FLOOR_VERDICTS = {  # `pue.calibration.rounding_floor`'s verdict on the parent, as the printed gate says it
     "clear": "passes the gate: the error is the quantizer's",
     "tight": "passes only just: little room for 8 bits",
-    "fails": "FAILS the gate: the model's own",
+    "fails": "FAILS the gate: the model itself is rounding-sensitive",
 }
 
 

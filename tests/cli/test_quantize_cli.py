@@ -99,7 +99,11 @@ def test_the_printed_gate_says_how_the_per_token_ops_are_quantized(quantized_bun
 
 @pytest.mark.parametrize(
     ("verdict", "shown"),
-    [("clear", "the error is the quantizer's"), ("tight", "little room for 8 bits"), ("fails", "the model's own")],
+    [
+        ("clear", "the error is the quantizer's"),
+        ("tight", "little room for 8 bits"),
+        ("fails", "the model itself is rounding-sensitive"),
+    ],
 )
 def test_the_printed_gate_shows_the_parents_rounding_floor(quantized_bundle, verdict, shown):
     from rich.console import Console

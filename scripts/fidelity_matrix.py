@@ -170,6 +170,10 @@ def main() -> None:
                     recipe = ["--recipe", args.recipe] if args.recipe else []
                     recipe += ["--tile-size", str(args.tile_size)] if args.tile_size else []
                     pue_export("onnx", str(model), "-o", str(fp32), "--overwrite", *recipe)
+                if not fp32.is_dir():  # the export's parity gate failed: the fixture is chaotic even in fp32
+                    rows.append({"arch": arch, "fixture": label, "seed": seed, "no_parent": str(fp32)})
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
                 for precision, target, calib, rotate, methods in runs(args):
                     out = work / f"{fp32.name}-{precision}-{target}-{calib}-rotate-{rotate}-methods-{methods}"
                     extra = ["--calib", str(svs_folder), "--num-patches", "8"] if calib == "svs8" else []
@@ -246,6 +250,11 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "no_parent" in r:
+            lines.append(
+                f"| {r['arch']} | {r['fixture']} | {r['seed']} | no FP32 parent: its export failed the parity gate |"
+            )
+            continue
         mode = r["precision"] + ("" if r["precision"] in ("int8-dynamic", "fp16") else f" ({r['target']})")
         lines.append(
             f"| {r['arch']} | {r['fixture']} | {r['seed']} | {mode} | {r['calibration']} | {r.get('methods', 'on')} | "
@@ -269,6 +278,8 @@ def floor(row: dict) -> str:
 def summary(rows: list[dict]) -> str:
     """Passes, and the failures split by the parent's bf16 floor: a cell whose parent fails its own gate in bf16
     arithmetic measures the fixture's conditioning, not the quantizer (`pue.calibration.rounding_floor`)."""
+    orphans = [r for r in rows if "no_parent" in r]
+    rows = [r for r in rows if "no_parent" not in r]
     failed = [r for r in rows if not r.get("passed")]
     own = [r for r in failed if r.get("floor_passed") is False]
     tight = [r for r in failed if r.get("floor_verdict") == "tight"]
@@ -277,7 +288,10 @@ def summary(rows: list[dict]) -> str:
     return (
         f"\n{len(rows) - len(failed)} of {len(rows)} cells pass; of the {len(failed)} that fail, {len(own)} have a "
         f"parent that fails the same gate in bf16 arithmetic, {len(tight)} one that passes it only just, {clear} one "
-        "that passes it clearly" + (f", {len(unknown)} no floor measured" if unknown else "") + ".\n"
+        "that passes it clearly"
+        + (f", {len(unknown)} no floor measured" if unknown else "")
+        + (f"; {len(orphans)} fixture(s) without an FP32 parent (the export's parity gate failed)" if orphans else "")
+        + ".\n"
     )
 
 

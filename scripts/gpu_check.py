@@ -14,7 +14,6 @@ import argparse
 import functools
 import gc
 import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -23,66 +22,15 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gpu_check_report import Row, Run, table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DTYPES = ("float32", "float16", "bfloat16")
 PRECISION_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-
-
-@dataclass
-class Row:
-    name: str
-    backend: str
-    precision: str
-    device: str
-    status: str = "planned"  # planned | ran | failed | not run | dry-run
-    reason: str = ""
-    mean_cosine: float | None = None
-    min_cosine: float | None = None
-    top1: float | None = None
-    centered_mean_cosine: float | None = None
-    gate_passed: bool | None = None
-    latency: dict[str, dict[str, float]] = field(default_factory=dict)  # {"1": {"p50_ms":..., "items_per_s":...}}
-    seconds: float = 0.0
-
-
-@dataclass
-class Run:
-    args: argparse.Namespace
-    started: float = field(default_factory=time.perf_counter)
-    environment: dict[str, Any] = field(default_factory=dict)
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    rows: list[Row] = field(default_factory=list)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-    def over_budget(self) -> bool:
-        return self.elapsed() > self.args.budget_s
-
-    def not_run(self) -> list[dict[str, str]]:
-        return [{"name": row.name, "reason": row.reason} for row in self.rows if row.status == "not run"]
-
-    def to_dict(self) -> dict[str, Any]:
-        failed = [row.name for row in self.rows if row.status == "failed"]
-        failed += [step["name"] for step in self.steps if step["status"] == "failed"]
-        return {
-            "schema_version": 1,
-            "dry_run": self.args.dry_run,
-            "device": self.args.device,
-            "elapsed_s": round(self.elapsed(), 1),
-            "environment": self.environment,
-            "steps": self.steps,
-            "results": [asdict(row) for row in self.rows],
-            "not_run": self.not_run(),
-            "failed": failed,
-            "passed": not failed,
-        }
 
 
 # --- environment ---------------------------------------------------------------------------------------------
@@ -391,61 +339,6 @@ def compare_backends(run: Run, workdir: Path) -> None:
         return runtime_row(rows["tensorrt-fp32"], result.bundle, device=device)()
 
     guarded(run, rows["tensorrt-fp32"], engines)
-
-
-# --- output --------------------------------------------------------------------------------------------------
-
-
-def _cell(value: Any, digits: int = 5) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def table(run: Run) -> str:
-    batches = [str(b) for b in run.args.batch_sizes]
-    header = ["name", "device", "status", "mean cos", "min cos", "top1", "gate"]
-    for batch in batches:
-        header += [f"b{batch} p50 ms", f"b{batch} items/s"]
-    lines = [header]
-    for row in run.rows:
-        cells = [
-            row.name,
-            row.device,
-            row.status,
-            _cell(row.mean_cosine),
-            _cell(row.min_cosine),
-            _cell(row.top1, 3),
-            _cell(row.gate_passed),
-        ]
-        for batch in batches:
-            measured = row.latency.get(batch, {})
-            cells += [_cell(measured.get("p50_ms"), 2), _cell(measured.get("items_per_s"), 1)]
-        lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines]
-    text.insert(1, "  ".join("-" * width for width in widths))
-    notes = [f"  {row.name}: {row.status}: {row.reason}" for row in run.rows if row.reason]
-    if notes:
-        text += ["", "notes (what was not run, and why):", *notes]
-    failed_steps = [f"  {s['name']}: {s.get('error', '')}" for s in run.steps if s["status"] == "failed"]
-    if failed_steps:
-        text += ["", "failed steps:", *failed_steps]
-    return "\n".join(text)
-
-
-def write_json(run: Run) -> None:
-    if run.args.out is None:
-        return
-    out = Path(run.args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    partial.write_text(json.dumps(run.to_dict(), indent=2, default=str) + "\n")
-    os.replace(partial, out)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

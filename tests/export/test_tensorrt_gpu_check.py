@@ -15,14 +15,19 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.py"
 
 @pytest.fixture(scope="module")
 def gpu_check():
+    """The script as `python scripts/gpu_check.py` runs it: its folder first on the path (it imports
+    gpu_check_report from there)."""
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there
+    sys.modules["gpu_check"] = module
+    sys.path.insert(0, str(SCRIPT.parent))
     try:
         spec.loader.exec_module(module)
         yield module
     finally:
         sys.modules.pop("gpu_check", None)
+        sys.modules.pop("gpu_check_report", None)
+        sys.path.remove(str(SCRIPT.parent))
 
 
 def test_dry_run_prints_the_table_and_writes_json(gpu_check, tmp_path, capsys):

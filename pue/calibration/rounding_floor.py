@@ -28,7 +28,7 @@ from typing import Any
 from onnx import TensorProto, helper
 
 from pue.errors import PueError
-from pue.fidelity import FidelityThresholds, GateReport, measure_fidelity
+from pue.fidelity import FidelityThresholds, GateReport
 
 ROUNDED_OPS = ("MatMul", "Gemm", "Conv")  # operands rounded: the first two inputs (activation, weight / activation)
 PREFIX = "pue_bf16_"
@@ -115,13 +115,15 @@ def bundle_floor(
 ) -> dict[str, Any]:
     """The rounding floor of an FP32 bundle before any quantization (`pue-export floor`): its graphs in bf16 arithmetic
     against its own fp32 embeddings on the gate's held-out items (`heldout`, default the shipped ones), with the
-    quantize gate's thresholds. The rounded graphs are staged in a temporary directory beside nothing of the user's."""
-    import os
+    quantize gate's thresholds. The rounded graphs are staged as the quantizer stages its candidates (a derivation of
+    the bundle, in a temporary directory beside it, tokenizer hard-linked), and nothing is left behind."""
     import tempfile
 
-    from pue.bundle import file_entry, read_manifest, verify_files, write_manifest
+    from pue.bundle import read_manifest, verify_files
+    from pue.calibration.staging import Staged, evaluate_staged
+    from pue.derive import Derivation
     from pue.gate_set import GateSet
-    from pue.graph_files import save_graph
+    from pue.precisions import bundle_spec
     from pue.runtime import Embedder
 
     say = progress or (lambda message: None)
@@ -135,30 +137,20 @@ def bundle_floor(
     verify_files(root, manifest)
     gate_set = GateSet.default(heldout)
     limits = thresholds or FidelityThresholds()
+    spec = bundle_spec(manifest.precision, manifest.target)
     say(f"gate set: {gate_set.counts()}")
     with Embedder.load(root, backend="onnxruntime") as parent:
         reference = gate_set.embed(parent)
-    with tempfile.TemporaryDirectory(prefix=".pue-floor-") as scratch:
-        staging = Path(scratch)
-        for entry in [manifest.tokenizer.file, *manifest.files.values()]:
-            (staging / entry.path).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(root / entry.path, staging / entry.path)
-            except OSError:  # another file system: a copy
-                (staging / entry.path).write_bytes((root / entry.path).read_bytes())
-
-        def evaluate(graphs: dict[str, Any]) -> GateReport:
-            staged = copy.deepcopy(manifest)
-            for name, model in graphs.items():
-                data_files = save_graph(model, staging / staged.graphs[name].file.path)
-                staged.graphs[name].file = file_entry(staging, staged.graphs[name].file.path)
-                staged.graphs[name].external_data = [file_entry(staging, f) for f in data_files]
-            write_manifest(staging, staged)
-            with Embedder.load(staging, backend="onnxruntime") as rounded:
-                return measure_fidelity(gate_set.embed(rounded), reference, limits)
-
-        paths = {name: root / spec.file.path for name, spec in manifest.graphs.items()}
-        return {"bundle": str(root), **measure_floor(paths, evaluate, say)}
+    # beside the bundle, as `pue-export quantize` stages: a multi-billion-parameter graph may not fit the system's tmp
+    with tempfile.TemporaryDirectory(prefix=".pue-floor-", dir=root.absolute().parent) as scratch:
+        child = Derivation(root, manifest, Path(scratch) / root.name, Path(scratch))
+        child.link_from_parent(manifest.tokenizer.file.path)
+        staged = Staged()  # float graphs run by onnxruntime, as the quantizer's simulated candidates are
+        paths = {name: root / graph.file.path for name, graph in manifest.graphs.items()}
+        record = measure_floor(
+            paths, lambda graphs: evaluate_staged(graphs, child, gate_set, reference, spec, limits, staged), say
+        )
+    return {"bundle": str(root), **record}
 
 
 def floor_reason(record: dict[str, Any]) -> str:

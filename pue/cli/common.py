@@ -22,6 +22,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _state = {"debug": False}
 
+# The gate's options, one definition for every command that gates a bundle (quantize, trt, floor); the defaults are
+# `pue.fidelity.FidelityThresholds`' (None keeps them: `FidelityThresholds.with_overrides`)
+HELDOUT_OPTION = typer.Option(None, "--heldout", help="Held-out patch folder for the gate; default: the shipped ones.")
+GATE_MEAN_OPTION = typer.Option(None, "--gate-mean", help="Fidelity gate: minimum mean cosine (default 0.995).")
+GATE_MIN_OPTION = typer.Option(None, "--gate-min", help="Fidelity gate: minimum per-item cosine (default 0.98).")
+GATE_TOP1_OPTION = typer.Option(None, "--gate-top1", help="Fidelity gate: minimum top-1 self-retrieval (default 0.98).")
+
 
 def set_debug(debug: bool) -> None:
     _state["debug"] = debug

@@ -14,7 +14,17 @@ from pue.choices import (
     TinyArchitecture,
     TinyPreset,
 )
-from pue.cli.common import console, handle_errors, print_json, progress_printer, set_debug
+from pue.cli.common import (
+    GATE_MEAN_OPTION,
+    GATE_MIN_OPTION,
+    GATE_TOP1_OPTION,
+    HELDOUT_OPTION,
+    console,
+    handle_errors,
+    print_json,
+    progress_printer,
+    set_debug,
+)
 from pue.cli.quantize_commands import floor, outliers, quantize
 
 app = typer.Typer(
@@ -184,12 +194,10 @@ def trt(
         help="Portability of the engines (ampere_plus runs on any sm_80+ GPU; may be slower).",
     ),
     device: str = typer.Option("cuda", "--device", help="GPU to build on and gate with: cuda or cuda:N."),
-    heldout: Path = typer.Option(
-        None, "--heldout", help="Folder of held-out patches for the gate (default: the shipped ones)."
-    ),
-    gate_mean: float = typer.Option(None, "--gate-mean", help="Minimum mean cosine to the parent (default 0.995)."),
-    gate_min: float = typer.Option(None, "--gate-min", help="Minimum per-item cosine to the parent (default 0.98)."),
-    gate_top1: float = typer.Option(None, "--gate-top1", help="Minimum top-1 self-retrieval (default 0.98)."),
+    heldout: Path = HELDOUT_OPTION,
+    gate_mean: float = GATE_MEAN_OPTION,
+    gate_min: float = GATE_MIN_OPTION,
+    gate_top1: float = GATE_TOP1_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:

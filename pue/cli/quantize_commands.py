@@ -11,7 +11,16 @@ from pathlib import Path
 import typer
 
 from pue.choices import Attention, CalibrationMethod, QuantizePrecision, Rotate, Target
-from pue.cli.common import console, handle_errors, print_json, progress_printer
+from pue.cli.common import (
+    GATE_MEAN_OPTION,
+    GATE_MIN_OPTION,
+    GATE_TOP1_OPTION,
+    HELDOUT_OPTION,
+    console,
+    handle_errors,
+    print_json,
+    progress_printer,
+)
 
 
 @handle_errors
@@ -31,7 +40,7 @@ def quantize(
     calib: list[Path] = typer.Option(
         None, "--calib", help="Calibration folder or slide (repeat for several); default: the shipped patches."
     ),
-    heldout: Path = typer.Option(None, "--heldout", help="Held-out patch folder for the gate; default: shipped."),
+    heldout: Path = HELDOUT_OPTION,
     num_patches: int = typer.Option(64, "--num-patches", help="Calibration patches to sample."),
     captions: Path = typer.Option(None, "--captions", help="Text file of captions (one per line) for calibration."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
@@ -40,9 +49,9 @@ def quantize(
     method: CalibrationMethod = typer.Option(
         CalibrationMethod.MINMAX.value, "--calibration-method", help="Static INT8 activation ranges."
     ),
-    gate_mean: float = typer.Option(None, "--gate-mean", help="Fidelity gate: minimum mean cosine (default 0.995)."),
-    gate_min: float = typer.Option(None, "--gate-min", help="Fidelity gate: minimum per-item cosine (default 0.98)."),
-    gate_top1: float = typer.Option(None, "--gate-top1", help="Fidelity gate: minimum top-1 self-retrieval (0.98)."),
+    gate_mean: float = GATE_MEAN_OPTION,
+    gate_min: float = GATE_MIN_OPTION,
+    gate_top1: float = GATE_TOP1_OPTION,
     no_smooth: bool = typer.Option(False, "--no-smooth", help="Do not migrate activation outliers (diagnostics)."),
     no_fallback: bool = typer.Option(False, "--no-fallback", help="Never keep sensitive layers in float."),
     no_per_token: bool = typer.Option(
@@ -359,17 +368,17 @@ def outliers(
 @handle_errors
 def floor(
     bundle: Path = typer.Argument(..., help="FP32 bundle to examine (before quantizing it)."),
-    heldout: Path = typer.Option(None, "--heldout", help="Held-out patch folder for the gate; default: shipped."),
-    gate_mean: float = typer.Option(None, "--gate-mean", help="Gate: minimum mean cosine (default 0.995)."),
-    gate_min: float = typer.Option(None, "--gate-min", help="Gate: minimum per-item cosine (default 0.98)."),
-    gate_top1: float = typer.Option(None, "--gate-top1", help="Gate: minimum top-1 self-retrieval (default 0.98)."),
+    heldout: Path = HELDOUT_OPTION,
+    gate_mean: float = GATE_MEAN_OPTION,
+    gate_min: float = GATE_MIN_OPTION,
+    gate_top1: float = GATE_TOP1_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
 ) -> None:
     """The bundle in bf16 arithmetic against itself, on the quantize gate: how much room it leaves 8 bits."""
     from pue.extras import require_extras
 
     require_extras(["export", "cpu"], "pue-export floor", only={"export": ("onnx",)})
-    from pue.calibration.rounding_floor import bundle_floor, share_left
+    from pue.calibration.rounding_floor import bundle_floor, floor_reason, share_left
     from pue.fidelity import FidelityThresholds
 
     out = console()
@@ -383,21 +392,11 @@ def floor(
         f"{bundle} in bf16 arithmetic, against itself on the quantize gate's {overall['count']} held-out items: mean "
         f"{overall['mean_cosine']:.5f} / min {overall['min_cosine']:.5f} / top-1 {overall['top1']:.3f}"
     )
-    out.print(FLOOR_ADVICE[record["verdict"]].format(left=share_left(record["headroom"])))
-
-
-FLOOR_ADVICE = {  # `pue-export floor`, before any quantization
-    "clear": "passes, {left} of the gate's cosine allowance left: room for INT8's error (pue-export quantize)",
-    "tight": (
-        "passes only just, {left} of the gate's cosine allowance left: int8 rounds at least as coarsely as bf16, so "
-        "this model leaves 8 bits little room; per-token INT8 (--precision int8-dynamic) comes closest, fp16 keeps it"
-    ),
-    "fails": (
-        "FAILS: the embeddings are sensitive to rounding that models trained in bf16 tolerate; INT8 can pass only "
-        "where the search keeps the sensitive parts finer (try --precision int8-dynamic), else deploy in fp16 or "
-        "fp32; check the checkpoint"
-    ),
-}
+    if record["verdict"] == "clear":
+        left = share_left(record["headroom"])
+        out.print(f"passes, {left} of the gate's cosine allowance left: room for INT8's error (pue-export quantize)")
+    else:  # what a failed INT8 gate would say of it
+        out.print(floor_reason(record))
 
 
 def _readers(names: list[str]) -> str:

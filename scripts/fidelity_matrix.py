@@ -12,7 +12,8 @@ into 448, so its bundles take 448 px tiles); the row's fixture label says so (`c
 
 `--gains 20,100,1000`: the norm gains the `gains-*` fixtures are built with (`tiny-model --outlier-gain`; 100 is
 the presets' default and keeps the old directory names). A mode `fp16` measures how much the fixture amplifies
-rounding alone (issue 14's conditioning table).
+rounding alone (issue 14's conditioning table); a mode `floor` runs `pue-export floor` on each FP32 parent (once,
+whatever the calibration sets): the parent in bf16 arithmetic on the gate, before any quantization.
 
 Where a gate fails, `pue-export quantize` also measures the parent in bf16 arithmetic on the same items (its rounding
 floor, `pue.calibration.rounding_floor`): the `bf16 floor` column, and the summary under the table counts the failed
@@ -175,6 +176,10 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
                     continue
                 for precision, target, calib, rotate, methods in runs(args):
+                    if precision == "floor":
+                        rows.append({"arch": arch, "fixture": label, "seed": seed, **floor_row(fp32)})
+                        print(json.dumps(rows[-1]), flush=True)
+                        continue
                     out = work / f"{fp32.name}-{precision}-{target}-{calib}-rotate-{rotate}-methods-{methods}"
                     extra = ["--calib", str(svs_folder), "--num-patches", "8"] if calib == "svs8" else []
                     extra += ["--rotate", rotate] + (["--no-fallback"] if args.no_fallback else [])
@@ -229,15 +234,43 @@ def fixtures_and_gains(args: argparse.Namespace) -> list[tuple[str, int | None]]
 
 
 def runs(args: argparse.Namespace) -> list[tuple[str, str, str, str, str]]:
-    """(precision, target, calibration set, --rotate, methods) for every quantize of one fixture and seed."""
+    """(precision, target, calibration set, --rotate, methods) for every quantize of one fixture and seed; the
+    `floor` mode once (it quantizes nothing)."""
     modes = [(m.split(":") + ["onnxruntime"])[:2] for m in args.modes.split(",")]
+    calibs, rotates, methods_ = args.calibrations.split(","), args.rotate.split(","), args.methods.split(",")
     return [
         (precision, target, calib, rotate, methods)
         for precision, target in modes
-        for calib in args.calibrations.split(",")
-        for rotate in args.rotate.split(",")
-        for methods in args.methods.split(",")
+        for calib in (calibs[:1] if precision == "floor" else calibs)
+        for rotate in (rotates[:1] if precision == "floor" else rotates)
+        for methods in (methods_[:1] if precision == "floor" else methods_)
     ]
+
+
+def floor_row(fp32: Path) -> dict:
+    """`pue-export floor FP32 --json` as a row of the matrix (its verdict in the `bf16 floor` column)."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "pue.cli.export_app", "floor", str(fp32), "--json"], capture_output=True, text=True
+    )
+    seconds = round(time.perf_counter() - started, 1)
+    row = {"precision": "floor", "target": "-", "calibration": "-", "rotate": "-", "methods": "-", "peak_mb": "-"}
+    if done.returncode != 0:
+        return {**row, "exit": done.returncode, "seconds": seconds, "passed": False, "error": done.stderr[-300:]}
+    record = json.loads(done.stdout)
+    overall = record["overall"]
+    return {
+        **row,
+        "exit": 0,
+        "seconds": seconds,
+        "passed": bool(record["passed"]),
+        "mean_cosine": overall["mean_cosine"],
+        "min_cosine": overall["min_cosine"],
+        "top1": overall["top1"],
+        "floor_passed": bool(record["passed"]),
+        "floor_verdict": record["verdict"],
+        "floor_min_cosine": overall["min_cosine"],
+    }
 
 
 def markdown(rows: list[dict]) -> str:
@@ -255,7 +288,7 @@ def markdown(rows: list[dict]) -> str:
                 f"| {r['arch']} | {r['fixture']} | {r['seed']} | no FP32 parent: its export failed the parity gate |"
             )
             continue
-        mode = r["precision"] + ("" if r["precision"] in ("int8-dynamic", "fp16") else f" ({r['target']})")
+        mode = r["precision"] + ("" if r["precision"] in ("int8-dynamic", "fp16", "floor") else f" ({r['target']})")
         lines.append(
             f"| {r['arch']} | {r['fixture']} | {r['seed']} | {mode} | {r['calibration']} | {r.get('methods', 'on')} | "
             f"{'pass' if r.get('passed') else 'FAIL'} | {fmt(r.get('mean_cosine'))} | {fmt(r.get('min_cosine'))} | "
@@ -279,13 +312,14 @@ def summary(rows: list[dict]) -> str:
     """Passes, and the failures split by the parent's bf16 floor: a cell whose parent fails its own gate in bf16
     arithmetic measures the fixture's conditioning, not the quantizer (`pue.calibration.rounding_floor`)."""
     orphans = [r for r in rows if "no_parent" in r]
-    rows = [r for r in rows if "no_parent" not in r]
+    floors = [r.get("floor_verdict") or "error" for r in rows if r.get("precision") == "floor"]
+    rows = [r for r in rows if "no_parent" not in r and r.get("precision") != "floor"]
     failed = [r for r in rows if not r.get("passed")]
     own = [r for r in failed if r.get("floor_passed") is False]
     tight = [r for r in failed if r.get("floor_verdict") == "tight"]
     unknown = [r for r in failed if r.get("floor_passed") is None]
     clear = len(failed) - len(own) - len(tight) - len(unknown)
-    return (
+    cells = (
         f"\n{len(rows) - len(failed)} of {len(rows)} cells pass; of the {len(failed)} that fail, {len(own)} have a "
         f"parent that fails the same gate in bf16 arithmetic, {len(tight)} one that passes it only just, {clear} one "
         "that passes it clearly"
@@ -293,6 +327,15 @@ def summary(rows: list[dict]) -> str:
         + (f"; {len(orphans)} fixture(s) without an FP32 parent (the export's parity gate failed)" if orphans else "")
         + ".\n"
     )
+    if not floors:
+        return cells
+    parents = (
+        f"Parents' floors (`pue-export floor`): {floors.count('clear')} clear, {floors.count('tight')} tight, "
+        f"{floors.count('fails')} fail"
+        + (f", {floors.count('error')} not measured" if "error" in floors else "")
+        + ".\n"
+    )
+    return (cells if rows or orphans else "\n") + parents
 
 
 if __name__ == "__main__":

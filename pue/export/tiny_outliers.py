@@ -6,8 +6,13 @@ Trained LLMs and ViTs carry outliers that are part of their function, and they a
   every block and the projections that read them are divided by the same gains. The function is unchanged, so
   smoothing recovers it exactly; real models are not like that.
 - ``gains-few`` / ``gains-all``: three residual channels get a fixed RMSNorm gain of 20, 70, 100 or 1000 (input and
-  post-attention norms) in two blocks / in every block, read by the ordinary, uncompensated projections: the
-  function changes, as in trained models whose outlier channels carry information.
+  post-attention norms) in two blocks / in every block, read by uncompensated projections: the function changes, as
+  in trained models whose outlier channels carry information. The readers' columns of those channels are scaled
+  once by the width ratio (`WIDTH_SCALE`), whatever the gain, so that three amplified channels weigh in a 64-wide
+  tiny model what three weigh among a 7B model's 4096: at gain 100 they carry 88 % of each reader's output, as
+  flat weights give them there. Without it, three of 64 channels at 100x carry 99.8 % of it, the other 61 sink
+  below bf16's rounding, and the fixture fails in the precision trained checkpoints are trained and served in
+  (measured: BENCHMARKS.md, "The `gains-*` fixtures at a real model's width").
 - ``massive``: "massive activations" (Sun et al. 2024): the MLP of one early block writes one residual channel at
   ~2000x the median residual magnitude on fixed token positions (the BOS token, ``<|im_start|>`` in Qwen-VL whose
   templates render no BOS, and the ``:`` of the chat template's turn markers), and the residual stream carries it to
@@ -37,6 +42,10 @@ COMPENSATED_GAIN_RANGE = (100.0, 400.0)
 # issue 13 describes (its FP16 bundle: min cosine 0.99968), to compare the fixture's conditioning with a real model's
 NORM_GAINS = (20.0, 70.0, 100.0, 1000.0)
 NORM_GAIN_CHANNELS = 3
+#: the residual width of the checkpoints the fixtures stand for (LLaVA-1.5/NeXT-7B, Qwen3-VL-8B: 4096): the readers
+#: of the amplified channels get their columns scaled by sqrt((width - 3) / (REAL_WIDTH - 3)), the share those
+#: channels' inputs have in a reader's output at that width with flat weights (`plant_norm_gains`)
+REAL_WIDTH = 4096
 MASSIVE_RATIO = 2000.0  # trigger tokens' value on the massive channel / median |residual| at the writing block
 #: the trigger tokens of the `massive` fixture per family: the prompt's first token (LLaVA's BOS; Qwen's chat
 #: template renders no BOS, its prompts open on ``<|im_start|>``) and the ``:`` of the turn markers / the prompt
@@ -98,19 +107,31 @@ def plant_compensated(model: Any, seed: int) -> dict[str, Any]:
 
 
 def plant_norm_gains(model: Any, seed: int, every_block: bool, gain: float = 100.0) -> dict[str, Any]:
-    """A fixed gain (20, 70, 100 or 1000) on three residual channels of the norms of two blocks or of every block."""
+    """A fixed gain (20, 70, 100 or 1000) on three residual channels of the norms of two blocks or of every block.
+
+    The projections that read those norms (q/k/v, gate/up) get the three channels' columns scaled by `width_scale`,
+    the same factor whatever the gain: the channels then carry the share of each reader's output they would carry
+    among `REAL_WIDTH` channels with flat weights (88 % at gain 100, 99.9 % at 1000), not the one 3 of a tiny model's
+    64 channels give them (99.8 % at 100). Nothing is compensated: the gain stays in the function.
+    """
     import torch
 
     if gain not in NORM_GAINS:
         raise ValueError(f"outlier gain {gain} is not one of the fixed values {NORM_GAINS}")
     gen = _generator(seed, 2)
     text = model.model.language_model
-    channels = _pick(NORM_GAIN_CHANNELS, text.config.hidden_size, gen)
+    width = text.config.hidden_size
+    channels = _pick(NORM_GAIN_CHANNELS, width, gen)
     layers = list(range(len(text.layers))) if every_block else [1, len(text.layers) // 2 + 1]
+    scale = width_scale(width)
+    index = torch.tensor(channels)
     with torch.no_grad():
-        for index in layers:
-            for norm, _ in _norms_and_readers(text.layers[index]):
-                norm.weight[torch.tensor(channels)] *= gain
+        for layer in layers:
+            for norm, readers in _norms_and_readers(text.layers[layer]):
+                norm.weight[index] *= gain
+                for linear in readers:
+                    linear.weight[:, index] *= scale
+    amplified = len(channels) * gain**2
     return {
         "kind": "gains-all" if every_block else "gains-few",
         "mechanism": "rmsnorm-gain, uncompensated",
@@ -118,7 +139,17 @@ def plant_norm_gains(model: Any, seed: int, every_block: bool, gain: float = 100
         "gain": gain,
         "layers": layers,
         "norms": ["input_layernorm", "post_attention_layernorm"],
+        "real_width": REAL_WIDTH,
+        "reader_column_scale": round(scale, 6),
+        # what the amplified channels carry of a reader's output energy, inputs of unit scale and flat weights
+        "amplified_share": round(amplified / (amplified + REAL_WIDTH - len(channels)), 4),
     }
+
+
+def width_scale(width: int, channels: int = NORM_GAIN_CHANNELS) -> float:
+    """The factor on the readers' columns of `channels` amplified channels in a `width`-wide model that gives them
+    the share of a reader's output they have at `REAL_WIDTH` with flat weights (1 at that width or wider)."""
+    return min(1.0, ((width - channels) / (REAL_WIDTH - channels)) ** 0.5)
 
 
 def plant_massive_activations(model: Any, tokenizer: Any, seed: int) -> dict[str, Any]:

@@ -96,3 +96,56 @@ def test_outliers_matter_to_the_function(built, arch, preset):
     finally:
         reference.model.load_state_dict(saved)
     assert np.sum(before * after, axis=1).min() < 0.99
+
+
+@pytest.mark.parametrize("arch", ["llava_next", "llava"])
+@pytest.mark.parametrize("preset", ["gains-few", "gains-all"])
+def test_norm_gains_are_planted_at_a_real_models_width(tiny_checkpoint, arch, preset):
+    """Against the `ci` checkpoint of the same seed (the same random init): only the planted blocks' norms and their
+    readers changed; the norms by the gain on the three channels, the readers' columns of those channels by the width
+    ratio to a 4096-wide model, nothing else (the gain is not divided out: the function changes)."""
+    from safetensors.torch import load_file
+
+    from pue.export.tiny_outliers import REAL_WIDTH, width_scale
+
+    planted_dir = tiny_checkpoint(arch, preset)
+    info = json.loads((planted_dir / "pue_tiny.json").read_text())["outliers"]
+    base, planted = (load_file(str(d / "model.safetensors")) for d in (tiny_checkpoint(arch, "ci"), planted_dir))
+    width = next(v.shape[0] for k, v in base.items() if k.endswith("layers.0.input_layernorm.weight"))
+    scale = width_scale(width)
+    assert info["real_width"] == REAL_WIDTH and info["reader_column_scale"] == pytest.approx(scale, abs=1e-6)
+    assert scale == pytest.approx(((width - 3) / (REAL_WIDTH - 3)) ** 0.5)
+    assert info["amplified_share"] == pytest.approx(3 * 100**2 / (3 * 100**2 + REAL_WIDTH - 3), abs=1e-4)
+    channels = torch.tensor(info["channels"])
+    others = torch.tensor([c for c in range(width) if c not in info["channels"]])
+    changed = {k for k in base if not torch.equal(base[k], planted[k])}
+    readers = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+    norms = ("input_layernorm", "post_attention_layernorm")
+    for layer in info["layers"]:
+        prefix = next(k for k in base if k.endswith(f"layers.{layer}.input_layernorm.weight")).rsplit("input_", 1)[0]
+        for norm in norms:
+            key = f"{prefix}{norm}.weight"
+            assert torch.allclose(planted[key][channels], base[key][channels] * 100.0)
+            assert torch.equal(planted[key][others], base[key][others])
+            changed.discard(key)
+        for reader in readers:
+            key = f"{prefix}{reader}.weight"
+            assert torch.allclose(planted[key][:, channels], base[key][:, channels] * scale)
+            assert torch.equal(planted[key][:, others], base[key][:, others])
+            changed.discard(key)
+    assert not changed
+
+
+FLOOR_FIXTURES = [(a, p) for a in ("llava_next", "llava") for p in ("gains-few", "gains-all", "massive")]
+FLOOR_FIXTURES += [("llava_next", "vit-highnorm")]
+
+
+@pytest.mark.parametrize(("arch", "preset"), FLOOR_FIXTURES, ids=[f"{a}-{p}" for a, p in FLOOR_FIXTURES])
+def test_outlier_fixtures_pass_their_gate_in_bf16_arithmetic(fp32_bundle, heldout_dir, arch, preset):
+    """Trained checkpoints are trained and served in bf16: a fixture that stands for one keeps its function under bf16
+    rounding, with room left for INT8 (`pue-export floor`: clear), whatever its outliers do to 8-bit integers. The
+    fixtures the suite exports (the Qwen ones: scripts/fidelity_matrix.py --modes floor, BENCHMARKS.md)."""
+    from pue.calibration.rounding_floor import bundle_floor
+
+    record = bundle_floor(fp32_bundle(arch, preset), heldout_dir)
+    assert record["passed"] and record["verdict"] == "clear", record["overall"]

@@ -3,7 +3,8 @@ static INT8 of the `massive` fixture (Qwen2-style llava, seed 0) passes the gate
 (smoothing folded into up_proj, the massive-token op kept in float within the 80 % rule) and fails it with them
 switched off (everything int8, per tensor, MinMax). int8-dynamic's counterpart is
 tests/calibration/test_quantize.py::test_massive_tokens_need_per_token_dynamic_int8. The same for `vit-highnorm`
-(the fallback ranked end to end) and `gains-few` (the amplified channels in float on both sides of the stream)."""
+(the fallback ranked end to end), `gains-few` (the amplified channels in float on both sides of the stream) and
+`gains-all` (the same channels amplified in every block)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,22 @@ def test_gains_few_static_int8_needs_the_amplified_channels_split(fp32_bundle, h
     assert result.fidelity.passed and result.int8_flop_share >= 0.8
     report = json.loads((tmp_path / "on" / "fidelity.json").read_text())
     assert report["channel_split"]["taken"] and report["channel_split"]["readers_taken"]
+    off = QuantizeOptions(precision="int8", target="onnxruntime", heldout=heldout_dir, **FAST, **OFF)
+    with pytest.raises(GateFailedError) as failure:
+        quantize_bundle(parent, tmp_path / "off", off)
+    assert_the_quantizers_error(tmp_path / "off", failure.value)
+
+
+def test_gains_all_static_int8_passes_with_the_methods_and_fails_without(fp32_bundle, heldout_dir, tmp_path):
+    """`gains-all` (LLaVA: the three amplified channels in every block): static INT8 passes with the methods (the
+    search smooths every block's readers and splits the amplified channels) and fails without them (session 22:
+    gate min 0.65, top-1 0.68 on the shipped gate), while the parent passes in bf16 arithmetic."""
+    parent = fp32_bundle("llava", "gains-all")
+    options = QuantizeOptions(precision="int8", target="onnxruntime", heldout=heldout_dir, **FAST)
+    result = quantize_bundle(parent, tmp_path / "on", options)
+    assert result.fidelity.passed and result.int8_flop_share >= 0.8
+    report = json.loads((tmp_path / "on" / "fidelity.json").read_text())
+    assert report["smoothed"], "no group smoothed"
     off = QuantizeOptions(precision="int8", target="onnxruntime", heldout=heldout_dir, **FAST, **OFF)
     with pytest.raises(GateFailedError) as failure:
         quantize_bundle(parent, tmp_path / "off", off)

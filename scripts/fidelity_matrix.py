@@ -106,6 +106,7 @@ def gate_row(out: Path, code: int) -> dict:
         "mean_cosine": overall["mean_cosine"],
         "min_cosine": overall["min_cosine"],
         "top1": overall["top1"],
+        "top1_strict": overall.get("top1_strict"),  # near-duplicate swaps counted too (`pue.fidelity`)
         "int8_flop_share": report.get("int8_flop_share"),
         "float_nodes": len(report.get("float_nodes", [])),
         "smoothed_groups": len(report.get("smoothed", [])),

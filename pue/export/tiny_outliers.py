@@ -8,7 +8,7 @@ Trained LLMs and ViTs carry outliers that are part of their function, and they a
 - ``gains-few`` / ``gains-all``: three residual channels get a fixed RMSNorm gain of 20, 70, 100 or 1000 (input and
   post-attention norms) in two blocks / in every block, read by uncompensated projections: the function changes, as
   in trained models whose outlier channels carry information. The readers' columns of those channels are scaled
-  once by the width ratio (`WIDTH_SCALE`), whatever the gain, so that three amplified channels weigh in a 64-wide
+  once by the width ratio (`width_scale`), whatever the gain, so that three amplified channels weigh in a 64-wide
   tiny model what three weigh among a 7B model's 4096: at gain 100 they carry 88 % of each reader's output, as
   flat weights give them there. Without it, three of 64 channels at 100x carry 99.8 % of it, the other 61 sink
   below bf16's rounding, and the fixture fails in the precision trained checkpoints are trained and served in

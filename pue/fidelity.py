@@ -147,8 +147,8 @@ def near_duplicate_gap(limits: FidelityThresholds) -> float:
 def top1_misses(candidate: np.ndarray, parent: np.ndarray, kind: str, tie_gap: float = 0.0) -> list[dict[str, Any]]:
     """The items whose candidate embedding is nearer another item's parent than its own: which one it took, how far
     apart the two are in the parent (`parent_gap`, 1 − cosine: the room the item had), the candidate's own error
-    on the item (`error`, 1 − cosine to its parent) and whether the two are near-duplicates (`near_duplicate`:
-    `parent_gap` under `tie_gap`, `near_duplicate_gap`)."""
+    on the item (`error`, 1 − cosine to its parent) and whether only near-duplicates outranked the right one
+    (`near_duplicate`: each within `tie_gap` of it in the parent, `near_duplicate_gap`)."""
     if len(candidate) < 2:
         return []
     parents = unit_rows(parent)
@@ -158,6 +158,8 @@ def top1_misses(candidate: np.ndarray, parent: np.ndarray, kind: str, tie_gap: f
     for item in np.flatnonzero((sims > own[:, None]).any(axis=1)):
         taken = int(np.argmax(sims[item]))
         gap = float(1.0 - parents[item] @ parents[taken])
+        above = np.flatnonzero(sims[item] > own[item])  # every item ranked above the right one
+        widest = float(np.max(1.0 - parents[above] @ parents[item]))
         misses.append(
             {
                 "kind": kind,
@@ -165,7 +167,7 @@ def top1_misses(candidate: np.ndarray, parent: np.ndarray, kind: str, tie_gap: f
                 "taken": taken,
                 "parent_gap": gap,
                 "error": float(1.0 - own[item]),
-                "near_duplicate": gap < tie_gap,
+                "near_duplicate": widest < tie_gap,  # only near-duplicates ranked above the right one
             }
         )
     return misses

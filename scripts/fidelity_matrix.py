@@ -20,8 +20,8 @@ floor, `pue.calibration.rounding_floor`): the `bf16 floor` column, and the summa
 cells whose fixture fails its own gate that way apart from those whose fixture passes it.
 
 `--methods off` quantizes with issue 14's methods switched off (`--no-smooth --no-per-token --no-error-ranges
---no-gptq --no-split-channels --no-wide-weights --no-fallback`: everything int8, per tensor, MinMax ranges), to show
-they are what makes a fixture pass.
+--no-gptq --no-split-channels --no-wide-weights --no-fallback --no-bias-correction`: everything int8, per tensor,
+MinMax ranges), to show they are what makes a fixture pass.
 
 Calibration sets: `shipped` (the 64-patch default) and `svs8`: 8 tissue tiles cut from
 `../shared/data/cmu_small_region.svs` at its native resolution, chosen spatially disjoint from the shipped held-out
@@ -186,7 +186,7 @@ def main() -> None:
                     extra += ["--rotate", rotate] + (["--no-fallback"] if args.no_fallback else [])
                     if methods == "off":
                         extra += ["--no-smooth", "--no-per-token", "--no-error-ranges", "--no-gptq"]
-                        extra += ["--no-split-channels", "--no-wide-weights", "--no-fallback"]
+                        extra += ["--no-split-channels", "--no-wide-weights", "--no-fallback", "--no-bias-correction"]
                     target_args = [] if precision == "fp16" else ["--target", target]
                     code, seconds, peak_mb = pue_export(
                         "quantize",

@@ -40,6 +40,7 @@ def attempt_record(
         "channel_split": SPLIT in rule,
         "reader_split": READERS in rule,
         "int8_flop_share": share,
+        "output_bias": quantizer.bias_record(),
         "check": check.overall,
         **({"fitted_check": check.extra["fitted"], "unseen_check": unseen.overall} if unseen else {}),
         "check_passed": check.passed,

@@ -20,6 +20,7 @@ def treatment_line(report: dict) -> str:
         *(["GPTQ weights"] if (report.get("weights") or {}).get("rounding") == "gptq" else []),
         *(["amplified writer columns float"] if (report.get("channel_split") or {}).get("taken") else []),
         *(["amplified reader rows float"] if (report.get("channel_split") or {}).get("readers_taken") else []),
+        *(["vision outputs bias-corrected"] if report.get("output_bias") else []),
         "rotated" if (report.get("rotation") or {}).get("applied") else "not rotated",
     ]
     return "; ".join(parts)

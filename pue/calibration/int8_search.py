@@ -241,6 +241,7 @@ def search_int8(
         }
         if options.split_channels
         else None,
+        "output_bias": next(a["output_bias"] for a in reversed(attempts) if a["taken"]),
         "ranking": ranking,
         "measured_ranking": measured_ranking,
         "kind_balance": balance,

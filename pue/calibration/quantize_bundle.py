@@ -86,6 +86,8 @@ class QuantizeOptions:
     # INT8: once the check passes, the share of weight FLOPs that may stay float where one kind of row carries most of
     # the error (`kind_balance`; 0: never)
     balance_budget: float = DEFAULT_BUDGET
+    # INT8: the vision graph's outputs corrected by the mean shift quantization gives them (`output_bias`)
+    bias_correction: bool = True
     magnification: float | None = None
     mpp: float | None = None
     thresholds: FidelityThresholds = field(default_factory=FidelityThresholds)
@@ -322,6 +324,7 @@ def quantize_bundle(
             "ranges": outcome.get("ranges"),
             "weights": outcome.get("weights"),
             "channel_split": outcome.get("channel_split"),
+            "output_bias": outcome.get("output_bias"),
             "attention": {"mode": attention_mode(options), "graphs": fusion},
             "sensitivity": outcome.get("ranking", [])[:20],
             "measured_ranking": outcome.get("measured_ranking", []),

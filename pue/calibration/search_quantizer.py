@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pue.calibration.candidates import GPTQ, READERS, SPLIT, WIDE, ranges_rule
+from pue.calibration.output_bias import CORRECTED_GRAPHS
 from pue.calibration.search_variants import GROUPED, per_token_path, stores_weights_unsigned
 from pue.precisions import ActivationScheme
 
@@ -62,6 +63,10 @@ class GraphQuantizer:
         self.reader_models: dict[str, Any] = {}  # those graphs, weightless (GPTQ reads the zeroed rows from there)
         self.gptq_ops: dict[str, list[str]] = {}  # per graph: the ops its last quantization re-rounded
         self.token_gptq: dict[str, list[str]] = {}  # per graph: the per-token ops GPTQ rounded, last attempt
+        # bias correction of the vision graph's outputs (`output_bias`): the float graph's output means and rms, and
+        # per graph the last candidate's request and shifts
+        self.float_means: dict[str, dict[str, tuple[Any, float]]] = {}
+        self.shifts: dict[str, tuple[tuple, dict[str, Any]]] = {}
 
     def quantize(
         self, float_nodes: set[str], per_token: set[str] = frozenset(), rule: str = "minmax"
@@ -130,7 +135,34 @@ class GraphQuantizer:
         elif token_ops:
             done = quantize_per_token(quantized, token_ops, self.moment_of if gptq else None)
             self.token_gptq[name] = done if gptq else []
+        if self.options.bias_correction and name in CORRECTED_GRAPHS and (nodes or token_ops):
+            self._correct_outputs(name, quantized, path, (request, tuple(op.node for op in token_ops)))
+        else:
+            self.shifts.pop(name, None)  # nothing quantized here (or no correction): no shift to report
         return quantized, fresh
+
+    def _correct_outputs(self, name: str, quantized: Any, path: Path, request: tuple) -> None:
+        """`quantized`'s outputs corrected in place by the shift quantization gave them (`output_bias`): measured for
+        this request (its int8 ops, rule, split and per-token ops) on calibration patches against the float graph at
+        `path`, reused while the request stays the same."""
+        from pue.calibration.output_bias import PATCHES, correct_outputs, output_means
+
+        if name not in self.float_means:
+            self.float_means[name] = output_means(path, self.feeds[name](PATCHES))
+        if self.shifts.get(name, (None,))[0] != request:
+            means = output_means(quantized, self.feeds[name](PATCHES))
+            floats = self.float_means[name]
+            self.shifts[name] = (request, {out: means[out][0] - floats[out][0] for out in means if out in floats})
+        correct_outputs(quantized, self.shifts[name][1])
+
+    def bias_record(self) -> dict[str, dict[str, dict[str, float]]]:
+        """The last candidate's output shifts, per corrected graph and output (`output_bias.shift_record`)."""
+        from pue.calibration.output_bias import shift_record
+
+        return {
+            name: shift_record(shifts, {out: rms for out, (_, rms) in self.float_means[name].items()})
+            for name, (_, shifts) in self.shifts.items()
+        }
 
     def _weights_only(self, name: str, model: Any, ops: list, path: Path, gptq: bool, readers: bool) -> list[str]:
         """`ops` of the candidate `model` rewritten in place with int8 weights alone (static INT8 for OpenVINO, which

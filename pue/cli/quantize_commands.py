@@ -84,6 +84,12 @@ def quantize(
         help="INT8: never try computing in float the residual-stream writers' columns that later RMSNorm gains "
         "amplify (>= 20x the median gain; tried by default where such channels exist, the calibration check decides).",
     ),
+    no_bias_correction: bool = typer.Option(
+        False,
+        "--no-bias-correction",
+        help="INT8: do not correct the vision graph's outputs by the mean shift quantization gives them (measured "
+        "per candidate on calibration patches; rows of several images add it up). Diagnostics.",
+    ),
     rank_ops: int = typer.Option(
         24,
         "--rank-ops",
@@ -156,6 +162,7 @@ def quantize(
         error_ranges=not no_error_ranges,
         **({} if gptq is None else {"gptq": gptq}),
         split_channels=not no_split_channels,
+        bias_correction=not no_bias_correction,
         wide_weights=not no_wide_weights,
         rank_ops=rank_ops,
         balance_budget=balance_budget,
@@ -253,6 +260,11 @@ def _print_fidelity(out: object, report: dict) -> None:
         for graph, done in split["graphs"].items():
             extra.append(
                 (f"{graph}: writer columns in float", f"{len(done['writers'])} writers", str(done["channels"]))
+            )
+    for graph, outputs in (report.get("output_bias") or {}).items():
+        for output, shift in outputs.items():
+            extra.append(
+                (f"{graph}: {output} bias-corrected", f"shift {shift['relative']:.2%} of its rms", "output_bias")
             )
     parity = report.get("target_parity") or {}
     if parity.get("float_nodes"):

@@ -25,6 +25,7 @@ OFF = {
     "gptq": False,
     "split_channels": False,
     "wide_weights": False,
+    "bias_correction": False,
 }
 
 

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pue.bundle import manifest_sha256, read_manifest, verify_files, write_manifest
+from pue.calibration.output_bias import PREFIX as OUTPUT_BIAS
 from pue.calibration.quantize_bundle import QuantizeOptions, quantize_bundle
 from pue.cli.export_app import app as export_app
 from pue.errors import GateFailedError, PueError
@@ -52,6 +53,13 @@ def test_precisions_pass_the_gate_and_run(fp32_bundle, quantized_bundle, precisi
     image_sets = report["gate"]["per_kind"]["image_sets"]
     assert image_sets["count"] == 2 and image_sets["min_cosine"] >= 0.98 and image_sets["top1"] == 1.0
     assert all(p["source"] == "shipped:calibration" for p in calibration["patches"])
+    # INT8: the vision outputs corrected by the shift quantization gave them (`output_bias`), in the graph shipped
+    vision_nodes = onnx.load(str(out / "vision.onnx"), load_external_data=False).graph.node
+    corrected = any(node.name.startswith(OUTPUT_BIAS) and node.op_type == "Add" for node in vision_nodes)
+    if precision == "fp16":
+        assert report["output_bias"] is None and not corrected
+    else:
+        assert report["output_bias"]["vision"]["image_features"]["norm"] > 0 and corrected
     # the unseen check set: as many other calibration patches, captions the fit did not read
     check = calibration["check"]
     assert check["counts"]["patches"] == 16 and not {str(p) for p in check["patches"]} & {

@@ -21,7 +21,7 @@ def _treatment(report: dict[str, Any]) -> dict[str, Any] | None:
     """What INT8 did to the op groups (None for bundles without an INT8 search): kept float, per token, smoothed (with
     which migration strength, and where 1/s went: an exact fold or an inserted Mul), the activation ranges (clipped
     by output error, per tensor), the rotation, the writers' amplified columns (and the readers' rows) computed in
-    float, the Reshapes moved for OpenVINO."""
+    float, the Reshapes moved for OpenVINO, the vision outputs' bias correction."""
     if "float_nodes" not in report:
         return None
     split = report.get("channel_split") or {}
@@ -55,6 +55,8 @@ def _treatment(report: dict[str, Any]) -> dict[str, Any] | None:
         }
         if split.get("taken")
         else {},
+        # the vision graph's outputs corrected by the mean shift quantization gave them (`output_bias`)
+        "output_bias": report.get("output_bias") or {},
         # weight ops whose row-splitting Reshape was moved to their input for OpenVINO (`row_split_hoist`)
         "row_split_hoist": {graph: done["ops"] for graph, done in (report.get("row_split_hoist") or {}).items()},
     }
@@ -236,6 +238,12 @@ def print_treatment(console: Any, treatment: dict[str, Any], per_token_how: str 
             f"  {graph}: residual channels {done['channels']} written in float by {len(done['writers'])} writers"
             + (f", read in float by {len(done['readers'])} readers" if done.get("readers") else "")
         )
+    for graph, outputs in (treatment.get("output_bias") or {}).items():
+        for output, shift in outputs.items():
+            console.print(
+                f"  {graph}: {output} bias-corrected (shift {shift['relative']:.2%} of its rms, largest channel "
+                f"{shift['max_abs']:.3g})"
+            )
     for graph, ops in (treatment.get("row_split_hoist") or {}).items():
         for op in ops:
             console.print(f"  {graph}: {op} reads its rows already split (OpenVINO's int8 form)")

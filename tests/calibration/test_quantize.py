@@ -205,6 +205,7 @@ def test_massive_tokens_need_per_token_dynamic_int8(fp32_bundle, heldout_dir, tm
     assert "MatMulInteger" in op_types(tmp_path / "per-token", "decoder")
     shown = CliRunner().invoke(export_app, ["inspect", str(tmp_path / "per-token")])
     assert shown.exit_code == 0 and f"per token: {report['per_token_nodes'][0]}" in shown.output.replace("\n", "")
+    assert "vision: image_features bias-corrected" in shown.output.replace("\n", "")
     with pytest.raises(GateFailedError):
         run(parent, tmp_path / "per-tensor", heldout_dir, precision="int8-dynamic", fallback=False, per_token=False)
     assert not (tmp_path / "per-tensor").exists()

@@ -10,11 +10,11 @@ lifted those rows to 0.990; the shift alone, added to the float features, took t
 the same size (5 %: 0.995) nor bf16 rounding (0.9996) does it: the shift's coherence does.
 
 The correction (bias correction, Nagel et al. 2019, applied where the decoder reads the features): each float output's
-mean error per channel over the calibration patches' tokens, the candidate against the float graph, subtracted by an
-`Add` on that output. It is measured afresh for each candidate (its ops, rule and per-token set), on `PATCHES`
-calibration patches, so every check, the search's decisions and the gate judge the corrected graph. The decoder is
-not corrected this way: its output is one normalized row per prompt, whose mean error is no shift of the next
-graph's input. `--no-bias-correction` turns it off (diagnostics).
+mean error per channel (per DeepStack layer too) over the calibration patches' tokens, the candidate against the
+float graph, subtracted by an `Add` on that output. It is measured afresh for each candidate (its ops, rule and
+per-token set), on `PATCHES` calibration patches, so every check, the search's decisions and the gate judge the
+corrected graph. The decoder is not corrected this way: its output is one normalized row per prompt, whose mean
+error is no shift of the next graph's input. `--no-bias-correction` turns it off (diagnostics).
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ Moments = dict[str, tuple[np.ndarray, float]]  # per output: its mean per channe
 
 
 def output_means(model: Any | str | Path, feeds: Iterable[dict[str, np.ndarray]]) -> Moments:
-    """Each float output's mean per channel (its last axis) over every other axis and every feed (float64), and the
-    root mean square of its rows' norms (what a shift is compared with); `model` in memory or a file's path."""
+    """Each float output's mean over its image tokens (the graph contract's first two axes, batch and tokens) and every
+    feed, per channel (and per DeepStack layer, whose axis follows the tokens), float64; and the root mean square of
+    its tokens' norms (what a shift is compared with). `model` in memory or a file's path."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -52,7 +53,8 @@ def output_means(model: Any | str | Path, feeds: Iterable[dict[str, np.ndarray]]
     counts: dict[str, int] = {}
     for feed in feeds:
         for name, value in zip(names, session.run(names, {k: v for k, v in feed.items() if k in wanted}), strict=True):
-            rows = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
+            # one row per image token: the axes after (batch, tokens) are kept (DeepStack's layers, channels)
+            rows = np.asarray(value, np.float64).reshape(-1, *value.shape[2:])
             sums[name] = sums.get(name, 0) + rows.sum(axis=0)
             squares[name] = squares.get(name, 0.0) + float((rows**2).sum())
             counts[name] = counts.get(name, 0) + len(rows)

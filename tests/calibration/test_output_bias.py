@@ -46,6 +46,20 @@ def test_correct_outputs_subtracts_the_shift_and_leaves_the_graphs_other_readers
     assert any(node.name.startswith(PREFIX) and node.op_type == "Add" for node in model.graph.node)
     means = output_means(model, [feed])
     np.testing.assert_allclose(means["y"][0], after["y"].reshape(-1, 3).mean(axis=0), rtol=1e-5, atol=1e-6)
+    # an output with a layer axis after its tokens (Qwen3-VL's DeepStack features): one shift per layer and channel
+    stacked = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["s"], ["t"])],
+            "stacked",
+            [helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, 5, 3, 4])],
+            [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 5, 3, 4])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    values = rng.standard_normal((2, 5, 3, 4)).astype(np.float32) + np.arange(3, dtype=np.float32)[:, None]
+    layered = output_means(stacked, [{"s": values}])["t"][0]
+    assert layered.shape == (3, 4)
+    np.testing.assert_allclose(layered, np.maximum(values, 0).mean(axis=(0, 1)), rtol=1e-5, atol=1e-6)
     record = shift_record({"y": shift}, {"y": means["y"][1]})
     assert record["y"]["max_abs"] == 2.0 and record["y"]["relative"] > 0
 

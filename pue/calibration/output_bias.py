@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnx import helper, numpy_helper
 
 __all__ = ["CORRECTED_GRAPHS", "PATCHES", "PREFIX", "correct_outputs", "output_means", "shift_record"]
 
@@ -65,6 +64,8 @@ def correct_outputs(model: Any, shifts: dict[str, np.ndarray]) -> None:
     """`model` rewritten in place so that each named output is what it was minus its shift (per channel): the producer
     writes `{output}_uncorrected` (its other readers in the graph read that), an `Add` of the negated shift writes the
     output."""
+    from onnx import helper, numpy_helper
+
     graph = model.graph
     for output, shift in shifts.items():
         raw = f"{output}_{PREFIX}uncorrected"

@@ -1,11 +1,15 @@
 """Fidelity matrix: every trained-like outlier fixture x seed x INT8 mode x calibration set, judged on the shipped
-held-out patches by `pue-export quantize`'s own fidelity gate (issue 13). Not run by CI (minutes per seed).
+held-out patches by `pue-export quantize`'s own fidelity gate (issue 13). `.ci/run` runs seed 0 with `--check`
+(issue 14's acceptance: every fixture class, both architectures, every INT8 mode, both calibration sets).
 
     python scripts/fidelity_matrix.py --work /tmp/matrix [--seeds 0,1,2] [--archs llava_next,llava]
         [--fixtures gains-few,gains-all,massive,vit-highnorm] [--modes int8:onnxruntime,int8:tensorrt,int8-dynamic]
         [--gains 100]
         [--calibrations shipped,svs8] [--rotate off,on] [--methods on,off] [--no-fallback] [--json matrix.json]
-        [--markdown matrix.md] [--recipe gme --tile-size 448]
+        [--markdown matrix.md] [--recipe gme --tile-size 448] [--check]
+
+`--check` exits 1 when a cell with the methods on fails its gate, keeps under 80 % of the weight-matmul FLOPs in
+int8, or has no FP32 parent (the cells of `--methods off` are expected to fail and are not counted).
 
 `--recipe`/`--tile-size` export every FP32 bundle with that recipe and tile size (GME's processor turns a 224 px tile
 into 448, so its bundles take 448 px tiles); the row's fixture label says so (`ci+gme@448px`).
@@ -138,6 +142,7 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int, help="`pue-export onnx --tile-size` (e.g. 448 for GME's processor)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--check", action="store_true", help="exit 1 if a cell with the methods on falls short")
     args = parser.parse_args()
     work = args.work
     svs_folder = work / "svs8"
@@ -222,6 +227,31 @@ def main() -> None:
     if args.markdown:
         args.markdown.write_text(table)
     print(table)
+    if args.check:
+        short = shortfalls(rows)
+        for line in short:
+            print(f"short of issue 14's acceptance: {line}", file=sys.stderr)
+        if short:
+            raise SystemExit(1)
+
+
+def shortfalls(rows: list[dict]) -> list[str]:
+    """The cells `--check` refuses: methods on, and a failed gate, under 80 % int8 FLOPs, or no FP32 parent."""
+    short = []
+    for r in rows:
+        cell = f"{r['arch']} {r['fixture']} seed {r['seed']}"
+        if "no_parent" in r:
+            short.append(f"{cell}: no FP32 parent (its export failed the parity gate)")
+            continue
+        if r.get("methods", "on") != "on" or r.get("precision") == "floor":
+            continue
+        cell += f" {r['precision']} ({r['target']}, {r['calibration']} calibration)"
+        if not r.get("passed"):
+            short.append(f"{cell}: gate FAIL (min cosine {r.get('min_cosine')}, exit {r.get('exit')})")
+        share = r.get("int8_flop_share")
+        if r["precision"].startswith("int8") and (share is None or share < 0.8):
+            short.append(f"{cell}: {share} of the weight-matmul FLOPs in int8, under 0.8")
+    return short
 
 
 def fixtures_and_gains(args: argparse.Namespace) -> list[tuple[str, int | None]]:

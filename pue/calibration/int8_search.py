@@ -39,7 +39,7 @@ from pue.calibration.search_variants import (
     stores_weights_unsigned,
     token_outlier_ops,
 )
-from pue.calibration.unseen_check import confirm_check, joined
+from pue.calibration.unseen_check import confirm_best, on_both_sets
 from pue.calibration.weight_storage import WEIGHT_QMAX
 from pue.fidelity import GateReport
 
@@ -108,7 +108,11 @@ def search_int8(
     variants = initial_variants(prepared, options, token_ops, tokens, own, clips)  # tried before the fallback
     tried: list[Variant] = []  # the variants tried so far, in order
     stopped = None
-    widened = False  # a passing check failed on unseen calibration items: every later check reads both sets
+    widened = False  # the best's confirmation on unseen calibration items failed: every later check reads both sets
+    resumed = False  # it failed just now: the search goes on from that best, not judged again
+    set_aside: list[Variant] = []  # variants tried only while failing, passed over while the best passed unconfirmed
+    balance = None  # the kind-balance stage's record: it runs once, on the first passing best
+    balanced = False
     alternate = False  # this attempt is the previous one's sets with the other weight rounding
     rounding_only = False  # this attempt differs from the best only in its weight rounding (the GPTQ variant)
     attempted: set[tuple[frozenset[str], frozenset[str], str]] = set()  # each attempt's request, never made twice
@@ -118,33 +122,28 @@ def search_int8(
         return _request(float_nodes | quantizer.target_float, per_token, rule) in attempted
 
     while True:
-        started = time.perf_counter()
-        attempted.add(_request(float_nodes | quantizer.target_float, per_token, rule))
-        candidate = quantizer.quantize(float_nodes, per_token, rule)
-        float_nodes = float_nodes | quantizer.target_float  # what the target's parity kept float counts as float now
-        share = int8_flop_share(all_ops, float_nodes, tokens)
-        check, unseen = confirm_check(judges.check(candidate), candidate, judges.confirm, widened)
-        if unseen is not None and not unseen.passed and not widened:
-            widened = True
-            if best is not None and judges.confirm is not None:  # judged on the fitted items only: both, like for like
-                best = best._replace(check=joined(best.check, judges.confirm(best.graphs)))
-                say(
-                    f"a passing check failed on unseen calibration items: every candidate is judged on both sets "
-                    f"from here on, the best so far too (min cos {best.check.overall['min_cosine']:.5f})"
-                )
-        phase_done("check")
-        taken = best is None or better(check, best.check)
-        attempts.append(
-            attempt_record(
-                (float_nodes, per_token, rule), options, quantizer, share, (check, unseen), taken, alternate, started
+        taken = True
+        if not resumed:
+            started = time.perf_counter()
+            attempted.add(_request(float_nodes | quantizer.target_float, per_token, rule))
+            candidate = quantizer.quantize(float_nodes, per_token, rule)
+            float_nodes = float_nodes | quantizer.target_float  # what the target's parity kept float counts as float
+            share = int8_flop_share(all_ops, float_nodes, tokens)
+            check, unseen = on_both_sets(judges.check(candidate), candidate, judges.confirm, widened)
+            phase_done("check")
+            taken = best is None or better(check, best.check)
+            request = (float_nodes, per_token, rule)
+            attempts.append(
+                attempt_record(request, options, quantizer, share, (check, unseen), taken, alternate, started)
             )
-        )
-        say(attempt_line(len(attempts), attempts[-1], own, weight_bits(options, "")))
-        widening = taken and WIDE in rule and (best is None or WIDE not in best.rule)
-        if taken:
-            best = Candidate(set(float_nodes), check, candidate, set(per_token), rule)
-        if widening:  # 8-bit weights taken: what was judged with 7-bit weights is tried again with them
-            variants = retried_with_8_bit_weights(tried, best.float_nodes, best.per_token, best.rule) + variants
+            say(attempt_line(len(attempts), attempts[-1], own, weight_bits(options, "")))
+            widening = taken and WIDE in rule and (best is None or WIDE not in best.rule)
+            if taken:
+                best = Candidate(set(float_nodes), check, candidate, set(per_token), rule)
+            if widening:  # 8-bit weights taken: what was judged with 7-bit weights is tried again with them
+                variants = retried_with_8_bit_weights(tried, best.float_nodes, best.per_token, best.rule) + variants
+        resumed = False
+        assert best is not None
         if (
             options.gptq
             and not taken
@@ -158,13 +157,37 @@ def search_int8(
             continue
         alternate = rounding_only = False
         float_nodes, per_token, rule = best.float_nodes, best.per_token, best.rule
-        variants = [v for v in variants if not (v.while_failing and best.check.passed)]
+        if best.check.passed:  # set aside, not dropped: they come back if the best's confirmation fails
+            set_aside += [v for v in variants if v.while_failing]
+            variants = [v for v in variants if not v.while_failing]
         following = _next_variant(variants, tried, best, made)
         if following is not None:  # next: another way to quantize, before the sensitivity fallback
             float_nodes, per_token, rule = following
             same_sets = float_nodes == best.float_nodes and per_token == best.per_token
             rounding_only = same_sets and other_rounding(rule) == best.rule  # the GPTQ variant
             continue
+        if (
+            best.check.passed
+            and not balanced
+            and options.fallback
+            and options.balance_budget > 0
+            and judges.rank is not None
+        ):
+            balanced = True
+            context = (prepared, models, work, tokens, quantizer, range_rules)
+            made_before = len(attempts)
+            best, balance = _balance_kinds(context, options, judges, best, attempts, widened, say)
+            if len(attempts) > made_before:
+                say(attempt_line(len(attempts), attempts[-1], own, weight_bits(options, "")))
+            if balance is not None:
+                phase_done("balance")
+        if best.check.passed and not widened and judges.confirm is not None:
+            best = _confirmed(best, judges.confirm, attempts, say)
+            phase_done("check")
+            if not best.check.passed:  # the fitted items overstated: on from this best, every step on both sets
+                widened = resumed = True
+                variants, set_aside = set_aside + variants, []
+                continue
         if best.check.passed or not options.fallback:
             break
         if not ranking:
@@ -193,15 +216,6 @@ def search_int8(
             (keep, wider), edge = fitting, True
         float_nodes = wider
     assert best is not None
-    balance = None
-    if best.check.passed and options.fallback and options.balance_budget > 0 and judges.rank is not None:
-        context = (prepared, models, work, tokens, quantizer, range_rules)
-        made_before = len(attempts)
-        best, balance = _balance_kinds(context, options, judges, best, attempts, widened, say)
-        if len(attempts) > made_before:
-            say(attempt_line(len(attempts), attempts[-1], own, weight_bits(options, "")))
-        if balance is not None:
-            phase_done("balance")
     chosen, check, graphs, chosen_per_token, chosen_rule = best
     fidelity = judges.gate(graphs)
     phase_done("gate")
@@ -284,7 +298,7 @@ def _balance_kinds(
     float_nodes = best.float_nodes | set(balance.chosen)
     graphs = quantizer.quantize(float_nodes, best.per_token, best.rule)
     float_nodes |= quantizer.target_float
-    check, unseen = confirm_check(judges.check(graphs), graphs, judges.confirm, widened)
+    check, unseen = on_both_sets(judges.check(graphs), graphs, judges.confirm, widened)
     error = 1.0 - float(check.per_kind[kind]["mean_cosine"])
     taken = check.passed and better(check, best.check) and error < unbalanced[1]
     share = int8_flop_share(prepared.ops, float_nodes, tokens)
@@ -297,6 +311,24 @@ def _balance_kinds(
     if taken:
         best = Candidate(set(float_nodes), check, graphs, set(best.per_token), best.rule)
     return best, record
+
+
+def _confirmed(
+    best: Candidate, confirm: Callable[[dict[str, Any]], GateReport], attempts: list[dict], say: Callable[[str], None]
+) -> Candidate:
+    """The passing best, its check confirmed on the unseen calibration items (`unseen_check.confirm_best`): both
+    sets' verdict on the best and in its attempt's record (the last one taken)."""
+    check, unseen = confirm_best(best.check, best.graphs, confirm)
+    number = max(i for i, attempt in enumerate(attempts) if attempt["taken"])
+    attempts[number].update(
+        check=check.overall, fitted_check=check.extra["fitted"], unseen_check=unseen.overall, check_passed=check.passed
+    )
+    say(
+        f"attempt {number + 1} confirmed on unseen calibration items: mean cos {unseen.overall['mean_cosine']:.5f}, "
+        f"min {unseen.overall['min_cosine']:.5f}, top-1 {unseen.overall['top1']:.3f} → "
+        + ("pass" if check.passed else "fail: every later step is judged on both sets, this best too")
+    )
+    return best._replace(check=check)
 
 
 def _request(float_nodes: set[str], per_token: set[str], rule: str) -> tuple[frozenset[str], frozenset[str], str]:

@@ -19,7 +19,7 @@ from typing import Any
 from pue.bundle import Manifest, read_manifest
 from pue.calibration.candidates import MIN_INT8_FLOP_SHARE, flop_share_check
 from pue.calibration.check_items import (
-    CHECK_PATCHES,
+    UNSEEN_PATCHES,
     calibration_captions,
     check_captions,
     check_disjoint,
@@ -32,10 +32,11 @@ from pue.calibration.kind_balance import DEFAULT_BUDGET
 from pue.calibration.openvino_int8 import check_openvino_request
 from pue.calibration.quantize_plan import OUTLIER_SAMPLES, most_images_per_row, run_plan, vision_tokens
 from pue.calibration.quantized_manifest import child_manifest, gate_device
+from pue.calibration.reference import choose_reference
 from pue.calibration.resources import PhasePeaks
 from pue.calibration.rounding_floor import floor_reason, measure_floor
 from pue.calibration.row_split_hoist import hoist_for_target
-from pue.calibration.staging import Staged, evaluate_staged
+from pue.calibration.staging import Staged, VisionMemo, evaluate_staged
 from pue.calibration.target_parity import parity_for
 from pue.choices import (
     Attention,
@@ -200,7 +201,7 @@ def quantize_bundle(
         plan = make_plan(patches, captions, seed=options.seed)
         say(f"calibration set: {plan.counts()} from {len(sources)} source(s)")
         check_patches, sampling["check"] = sample_check_patches(
-            sources, patches, min(CHECK_PATCHES, len(patches)), seed=options.seed
+            sources, patches, min(UNSEEN_PATCHES, len(patches)), seed=options.seed
         )
         check_plan = make_plan(check_patches, check_captions(options, captions), seed=options.seed)
         parent = Embedder.load(parent_dir)
@@ -219,17 +220,19 @@ def quantize_bundle(
             say(f"plan: {line}")
         if not resources.fits:
             raise PueError("the quantization's resource plan does not fit this machine", resources.notes[-1])
-        reference = gate_set.embed(parent)
         check_set = check_gate_set(plan)
         say(f"calibration check set (every search decision): {check_set.counts()}")
-        check_reference = check_set.embed(parent)
+        reference_rows, reference_record = choose_reference(
+            parent, (parent_dir, parent_manifest), layouts, work / "reference", check_set, say
+        )
+        reference, check_reference = reference_rows(gate_set, check_set)
         unseen_set = check_gate_set(check_plan)
         say(
-            f"unseen check set (confirms a passing check): {unseen_set.counts()}, patches: "
+            f"unseen check set (confirms the passing candidate taken): {unseen_set.counts()}, patches: "
             f"{sampling['check']['unseen']} the fit did not read, {sampling['check']['transformed']} fitted ones "
             "turned or mirrored"
         )
-        unseen_reference: dict[str, Any] = {}  # the parent's rows, embedded when a check first passes
+        unseen_reference: dict[str, Any] = {}  # the parent's rows, embedded at the first confirmation
         timings["prepare_s"] = time.perf_counter() - started
         peaks.end("prepare")
 
@@ -260,10 +263,11 @@ def quantize_bundle(
             if layouts is not None:
                 candidate = _fuse(candidate, layouts, fusion)
             staged.clear()
-            return evaluate_staged(candidate, child, items, parent_rows, options.spec, thresholds)
+            return evaluate_staged(candidate, child, items, parent_rows, options.spec, thresholds, memo=memo)
 
         check_thresholds = options.thresholds.for_check()
         staged = Staged()
+        memo = VisionMemo()  # a candidate's vision graph unchanged (the balance attempt): its outputs not run again
         float_spec = simulation_spec(options.spec)  # simulated graphs are float graphs, run by onnxruntime
 
         def rank(simulated: dict[str, Any], indices: list[int]) -> GateReport:
@@ -272,9 +276,9 @@ def quantize_bundle(
             return evaluate_staged(simulated, child, items, rows, float_spec, check_thresholds, simulated=staged)
 
         def confirm(candidate: dict[str, Any]) -> GateReport:
-            """A candidate that passed the check, on calibration items the fit did not read."""
+            """A candidate the search would take, on calibration items the fit did not read."""
             if not unseen_reference:
-                unseen_reference.update(unseen_set.embed(parent))
+                unseen_reference.update(reference_rows(unseen_set)[0])
             return evaluate(candidate, unseen_set, unseen_reference, check_thresholds)
 
         judges = Judges(
@@ -326,6 +330,7 @@ def quantize_bundle(
             "channel_split": outcome.get("channel_split"),
             "output_bias": outcome.get("output_bias"),
             "attention": {"mode": attention_mode(options), "graphs": fusion},
+            "reference": reference_record,
             "sensitivity": outcome.get("ranking", [])[:20],
             "measured_ranking": outcome.get("measured_ranking", []),
             "kind_balance": outcome.get("kind_balance"),

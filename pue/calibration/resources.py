@@ -174,7 +174,8 @@ def plan_quantize(
         passes = {"outlier report": 1, "activation ranges": 1, "gate": 1}
     else:
         passes = {"outlier report": 1, "statistics": 1, **({"calibration": attempts} if calibrated else {})}
-        # at most every check again on the calibration items the fit did not read (`unseen_check`)
+        # at most every check again on the calibration items the fit did not read (`unseen_check`: the taken
+        # candidate, then every one once its confirmation failed)
         passes.update({"calibration check": attempts, "unseen check": attempts})
         passes.update({"fallback ranking": ranked + 1} if ranked else {})
         passes.update({"kind balance": balance} if balance else {})

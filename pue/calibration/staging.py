@@ -7,9 +7,12 @@ keeps the others from being written and hashed again.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pue.bundle import FileEntry, Manifest, file_entry, write_manifest
 from pue.derive import Derivation
@@ -32,6 +35,52 @@ class Staged:
         self.models.clear()
         self.written.clear()
         self.entries.clear()
+
+
+@dataclass
+class VisionMemo:
+    """The vision graph's outputs per batch of pixels, for one vision graph (its files' hashes): a candidate whose
+    vision graph is byte for byte the previous one's (the kind-balance attempt changes decoder ops only) gets the
+    same outputs for the same batch without running it again. Another graph clears it; at most `limit_bytes` kept."""
+
+    key: tuple[str, ...] = ()
+    outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    limit_bytes: int = 1 << 30
+    hits: int = 0
+
+    def runner(self, runner: Any, key: tuple[str, ...]) -> Any:
+        """`runner` with its `infer` answered from the memo where it holds the batch (keyed by `key`)."""
+        if key != self.key:
+            self.key, self.outputs = key, {}
+        return _MemoRunner(runner, self)
+
+    def size(self) -> int:
+        return sum(value.nbytes for outputs in self.outputs.values() for value in outputs.values())
+
+
+class _MemoRunner:
+    """A vision runner whose `infer` reads and fills a `VisionMemo`; everything else is the runner's."""
+
+    def __init__(self, runner: Any, memo: VisionMemo) -> None:
+        self._runner, self._memo = runner, memo
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        digest = hashlib.sha256()
+        for name in sorted(feed):
+            value = np.ascontiguousarray(feed[name])
+            digest.update(f"{name}:{value.dtype}:{value.shape}".encode())
+            digest.update(value.data)
+        batch = digest.hexdigest()
+        if batch in self._memo.outputs:
+            self._memo.hits += 1
+            return {name: value.copy() for name, value in self._memo.outputs[batch].items()}
+        outputs = self._runner.infer(feed)
+        if self._memo.size() + sum(np.asarray(v).nbytes for v in outputs.values()) <= self._memo.limit_bytes:
+            self._memo.outputs[batch] = {name: np.array(value) for name, value in outputs.items()}
+        return outputs
 
 
 def write_graphs(
@@ -79,20 +128,27 @@ def evaluate_staged(
     spec: PrecisionSpec,
     thresholds: FidelityThresholds,
     simulated: Staged | None = None,
+    memo: VisionMemo | None = None,
 ) -> GateReport:
     """Stage `models` as a `spec` bundle and measure them on `gate_set`. `simulated` (the ranking's staging
     record): float graphs carrying Q/DQ arithmetic (`pue.calibration.fake_quant`), run by onnxruntime with its Q/DQ
-    fusion off, so the Q/DQ pairs compute in float; graphs it holds as staged are not written again."""
+    fusion off, so the Q/DQ pairs compute in float; graphs it holds as staged are not written again. `memo`: the
+    vision outputs of the last vision graph measured, reused where this one's files hash the same."""
     from pue.runtime import Embedder
 
     written = write_graphs(models, child.staging, simulated)
     entries = None if simulated is None else simulated.entries
-    write_manifest(child.staging, staged_manifest(child, written, spec, entries))
+    manifest = staged_manifest(child, written, spec, entries)
+    write_manifest(child.staging, manifest)
     how: dict[str, Any] = {}
     if simulated is not None:  # verified like any staged bundle: skipping it would log a warning per ranked op
         how = {"backend": "onnxruntime", "options": {"session_config": {"session.disable_quant_qdq": "1"}}}
     with Embedder.load(child.staging, **how) as candidate:
+        if memo is not None and "vision" in manifest.graphs:
+            entry = manifest.graphs["vision"]
+            key = (entry.file.sha256, *(data.sha256 for data in entry.external_data))
+            candidate.backend.vision = memo.runner(candidate.backend.vision, key)
         return measure_fidelity(gate_set.embed(candidate), reference, thresholds)
 
 
-__all__ = ["Staged", "evaluate_staged", "staged_manifest", "write_graphs"]
+__all__ = ["Staged", "VisionMemo", "evaluate_staged", "staged_manifest", "write_graphs"]

@@ -4,7 +4,8 @@ The INT8 search's ranges and GPTQ weights are fitted to the calibration patches,
 overstates a candidate (measured on `llava_next gains-few` seed 0, TensorRT: min cosine 0.9905 on the 64 fitted
 patches, 0.9725 on 125 others of the same images, 0.9818 on the fitted ones turned, 0.9781 at the held-out gate).
 `quantize_bundle` samples a second set the fit did not read (`sampling.sample_check_patches`) and hands the search a
-`Judges.confirm` that measures a candidate there.
+`Judges.confirm` that measures a candidate there. The search reads it for the candidate it is about to take (the
+passing best where it would stop), and for every candidate after a confirmation failed.
 """
 
 from __future__ import annotations
@@ -15,23 +16,34 @@ from typing import Any
 
 from pue.fidelity import GateReport
 
-__all__ = ["confirm_check", "joined"]
+__all__ = ["confirm_best", "on_both_sets", "joined"]
 
 
-def confirm_check(
+def on_both_sets(
     check: GateReport,
     candidate: dict[str, Any],
     confirm: Callable[[dict[str, Any]], GateReport] | None,
     widened: bool,
 ) -> tuple[GateReport, GateReport | None]:
-    """The check, confirmed on the unseen items where it passed, or on both sets for every candidate once a
-    confirmation failed (`widened`): the fitted items have then shown they overstate, and the steps after are judged
-    on both. Returns the check (`joined` where confirmed) and the unseen items' report, or None.
+    """The check on both sets once a confirmation failed (`widened`): the fitted items have then shown they
+    overstate, and every step after is judged on both. Returns the check (`joined` where both were read) and the
+    unseen items' report, or None (before that, every step is decided on the fitted items alone).
 
     Deciding every step on the unseen items alone was measured and lost passes: their minimum, one item of a heavy
     tail, turned down steps that raised mean and top-1 (BENCHMARKS, session 15)."""
-    if confirm is None or not (widened or check.passed):
+    if confirm is None or not widened:
         return check, None
+    unseen = confirm(candidate)
+    return joined(check, unseen), unseen
+
+
+def confirm_best(
+    check: GateReport, candidate: dict[str, Any], confirm: Callable[[dict[str, Any]], GateReport]
+) -> tuple[GateReport, GateReport]:
+    """The candidate the search would take, its passing check confirmed on the unseen items: only that one is read
+    there (confirming every passing step cost as much as the statistics pass and changed no decision on the `bench`
+    preset; BENCHMARKS, session 26). Returns both sets' verdict (`joined`) and the unseen items' report; where the
+    unseen items fail, the search goes on with every later step judged on both sets (`on_both_sets`)."""
     unseen = confirm(candidate)
     return joined(check, unseen), unseen
 

@@ -39,7 +39,7 @@ from pue.calibration.search_variants import (
     stores_weights_unsigned,
     token_outlier_ops,
 )
-from pue.calibration.unseen_check import confirm_best, on_both_sets
+from pue.calibration.unseen_check import confirm_best, fitted_only, joined, on_both_sets
 from pue.calibration.weight_storage import WEIGHT_QMAX
 from pue.fidelity import GateReport
 
@@ -108,8 +108,9 @@ def search_int8(
     variants = initial_variants(prepared, options, token_ops, tokens, own, clips)  # tried before the fallback
     tried: list[Variant] = []  # the variants tried so far, in order
     stopped = None
-    widened = False  # the best's confirmation on unseen calibration items failed: every later check reads both sets
-    resumed = False  # it failed just now: the search goes on from that best, not judged again
+    widened = False  # a confirmation on unseen calibration items failed: every later check reads both sets
+    first_read = False  # the first passing check was read on the unseen items too
+    resumed = False  # the best's confirmation failed just now: the search goes on from that best, not judged again
     set_aside: list[Variant] = []  # variants tried only while failing, passed over while the best passed unconfirmed
     balance = None  # the kind-balance stage's record: it runs once, on the first passing best
     balanced = False
@@ -129,9 +130,20 @@ def search_int8(
             candidate = quantizer.quantize(float_nodes, per_token, rule)
             float_nodes = float_nodes | quantizer.target_float  # what the target's parity kept float counts as float
             share = int8_flop_share(all_ops, float_nodes, tokens)
-            check, unseen = on_both_sets(judges.check(candidate), candidate, judges.confirm, widened)
+            check = judges.check(candidate)
+            first = check.passed and not first_read and judges.confirm is not None
+            check, unseen = on_both_sets(check, candidate, judges.confirm, widened or first)
+            first_read = first_read or first
+            if unseen is not None and not unseen.passed and not widened:  # the fitted items overstate: both from here
+                widened = True
+                if best is not None and judges.confirm is not None:  # judged on the fitted items only: both
+                    best = best._replace(check=joined(best.check, judges.confirm(best.graphs)))
+                    say(
+                        f"a passing check failed on unseen calibration items: every candidate is judged on both sets "
+                        f"from here on, the best so far too (min cos {best.check.overall['min_cosine']:.5f})"
+                    )
             phase_done("check")
-            taken = best is None or better(check, best.check)
+            taken = best is None or _better(check, best.check)
             request = (float_nodes, per_token, rule)
             attempts.append(
                 attempt_record(request, options, quantizer, share, (check, unseen), taken, alternate, started)
@@ -181,7 +193,12 @@ def search_int8(
                 say(attempt_line(len(attempts), attempts[-1], own, weight_bits(options, "")))
             if balance is not None:
                 phase_done("balance")
-        if best.check.passed and not widened and judges.confirm is not None:
+        if (
+            best.check.passed
+            and not widened
+            and judges.confirm is not None
+            and "unseen" not in getattr(best.check, "extra", {})
+        ):
             best = _confirmed(best, judges.confirm, attempts, say)
             phase_done("check")
             if not best.check.passed:  # the fitted items overstated: on from this best, every step on both sets
@@ -300,7 +317,7 @@ def _balance_kinds(
     float_nodes |= quantizer.target_float
     check, unseen = on_both_sets(judges.check(graphs), graphs, judges.confirm, widened)
     error = 1.0 - float(check.per_kind[kind]["mean_cosine"])
-    taken = check.passed and better(check, best.check) and error < unbalanced[1]
+    taken = check.passed and _better(check, best.check) and error < unbalanced[1]
     share = int8_flop_share(prepared.ops, float_nodes, tokens)
     attempts.append(
         attempt_record(
@@ -311,6 +328,11 @@ def _balance_kinds(
     if taken:
         best = Candidate(set(float_nodes), check, graphs, set(best.per_token), best.rule)
     return best, record
+
+
+def _better(check: GateReport, best: GateReport) -> bool:
+    """`candidates.better`, like for like: a check the unseen items did not read against the best's fitted items."""
+    return better(check, best if "unseen" in getattr(check, "extra", {}) else fitted_only(best))
 
 
 def _confirmed(

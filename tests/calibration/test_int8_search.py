@@ -287,16 +287,7 @@ def test_a_passing_check_is_confirmed_on_items_the_fit_did_not_read(tmp_path):
         precision="int8", smooth=False, error_ranges=False, rank_ops=0, gptq=False, wide_weights=False, per_token=False
     )
     messages: list[str] = []
-    result = search_int8(
-        {"decoder": parallel_matmuls()},
-        {"decoder": calibration_feeds},
-        {"decoder": 1},
-        tmp_path,
-        options,
-        Judges(check=check, gate=check, confirm=confirm),
-        messages.append,
-        {},
-    )
+    result = _confirmed_search(tmp_path, options, check, confirm, messages.append)
     assert [len(s) for s in fitted] == [0, 1, 2, 4, 4]  # the last is the gate (the same fake judge)
     # where the fitted items passed; then the best so far (no float op), judged on both sets like the rest; then all
     assert [len(s) for s in unseen] == [1, 0, 2, 4]
@@ -327,19 +318,17 @@ def test_of_several_passing_candidates_the_first_and_the_one_taken_are_confirmed
         return report(0.995)
 
     options = QuantizeOptions(precision="int8", smooth=False, rank_ops=0, per_token=False)
-    result = search_int8(
-        {"decoder": parallel_matmuls()},
-        {"decoder": calibration_feeds},
-        {"decoder": 1},
-        tmp_path,
-        options,
-        Judges(check=check, gate=check, confirm=confirm),
-        lambda message: None,
-        {},
-    )
+    result = _confirmed_search(tmp_path, options, check, confirm, lambda message: None)
     attempts = result["attempts"]
     assert len(attempts) >= 2 and all(a["taken"] and a["check_passed"] for a in attempts)
     assert unseen == [1, len(attempts)]  # with the first check, and after the last attempt's, before the gate
     assert ["unseen_check" in a for a in attempts] == [True] + [False] * (len(attempts) - 2) + [True]
     assert result["check"]["unseen"]["overall"]["min_cosine"] == 0.995
     assert result["fidelity"].passed
+
+
+def _confirmed_search(tmp_path, options, check, confirm, say):
+    """`search_int8` on the parallel-MatMul graph, `check` judging (the gate too) and `confirm` reading unseen items."""
+    judges = Judges(check=check, gate=check, confirm=confirm)
+    feeds, tokens = {"decoder": calibration_feeds}, {"decoder": 1}
+    return search_int8({"decoder": parallel_matmuls()}, feeds, tokens, tmp_path, options, judges, say, {})

@@ -22,6 +22,7 @@ __all__ = [
     "check_captions",
     "check_disjoint",
     "check_gate_set",
+    "check_row_keys",
 ]
 
 # The check's items: every calibration patch up to 64. With 24, fixtures with a heavy tail passed the check with
@@ -47,6 +48,19 @@ def check_gate_set(plan: Any) -> GateSet:
         composed_texts=[modifier for _, modifier in composed],
         image_sets=[[patch.load() for patch in group] for group in plan.image_sets[:CHECK_IMAGE_SETS]],
     )
+
+
+def check_row_keys(plan: Any) -> dict[str, list[tuple[Any, ...]]]:
+    """The calibration rows (`readers.row_key`) behind `check_gate_set(plan)`'s items, per kind in its order: where
+    the statistics pass embeds the same row, the parent's row is taken from there (`pue.calibration.check_rows`)."""
+    from pue.calibration.readers import row_key
+
+    return {
+        "images": [row_key("image", [patch], None) for patch in plan.patches[:CHECK_PATCHES]],
+        "texts": [row_key("text", [], caption) for caption in plan.captions[:CHECK_CAPTIONS]],
+        "composed": [row_key("composed", [patch], text) for patch, text in plan.composed[:CHECK_COMPOSED]],
+        "image_sets": [row_key("image", list(group), None) for group in plan.image_sets[:CHECK_IMAGE_SETS]],
+    }
 
 
 def calibration_captions(options: QuantizeOptions) -> list[str]:

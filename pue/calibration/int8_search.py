@@ -70,6 +70,7 @@ def search_int8(
     timings: dict[str, float],
     phase_done: Callable[[str], None] = lambda phase: None,
     layouts: dict[str, dict[str, Any]] | None = None,
+    observers: dict[str, Callable[[Any, int, dict[str, Any]], None]] | None = None,
 ) -> dict[str, Any]:
     """Statistics, smoothing, then quantize → check, keeping the most sensitive layers float while checks fail;
     the held-out gate judges the chosen candidate once.
@@ -79,13 +80,15 @@ def search_int8(
     measures); a fallback step that lowers the minimum cosine is never taken. `judges.gate` then runs the held-out
     gate on the chosen candidate, whose graphs end up in `models`. `phase_done` is told when each phase ends.
     `layouts`: each graph's attention heads (the manifest's `export.attention`), for smoothing's v_proj fold.
+    `observers` (per graph): shown the float graph's own outputs of each calibration row by the statistics pass
+    (`prepare_graphs`): the check's parent rows are taken from the decoder's (`pue.calibration.check_rows`).
     """
     from pue.calibration.int8 import activation_scheme
 
     scheme = activation_scheme(options.precision, options.target)
     static = options.spec.calibrated  # static Q/DQ (calibrated scales) on MatMul/Gemm/Conv; else dynamic, MatMul
     started = time.perf_counter()
-    prepared = prepare_graphs(models, feeds, work, options, scheme, say, layouts)
+    prepared = prepare_graphs(models, feeds, work, options, scheme, say, layouts, observers)
     timings["statistics_s"] = time.perf_counter() - started
     phase_done("statistics")
 

@@ -24,7 +24,9 @@ from pue.calibration.check_items import (
     check_captions,
     check_disjoint,
     check_gate_set,
+    check_row_keys,
 )
+from pue.calibration.check_rows import CheckRows
 from pue.calibration.fidelity_plot import plot_fidelity
 from pue.calibration.fp16 import convert_with_gate
 from pue.calibration.int8_search import Judges, search_int8
@@ -175,7 +177,7 @@ def quantize_bundle(
 ) -> QuantizeResult:
     import onnx
 
-    from pue.calibration.readers import DecoderFeeds, VisionFeeds, make_plan
+    from pue.calibration.readers import DecoderFeeds, VisionFeeds, VisionOutputs, make_plan
     from pue.calibration.sampling import sample_check_patches, sample_patches
     from pue.calibration.sources import open_sources
     from pue.runtime import Embedder
@@ -209,9 +211,10 @@ def quantize_bundle(
         check_disjoint(gate_set, patches + check_patches)
         say(f"gate set: {gate_set.counts()}")
         models = {name: onnx.load(str(parent_dir / spec.file.path)) for name, spec in parent_manifest.graphs.items()}
+        vision_outputs = VisionOutputs()  # the parent's vision outputs per patch, for the decoder's feeds
         feeds = {
             "vision": lambda limit=None: VisionFeeds(parent, plan.patches, limit),
-            "decoder": lambda limit=None: DecoderFeeds(parent, plan, limit),
+            "decoder": lambda limit=None: DecoderFeeds(parent, plan, limit, vision_outputs),
         }
         tokens = {"vision": vision_tokens(parent_manifest), "decoder": len(parent.prompts.image_prompt())}
         images_per_row, set_rows = most_images_per_row(parent, gate_set, plan)
@@ -225,7 +228,9 @@ def quantize_bundle(
         reference_rows, reference_record = choose_reference(
             parent, (parent_dir, parent_manifest), layouts, work / "reference", check_set, say
         )
-        reference, check_reference = reference_rows(gate_set, check_set)
+        (reference,) = reference_rows(gate_set)
+        # the check items are calibration rows: their parent rows come from the statistics pass (`check_rows`)
+        check_rows = CheckRows(check_set, check_row_keys(plan), lambda items: reference_rows(items)[0], parent)
         unseen_set = check_gate_set(check_plan)
         say(
             f"unseen check set (confirms the passing candidate taken): {unseen_set.counts()}, patches: "
@@ -272,7 +277,7 @@ def quantize_bundle(
 
         def rank(simulated: dict[str, Any], indices: list[int]) -> GateReport:
             """Simulated graphs (Q/DQ in float arithmetic, unfused) on the check items at `indices`."""
-            items, rows = check_set.select(check_reference, indices)
+            items, rows = check_set.select(check_rows.rows(), indices)
             return evaluate_staged(simulated, child, items, rows, float_spec, check_thresholds, simulated=staged)
 
         def confirm(candidate: dict[str, Any]) -> GateReport:
@@ -282,7 +287,7 @@ def quantize_bundle(
             return evaluate(candidate, unseen_set, unseen_reference, check_thresholds)
 
         judges = Judges(
-            check=lambda candidate: evaluate(candidate, check_set, check_reference, check_thresholds),
+            check=lambda candidate: evaluate(candidate, check_set, check_rows.rows(), check_thresholds),
             confirm=confirm if len(unseen_set.images) else None,
             gate=evaluate,
             rank=rank if options.rank_ops > 0 else None,
@@ -295,7 +300,10 @@ def quantize_bundle(
             peaks.end("conversion and gate")
         else:
             heads = dict(parent_manifest.export.attention)
-            outcome = search_int8(models, feeds, tokens, work, options, judges, say, timings, peaks.end, heads)
+            observers = {"vision": vision_outputs.observe, "decoder": check_rows.observe}  # the statistics pass's
+            outcome = search_int8(
+                models, feeds, tokens, work, options, judges, say, timings, peaks.end, heads, observers
+            )
         fidelity, attempts = outcome["fidelity"], outcome["attempts"]
         parity = outcome.get("target_parity") or {}
         share = outcome.get("share")
@@ -330,7 +338,7 @@ def quantize_bundle(
             "channel_split": outcome.get("channel_split"),
             "output_bias": outcome.get("output_bias"),
             "attention": {"mode": attention_mode(options), "graphs": fusion},
-            "reference": reference_record,
+            "reference": {**reference_record, "check_rows": check_rows.record or None},
             "sensitivity": outcome.get("ranking", [])[:20],
             "measured_ranking": outcome.get("measured_ranking", []),
             "kind_balance": outcome.get("kind_balance"),

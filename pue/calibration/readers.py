@@ -81,6 +81,36 @@ def make_plan(
     return CalibrationPlan(patches, captions, composed, image_sets)
 
 
+class VisionOutputs:
+    """The FP32 vision graph's outputs per calibration patch, kept (up to `limit_bytes` in all) as the vision
+    statistics pass computes them (`observe`) or a decoder feed does, so the decoder's feeds of one-patch rows
+    (image and composed rows) do not run the vision graph again for a patch (on the `bench` preset that was 40 of a
+    static INT8 run's seconds: BENCHMARKS, session 27). Rows of several patches run their own batch, as before."""
+
+    def __init__(self, limit_bytes: int = 256 << 20) -> None:
+        self.limit_bytes = limit_bytes
+        self.outputs: dict[Patch, dict[str, np.ndarray]] = {}
+        self.bytes = 0
+        self.hits = 0
+
+    def observe(self, feeds: Any, index: int, outputs: dict[str, np.ndarray]) -> None:
+        """The vision statistics pass's outputs for its `index`-th feed (`feeds.patches[index]`)."""
+        self.keep(feeds.patches[index], outputs)
+
+    def keep(self, patch: Patch, outputs: dict[str, np.ndarray]) -> None:
+        """`patch`'s vision outputs, kept (a copy) where they fit the limit."""
+        size = sum(value.nbytes for value in outputs.values())
+        if patch not in self.outputs and self.bytes + size <= self.limit_bytes:
+            self.outputs[patch] = {name: np.array(value, copy=True) for name, value in outputs.items()}
+            self.bytes += size
+
+    def get(self, patch: Patch) -> dict[str, np.ndarray] | None:
+        """`patch`'s kept outputs (None where none are kept)."""
+        found = self.outputs.get(patch)
+        self.hits += found is not None
+        return found
+
+
 class VisionFeeds:
     """{"pixel_values": [1, crops, 3, H, W]} per patch."""
 
@@ -96,13 +126,21 @@ class VisionFeeds:
             yield {"pixel_values": self.embedder.pixel_values([patch.load()], first_index=index)}
 
 
+def row_key(kind: str, patches: list[Patch] | tuple[Patch, ...], text: str | None) -> tuple[Any, ...]:
+    """What names a calibration row: its kind, patches and text (the same row, the same key)."""
+    return (kind, tuple(patches), text)
+
+
 class DecoderFeeds:
     """The decoder's feed per prompt (input_ids, attention_mask, image_features and any other per-image input, as
     the runtime builds it: `decoder_feed`): image, text, composed and (where the bundle takes them) several-image
-    rows, interleaved."""
+    rows, interleaved; `row_key(index)` names the row a feed came from."""
 
-    def __init__(self, embedder: Any, plan: CalibrationPlan, limit: int | None = None) -> None:
+    def __init__(
+        self, embedder: Any, plan: CalibrationPlan, limit: int | None = None, vision: VisionOutputs | None = None
+    ) -> None:
         self.embedder = embedder
+        self.vision = vision  # one patch's vision outputs, where they were kept
         rows: list[tuple[str, list[Patch], str | None]] = [("image", [p], None) for p in plan.patches]
         rows += [("text", [], c) for c in plan.captions]
         rows += [("composed", [p], m) for p, m in plan.composed]
@@ -115,6 +153,11 @@ class DecoderFeeds:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def row_key(self, index: int) -> tuple[Any, ...]:
+        """The key (`row_key`) of the row the `index`-th feed came from."""
+        kind, patches, text = self.rows[index]
+        return row_key(kind, patches, text)
+
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         prompts = self.embedder.prompts
         manifest = self.embedder.manifest
@@ -124,9 +167,13 @@ class DecoderFeeds:
             ids, _ = prompts.encode(kind, text, index=index, truncate=True, images=max(1, len(patches)))
             input_ids, attention_mask = prompts.pad([ids])
             outputs = None
-            if patches:
+            if len(patches) == 1 and self.vision is not None:
+                outputs = self.vision.get(patches[0])
+            if patches and outputs is None:
                 pixels = self.embedder.pixel_values([patch.load() for patch in patches], first_index=index)
                 outputs = backend.vision.infer({"pixel_values": pixels})
+                if len(patches) == 1 and self.vision is not None:
+                    self.vision.keep(patches[0], outputs)
             image_rows = np.zeros(len(patches), np.int64)  # the row's images one after another
             yield decoder_feed(decoder_inputs, input_ids, attention_mask, outputs, image_rows, manifest.hidden_size)
 

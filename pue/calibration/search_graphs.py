@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,9 +56,11 @@ def prepare_graphs(
     scheme: Any,
     say: Callable[[str], None],
     layouts: dict[str, dict[str, Any]] | None = None,
+    observers: dict[str, Callable[[Any, int, dict[str, Any]], None]] | None = None,
 ) -> PreparedGraphs:
     """Statistics of each graph's weight-bearing ops (static INT8: MatMul/Gemm/Conv; dynamic: MatMul) on its
-    calibration feeds, smoothing (`options.smooth`; `layouts`: each graph's attention heads, for the v_proj fold),
+    calibration feeds (`observers`, per graph: shown the feeds, each feed's index and the graph's own outputs for
+    it), smoothing (`options.smooth`; `layouts`: each graph's attention heads, for the v_proj fold),
     each float graph saved under `work`, and with `options.split_channels` the split copies of graphs where norm gains
     amplify residual channels. Each entry of `models` becomes its saved graph loaded without its weights."""
     import onnx
@@ -76,7 +79,9 @@ def prepare_graphs(
         amplified = amplified_channels(model) if options.split_channels else ([], [])  # before smoothing's folds
         ops = [op for op in weight_ops(model, name) if static or op.op_type == "MatMul"]
         say(f"{name}: activation statistics of {len(ops)} weight-bearing ops")
-        stats = collect_channel_stats(model, ops, feeds[name](), seed=options.seed)
+        source, observer = feeds[name](), (observers or {}).get(name)
+        observe = None if observer is None else partial(observer, source)
+        stats = collect_channel_stats(model, ops, source, seed=options.seed, observe=observe)
         if options.smooth:
             ops, stats, groups = smooth_model(model, ops, stats, scheme, layout=(layouts or {}).get(name))
             smoothed += [dict(g.to_dict(), graph=name) for g in groups]

@@ -7,7 +7,7 @@ from these) and a small token sample for sensitivity. For FP16: every float tens
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,17 +77,26 @@ def second_moment(samples: list[np.ndarray]) -> np.ndarray:
 
 
 def collect_channel_stats(
-    model: Any, ops: list[WeightOp], feeds: Iterable[dict[str, np.ndarray]], seed: int = 0
+    model: Any,
+    ops: list[WeightOp],
+    feeds: Iterable[dict[str, np.ndarray]],
+    seed: int = 0,
+    observe: Callable[[int, dict[str, np.ndarray]], None] | None = None,
 ) -> dict[str, ChannelStats]:
     """Per-channel min/max of every weight op's activation input over all feeds (last axis = channels), the token
-    sample and each row's peak tokens."""
+    sample and each row's peak tokens. `observe` (optional) is shown the graph's own outputs of each feed, by its
+    index (the run computes them anyway: the parent's rows of the calibration rows, `pue.calibration.check_rows`)."""
     names = sorted({op.activation for op in ops})
     channel_axis = {op.activation: (1 if op.op_type == "Conv" else -1) for op in ops}
     session = activation_session(model, names)
+    own = [o.name for o in model.graph.output if o.name not in set(names)] if observe is not None else []
     rng = np.random.default_rng(seed)
     stats: dict[str, ChannelStats] = {}
     for sample_index, feed in enumerate(feeds):
-        values = session.run(names, feed)
+        fetched = session.run(names + own, feed)
+        values = fetched[: len(names)]
+        if observe is not None:
+            observe(sample_index, dict(zip(own, fetched[len(names) :], strict=True)))
         for name, value in zip(names, values, strict=True):
             axis = channel_axis[name]
             rows = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis]).astype(np.float32)

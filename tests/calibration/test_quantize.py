@@ -77,6 +77,12 @@ def test_precisions_pass_the_gate_and_run(fp32_bundle, quantized_bundle, precisi
     # the parent's rows: its graphs with the candidates' fused attention, agreeing with its own rows
     assert report["reference"]["graphs"] == ("parent, attention fused" if fused else "parent")
     assert not fused or report["reference"]["agreement"]["min_cosine"] >= 0.99999
+    check_rows = report["reference"]["check_rows"]  # the check's parent rows: the statistics pass's (INT8 only)
+    if precision == "fp16":
+        assert check_rows is None
+    else:
+        assert check_rows["embedded"] == 0 and check_rows["from_statistics_pass"] >= 16 + 4 + 2
+        assert check_rows["agreement"]["min_cosine"] >= 0.99999
     assert report["attention"]["mode"] == ("fused" if fused else "standard")
     assert manifest.export.quantization.attention == report["attention"]
     if fused:

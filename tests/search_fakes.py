@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 class Verdict:
     passed: bool
     overall: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # `GateReport.extra`: where a check was read (fitted, unseen)
 
     def failures(self) -> list[str]:
         return [] if self.passed else ["min cosine"]

@@ -56,6 +56,7 @@ class Verdict:
     overall: dict = field(default_factory=lambda: {"mean_cosine": 0.9, "min_cosine": 0.8, "top1": 0.5})
     cosines: list = field(default_factory=lambda: [0.8, 0.99, 0.95])
     per_kind: dict = field(default_factory=dict)  # one kind of row only: nothing for `kind_balance` to balance
+    extra: dict = field(default_factory=dict)  # `GateReport.extra`: where a check was read (fitted, unseen)
 
     def failures(self) -> list[str]:
         return [] if self.passed else ["mean cosine 0.9 < 0.995"]

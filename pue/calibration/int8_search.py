@@ -200,7 +200,7 @@ def search_int8(
             best.check.passed
             and not widened
             and judges.confirm is not None
-            and "unseen" not in getattr(best.check, "extra", {})
+            and "unseen" not in best.check.extra
         ):
             best = _confirmed(best, judges.confirm, attempts, say)
             phase_done("check")
@@ -335,7 +335,7 @@ def _balance_kinds(
 
 def _better(check: GateReport, best: GateReport) -> bool:
     """`candidates.better`, like for like: a check the unseen items did not read against the best's fitted items."""
-    return better(check, best if "unseen" in getattr(check, "extra", {}) else fitted_only(best))
+    return better(check, best if "unseen" in check.extra else fitted_only(best))
 
 
 def _confirmed(

@@ -75,7 +75,7 @@ def joined(check: GateReport, unseen: GateReport) -> GateReport:
 def fitted_only(report: GateReport) -> GateReport:
     """A `joined` report as the fitted items alone measured it (what a step judged on those alone is compared with);
     any other report as it is."""
-    if "fitted" not in getattr(report, "extra", {}):
+    if "fitted" not in report.extra:
         return report
     prefix = "unseen calibration items: "
     return replace(

@@ -84,8 +84,9 @@ def make_plan(
 class VisionOutputs:
     """The FP32 vision graph's outputs per calibration patch, kept (up to `limit_bytes` in all) as the vision
     statistics pass computes them (`observe`) or a decoder feed does, so the decoder's feeds of one-patch rows
-    (image and composed rows) do not run the vision graph again for a patch (on the `bench` preset that was 40 of a
-    static INT8 run's seconds: BENCHMARKS, session 27). Rows of several patches run their own batch, as before."""
+    (image and composed rows) do not run the vision graph again for a patch (on the `bench` preset the statistics
+    pass and the first attempt took 29 s less with it: BENCHMARKS, session 27). Rows of several patches run their
+    own batch, as before."""
 
     def __init__(self, limit_bytes: int = 256 << 20) -> None:
         self.limit_bytes = limit_bytes

@@ -4,8 +4,8 @@ the statistics pass where it embeds the same rows.
 The statistics pass runs the float decoder on every calibration row, and each run ends in the row's embedding: the
 check's items are calibration rows (`check_items.check_gate_set`), so their parent rows come from there rather than
 from embedding them again (on the `bench` preset that second embedding was about a tenth of a static INT8 run:
-BENCHMARKS, session 27). The rows taken are checked against the parent's own on the check's first
-`REFERENCE_ITEMS` patches; where they do not agree to `REFERENCE_MIN_COSINE` (a graph the statistics pass reads
+BENCHMARKS, session 27). The rows taken are checked against the parent's own on the first `REFERENCE_ITEMS`
+patches and texts among them; where they do not agree to `REFERENCE_MIN_COSINE` (a graph the statistics pass reads
 that no longer computes the parent's function), none is taken and the reference embeds them all. Items the pass did
 not embed are embedded by the reference. `record` says which, for `fidelity.json["reference"]["check_rows"]`.
 """
@@ -102,14 +102,17 @@ class CheckRows:
         return rows
 
     def _agreement(self) -> dict[str, float | int] | None:
-        """The taken rows of the check's first patches against the parent's own (None where none was taken)."""
-        sample = [i for i in range(min(REFERENCE_ITEMS, len(self.items.images))) if ("images", i) in self.taken]
-        if not sample:
+        """The first `REFERENCE_ITEMS` patches and texts among the rows taken against the parent's own rows (None
+        where none was taken)."""
+        images = [i for i in range(len(self.lists["images"])) if ("images", i) in self.taken][:REFERENCE_ITEMS]
+        texts = [i for i in range(len(self.lists["texts"])) if ("texts", i) in self.taken][:REFERENCE_ITEMS]
+        if not images and not texts:
             return None
-        own = self.parent.embed_images([self.items.images[i] for i in sample])
-        ours = np.stack([self.taken[("images", i)] for i in sample])
-        cosines = np.sum(own * ours, axis=1)
-        return {"min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()), "count": len(sample)}
+        own = [self.parent.embed_images([self.lists["images"][i] for i in images])] if images else []
+        own += [self.parent.embed_texts([self.lists["texts"][i] for i in texts])] if texts else []
+        ours = np.stack([self.taken[("images", i)] for i in images] + [self.taken[("texts", i)] for i in texts])
+        cosines = np.sum(np.concatenate(own) * ours, axis=1)
+        return {"min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()), "count": len(cosines)}
 
 
 def _measured(items: GateSet, parent: Any) -> tuple[dict[str, list[Any]], dict[str, list[int]]]:

@@ -62,7 +62,8 @@ def test_the_check_rows_come_from_the_statistics_pass_and_agree_with_the_parents
         assert np.sum(got[kind] * own[kind], axis=1).min() >= 0.99999
     assert not embedded  # nothing embedded again
     assert rows.record["from_statistics_pass"] == items.item_count() and rows.record["embedded"] == 0
-    assert rows.record["agreement"]["min_cosine"] >= 0.99999 and rows.record["agreement"]["count"] == 2
+    agreement = rows.record["agreement"]  # two patches and two texts against the parent's own rows
+    assert agreement["min_cosine"] >= 0.99999 and agreement["count"] == 4
     assert rows.rows() is got  # completed once
 
 

@@ -104,11 +104,18 @@ class GateSet:
             "texts": embedder.embed_texts(self.texts),
             "composed": embedder.embed_composed(self.composed_images, self.composed_texts),
         }
-        if self.image_sets and getattr(embedder, "takes_image_sets", False):
-            fitting = self.up_to_images(embedder.max_images_per_row).image_sets
-            if fitting:
-                out["image_sets"] = embedder.embed_image_sets(fitting)
+        fitting = [self.image_sets[i] for i in self.measured_sets(embedder)]
+        if fitting:
+            out["image_sets"] = embedder.embed_image_sets(fitting)
         return out
+
+    def measured_sets(self, embedder: Any) -> list[int]:
+        """The indices of the image sets `embed` measures with `embedder`: those that fit its sequence limit, none
+        where it takes one image per row."""
+        if not self.image_sets or not getattr(embedder, "takes_image_sets", False):
+            return []
+        most = embedder.max_images_per_row
+        return [i for i, images in enumerate(self.image_sets) if len(images) <= most]
 
     def up_to_images(self, most: int) -> GateSet:
         """The same set without image sets of more than `most` images (what a TensorRT profile takes)."""

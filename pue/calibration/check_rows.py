@@ -118,8 +118,7 @@ class CheckRows:
 def _measured(items: GateSet, parent: Any) -> tuple[dict[str, list[Any]], dict[str, list[int]]]:
     """Each kind's items as `GateSet.embed` measures them with `parent` (image sets: only those it takes in one row,
     none where it takes one image per row), and their indices in `items`."""
-    sets = list(range(len(items.image_sets))) if getattr(parent, "takes_image_sets", False) else []
-    sets = [i for i in sets if len(items.image_sets[i]) <= parent.max_images_per_row]
+    sets = items.measured_sets(parent)
     lists: dict[str, list[Any]] = {
         "images": list(items.images),
         "texts": list(items.texts),
